@@ -1,0 +1,229 @@
+"""A host's Docker engine, reached through the Engine API over SSH.
+
+docker-py speaks the API; we hand it our own paramiko client so the host's
+pinned key is the only one trusted (docker-py alone would read
+~/.ssh/known_hosts). docker-py has no checkpoint calls, so those go to the
+Engine API endpoints directly through the same session.
+"""
+
+import docker
+import docker.errors
+from docker.constants import DEFAULT_DOCKER_API_VERSION
+from docker.transport import SSHHTTPAdapter
+from docker.utils import version_lt
+
+from . import ssh
+
+# Config fields that make a container what it is; the rest (Hostname aside)
+# the engine fills in for the new host.
+CONFIG_FIELDS = [
+    "Hostname", "Domainname", "User", "Tty", "OpenStdin", "StdinOnce", "Env", "Cmd",
+    "Entrypoint", "WorkingDir", "Labels", "StopSignal", "StopTimeout", "ExposedPorts",
+    "Volumes", "AttachStdin", "AttachStdout", "AttachStderr",
+]
+HOST_CONFIG_FIELDS = [
+    "NetworkMode", "Binds", "PortBindings", "RestartPolicy", "Memory", "MemorySwap",
+    "MemoryReservation", "NanoCpus", "CpuShares", "CpuQuota", "CpuPeriod", "CpusetCpus",
+    "CapAdd", "CapDrop", "Privileged", "SecurityOpt", "Tmpfs", "Ulimits", "ShmSize",
+    "PidsLimit", "ReadonlyRootfs", "Dns", "DnsOptions", "DnsSearch", "ExtraHosts",
+    "LogConfig", "Sysctls",
+]
+
+
+class EngineError(Exception):
+    """A Docker engine call failed; the message names the host and the step."""
+
+
+class _PinnedSSHAdapter(SSHHTTPAdapter):
+    """docker-py's SSH transport on a paramiko client we connected ourselves."""
+
+    def __init__(self, client, timeout):
+        self._given_client = client
+        super().__init__("ssh://pinned", timeout=timeout)
+
+    def _create_paramiko_client(self, base_url):
+        self.ssh_client = self._given_client
+        self.ssh_params = {}
+
+    def _connect(self):
+        # Already connected with the pinned host key; docker-py would
+        # reconnect with its own settings, which we do not want.
+        if self.ssh_client.get_transport() is None:
+            raise docker.errors.DockerException("SSH connection closed")
+
+
+class Engine:
+    """The Docker engine of one host; use as a context manager."""
+
+    def __init__(self, host, timeout=120):
+        self.host = host
+        self.name = host.name
+        self.timeout = timeout
+        self.conn = ssh.Connection(host)
+        self.api = None
+
+    def __enter__(self):
+        self.conn.__enter__()
+        try:
+            self.api = _api_client(self.conn.client, self.timeout)
+        except docker.errors.DockerException as e:
+            self.conn.close()
+            raise EngineError(f"{self.name}: cannot reach the Docker engine over SSH: {e}") from e
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        if self.api:
+            self.api.close()
+            self.api = None
+        self.conn.close()
+
+    def call(self, step, fn, *args, **kwargs):
+        """Run a docker-py call, turning its errors into EngineError(step)."""
+        try:
+            return fn(*args, **kwargs)
+        except docker.errors.NotFound as e:
+            raise EngineError(f"{self.name}: {step}: not found ({_explain(e)})") from e
+        except docker.errors.APIError as e:
+            raise EngineError(f"{self.name}: {step} failed: {_explain(e)}") from e
+        except (docker.errors.DockerException, OSError, ssh.SSHError) as e:
+            raise EngineError(f"{self.name}: {step} failed: {e}") from e
+
+    # -- facts ---------------------------------------------------------------
+
+    def info(self):
+        return self.call("docker info", self.api.info)
+
+    def version(self):
+        return self.call("docker version", self.api.version)
+
+    def containers(self):
+        """Running and stopped containers as short dicts."""
+        rows = self.call("list containers", self.api.containers, all=True)
+        return [
+            {
+                "id": c["Id"][:12],
+                "name": c["Names"][0].lstrip("/") if c.get("Names") else c["Id"][:12],
+                "image": c["Image"],
+                "state": c["State"],
+                "status": c["Status"],
+            }
+            for c in rows
+        ]
+
+    def inspect(self, name_or_id):
+        try:
+            return self.api.inspect_container(name_or_id)
+        except docker.errors.NotFound as e:
+            raise EngineError(f"{self.name}: no container named {name_or_id!r}") from e
+        except docker.errors.APIError as e:
+            raise EngineError(f"{self.name}: inspect {name_or_id!r} failed: {_explain(e)}") from e
+
+    def exists(self, name_or_id):
+        try:
+            self.api.inspect_container(name_or_id)
+            return True
+        except docker.errors.NotFound:
+            return False
+
+    def has_image(self, image_id):
+        try:
+            self.api.inspect_image(image_id)
+            return True
+        except docker.errors.ImageNotFound:
+            return False
+
+    # -- actions -------------------------------------------------------------
+
+    def create_like(self, source, name):
+        """Create (not start) a container with the source's configuration."""
+        config = {k: source["Config"][k] for k in CONFIG_FIELDS if source["Config"].get(k) is not None}
+        config["Image"] = source["Image"]  # the image id: exactly the same layers
+        host_config = {
+            k: source["HostConfig"][k] for k in HOST_CONFIG_FIELDS if source["HostConfig"].get(k) is not None
+        }
+        config["HostConfig"] = host_config
+        # Docker's own API: create takes the inspect shape (docker-py's
+        # create_container would make us rebuild it field by field).
+        res = self.call(
+            "create container",
+            lambda: self.api._result(
+                self.api._post_json(self.api._url("/containers/create"), data=config, params={"name": name}),
+                True,
+            ),
+        )
+        return res["Id"]
+
+    def run_container(self, image, command, name):
+        def run():
+            cid = self.api.create_container(image, command, name=name, detach=True)["Id"]
+            self.api.start(cid)
+            return name
+
+        return self.call(f"start container {name!r}", run)
+
+    def checkpoint(self, container_id, checkpoint):
+        """Freeze the container into a checkpoint and stop it."""
+        self.call(
+            "docker checkpoint",
+            lambda: self.api._raise_for_status(
+                self.api._post_json(
+                    self.api._url("/containers/{0}/checkpoints", container_id),
+                    data={"CheckpointID": checkpoint, "Exit": True},
+                )
+            ),
+        )
+
+    def start(self, container_id, checkpoint=None):
+        """Start a container, from a checkpoint if one is named."""
+        params = {"checkpoint": checkpoint} if checkpoint else {}
+        step = "restore from checkpoint" if checkpoint else "start container"
+        self.call(
+            step,
+            lambda: self.api._raise_for_status(
+                self.api._post(self.api._url("/containers/{0}/start", container_id), params=params)
+            ),
+        )
+
+    def delete_checkpoint(self, container_id, checkpoint):
+        self.call(
+            "delete checkpoint",
+            lambda: self.api._raise_for_status(
+                self.api._delete(self.api._url("/containers/{0}/checkpoints/{1}", container_id, checkpoint))
+            ),
+        )
+
+    def remove(self, container_id):
+        self.call("remove container", self.api.remove_container, container_id, force=True)
+
+    def save_image(self, image_id):
+        """The image as a tar stream (chunks)."""
+        return self.call("docker save", self.api.get_image, image_id)
+
+    def load_image(self, chunks):
+        return self.call("docker load", self.api.load_image, chunks)
+
+    def logs(self, container_id, tail="all"):
+        raw = self.call("container logs", self.api.logs, container_id, tail=tail)
+        return raw.decode(errors="replace")
+
+
+def _api_client(client, timeout):
+    # A unix base_url makes docker-py construct without connecting anywhere;
+    # then our adapter takes over the URLs it will use.
+    api = docker.APIClient(base_url="unix:///nonexistent", version=DEFAULT_DOCKER_API_VERSION, timeout=timeout)
+    adapter = _PinnedSSHAdapter(client, timeout)
+    api.mount("http+docker://ssh", adapter)
+    api._custom_adapter = adapter
+    api.base_url = "http+docker://ssh"
+    # Speak the older of the two API versions, as `docker` itself does.
+    server = api.version(api_version=False)["ApiVersion"]
+    if version_lt(server, DEFAULT_DOCKER_API_VERSION):
+        api._version = server
+    return api
+
+
+def _explain(error):
+    return getattr(error, "explanation", None) or str(error)

@@ -1,0 +1,378 @@
+"""The lab: two hosts on this machine, each a network namespace with its own
+address, sshd and Docker engine.
+
+This module builds and removes the lab with local commands; it is the one
+place that may. Everything else reaches the lab hosts over SSH, exactly as
+it would reach a remote machine.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from django.conf import settings
+
+from .models import Host
+
+BRIDGE = "cwlab0"
+BRIDGE_ADDR = "10.213.0.1"
+PREFIX = 24
+IMAGE = "criuweb/busybox:latest"
+DEMO_CONTAINER = "counter"
+COUNTER_SCRIPT = "i=0; while true; do echo $i; i=$((i+1)); sleep 1; done"
+# The demo process appends each value to a file it opens anew every second,
+# so it holds no file open across the move (CRIU checks open files' sizes).
+PROCESS_COUNTER_SCRIPT = 'i=0; while true; do echo $i >> "$1"; i=$((i+1)); sleep 1; done'
+
+
+class LabError(Exception):
+    """Building or removing the lab failed; the message says which step."""
+
+
+@dataclass
+class LabHost:
+    name: str
+    index: int
+
+    @property
+    def netns(self):
+        return f"cw{self.name}"
+
+    @property
+    def address(self):
+        return f"10.213.0.{10 + self.index}"
+
+    @property
+    def root(self):
+        return settings.LAB_ROOT / self.name
+
+    @property
+    def run_dir(self):
+        return Path("/run") / f"criuweb-{self.name}"
+
+    @property
+    def docker_sock(self):
+        return self.run_dir / "docker.sock"
+
+    @property
+    def data_root(self):
+        return self.root / "docker"
+
+    @property
+    def work_dir(self):
+        return self.root / "work"
+
+    @property
+    def host_key(self):
+        return self.root / "ssh_host_ed25519_key"
+
+    @property
+    def sshd_pid(self):
+        return self.run_dir / "sshd.pid"
+
+    @property
+    def dockerd_pid(self):
+        return self.run_dir / "docker.pid"
+
+    @property
+    def veth(self):
+        return f"cwv{self.index}"
+
+
+HOSTS = [LabHost("lab-1", 1), LabHost("lab-2", 2)]
+
+
+def client_key():
+    return settings.LAB_ROOT / "id_ed25519"
+
+
+def counter_file():
+    """Where the demo process writes; both lab hosts share this filesystem."""
+    return settings.LAB_ROOT / "counter-process.log"
+
+
+def sh(*argv, check=True, **kwargs):
+    result = subprocess.run([str(a) for a in argv], capture_output=True, text=True, **kwargs)
+    if check and result.returncode != 0:
+        raise LabError(f"`{' '.join(map(str, argv))}` failed: {result.stderr.strip() or result.stdout.strip()}")
+    return result
+
+
+def _alive(pidfile):
+    try:
+        pid = int(Path(pidfile).read_text().strip())
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError):
+        return None
+
+
+def _is_mountpoint(path):
+    return sh("mountpoint", "-q", path, check=False).returncode == 0
+
+
+# -- up ---------------------------------------------------------------------
+
+
+def up(log=print, demo=False):
+    settings.LAB_ROOT.mkdir(parents=True, exist_ok=True)
+    _ensure_bridge()
+    _ensure_client_key()
+    for h in HOSTS:
+        _ensure_netns(h)
+        _ensure_sshd(h)
+        _ensure_dockerd(h)
+        _ensure_image(h)
+        _register(h)
+        log(f"{h.name}: up at {h.address} (sshd, Docker engine {h.docker_sock})")
+    if demo:
+        start_demo(log)
+
+
+def _ensure_bridge():
+    if sh("ip", "link", "show", BRIDGE, check=False).returncode != 0:
+        sh("ip", "link", "add", BRIDGE, "type", "bridge")
+        sh("ip", "addr", "add", f"{BRIDGE_ADDR}/{PREFIX}", "dev", BRIDGE)
+    sh("ip", "link", "set", BRIDGE, "up")
+
+
+def _ensure_client_key():
+    key = client_key()
+    if not key.exists():
+        sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "criuweb-lab", "-f", key)
+
+
+def _ensure_netns(h):
+    if not Path(f"/run/netns/{h.netns}").exists():
+        sh("ip", "netns", "add", h.netns)
+    ns = ["ip", "-n", h.netns]
+    if sh(*ns, "link", "show", "eth0", check=False).returncode != 0:
+        sh("ip", "link", "del", h.veth, check=False)
+        sh("ip", "link", "add", h.veth, "type", "veth", "peer", "name", "eth0", "netns", h.netns)
+        sh("ip", "link", "set", h.veth, "master", BRIDGE, "up")
+        sh(*ns, "addr", "add", f"{h.address}/{PREFIX}", "dev", "eth0")
+        sh(*ns, "link", "set", "eth0", "up")
+        sh(*ns, "link", "set", "lo", "up")
+        sh(*ns, "route", "add", "default", "via", BRIDGE_ADDR)
+
+
+def _nsenter(h):
+    # nsenter rather than `ip netns exec`: the latter remounts /sys, and
+    # dockerd then finds no devices cgroup.
+    return ["nsenter", f"--net=/run/netns/{h.netns}"]
+
+
+def _ensure_sshd(h):
+    h.root.mkdir(parents=True, exist_ok=True)
+    h.run_dir.mkdir(parents=True, exist_ok=True)
+    Path("/run/sshd").mkdir(exist_ok=True)
+    h.work_dir.mkdir(parents=True, exist_ok=True)
+    if not h.host_key.exists():
+        sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", h.name, "-f", h.host_key)
+    authorized = h.root / "authorized_keys"
+    authorized.write_text(Path(f"{client_key()}.pub").read_text())
+    config = h.root / "sshd_config"
+    config.write_text(
+        f"""ListenAddress {h.address}
+Port 22
+HostKey {h.host_key}
+PidFile {h.sshd_pid}
+AuthorizedKeysFile {authorized}
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+# docker-py opens a channel per API connection.
+MaxSessions 64
+MaxStartups 64
+SetEnv DOCKER_HOST=unix://{h.docker_sock} CRIUWEB_HOST={h.name}
+"""
+    )
+    if _alive(h.sshd_pid):
+        # Reload the config in case it changed.
+        os.kill(_alive(h.sshd_pid), 1)
+        return
+    sh(*_nsenter(h), "/usr/sbin/sshd", "-f", config, "-E", h.root / "sshd.log")
+    _wait(lambda: _alive(h.sshd_pid), f"{h.name}: sshd did not start (see {h.root / 'sshd.log'})")
+
+
+def _ensure_dockerd(h):
+    h.data_root.mkdir(parents=True, exist_ok=True)
+    # CRIU copies mount sharing from the checkpoint; the default engine's
+    # data root is a shared mount, so every lab engine's must be one too or
+    # a checkpoint from another engine fails to restore ("mnt-v2: Failed to
+    # copy sharing").
+    if not _is_mountpoint(h.data_root):
+        sh("mount", "--bind", h.data_root, h.data_root)
+    sh("mount", "--make-shared", h.data_root)
+    if _alive(h.dockerd_pid) and _docker_ok(h):
+        return
+    config = h.root / "daemon.json"
+    config.write_text(json.dumps({"experimental": True}))
+    log = open(h.root / "dockerd.log", "ab")
+    env = dict(os.environ, PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    subprocess.Popen(
+        [
+            *_nsenter(h),
+            "dockerd",
+            "--config-file", str(config),
+            "--data-root", str(h.data_root),
+            "--exec-root", str(h.run_dir / "exec"),
+            "--pidfile", str(h.dockerd_pid),
+            "-H", f"unix://{h.docker_sock}",
+        ],
+        stdout=log,
+        stderr=log,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        env=env,
+    )
+    _wait(lambda: _docker_ok(h), f"{h.name}: dockerd did not start (see {h.root / 'dockerd.log'})", 60)
+
+
+def _docker(h, *argv, **kwargs):
+    return sh("docker", "-H", f"unix://{h.docker_sock}", *argv, **kwargs)
+
+
+def _docker_ok(h):
+    return h.docker_sock.exists() and _docker(h, "version", check=False, timeout=20).returncode == 0
+
+
+def _ensure_image(h):
+    if _docker(h, "image", "inspect", IMAGE, check=False).returncode == 0:
+        return
+    first = HOSTS[0]
+    if h is not first:
+        # The same image (same id) on every lab host, as a registry would
+        # give: built once, then copied.
+        save = subprocess.Popen(["docker", "-H", f"unix://{first.docker_sock}", "save", IMAGE], stdout=subprocess.PIPE)
+        _docker(h, "load", "-q", stdin=save.stdout)
+        save.wait()
+        return
+    ctx = h.root / "image"
+    ctx.mkdir(exist_ok=True)
+    shutil.copy("/bin/busybox", ctx / "busybox")
+    (ctx / "Dockerfile").write_text(
+        'FROM scratch\nCOPY busybox /bin/busybox\nRUN ["/bin/busybox", "--install", "-s", "/bin"]\n'
+        'CMD ["sh"]\n'
+    )
+    # No registry here: the image is built from Debian's static busybox.
+    _docker(h, "build", "-q", "-t", IMAGE, ctx, env=dict(os.environ, DOCKER_BUILDKIT="0"))
+
+
+def _register(h):
+    pub = Path(f"{h.host_key}.pub").read_text().split()
+    Host.objects.update_or_create(
+        name=h.name,
+        defaults=dict(
+            address=h.address,
+            ssh_port=22,
+            user="root",
+            key_path=str(client_key()),
+            # We generated this key ourselves a moment ago, so pinning it
+            # without asking is pinning a fact, not trusting on first use.
+            host_key=f"{pub[0]} {pub[1]}",
+            work_dir=str(h.work_dir),
+        ),
+    )
+
+
+def _wait(predicate, message, timeout=20):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise LabError(message)
+
+
+# -- demo ---------------------------------------------------------------------
+
+
+def start_demo(log=print):
+    """Start the counter container and the counter process on lab-1, over SSH."""
+    from . import docker_engine, ssh
+
+    host = Host.objects.get(name=HOSTS[0].name)
+    with docker_engine.Engine(host) as engine:
+        name = engine.run_container(IMAGE, ["sh", "-c", COUNTER_SCRIPT], DEMO_CONTAINER)
+        log(f"lab-1: container {name!r} counting")
+    with ssh.Connection(host) as conn:
+        pid = start_process(conn, PROCESS_COUNTER_SCRIPT, str(counter_file()))
+        log(f"lab-1: process {pid} counting into {counter_file()}")
+
+
+def start_process(conn, script, *args):
+    """Start a detached `sh -c script` on a host and return its PID."""
+    # setsid and /dev/null stdio: the process must not hold the SSH session,
+    # and CRIU restores it without a terminal.
+    result = conn.sh(
+        'setsid sh -c "$1" sh "$2" </dev/null >/dev/null 2>&1 & echo $!',
+        script,
+        *args,
+    )
+    return int(result.stdout.strip())
+
+
+# -- status and down ------------------------------------------------------------
+
+
+def status():
+    out = []
+    for h in HOSTS:
+        out.append(
+            {
+                "name": h.name,
+                "address": h.address,
+                "ssh_port": 22,
+                "user": "root",
+                "key": str(client_key()),
+                "netns": h.netns,
+                "docker_host": f"unix://{h.docker_sock}",
+                "sshd": bool(_alive(h.sshd_pid)),
+                "dockerd": bool(_alive(h.dockerd_pid)) and _docker_ok(h),
+            }
+        )
+    return out
+
+
+def down(log=print):
+    for h in HOSTS:
+        if _alive(h.dockerd_pid) and _docker_ok(h):
+            ids = _docker(h, "ps", "-aq", check=False).stdout.split()
+            if ids:
+                _docker(h, "rm", "-f", *ids, check=False, timeout=60)
+        for pidfile in (h.dockerd_pid, h.sshd_pid):
+            pid = _alive(pidfile)
+            if pid:
+                os.kill(pid, 15)
+                _wait(lambda: not _alive(pidfile), f"{h.name}: {pidfile} process did not stop", 30)
+        # Processes started or restored inside the host's namespace.
+        _kill_netns_processes(h)
+        if _is_mountpoint(h.data_root):
+            # Engine leftovers (overlay, netns files) are mounted below.
+            sh("umount", "-R", "-l", h.data_root, check=False)
+        if Path(f"/run/netns/{h.netns}").exists():
+            sh("ip", "netns", "del", h.netns, check=False)
+        sh("ip", "link", "del", h.veth, check=False)
+        shutil.rmtree(h.run_dir, ignore_errors=True)
+        shutil.rmtree(h.root, ignore_errors=True)
+        log(f"{h.name}: down")
+    sh("ip", "link", "del", BRIDGE, check=False)
+    # Hosts with recorded runs stay, so the history keeps its meaning.
+    Host.objects.filter(name__in=[h.name for h in HOSTS], runs_out=None, runs_in=None).delete()
+
+
+def _kill_netns_processes(h):
+    if not Path(f"/run/netns/{h.netns}").exists():
+        return
+    pids = sh("ip", "netns", "pids", h.netns, check=False).stdout.split()
+    for pid in pids:
+        try:
+            os.kill(int(pid), 9)
+        except OSError:
+            pass

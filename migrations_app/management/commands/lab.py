@@ -1,0 +1,33 @@
+import json
+
+from django.core.management.base import BaseCommand, CommandError
+
+from migrations_app import lab
+
+
+class Command(BaseCommand):
+    help = "Bring the two-host lab up or down, or say what is running."
+
+    def add_arguments(self, parser):
+        parser.add_argument("action", choices=["up", "down", "status"])
+        parser.add_argument("--demo", action="store_true", help="with up: start the counter workloads on lab-1")
+        parser.add_argument("--json", action="store_true", help="with status: machine-readable")
+
+    def handle(self, action, demo, **options):
+        try:
+            if action == "up":
+                lab.up(log=self.stdout.write, demo=demo)
+            elif action == "down":
+                lab.down(log=self.stdout.write)
+            elif options["json"]:
+                self.stdout.write(json.dumps(lab.status(), indent=2))
+            else:
+                for h in lab.status():
+                    state = "up" if h["sshd"] and h["dockerd"] else "down"
+                    self.stdout.write(
+                        f"{h['name']}: {state} (sshd {'up' if h['sshd'] else 'down'}, "
+                        f"dockerd {'up' if h['dockerd'] else 'down'}) "
+                        f"ssh -i {h['key']} {h['user']}@{h['address']}"
+                    )
+        except lab.LabError as e:
+            raise CommandError(str(e))

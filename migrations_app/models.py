@@ -1,0 +1,147 @@
+import uuid
+
+from django.db import models
+from django.utils import timezone
+
+# Run status
+PENDING = "pending"
+RUNNING = "running"
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+ROLLED_BACK = "rolled_back"
+INTERRUPTED = "interrupted"
+STATUS_CHOICES = [
+    (PENDING, "pending"),
+    (RUNNING, "running"),
+    (SUCCEEDED, "succeeded"),
+    (FAILED, "failed"),
+    (ROLLED_BACK, "rolled back"),
+    (INTERRUPTED, "interrupted"),
+]
+FINISHED = (SUCCEEDED, FAILED, ROLLED_BACK, INTERRUPTED)
+
+# Workload kinds
+CONTAINER = "container"
+PROCESS = "process"
+KIND_CHOICES = [(CONTAINER, "container"), (PROCESS, "process")]
+
+# Strategies. Only stop-and-copy today: pre-copy needs memory dirty tracking,
+# which the lab's kernel lacks (see Host capability probe).
+STOP_AND_COPY = "stop-and-copy"
+STRATEGY_CHOICES = [(STOP_AND_COPY, "stop and copy")]
+
+# Phase status
+PHASE_OK = "ok"
+PHASE_FAILED = "failed"
+PHASE_RUNNING = "running"
+
+
+class Host(models.Model):
+    """A machine reached over SSH whose Docker engine and CRIU we drive."""
+
+    name = models.SlugField(max_length=64, unique=True)
+    address = models.CharField(max_length=255)
+    ssh_port = models.PositiveIntegerField(default=22)
+    user = models.CharField(max_length=64, default="root")
+    key_path = models.CharField(
+        max_length=500, help_text="Private key file on the controller used to log in."
+    )
+    host_key = models.TextField(
+        blank=True,
+        help_text='Pinned host key, "<type> <base64>" as in known_hosts. '
+        "Connections are refused until it is set.",
+    )
+    work_dir = models.CharField(
+        max_length=500,
+        default="/var/lib/criuweb",
+        help_text="Directory on the host for checkpoint images.",
+    )
+    created = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self):
+        return self.name
+
+
+class RunQuerySet(models.QuerySet):
+    def unfinished(self):
+        """Runs a worker may still be working on."""
+        return self.filter(status__in=(PENDING, RUNNING))
+
+
+class MigrationRun(models.Model):
+    code = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    source = models.ForeignKey(Host, models.PROTECT, related_name="runs_out")
+    target = models.ForeignKey(Host, models.PROTECT, related_name="runs_in")
+    kind = models.CharField(max_length=16, choices=KIND_CHOICES)
+    # Container name or id, or a PID, as the user gave it.
+    workload = models.CharField(max_length=255)
+    # Where the workload runs after the run: container id or PID on the
+    # target (succeeded) or on the source (rolled back).
+    result_workload = models.CharField(max_length=255, blank=True)
+    strategy = models.CharField(max_length=32, choices=STRATEGY_CHOICES, default=STOP_AND_COPY)
+    keep_source = models.BooleanField(default=False)
+    status = models.CharField(max_length=16, choices=STATUS_CHOICES, default=PENDING)
+    created = models.DateTimeField(default=timezone.now)
+    started = models.DateTimeField(null=True, blank=True)
+    finished = models.DateTimeField(null=True, blank=True)
+    downtime_ms = models.FloatField(null=True, blank=True)
+    total_bytes = models.BigIntegerField(default=0)
+    error = models.TextField(blank=True)
+
+    objects = RunQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created"]
+
+    def __str__(self):
+        return f"{self.kind} {self.workload}: {self.source} -> {self.target}"
+
+    def to_dict(self):
+        return {
+            "id": str(self.code),
+            "status": self.status,
+            "kind": self.kind,
+            "workload": self.workload,
+            "result_workload": self.result_workload,
+            "source": self.source.name,
+            "target": self.target.name,
+            "strategy": self.strategy,
+            "downtime_ms": self.downtime_ms,
+            "bytes": self.total_bytes,
+            "phases": [p.to_dict() for p in self.phases.all()],
+            "error": self.error or None,
+        }
+
+
+class Phase(models.Model):
+    run = models.ForeignKey(MigrationRun, models.CASCADE, related_name="phases")
+    seq = models.PositiveIntegerField()
+    name = models.CharField(max_length=64)
+    host = models.CharField(max_length=64, blank=True)
+    status = models.CharField(max_length=16, default=PHASE_RUNNING)
+    started = models.DateTimeField()
+    ended = models.DateTimeField(null=True, blank=True)
+    duration_ms = models.FloatField(null=True, blank=True)
+    bytes = models.BigIntegerField(default=0)
+    criu_stats = models.JSONField(default=dict, blank=True)
+    detail = models.TextField(blank=True)
+    log_excerpt = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["seq"]
+        constraints = [models.UniqueConstraint(fields=["run", "seq"], name="phase_run_seq")]
+
+    def to_dict(self):
+        return {
+            "name": self.name,
+            "host": self.host,
+            "status": self.status,
+            "started": self.started.isoformat() if self.started else None,
+            "duration_ms": self.duration_ms,
+            "bytes": self.bytes,
+            "criu_stats": self.criu_stats or None,
+            "detail": self.detail or None,
+        }

@@ -1,0 +1,246 @@
+"""SSH to a managed host, with its pinned host key and nothing else trusted.
+
+Every command is given as an argv list and joined with shlex.join, so no
+value ever reaches the remote shell unquoted.
+"""
+
+import base64
+import hashlib
+import shlex
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+import paramiko
+from django.conf import settings
+
+CHUNK = 256 * 1024
+
+
+class SSHError(Exception):
+    """An SSH connection or remote command failed; the message names the host."""
+
+
+@dataclass
+class Result:
+    argv: list
+    rc: int
+    stdout: str
+    stderr: str
+
+
+def known_hosts_name(address, port):
+    # known_hosts spells non-default ports as "[addr]:port".
+    return address if port == 22 else f"[{address}]:{port}"
+
+
+def parse_host_key(text):
+    """Turn '<type> <base64> [comment]' into a paramiko key, or raise SSHError."""
+    parts = text.split()
+    if len(parts) < 2:
+        raise SSHError(f"host key {text!r} is not '<type> <base64>'")
+    try:
+        return paramiko.PKey.from_type_string(parts[0], base64.b64decode(parts[1]))
+    except Exception as e:
+        raise SSHError(f"host key {text!r} cannot be read: {e}") from e
+
+
+def fingerprint(key_text):
+    """SHA256 fingerprint as ssh-keygen -l prints it."""
+    raw = base64.b64decode(key_text.split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(raw).digest()).decode().rstrip("=")
+
+
+def fetch_host_key(address, port, timeout=None):
+    """Ask a server for its host key without logging in, to show it for pinning."""
+    timeout = timeout or settings.SSH_CONNECT_TIMEOUT
+    try:
+        sock = socket.create_connection((address, port), timeout=timeout)
+    except OSError as e:
+        raise SSHError(f"{address}:{port}: cannot connect: {e}") from e
+    transport = paramiko.Transport(sock)
+    try:
+        transport.start_client(timeout=timeout)
+        key = transport.get_remote_server_key()
+        return f"{key.get_name()} {key.get_base64()}"
+    except paramiko.SSHException as e:
+        raise SSHError(f"{address}:{port}: SSH handshake failed: {e}") from e
+    finally:
+        transport.close()
+
+
+class Connection:
+    """One SSH connection to a host; use as a context manager."""
+
+    def __init__(self, host):
+        self.host = host
+        self.name = host.name
+        self.client = None
+
+    def __enter__(self):
+        self.client = open_client(self.host)
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        if self.client:
+            self.client.close()
+            self.client = None
+
+    def run(self, argv, check=True, timeout=120, input=None):
+        """Run argv on the host and return its Result; raise SSHError on rc != 0 if check."""
+        command = shlex.join(str(a) for a in argv)
+        chan = self._session(timeout)
+        try:
+            chan.exec_command(command)
+            if input is not None:
+                chan.sendall(input if isinstance(input, bytes) else input.encode())
+                chan.shutdown_write()
+            stdout, stderr = _drain(chan, timeout, command, self.name)
+            rc = chan.recv_exit_status()
+        finally:
+            chan.close()
+        result = Result(list(argv), rc, stdout.decode(errors="replace"), stderr.decode(errors="replace"))
+        if check and rc != 0:
+            detail = (result.stderr.strip() or result.stdout.strip())[-800:]
+            raise SSHError(f"{self.name}: `{_short(command)}` exited with {rc}: {detail}")
+        return result
+
+    def sh(self, script, *args, **kwargs):
+        """Run a constant sh script with positional arguments, never interpolated."""
+        return self.run(["sh", "-c", script, "sh", *args], **kwargs)
+
+    def read_file(self, path, check=True):
+        result = self.run(["cat", "--", path], check=check)
+        return result.stdout if result.rc == 0 else None
+
+    def read_bytes(self, path):
+        """Raw bytes of a remote file, or None if it is not there."""
+        chan = self._session(60)
+        try:
+            chan.exec_command(shlex.join(["cat", "--", path]))
+            out, _ = _drain(chan, 60, "cat", self.name)
+            rc = chan.recv_exit_status()
+        finally:
+            chan.close()
+        return out if rc == 0 else None
+
+    def open_command(self, argv):
+        """Start argv and return its channel, for streaming."""
+        chan = self._session(None)
+        chan.exec_command(shlex.join(str(a) for a in argv))
+        return chan
+
+    def _session(self, timeout):
+        try:
+            chan = self.client.get_transport().open_session(timeout=10)
+        except (paramiko.SSHException, AttributeError, OSError) as e:
+            raise SSHError(f"{self.name}: SSH connection lost: {e}") from e
+        if timeout:
+            chan.settimeout(timeout)
+        return chan
+
+
+def open_client(host, timeout=None):
+    """A connected paramiko client that trusts only the host's pinned key."""
+    if not host.host_key:
+        raise SSHError(f"{host.name}: no host key pinned; confirm its key first")
+    key = parse_host_key(host.host_key)
+    client = paramiko.SSHClient()
+    client.get_host_keys().add(known_hosts_name(host.address, host.ssh_port), key.get_name(), key)
+    # RejectPolicy is paramiko's default; said again so nobody "fixes" it.
+    client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    try:
+        client.connect(
+            hostname=host.address,
+            port=host.ssh_port,
+            username=host.user,
+            key_filename=host.key_path or None,
+            look_for_keys=not host.key_path,
+            allow_agent=False,
+            timeout=timeout or settings.SSH_CONNECT_TIMEOUT,
+            banner_timeout=timeout or settings.SSH_CONNECT_TIMEOUT,
+            auth_timeout=timeout or settings.SSH_CONNECT_TIMEOUT,
+        )
+    except paramiko.BadHostKeyException as e:
+        client.close()
+        raise SSHError(
+            f"{host.name}: the host key changed (now {fingerprint(f'{e.key.get_name()} {e.key.get_base64()}')},"
+            f" pinned {fingerprint(host.host_key)}); refusing to connect"
+        ) from e
+    except paramiko.SSHException as e:
+        client.close()
+        if "not found in known_hosts" in str(e):
+            raise SSHError(f"{host.name}: the server's host key does not match the pinned one") from e
+        raise SSHError(f"{host.name}: SSH to {host.user}@{host.address}:{host.ssh_port} failed: {e}") from e
+    except (OSError, EOFError) as e:
+        client.close()
+        raise SSHError(f"{host.name}: cannot reach {host.address}:{host.ssh_port}: {e}") from e
+    return client
+
+
+def _drain(chan, timeout, command, name):
+    """Read stdout and stderr together; reading one alone can deadlock on the other."""
+    out, err = bytearray(), bytearray()
+    deadline = time.monotonic() + timeout if timeout else None
+    while True:
+        progressed = False
+        while chan.recv_ready():
+            out += chan.recv(CHUNK)
+            progressed = True
+        while chan.recv_stderr_ready():
+            err += chan.recv_stderr(CHUNK)
+            progressed = True
+        if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
+            # Data can still arrive between the checks; one last pass.
+            if chan.eof_received:
+                break
+        if deadline and time.monotonic() > deadline:
+            raise SSHError(f"{name}: `{_short(command)}` did not finish in {timeout} s")
+        if not progressed:
+            time.sleep(0.005)
+    return bytes(out), bytes(err)
+
+
+def stream(src_chan, dst_chan, on_progress=None):
+    """Copy src's stdout into dst's stdin; return the byte count.
+
+    The bytes pass through the controller's memory, never its disk.
+    """
+    total = 0
+    errs = {"src": bytearray(), "dst": bytearray()}
+
+    def collect(chan, key):
+        while True:
+            data = chan.recv_stderr(CHUNK)
+            if not data:
+                break
+            errs[key] += data
+
+    threads = [
+        threading.Thread(target=collect, args=(src_chan, "src"), daemon=True),
+        threading.Thread(target=collect, args=(dst_chan, "dst"), daemon=True),
+    ]
+    for t in threads:
+        t.start()
+    while True:
+        data = src_chan.recv(CHUNK)
+        if not data:
+            break
+        dst_chan.sendall(data)
+        total += len(data)
+        if on_progress:
+            on_progress(total)
+    dst_chan.shutdown_write()
+    src_rc = src_chan.recv_exit_status()
+    dst_rc = dst_chan.recv_exit_status()
+    for t in threads:
+        t.join(5)
+    return total, src_rc, dst_rc, errs["src"].decode(errors="replace"), errs["dst"].decode(errors="replace")
+
+
+def _short(command, limit=160):
+    return command if len(command) <= limit else command[:limit] + "..."
