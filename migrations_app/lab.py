@@ -22,6 +22,11 @@ BRIDGE = "cwlab0"
 BRIDGE_ADDR = "10.213.0.1"
 PREFIX = 24
 IMAGE = "criuweb/busybox:latest"
+# The lab hosts log in as this user: uid 0 like root (CRIU needs it), but
+# with /bin/sh as its shell. Root's bash on these machines sources a
+# ~/.bashrc that costs 140 ms per SSH command, which would count as
+# downtime; a remote host's root usually has no such thing.
+LAB_USER = "cwlab"
 DEMO_CONTAINER = "counter"
 COUNTER_SCRIPT = "i=0; while true; do echo $i; i=$((i+1)); sleep 1; done"
 # The demo process appends each value to a file it opens anew every second,
@@ -122,6 +127,7 @@ def up(log=print, demo=False):
     settings.LAB_ROOT.mkdir(parents=True, exist_ok=True)
     _ensure_bridge()
     _ensure_client_key()
+    _ensure_user()
     for h in HOSTS:
         _ensure_netns(h)
         _ensure_sshd(h)
@@ -144,6 +150,15 @@ def _ensure_client_key():
     key = client_key()
     if not key.exists():
         sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "criuweb-lab", "-f", key)
+
+
+def _ensure_user():
+    if sh("getent", "passwd", LAB_USER, check=False).returncode != 0:
+        home = settings.LAB_ROOT / "home"
+        home.mkdir(exist_ok=True)
+        # Password "*": no password login, yet not "locked", which sshd refuses.
+        sh("useradd", "--non-unique", "--uid", "0", "--gid", "0", "--no-create-home", "--password", "*",
+           "--home-dir", home, "--shell", "/bin/sh", LAB_USER)
 
 
 def _ensure_netns(h):
@@ -271,7 +286,7 @@ def _register(h):
         defaults=dict(
             address=h.address,
             ssh_port=22,
-            user="root",
+            user=LAB_USER,
             key_path=str(client_key()),
             # We generated this key ourselves a moment ago, so pinning it
             # without asking is pinning a fact, not trusting on first use.
@@ -294,16 +309,43 @@ def _wait(predicate, message, timeout=20):
 
 
 def start_demo(log=print):
-    """Start the counter container and the counter process on lab-1, over SSH."""
+    """Start the counter container and the counter process on lab-1, over SSH.
+
+    Idempotent: a counter already running on any lab host is left alone,
+    wherever earlier migrations moved it.
+    """
     from . import docker_engine, ssh
 
-    host = Host.objects.get(name=HOSTS[0].name)
-    with docker_engine.Engine(host) as engine:
-        name = engine.run_container(IMAGE, ["sh", "-c", COUNTER_SCRIPT], DEMO_CONTAINER)
-        log(f"lab-1: container {name!r} counting")
-    with ssh.Connection(host) as conn:
-        pid = start_process(conn, PROCESS_COUNTER_SCRIPT, str(counter_file()))
-        log(f"lab-1: process {pid} counting into {counter_file()}")
+    hosts = list(Host.objects.filter(name__in=[h.name for h in HOSTS]).order_by("name"))
+    running = None
+    for host in hosts:
+        with docker_engine.Engine(host) as engine:
+            if engine.exists(DEMO_CONTAINER):
+                if engine.inspect(DEMO_CONTAINER)["State"]["Running"]:
+                    running = host
+                else:
+                    engine.remove(DEMO_CONTAINER)
+    if running:
+        log(f"{running.name}: container {DEMO_CONTAINER!r} already counting")
+    else:
+        with docker_engine.Engine(hosts[0]) as engine:
+            engine.run_container(IMAGE, ["sh", "-c", COUNTER_SCRIPT], DEMO_CONTAINER)
+        log(f"{hosts[0].name}: container {DEMO_CONTAINER!r} counting")
+    with ssh.Connection(hosts[0]) as conn:
+        pid = demo_process_pid(conn)
+        if pid:
+            log(f"process {pid} already counting into {counter_file()}")
+        else:
+            conn.run(["rm", "-f", str(counter_file())])
+            pid = start_process(conn, PROCESS_COUNTER_SCRIPT, str(counter_file()))
+            log(f"{hosts[0].name}: process {pid} counting into {counter_file()}")
+
+
+def demo_process_pid(conn):
+    """PID of the running demo counter process, seen from a lab host, or None."""
+    # The lab hosts share one PID namespace, so any of them sees it.
+    out = conn.run(["pgrep", "-o", "-f", f"sh -c .* {counter_file()}"], check=False).stdout.split()
+    return int(out[0]) if out else None
 
 
 def start_process(conn, script, *args):
@@ -329,7 +371,7 @@ def status():
                 "name": h.name,
                 "address": h.address,
                 "ssh_port": 22,
-                "user": "root",
+                "user": LAB_USER,
                 "key": str(client_key()),
                 "netns": h.netns,
                 "docker_host": f"unix://{h.docker_sock}",
@@ -363,6 +405,7 @@ def down(log=print):
         shutil.rmtree(h.root, ignore_errors=True)
         log(f"{h.name}: down")
     sh("ip", "link", "del", BRIDGE, check=False)
+    sh("userdel", "--force", LAB_USER, check=False)
     # Hosts with recorded runs stay, so the history keeps its meaning.
     Host.objects.filter(name__in=[h.name for h in HOSTS], runs_out=None, runs_in=None).delete()
 

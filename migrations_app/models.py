@@ -129,6 +129,8 @@ class Phase(models.Model):
     criu_stats = models.JSONField(default=dict, blank=True)
     detail = models.TextField(blank=True)
     log_excerpt = models.TextField(blank=True)
+    # The whole CRIU log of this step where one was written, for download.
+    log = models.TextField(blank=True)
 
     class Meta:
         ordering = ["seq"]

@@ -2,7 +2,8 @@ import json
 
 from django.core.management.base import BaseCommand, CommandError
 
-from migrations_app import lab
+from migrations_app import lab, ssh
+from migrations_app.docker_engine import EngineError
 
 
 class Command(BaseCommand):
@@ -29,5 +30,5 @@ class Command(BaseCommand):
                         f"dockerd {'up' if h['dockerd'] else 'down'}) "
                         f"ssh -i {h['key']} {h['user']}@{h['address']}"
                     )
-        except lab.LabError as e:
+        except (lab.LabError, EngineError, ssh.SSHError) as e:
             raise CommandError(str(e))

@@ -1,0 +1,315 @@
+"""CRIU on a host: feature checks, dump and restore of process trees, and
+reading CRIU's own statistics.
+
+Commands run over an ssh.Connection; argv lists only, never shell strings
+built from values.
+"""
+
+import re
+import struct
+
+from . import ssh
+
+
+class CriuError(Exception):
+    """A CRIU step failed; the message names the host, the step and the log."""
+
+    def __init__(self, message, log_excerpt=""):
+        super().__init__(message)
+        self.log_excerpt = log_excerpt
+
+
+# CRIU image magics (criu/include/magic.h): every image starts with the
+# service magic, then its own.
+IMG_SERVICE_MAGIC = 0x55105940
+STATS_MAGIC = 0x57093306
+
+# stats.proto: StatsEntry{dump=1, restore=2}; both messages hold only
+# integer fields, so a varint reader is all the protobuf we need.
+DUMP_STATS_FIELDS = {
+    1: "freezing_time",
+    2: "frozen_time",
+    3: "memdump_time",
+    4: "memwrite_time",
+    5: "pages_scanned",
+    6: "pages_skipped_parent",
+    7: "pages_written",
+    8: "irmap_resolve",
+    9: "pages_lazy",
+    10: "page_pipes",
+    11: "page_pipe_bufs",
+    12: "shpages_scanned",
+    13: "shpages_skipped_parent",
+    14: "shpages_written",
+}
+RESTORE_STATS_FIELDS = {
+    1: "pages_compared",
+    2: "pages_skipped_cow",
+    3: "forking_time",
+    4: "restore_time",
+    5: "pages_restored",
+}
+
+# What every dump and restore is given. -v4 keeps the log useful when a
+# step fails; the log lands beside the images (-D) as -o names it.
+DUMP_OPTIONS = ["-v4", "-o", "dump.log"]
+RESTORE_OPTIONS = ["-v4", "-o", "restore.log", "--restore-detached"]
+FEATURES = ["mem_dirty_track", "uffd-noncoop"]
+
+
+def _varint(data, pos):
+    result = shift = 0
+    while True:
+        if pos >= len(data):
+            raise ValueError("truncated varint")
+        b = data[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+
+
+def _fields(data):
+    """Yield (field number, wire type, value) of a protobuf message."""
+    pos = 0
+    while pos < len(data):
+        key, pos = _varint(data, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(data, pos)
+        elif wire == 2:
+            length, pos = _varint(data, pos)
+            value = data[pos : pos + length]
+            if len(value) != length:
+                raise ValueError("truncated field")
+            pos += length
+        elif wire == 5:
+            value = data[pos : pos + 4]
+            pos += 4
+        elif wire == 1:
+            value = data[pos : pos + 8]
+            pos += 8
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+        yield number, wire, value
+
+
+def decode_stats(raw):
+    """Decode a stats-dump or stats-restore image into a dict of named integers.
+
+    Times are in microseconds, as CRIU records them.
+    """
+    if raw is None or len(raw) < 12:
+        raise ValueError("stats image too short")
+    service, magic, size = struct.unpack_from("<III", raw, 0)
+    if service != IMG_SERVICE_MAGIC or magic != STATS_MAGIC:
+        raise ValueError(f"not a CRIU stats image (magic {service:#x} {magic:#x})")
+    body = raw[12 : 12 + size]
+    if len(body) != size:
+        raise ValueError("stats image truncated")
+    stats = {}
+    for number, wire, value in _fields(body):
+        names = {1: DUMP_STATS_FIELDS, 2: RESTORE_STATS_FIELDS}.get(number)
+        if names is None or wire != 2:
+            continue
+        for sub, sub_wire, sub_value in _fields(value):
+            if sub_wire == 0 and sub in names:
+                stats[names[sub]] = sub_value
+    return stats
+
+
+def log_excerpt(text, lines=25):
+    """The lines of a CRIU log worth showing: errors and the lines before the last one."""
+    if not text:
+        return ""
+    all_lines = text.splitlines()
+    # Every run on these kernels logs this harmless rlimit error.
+    def is_error(line):
+        return "Error" in line and "RLIMIT_NOFILE" not in line
+
+    errors = [i for i, line in enumerate(all_lines) if is_error(line)]
+    if not errors:
+        return "\n".join(all_lines[-lines:])
+    last = errors[-1]
+    start = max(0, errors[0] - 5)
+    picked = all_lines[start : last + 3]
+    return "\n".join(picked[-lines:])
+
+
+def first_error(excerpt):
+    for line in excerpt.splitlines():
+        if "Error" in line and "RLIMIT_NOFILE" not in line:
+            return re.sub(r"^\(\s*[\d.]+\)\s*", "", line).strip()
+    return ""
+
+
+# -- host facts ---------------------------------------------------------------
+
+
+PROBE_SCRIPT = r"""
+v=$(criu --version 2>&1) || { echo "installed 0"; echo ---; echo "$v"; exit 0; }
+echo "installed 1"
+echo "version $(echo "$v" | awk '/Version:/ {print $2}')"
+out=$(criu check 2>&1); echo "check $?"
+for f in "$@"; do criu check --feature "$f" >/dev/null 2>&1; echo "feature $f $?"; done
+echo ---
+echo "$out"
+"""
+
+
+def probe(conn):
+    """CRIU version, `criu check` verdict and strategy features on a host.
+
+    One SSH command: each one costs a round trip and a remote shell.
+    """
+    out = conn.sh(PROBE_SCRIPT, *FEATURES).stdout
+    head, _, check_output = out.partition("---\n")
+    facts = {"features": {}, "version": None, "check_ok": False, "check_output": check_output.strip()[-2000:]}
+    for line in head.splitlines():
+        key, *rest = line.split()
+        if key == "installed":
+            facts["installed"] = rest == ["1"]
+        elif key == "version":
+            facts["version"] = rest[0] if rest else None
+        elif key == "check":
+            facts["check_ok"] = rest == ["0"]
+        elif key == "feature":
+            facts["features"][rest[0]] = rest[1] == "0"
+    return facts
+
+
+# -- process trees ------------------------------------------------------------
+
+# Print the tree root to dump for a PID: the PID itself when it lives in the
+# SSH session's PID namespace, else the PID inside its own namespace (a tree
+# we restored earlier lives in one), with "ns" to say so.
+RESOLVE_SCRIPT = r"""
+pid=$1
+[ -d "/proc/$pid" ] || { echo "no process $pid" >&2; exit 3; }
+[ "$pid" != "$$" ] || exit 3
+mine=$(readlink /proc/self/ns/pid)
+theirs=$(readlink "/proc/$pid/ns/pid") || exit 3
+nspid=$(awk '/^NSpid:/ {print $NF}' "/proc/$pid/status")
+state=$(awk '/^State:/ {print $2}' "/proc/$pid/status")
+comm=$(cat "/proc/$pid/comm")
+if [ "$mine" = "$theirs" ]; then echo "root $pid $state $comm"; else echo "ns $nspid $state $comm"; fi
+"""
+
+
+def resolve_process(conn, pid):
+    """Return (mode, pid_in_namespace, comm) for a PID, or raise CriuError."""
+    result = conn.sh(RESOLVE_SCRIPT, str(pid), check=False)
+    if result.rc != 0:
+        raise CriuError(f"{conn.name}: no process with PID {pid}")
+    mode, inner, state, comm = result.stdout.split(maxsplit=3)
+    if state == "Z":
+        raise CriuError(f"{conn.name}: process {pid} is a zombie")
+    if mode == "ns" and inner == "1":
+        raise CriuError(
+            f"{conn.name}: PID {pid} is the init of its own PID namespace (a container?); "
+            "migrate the container instead"
+        )
+    return mode, int(inner), comm.strip()
+
+
+def dump_argv(pid, images_dir, inner_pid=None):
+    """criu dump of the tree at pid; from inside its namespaces when it has its own."""
+    if inner_pid is None:
+        return ["criu", "dump", "-t", str(pid), "-D", images_dir, *DUMP_OPTIONS]
+    # Like criu-ns: CRIU must see the tree from inside its PID and mount
+    # namespaces, where it is an ordinary tree under the holder.
+    return [
+        "nsenter", "-t", str(pid), "--pid", "--mount", "--",
+        "criu", "dump", "-t", str(inner_pid), "-D", images_dir, *DUMP_OPTIONS,
+    ]
+
+
+# Restore a tree into new PID and mount namespaces, so its PIDs cannot
+# collide with the host's (criu-ns does the same; it is not packaged
+# everywhere). PID 1 of the new namespace stays to reap and keep the
+# namespace alive; the caller gets "<status> <root-ns pid of the tree>".
+HOLDER = r"""
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+def ok(rc):
+    if rc != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+# Opened before unshare: the new /proc mounted below hides host PIDs.
+host_proc = os.open("/proc", os.O_RDONLY)
+ok(libc.unshare(0x00020000 | 0x20000000))  # CLONE_NEWNS | CLONE_NEWPID
+r, w = os.pipe()
+holder = os.fork()
+if holder == 0:
+    os.close(r)
+    os.setsid()
+    null = os.open("/dev/null", os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    ok(libc.mount(None, b"/", None, 16384 | (1 << 19), None))  # MS_REC | MS_SLAVE
+    ok(libc.mount(b"proc", b"/proc", b"proc", 0, None))
+    criu = os.fork()
+    if criu == 0:
+        os.execvp(sys.argv[1], sys.argv[1:])
+    while True:
+        pid, status = os.wait()
+        if pid == criu:
+            break
+    os.write(w, b"%d" % os.waitstatus_to_exitcode(status))
+    os.close(w)
+    while True:
+        try:
+            os.wait()
+        except ChildProcessError:
+            break
+    sys.exit(0)
+os.close(w)
+status = os.read(r, 16).decode() or "252"
+root = []
+if status == "0":
+    fd = os.open("%d/task/%d/children" % (holder, holder), os.O_RDONLY, dir_fd=host_proc)
+    root = os.read(fd, 4096).decode().split()
+print(status, root[0] if root else "-")
+"""
+
+
+def restore_argv(images_dir):
+    """criu restore argv, run under the namespace holder."""
+    return ["python3", "-c", HOLDER, "criu", "restore", "-D", images_dir, *RESTORE_OPTIONS]
+
+
+def restore(conn, images_dir):
+    """Restore a dumped tree on a host; return its PID there (root namespace)."""
+    result = conn.run(restore_argv(images_dir), check=False)
+    parts = result.stdout.split()
+    if result.rc != 0 or len(parts) != 2 or parts[0] != "0" or parts[1] == "-":
+        excerpt = log_excerpt(conn.read_file(f"{images_dir}/restore.log", check=False))
+        cause = first_error(excerpt) or result.stderr.strip()[-300:] or "no restored process"
+        raise CriuError(f"{conn.name}: criu restore failed: {cause} (see restore.log excerpt)", excerpt)
+    return int(parts[1])
+
+
+def dump(conn, pid, images_dir, resolved=None):
+    """Dump the process tree at pid into images_dir; the tree is gone afterwards.
+
+    resolved: what resolve_process() said of pid, to save a round trip.
+    """
+    mode, inner, _ = resolved or resolve_process(conn, pid)
+    argv = dump_argv(pid, images_dir, None if mode == "root" else inner)
+    result = conn.run(argv, check=False, timeout=600)
+    if result.rc != 0:
+        excerpt = log_excerpt(conn.read_file(f"{images_dir}/dump.log", check=False))
+        cause = first_error(excerpt) or result.stderr.strip()[-300:]
+        raise CriuError(f"{conn.name}: criu dump failed: {cause} (see dump.log excerpt)", excerpt)
+
+
+def read_stats(conn, path):
+    """Decoded stats image at path on the host, or {} when CRIU wrote none."""
+    raw = conn.read_bytes(path)
+    if raw is None:
+        return {}
+    try:
+        return decode_stats(raw)
+    except ValueError:
+        return {}

@@ -1,0 +1,56 @@
+import json
+
+from django.core.management.base import BaseCommand, CommandError
+
+from migrations_app import migration
+from migrations_app.models import CONTAINER, PROCESS, SUCCEEDED, Host
+
+
+class Command(BaseCommand):
+    help = "Migrate a container or a process tree from one host to another, in the foreground."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--source", required=True, help="source host name")
+        parser.add_argument("--target", required=True, help="target host name")
+        what = parser.add_mutually_exclusive_group(required=True)
+        what.add_argument("--container", help="container name or id on the source")
+        what.add_argument("--pid", help="PID of the process tree's root on the source")
+        parser.add_argument("--keep-source", action="store_true", help="keep the stopped source container")
+        parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
+
+    def handle(self, source, target, container, pid, keep_source, **options):
+        as_json = options["json"]
+        src, dst = _host(source), _host(target)
+        kind, workload = (CONTAINER, container) if container else (PROCESS, pid)
+        try:
+            run = migration.create_run(src, dst, kind, workload, keep_source=keep_source)
+        except migration.MigrationError as e:
+            raise CommandError(str(e))
+
+        def show(phase):
+            if not as_json:
+                extra = f", {phase.bytes} B" if phase.bytes else ""
+                self.stdout.write(
+                    f"{phase.name:<15} {phase.host:<22} {phase.duration_ms:8.1f} ms{extra}"
+                    f"  {phase.status}{': ' + phase.detail if phase.detail else ''}"
+                )
+
+        run = migration.execute(run, on_phase=show)
+        if as_json:
+            self.stdout.write(json.dumps(run.to_dict(), indent=2))
+        else:
+            downtime = f"{run.downtime_ms:.0f} ms" if run.downtime_ms is not None else "-"
+            self.stdout.write(
+                f"{run.status}: {kind} {workload} {src.name} -> {dst.name}; downtime {downtime}; "
+                f"{run.total_bytes} B moved; now {run.result_workload or '-'}"
+            )
+        if run.status != SUCCEEDED:
+            raise CommandError(run.error or run.status)
+
+
+def _host(name):
+    try:
+        return Host.objects.get(name=name)
+    except Host.DoesNotExist:
+        known = ", ".join(Host.objects.values_list("name", flat=True)) or "none"
+        raise CommandError(f"no host named {name!r} (known: {known})")

@@ -1,0 +1,677 @@
+"""The migration engine: a run is a list of phases, each a plain function.
+
+A phase function takes the run's Context and returns what it measured
+(bytes, CRIU statistics, a detail line). execute() walks the list, times
+every phase on the controller's clock (one timeline across both hosts),
+stores it, and when anything fails after the freeze brings the workload
+back on the source. Tests call execute() and the phase functions directly.
+"""
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from django.db import transaction
+from django.utils import timezone
+
+from . import criu, ssh
+from .docker_engine import Engine, EngineError
+from .models import (
+    CONTAINER,
+    FAILED,
+    PENDING,
+    PHASE_FAILED,
+    PHASE_OK,
+    PROCESS,
+    ROLLED_BACK,
+    RUNNING,
+    SUCCEEDED,
+    MigrationRun,
+    Phase,
+)
+
+log = logging.getLogger(__name__)
+
+# Errors that end a run with a message rather than a traceback.
+STEP_ERRORS = (ssh.SSHError, EngineError, criu.CriuError)
+# How long a restored workload must keep running to count as verified.
+SETTLE_SECONDS = 0.5
+# Room left free beyond the image estimate, for logs and CRIU's own files.
+SPACE_MARGIN = 32 * 1024 * 1024
+# GNU tar flags that keep a writable layer exact: owners as numbers, and
+# the trusted.overlay.* xattrs that mark opaque directories.
+TAR_CREATE = ["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "-cf", "-", "-C"]
+TAR_EXTRACT = ["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "--same-owner", "-xpf", "-", "-C"]
+# Progress is written to the database at most this often during a transfer.
+PROGRESS_INTERVAL = 0.25
+
+
+class MigrationError(Exception):
+    """A run cannot start or a check failed; the message says why."""
+
+
+@dataclass
+class Measured:
+    bytes: int = 0
+    criu_stats: dict = field(default_factory=dict)
+    detail: str = ""
+    log: str = ""
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    side: str  # "source", "target" or "both": which host(s) the phase works on
+    run: Callable
+    freezes: bool = False  # the workload stops at the start of this phase
+    resumes: bool = False  # ... and runs again on the target at its end
+
+
+class Context:
+    """What the phases of one run share: connections and what they learned."""
+
+    def __init__(self, run):
+        self.run = run
+        self.source = run.source
+        self.target = run.target
+        self.src = None  # Engine (containers) or ssh.Connection (processes)
+        self.dst = None
+        self.facts = {}
+        self.frozen = False
+        self.resumed_at = None  # perf_counter() when the workload ran again on the target
+        self.current_phase = None
+
+    def host_for(self, side):
+        return {"source": self.source.name, "target": self.target.name}.get(
+            side, f"{self.source.name} -> {self.target.name}"
+        )
+
+    @property
+    def src_ssh(self):
+        return self.src.conn if isinstance(self.src, Engine) else self.src
+
+    @property
+    def dst_ssh(self):
+        return self.dst.conn if isinstance(self.dst, Engine) else self.dst
+
+    def images_dir(self, host):
+        return f"{host.work_dir.rstrip('/')}/runs/{self.run.code}"
+
+    def close(self):
+        for side in (self.src, self.dst):
+            if side is not None:
+                side.close()
+
+
+# -- shared phase helpers --------------------------------------------------------
+
+
+def _connect(ctx, host, kind):
+    conn = Engine(host) if kind == CONTAINER else ssh.Connection(host)
+    conn.__enter__()
+    return conn
+
+
+def _check_space(conn, path, need, what):
+    conn.run(["mkdir", "-p", path])
+    out = conn.run(["df", "-P", "-k", path]).stdout.splitlines()
+    avail = int(out[-1].split()[3]) * 1024
+    if avail < need:
+        raise MigrationError(
+            f"{conn.name}: not enough free space in {path} for {what}: "
+            f"{avail // 2**20} MiB free, {need // 2**20} MiB needed"
+        )
+    return avail
+
+
+def _preflight_common(conn):
+    """CRIU present and passing `criu check`; returns its probe."""
+    probe = criu.probe(conn)
+    if not probe["installed"]:
+        raise MigrationError(f"{conn.name}: CRIU is not installed ({probe['check_output']})")
+    if not probe["check_ok"]:
+        raise MigrationError(f"{conn.name}: `criu check` fails: {probe['check_output'][-300:]}")
+    return probe
+
+
+def _rss_bytes(conn, pids):
+    """Resident memory of some PIDs on a host: what a dump will roughly write."""
+    if not pids:
+        return 0
+    # A process may be gone by now; it then counts as nothing.
+    script = 'for p in "$@"; do awk \'/^VmRSS:/ {print $2}\' "/proc/$p/status" 2>/dev/null; done; true'
+    out = conn.sh(script, *[str(p) for p in pids]).stdout.split()
+    return sum(int(kb) for kb in out) * 1024
+
+
+def _stream(ctx, src, dst, what):
+    """Pipe one started source command into one target command; return bytes."""
+    last = [0.0]
+
+    def progress(n):
+        # Live progress for the run page, without a write per chunk.
+        now = time.monotonic()
+        if now - last[0] >= PROGRESS_INTERVAL and ctx.current_phase is not None:
+            last[0] = now
+            Phase.objects.filter(pk=ctx.current_phase.pk).update(bytes=n)
+
+    try:
+        total, src_rc, dst_rc, src_err, dst_err = ssh.stream(src, dst, progress)
+    finally:
+        src.close()
+        dst.close()
+    if src_rc != 0:
+        raise MigrationError(f"{ctx.source.name}: reading {what} failed: {src_err.strip()[-300:]}")
+    if dst_rc != 0:
+        raise MigrationError(f"{ctx.target.name}: writing {what} failed: {dst_err.strip()[-300:]}")
+    return total
+
+
+def _transfer(ctx, src_dir, dst_dir):
+    """Stream a directory from the source host into an existing one on the target."""
+    src = ctx.src_ssh.open_command(TAR_CREATE + [src_dir, "."])
+    dst = ctx.dst_ssh.open_command(TAR_EXTRACT + [dst_dir])
+    return _stream(ctx, src, dst, dst_dir)
+
+
+def _settle(check):
+    """True if check() holds now and still after SETTLE_SECONDS."""
+    first = check()
+    if not first:
+        return None
+    time.sleep(SETTLE_SECONDS)
+    return first if check() == first else None
+
+
+# -- container phases --------------------------------------------------------------
+
+
+def container_preflight_source(ctx):
+    ctx.src = _connect(ctx, ctx.source, CONTAINER)
+    probe = _preflight_common(ctx.src.conn)
+    info = ctx.src.info()
+    if not info.get("ExperimentalBuild"):
+        raise MigrationError(f"{ctx.source.name}: the Docker engine has no checkpoint support (experimental is off)")
+    c = ctx.src.inspect(ctx.run.workload)
+    if not c["State"]["Running"]:
+        raise MigrationError(f"{ctx.source.name}: container {ctx.run.workload!r} is not running")
+    if c["GraphDriver"]["Name"] != "overlay2":
+        raise MigrationError(
+            f"{ctx.source.name}: storage driver {c['GraphDriver']['Name']} is not supported (overlay2 only)"
+        )
+    pids = [row[1] for row in ctx.src.call("docker top", ctx.src.api.top, c["Id"], ps_args="-eo user,pid")["Processes"]]
+    rss = _rss_bytes(ctx.src.conn, pids)
+    root = info["DockerRootDir"]
+    _check_space(ctx.src.conn, root, rss + SPACE_MARGIN, "the checkpoint")
+    ctx.facts.update(container=c, src_root=root, rss=rss, checkpoint=f"cw-{ctx.run.code.hex[:12]}")
+    return Measured(
+        detail=f"CRIU {probe['version']}, Docker {info['ServerVersion']}, container {c['Name'].lstrip('/')} "
+        f"({c['Id'][:12]}), ~{rss // 1024} KiB resident"
+    )
+
+
+def container_preflight_target(ctx):
+    ctx.dst = _connect(ctx, ctx.target, CONTAINER)
+    probe = _preflight_common(ctx.dst.conn)
+    info = ctx.dst.info()
+    if not info.get("ExperimentalBuild"):
+        raise MigrationError(f"{ctx.target.name}: the Docker engine has no checkpoint support (experimental is off)")
+    if info.get("Driver") != "overlay2":
+        raise MigrationError(f"{ctx.target.name}: storage driver {info.get('Driver')} is not supported (overlay2 only)")
+    name = ctx.facts["container"]["Name"].lstrip("/")
+    if ctx.dst.exists(name):
+        raise MigrationError(f"{ctx.target.name}: a container named {name!r} already exists there")
+    root = info["DockerRootDir"]
+    _check_space(ctx.dst.conn, root, ctx.facts["rss"] + SPACE_MARGIN, "the checkpoint")
+    ctx.facts.update(dst_root=root, name=name)
+    return Measured(detail=f"CRIU {probe['version']}, Docker {info['ServerVersion']}")
+
+
+def ship_image(ctx):
+    image = ctx.facts["container"]["Image"]
+    if ctx.dst.has_image(image):
+        return None  # nothing to do: no phase recorded
+    total = [0]
+
+    def chunks():
+        for chunk in ctx.src.save_image(image):
+            total[0] += len(chunk)
+            yield chunk
+
+    ctx.dst.load_image(chunks())
+    if not ctx.dst.has_image(image):
+        raise MigrationError(f"{ctx.target.name}: image {image[:19]} still missing after docker load")
+    return Measured(bytes=total[0], detail=f"image {image[:19]} copied")
+
+
+def prepare_target(ctx):
+    # Before the freeze, so creating the container is not downtime.
+    cid = ctx.dst.create_like(ctx.facts["container"], ctx.facts["name"])
+    ctx.facts["target_id"] = cid
+    upper = ctx.dst.inspect(cid)["GraphDriver"]["Data"]["UpperDir"]
+    ctx.facts["target_upper"] = upper
+    return Measured(detail=f"container {cid[:12]} created")
+
+
+def checkpoint_container(ctx):
+    c = ctx.facts["container"]
+    ctx.frozen = True
+    ctx.src.checkpoint(c["Id"], ctx.facts["checkpoint"])
+    ctx.facts["checkpointed"] = True
+    return Measured(detail=f"checkpoint {ctx.facts['checkpoint']}")
+
+
+# Unpacks the checkpoint and the writable layer from one tar stream:
+# $1 staging dir, $2 the container's checkpoints dir, $3 checkpoint name,
+# $4 the container's (empty, not yet mounted) upper dir.
+UNPACK_CONTAINER = r"""
+set -e
+mkdir -p "$1" "$2"
+tar --numeric-owner --xattrs --xattrs-include='*' --same-owner -xpf - -C "$1"
+mv "$1/$3" "$2/"
+if rmdir "$4" 2>/dev/null; then mv "$1/diff" "$4"; else cp -a "$1/diff/." "$4/"; fi
+rm -rf "$1"
+"""
+
+
+def transfer_container(ctx):
+    c = ctx.facts["container"]
+    cp = ctx.facts["checkpoint"]
+    tid = ctx.facts["target_id"]
+    src_upper = c["GraphDriver"]["Data"]["UpperDir"]
+    # One stream, two directories: every SSH command here is downtime.
+    src = ctx.src_ssh.open_command(
+        TAR_CREATE
+        + [f"{ctx.facts['src_root']}/containers/{c['Id']}/checkpoints", cp]
+        + ["-C", src_upper.rsplit("/", 1)[0], src_upper.rsplit("/", 1)[1]]
+    )
+    dst_containers = f"{ctx.facts['dst_root']}/containers/{tid}"
+    dst = ctx.dst_ssh.open_command(
+        ["sh", "-c", UNPACK_CONTAINER, "sh", f"{dst_containers}/criuweb-{cp}", f"{dst_containers}/checkpoints",
+         cp, ctx.facts["target_upper"]]
+    )
+    n = _stream(ctx, src, dst, "the checkpoint and writable layer")
+    return Measured(bytes=n, detail="checkpoint and writable layer")
+
+
+def _containerd_task_dir(root, cid):
+    return f"{root}/containerd/daemon/io.containerd.runtime.v2.task/moby/{cid}"
+
+
+def restore_container(ctx):
+    cid = ctx.facts["target_id"]
+    task_dir = _containerd_task_dir(ctx.facts["dst_root"], cid)
+    try:
+        ctx.dst.start(cid, checkpoint=ctx.facts["checkpoint"])
+        ctx.resumed_at = time.perf_counter()
+    except EngineError as e:
+        text = ctx.dst.conn.read_file(f"{task_dir}/restore.log", check=False)
+        excerpt = criu.log_excerpt(text)
+        raise criu.CriuError(f"{e} (see restore.log excerpt)" if excerpt else str(e), excerpt) from e
+    stats = criu.read_stats(ctx.dst.conn, f"{task_dir}/stats-restore")
+    restore_log = ctx.dst.conn.read_file(f"{task_dir}/restore.log", check=False) or ""
+    return Measured(criu_stats=stats, log=restore_log)
+
+
+def verify_container(ctx):
+    cid = ctx.facts["target_id"]
+
+    def state():
+        s = ctx.dst.inspect(cid)["State"]
+        return (s["Pid"], s["StartedAt"]) if s["Running"] and not s.get("Restarting") else None
+
+    if not _settle(state):
+        s = ctx.dst.inspect(cid)["State"]
+        raise MigrationError(
+            f"{ctx.target.name}: the restored container is not running (status {s['Status']}, exit {s['ExitCode']})"
+        )
+    ctx.run.result_workload = cid[:12]
+    return Measured(detail=f"container {cid[:12]} running")
+
+
+def cleanup_container(ctx):
+    c = ctx.facts["container"]
+    ctx.dst.delete_checkpoint(ctx.facts["target_id"], ctx.facts["checkpoint"])
+    if ctx.run.keep_source:
+        ctx.src.delete_checkpoint(c["Id"], ctx.facts["checkpoint"])
+        return Measured(detail="source container kept (stopped)")
+    ctx.src.remove(c["Id"])  # removes its checkpoints with it
+    return Measured(detail=f"source container {c['Id'][:12]} removed")
+
+
+def rollback_container(ctx):
+    c = ctx.facts["container"]
+    if ctx.facts.get("target_id") and ctx.dst is not None:
+        # The target copy goes first, so two never run at once.
+        try:
+            ctx.dst.remove(ctx.facts["target_id"])
+        except EngineError as e:
+            log.warning("rollback: could not remove target container: %s", e)
+    state = ctx.src.inspect(c["Id"])["State"]
+    if not state["Running"]:
+        if ctx.facts.get("checkpointed"):
+            ctx.src.start(c["Id"], checkpoint=ctx.facts["checkpoint"])
+        else:
+            raise MigrationError(f"{ctx.source.name}: the container stopped without a checkpoint")
+    if not _settle(lambda: ctx.src.inspect(c["Id"])["State"]["Running"]):
+        raise MigrationError(f"{ctx.source.name}: the container does not stay running after rollback")
+    if ctx.facts.get("checkpointed"):
+        ctx.src.delete_checkpoint(c["Id"], ctx.facts["checkpoint"])
+    ctx.run.result_workload = c["Id"][:12]
+    return Measured(detail=f"container {c['Id'][:12]} running again on {ctx.source.name}")
+
+
+def container_abort(ctx):
+    """Undo preparation when the run fails before the freeze."""
+    if ctx.facts.get("target_id") and ctx.dst is not None:
+        ctx.dst.remove(ctx.facts["target_id"])
+
+
+# -- process phases ------------------------------------------------------------------
+
+
+def process_preflight_source(ctx):
+    ctx.src = _connect(ctx, ctx.source, PROCESS)
+    probe = _preflight_common(ctx.src)
+    try:
+        pid = int(ctx.run.workload)
+    except ValueError:
+        raise MigrationError(f"{ctx.run.workload!r} is not a PID")
+    mode, inner, comm = criu.resolve_process(ctx.src, pid)
+    tree = ctx.src.sh(
+        'echo "$1"; for c in $(cat /proc/"$1"/task/*/children 2>/dev/null); do echo "$c"; done', str(pid)
+    ).stdout.split()
+    rss = _rss_bytes(ctx.src, tree)
+    images = ctx.images_dir(ctx.source)
+    _check_space(ctx.src, images, rss + SPACE_MARGIN, "the process images")
+    ctx.facts.update(pid=pid, src_images=images, rss=rss, resolved=(mode, inner, comm))
+    where = "in its own PID namespace" if mode == "ns" else "in the host PID namespace"
+    return Measured(detail=f"CRIU {probe['version']}, PID {pid} ({comm}) {where}, ~{rss // 1024} KiB resident")
+
+
+def process_preflight_target(ctx):
+    ctx.dst = _connect(ctx, ctx.target, PROCESS)
+    probe = _preflight_common(ctx.dst)
+    # The namespace holder that keeps restored PIDs apart is a Python script.
+    if ctx.dst.run(["python3", "-c", "pass"], check=False).rc != 0:
+        raise MigrationError(f"{ctx.target.name}: python3 is needed to restore a process and is missing")
+    images = ctx.images_dir(ctx.target)
+    _check_space(ctx.dst, images, ctx.facts["rss"] + SPACE_MARGIN, "the process images")
+    ctx.facts["dst_images"] = images
+    return Measured(detail=f"CRIU {probe['version']}")
+
+
+def dump_process(ctx):
+    ctx.frozen = True
+    images = ctx.facts["src_images"]
+    try:
+        criu.dump(ctx.src, ctx.facts["pid"], images, ctx.facts["resolved"])
+    except criu.CriuError:
+        # CRIU resumes the tree when a dump fails; nothing to restore then.
+        ctx.frozen = not _pid_alive(ctx.src, ctx.facts["pid"])
+        raise
+    ctx.facts["dumped"] = True
+    return Measured(
+        criu_stats=criu.read_stats(ctx.src, f"{images}/stats-dump"),
+        log=ctx.src.read_file(f"{images}/dump.log", check=False) or "",
+        detail=f"images in {images}",
+    )
+
+
+def transfer_process(ctx):
+    n = _transfer(ctx, ctx.facts["src_images"], ctx.facts["dst_images"])
+    return Measured(bytes=n)
+
+
+def restore_process(ctx):
+    images = ctx.facts["dst_images"]
+    try:
+        pid = criu.restore(ctx.dst, images)
+        ctx.resumed_at = time.perf_counter()
+    finally:
+        ctx.facts["restore_log"] = ctx.dst.read_file(f"{images}/restore.log", check=False) or ""
+    ctx.facts["target_pid"] = pid
+    return Measured(
+        criu_stats=criu.read_stats(ctx.dst, f"{images}/stats-restore"),
+        log=ctx.facts["restore_log"],
+        detail=f"PID {pid}",
+    )
+
+
+def _pid_alive(conn, pid):
+    """(state, start time) of a live, non-zombie PID, else None."""
+    r = conn.run(["cat", f"/proc/{pid}/stat"], check=False)
+    if r.rc != 0:
+        return None
+    # Fields after the command name, which is in parentheses and may hold spaces.
+    rest = r.stdout.rsplit(")", 1)[1].split()
+    state, start = rest[0], rest[19]
+    return None if state in ("Z", "X") else start
+
+
+def verify_process(ctx):
+    pid = ctx.facts["target_pid"]
+    if not _settle(lambda: _pid_alive(ctx.dst, pid)):
+        raise MigrationError(f"{ctx.target.name}: restored process {pid} is not running")
+    ctx.run.result_workload = str(pid)
+    return Measured(detail=f"PID {pid} running")
+
+
+def cleanup_process(ctx):
+    ctx.dst.run(["rm", "-rf", "--", ctx.facts["dst_images"]])
+    if ctx.run.keep_source:
+        return Measured(detail=f"images kept in {ctx.facts['src_images']}")
+    ctx.src.run(["rm", "-rf", "--", ctx.facts["src_images"]])
+    return Measured(detail="images removed on both hosts")
+
+
+def _kill_restored(conn, pid):
+    # Killing the namespace holder (the tree's parent, PID 1 inside) takes
+    # every process of that namespace with it.
+    conn.sh(
+        'ppid=$(awk \'{print $4}\' "/proc/$1/stat" 2>/dev/null); '
+        'kill -KILL "$1" 2>/dev/null; [ -n "$ppid" ] && [ "$ppid" != 1 ] && kill -KILL "$ppid" 2>/dev/null; true',
+        str(pid),
+    )
+
+
+def rollback_process(ctx):
+    if ctx.facts.get("target_pid") and ctx.dst is not None:
+        _kill_restored(ctx.dst, ctx.facts["target_pid"])
+    if not ctx.facts.get("dumped"):
+        raise MigrationError(f"{ctx.source.name}: the process stopped and no images were written")
+    pid = criu.restore(ctx.src, ctx.facts["src_images"])
+    if not _settle(lambda: _pid_alive(ctx.src, pid)):
+        raise MigrationError(f"{ctx.source.name}: the process does not stay running after rollback")
+    ctx.run.result_workload = str(pid)
+    ctx.src.run(["rm", "-rf", "--", ctx.facts["src_images"]], check=False)
+    if ctx.dst is not None:
+        ctx.dst.run(["rm", "-rf", "--", ctx.facts.get("dst_images", ctx.images_dir(ctx.target))], check=False)
+    return Measured(detail=f"PID {pid} running again on {ctx.source.name}")
+
+
+def process_abort(ctx):
+    for conn, key in ((ctx.src, "src_images"), (ctx.dst, "dst_images")):
+        if conn is not None and ctx.facts.get(key):
+            conn.run(["rm", "-rf", "--", ctx.facts[key]], check=False)
+
+
+# -- the plans ---------------------------------------------------------------------
+
+CONTAINER_STEPS = [
+    Step("pre-flight", "source", container_preflight_source),
+    Step("pre-flight", "target", container_preflight_target),
+    Step("ship image", "both", ship_image),
+    Step("prepare target", "target", prepare_target),
+    Step("checkpoint", "source", checkpoint_container, freezes=True),
+    Step("transfer", "both", transfer_container),
+    Step("restore", "target", restore_container, resumes=True),
+    Step("verify", "target", verify_container),
+    Step("cleanup", "both", cleanup_container),
+]
+
+PROCESS_STEPS = [
+    Step("pre-flight", "source", process_preflight_source),
+    Step("pre-flight", "target", process_preflight_target),
+    Step("dump", "source", dump_process, freezes=True),
+    Step("transfer", "both", transfer_process),
+    Step("restore", "target", restore_process, resumes=True),
+    Step("verify", "target", verify_process),
+    Step("cleanup", "both", cleanup_process),
+]
+
+PLANS = {
+    CONTAINER: (CONTAINER_STEPS, rollback_container, container_abort),
+    PROCESS: (PROCESS_STEPS, rollback_process, process_abort),
+}
+
+
+# -- running a plan --------------------------------------------------------------------
+
+
+def create_run(source, target, kind, workload, keep_source=False, strategy=None):
+    """Validate and store a pending run; MigrationError says what is wrong."""
+    if source.pk == target.pk:
+        raise MigrationError("source and target must be different hosts")
+    if kind not in PLANS:
+        raise MigrationError(f"unknown workload kind {kind!r}")
+    workload = str(workload).strip()
+    if not workload:
+        raise MigrationError("name a container or a PID")
+    if kind == PROCESS and not workload.isdigit():
+        raise MigrationError(f"{workload!r} is not a PID")
+    fields = dict(source=source, target=target, kind=kind, workload=workload, keep_source=keep_source)
+    if strategy:
+        fields["strategy"] = strategy
+    with transaction.atomic():
+        # One migration per workload at a time.
+        busy = MigrationRun.objects.unfinished().filter(source=source, kind=kind, workload=workload)
+        if busy.exists():
+            raise MigrationError(f"{workload} on {source.name} is already being migrated")
+        return MigrationRun.objects.create(**fields)
+
+
+def claim(run):
+    """Mark a pending run running; False if someone else already did."""
+    now = timezone.now()
+    n = MigrationRun.objects.filter(pk=run.pk, status=PENDING).update(status=RUNNING, started=now)
+    if n == 1:
+        run.status, run.started = RUNNING, now
+    return n == 1
+
+
+class _PhaseTimer:
+    def __init__(self, run, seq, name, host):
+        self.phase = Phase.objects.create(run=run, seq=seq, name=name, host=host, started=timezone.now())
+        self.t0 = time.perf_counter()
+
+    def finish(self, measured, status=PHASE_OK, error=""):
+        p = self.phase
+        p.duration_ms = (time.perf_counter() - self.t0) * 1000
+        p.ended = p.started + timezone.timedelta(milliseconds=p.duration_ms)
+        p.status = status
+        if measured:
+            p.bytes = measured.bytes
+            p.criu_stats = measured.criu_stats
+            p.detail = measured.detail
+            p.log = measured.log[-1_000_000:]
+        if error:
+            p.detail = error
+        p.save()
+        return p
+
+    def discard(self):
+        self.phase.delete()
+
+
+def _describe(error):
+    return str(error) or error.__class__.__name__
+
+
+def execute(run, after_phase=None, on_phase=None):
+    """Run a claimed or pending run to its end; return the run.
+
+    after_phase: optional {phase name: callable(ctx)} called after a phase
+    succeeds — how tests make a real failure happen at a chosen point.
+    on_phase: optional callable(phase) for each phase that ends (the CLI
+    prints them).
+    """
+    if run.status == PENDING and not claim(run):
+        raise MigrationError(f"run {run.code} was already started")
+    steps, rollback, abort = PLANS[run.kind]
+    ctx = Context(run)
+    seq = 0
+    freeze_t = None
+    failure = None
+    try:
+        for step in steps:
+            timer = _PhaseTimer(run, seq, step.name, ctx.host_for(step.side))
+            ctx.current_phase = timer.phase
+            if step.freezes:
+                freeze_t = time.perf_counter()
+            try:
+                measured = step.run(ctx)
+            except Exception as e:  # every failure must reach the rollback below
+                if not isinstance(e, STEP_ERRORS + (MigrationError,)):
+                    log.exception("run %s: phase %s", run.code, step.name)
+                excerpt = getattr(e, "log_excerpt", "")
+                phase = timer.finish(None, PHASE_FAILED, _describe(e))
+                if excerpt:
+                    phase.log_excerpt = excerpt
+                    phase.save(update_fields=["log_excerpt"])
+                failure = e
+                break
+            if measured is None:
+                timer.discard()
+                continue
+            phase = timer.finish(measured)
+            seq += 1
+            run.total_bytes += phase.bytes
+            if step.resumes and freeze_t is not None:
+                run.downtime_ms = ((ctx.resumed_at or time.perf_counter()) - freeze_t) * 1000
+            run.save(update_fields=["total_bytes", "downtime_ms"])
+            if on_phase:
+                on_phase(phase)
+            if after_phase and step.name in after_phase:
+                after_phase[step.name](ctx)
+        else:
+            run.status = SUCCEEDED
+            return run
+        seq += 1
+        _recover(ctx, run, failure, rollback, abort, seq, freeze_t, on_phase)
+        return run
+    finally:
+        ctx.close()
+        run.finished = timezone.now()
+        run.save()
+
+
+def _recover(ctx, run, failure, rollback, abort, seq, freeze_t, on_phase):
+    """After a failed phase: bring the workload back where it was."""
+    message = _describe(failure)
+    if not ctx.frozen:
+        try:
+            abort(ctx)
+        except Exception as e:
+            message += f" (cleaning up the target also failed: {e})"
+        run.status = FAILED
+        run.error = message
+        return
+    timer = _PhaseTimer(run, seq, "rollback", ctx.source.name)
+    try:
+        if ctx.src is None:
+            raise MigrationError(f"{ctx.source.name}: no connection to the source")
+        measured = rollback(ctx)
+    except Exception as e:
+        phase = timer.finish(None, PHASE_FAILED, _describe(e))
+        run.status = FAILED
+        run.error = f"{message}; rollback failed too: {_describe(e)} — the workload may not be running"
+        log.error("run %s: %s", run.code, run.error)
+    else:
+        phase = timer.finish(measured)
+        run.status = ROLLED_BACK
+        run.error = message
+        run.downtime_ms = (time.perf_counter() - freeze_t) * 1000 if freeze_t else None
+    if on_phase:
+        on_phase(phase)
