@@ -112,7 +112,8 @@ LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "index"
 
 # Where the lab keeps its namespaces' engines, keys and logs.
-LAB_ROOT = Path(os.environ.get("CRIUWEB_LAB_ROOT", "/var/lib/criuweb-lab"))
+LAB_ID = envint("CRIUWEB_LAB_ID", "0")
+LAB_ROOT = Path(os.environ.get("CRIUWEB_LAB_ROOT", f"/var/lib/criuweb-lab{LAB_ID or ''}"))
 # Seconds an SSH connect may take before a host counts as unreachable.
 SSH_CONNECT_TIMEOUT = envint("CRIUWEB_SSH_TIMEOUT", "10")
 

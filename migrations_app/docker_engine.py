@@ -137,9 +137,10 @@ class Engine:
 
     # -- actions -------------------------------------------------------------
 
-    def create_like(self, source, name):
+    def create_like(self, source, name, labels=None):
         """Create (not start) a container with the source's configuration."""
         config = {k: source["Config"][k] for k in CONFIG_FIELDS if source["Config"].get(k) is not None}
+        config["Labels"] = {**(config.get("Labels") or {}), **(labels or {})}
         config["Image"] = source["Image"]  # the image id: exactly the same layers
         host_config = {
             k: source["HostConfig"][k] for k in HOST_CONFIG_FIELDS if source["HostConfig"].get(k) is not None

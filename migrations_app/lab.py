@@ -18,8 +18,6 @@ from django.conf import settings
 
 from .models import Host
 
-BRIDGE = "cwlab0"
-BRIDGE_ADDR = "10.213.0.1"
 PREFIX = 24
 IMAGE = "criuweb/busybox:latest"
 # The lab hosts log in as this user: uid 0 like root (CRIU needs it), but
@@ -38,6 +36,20 @@ class LabError(Exception):
     """Building or removing the lab failed; the message says which step."""
 
 
+def lab_id():
+    # More than one lab can exist side by side: the test suite builds its
+    # own (CRIUWEB_LAB_ID=1) and leaves the one `make run` serves alone.
+    return settings.LAB_ID
+
+
+def bridge():
+    return f"cwlab{lab_id()}"
+
+
+def bridge_addr():
+    return f"10.213.{lab_id()}.1"
+
+
 @dataclass
 class LabHost:
     name: str
@@ -45,11 +57,11 @@ class LabHost:
 
     @property
     def netns(self):
-        return f"cw{self.name}"
+        return f"cw{lab_id()}-{self.name}"
 
     @property
     def address(self):
-        return f"10.213.0.{10 + self.index}"
+        return f"10.213.{lab_id()}.{10 + self.index}"
 
     @property
     def root(self):
@@ -57,7 +69,7 @@ class LabHost:
 
     @property
     def run_dir(self):
-        return Path("/run") / f"criuweb-{self.name}"
+        return Path("/run") / f"criuweb{lab_id()}-{self.name}"
 
     @property
     def docker_sock(self):
@@ -85,7 +97,7 @@ class LabHost:
 
     @property
     def veth(self):
-        return f"cwv{self.index}"
+        return f"cwv{lab_id()}-{self.index}"
 
 
 HOSTS = [LabHost("lab-1", 1), LabHost("lab-2", 2)]
@@ -108,12 +120,13 @@ def sh(*argv, check=True, **kwargs):
 
 
 def _alive(pidfile):
+    """The PID in pidfile if that process is running (not a zombie), else None."""
     try:
         pid = int(Path(pidfile).read_text().strip())
-        os.kill(pid, 0)
-        return pid
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, ValueError):
         return None
+    return None if state == "Z" else pid
 
 
 def _is_mountpoint(path):
@@ -140,10 +153,10 @@ def up(log=print, demo=False):
 
 
 def _ensure_bridge():
-    if sh("ip", "link", "show", BRIDGE, check=False).returncode != 0:
-        sh("ip", "link", "add", BRIDGE, "type", "bridge")
-        sh("ip", "addr", "add", f"{BRIDGE_ADDR}/{PREFIX}", "dev", BRIDGE)
-    sh("ip", "link", "set", BRIDGE, "up")
+    if sh("ip", "link", "show", bridge(), check=False).returncode != 0:
+        sh("ip", "link", "add", bridge(), "type", "bridge")
+        sh("ip", "addr", "add", f"{bridge_addr()}/{PREFIX}", "dev", bridge())
+    sh("ip", "link", "set", bridge(), "up")
 
 
 def _ensure_client_key():
@@ -168,11 +181,11 @@ def _ensure_netns(h):
     if sh(*ns, "link", "show", "eth0", check=False).returncode != 0:
         sh("ip", "link", "del", h.veth, check=False)
         sh("ip", "link", "add", h.veth, "type", "veth", "peer", "name", "eth0", "netns", h.netns)
-        sh("ip", "link", "set", h.veth, "master", BRIDGE, "up")
+        sh("ip", "link", "set", h.veth, "master", bridge(), "up")
         sh(*ns, "addr", "add", f"{h.address}/{PREFIX}", "dev", "eth0")
         sh(*ns, "link", "set", "eth0", "up")
         sh(*ns, "link", "set", "lo", "up")
-        sh(*ns, "route", "add", "default", "via", BRIDGE_ADDR)
+        sh(*ns, "route", "add", "default", "via", bridge_addr())
 
 
 def _nsenter(h):
@@ -230,8 +243,11 @@ def _ensure_dockerd(h):
     config.write_text(json.dumps({"experimental": True}))
     log = open(h.root / "dockerd.log", "ab")
     env = dict(os.environ, PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    # setsid --fork: dockerd must not be our child, or it would linger as
+    # our zombie after it stops.
     subprocess.Popen(
         [
+            "setsid", "--fork",
             *_nsenter(h),
             "dockerd",
             "--config-file", str(config),
@@ -243,7 +259,6 @@ def _ensure_dockerd(h):
         stdout=log,
         stderr=log,
         stdin=subprocess.DEVNULL,
-        start_new_session=True,
         env=env,
     )
     _wait(lambda: _docker_ok(h), f"{h.name}: dockerd did not start (see {h.root / 'dockerd.log'})", 60)
@@ -332,7 +347,7 @@ def start_demo(log=print):
             engine.run_container(IMAGE, ["sh", "-c", COUNTER_SCRIPT], DEMO_CONTAINER)
         log(f"{hosts[0].name}: container {DEMO_CONTAINER!r} counting")
     with ssh.Connection(hosts[0]) as conn:
-        pid = demo_process_pid(conn)
+        pid = demo_process_pid()
         if pid:
             log(f"process {pid} already counting into {counter_file()}")
         else:
@@ -341,11 +356,24 @@ def start_demo(log=print):
             log(f"{hosts[0].name}: process {pid} counting into {counter_file()}")
 
 
-def demo_process_pid(conn):
-    """PID of the running demo counter process, seen from a lab host, or None."""
-    # The lab hosts share one PID namespace, so any of them sees it.
-    out = conn.run(["pgrep", "-o", "-f", f"sh -c .* {counter_file()}"], check=False).stdout.split()
-    return int(out[0]) if out else None
+def demo_process_pid():
+    """PID of the running demo counter process, or None.
+
+    The lab hosts share this machine's PID namespace, so a local look at
+    /proc finds it wherever it was moved; its exact argv tells it apart.
+    """
+    wanted = ["sh", "-c", PROCESS_COUNTER_SCRIPT, "sh", str(counter_file())]
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")[:-1]
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if [a.decode(errors="replace") for a in argv] == wanted and state != "Z":
+            return int(entry.name)
+    return None
 
 
 def start_process(conn, script, *args):
@@ -395,19 +423,34 @@ def down(log=print):
                 _wait(lambda: not _alive(pidfile), f"{h.name}: {pidfile} process did not stop", 30)
         # Processes started or restored inside the host's namespace.
         _kill_netns_processes(h)
-        if _is_mountpoint(h.data_root):
-            # Engine leftovers (overlay, netns files) are mounted below.
-            sh("umount", "-R", "-l", h.data_root, check=False)
+        # Engine leftovers (overlay mounts, netns files) can stay mounted.
+        _umount_below(h.data_root)
+        _umount_below(h.run_dir)
         if Path(f"/run/netns/{h.netns}").exists():
             sh("ip", "netns", "del", h.netns, check=False)
         sh("ip", "link", "del", h.veth, check=False)
         shutil.rmtree(h.run_dir, ignore_errors=True)
         shutil.rmtree(h.root, ignore_errors=True)
         log(f"{h.name}: down")
-    sh("ip", "link", "del", BRIDGE, check=False)
-    sh("userdel", "--force", LAB_USER, check=False)
+    sh("ip", "link", "del", bridge(), check=False)
+    shutil.rmtree(settings.LAB_ROOT, ignore_errors=True)
+    others = sh("ip", "-o", "link", "show", "type", "bridge", check=False).stdout
+    if "cwlab" not in others:  # the last lab on this machine
+        sh("userdel", "--force", LAB_USER, check=False)
     # Hosts with recorded runs stay, so the history keeps its meaning.
     Host.objects.filter(name__in=[h.name for h in HOSTS], runs_out=None, runs_in=None).delete()
+
+
+def _umount_below(path):
+    prefix = str(path)
+    points = [
+        line.split()[4]
+        for line in Path("/proc/self/mountinfo").read_text().splitlines()
+        if line.split()[4] == prefix or line.split()[4].startswith(prefix + "/")
+    ]
+    # Deepest first, lazily: a busy leftover must not stop the rest.
+    for point in sorted(points, key=len, reverse=True):
+        sh("umount", "-l", point, check=False)
 
 
 def _kill_netns_processes(h):

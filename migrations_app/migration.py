@@ -43,6 +43,8 @@ SPACE_MARGIN = 32 * 1024 * 1024
 # the trusted.overlay.* xattrs that mark opaque directories.
 TAR_CREATE = ["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "-cf", "-", "-C"]
 TAR_EXTRACT = ["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "--same-owner", "-xpf", "-", "-C"]
+# Marks a container criuweb created on a target, with the run's id.
+RUN_LABEL = "io.criuweb.run"
 # Progress is written to the database at most this often during a transfer.
 PROGRESS_INTERVAL = 0.25
 
@@ -221,7 +223,12 @@ def container_preflight_target(ctx):
         raise MigrationError(f"{ctx.target.name}: storage driver {info.get('Driver')} is not supported (overlay2 only)")
     name = ctx.facts["container"]["Name"].lstrip("/")
     if ctx.dst.exists(name):
-        raise MigrationError(f"{ctx.target.name}: a container named {name!r} already exists there")
+        other = ctx.dst.inspect(name)
+        # A stopped container we prepared for a run that failed while this
+        # engine was unreachable is ours to clear; anything else is not.
+        if other["State"]["Running"] or RUN_LABEL not in (other["Config"].get("Labels") or {}):
+            raise MigrationError(f"{ctx.target.name}: a container named {name!r} already exists there")
+        ctx.dst.remove(other["Id"])
     root = info["DockerRootDir"]
     _check_space(ctx.dst.conn, root, ctx.facts["rss"] + SPACE_MARGIN, "the checkpoint")
     ctx.facts.update(dst_root=root, name=name)
@@ -247,7 +254,7 @@ def ship_image(ctx):
 
 def prepare_target(ctx):
     # Before the freeze, so creating the container is not downtime.
-    cid = ctx.dst.create_like(ctx.facts["container"], ctx.facts["name"])
+    cid = ctx.dst.create_like(ctx.facts["container"], ctx.facts["name"], {RUN_LABEL: str(ctx.run.code)})
     ctx.facts["target_id"] = cid
     upper = ctx.dst.inspect(cid)["GraphDriver"]["Data"]["UpperDir"]
     ctx.facts["target_upper"] = upper
@@ -256,7 +263,6 @@ def prepare_target(ctx):
 
 def checkpoint_container(ctx):
     c = ctx.facts["container"]
-    ctx.frozen = True
     ctx.src.checkpoint(c["Id"], ctx.facts["checkpoint"])
     ctx.facts["checkpointed"] = True
     return Measured(detail=f"checkpoint {ctx.facts['checkpoint']}")
@@ -342,12 +348,15 @@ def cleanup_container(ctx):
 
 def rollback_container(ctx):
     c = ctx.facts["container"]
+    note = ""
     if ctx.facts.get("target_id") and ctx.dst is not None:
         # The target copy goes first, so two never run at once.
         try:
             ctx.dst.remove(ctx.facts["target_id"])
         except EngineError as e:
-            log.warning("rollback: could not remove target container: %s", e)
+            # Not running (its restore failed); the next run to this host
+            # clears it by its label.
+            note = f"; left a stopped container {ctx.facts['target_id'][:12]} on {ctx.target.name} ({e})"
     state = ctx.src.inspect(c["Id"])["State"]
     if not state["Running"]:
         if ctx.facts.get("checkpointed"):
@@ -359,7 +368,7 @@ def rollback_container(ctx):
     if ctx.facts.get("checkpointed"):
         ctx.src.delete_checkpoint(c["Id"], ctx.facts["checkpoint"])
     ctx.run.result_workload = c["Id"][:12]
-    return Measured(detail=f"container {c['Id'][:12]} running again on {ctx.source.name}")
+    return Measured(detail=f"container {c['Id'][:12]} running again on {ctx.source.name}{note}")
 
 
 def container_abort(ctx):
@@ -403,7 +412,6 @@ def process_preflight_target(ctx):
 
 
 def dump_process(ctx):
-    ctx.frozen = True
     images = ctx.facts["src_images"]
     try:
         criu.dump(ctx.src, ctx.facts["pid"], images, ctx.facts["resolved"])
@@ -609,6 +617,8 @@ def execute(run, after_phase=None, on_phase=None):
             timer = _PhaseTimer(run, seq, step.name, ctx.host_for(step.side))
             ctx.current_phase = timer.phase
             if step.freezes:
+                # From here a failure must bring the workload back.
+                ctx.frozen = True
                 freeze_t = time.perf_counter()
             try:
                 measured = step.run(ctx)
@@ -660,8 +670,6 @@ def _recover(ctx, run, failure, rollback, abort, seq, freeze_t, on_phase):
         return
     timer = _PhaseTimer(run, seq, "rollback", ctx.source.name)
     try:
-        if ctx.src is None:
-            raise MigrationError(f"{ctx.source.name}: no connection to the source")
         measured = rollback(ctx)
     except Exception as e:
         phase = timer.finish(None, PHASE_FAILED, _describe(e))

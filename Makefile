@@ -1,0 +1,35 @@
+# criuweb: `make run` serves the app with a lab and demo workloads;
+# `make test` runs every test. Both set up what they need, as root.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+BIND ?= 127.0.0.1:8000
+
+.PHONY: setup run test lab-down bench clean
+
+$(VENV)/.ready-$(shell cat requirements.txt | md5sum | cut -c1-8): requirements.txt
+	bash scripts/setup-system.sh
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements.txt
+	rm -f $(VENV)/.ready-*
+	touch $@
+
+setup: $(VENV)/.ready-$(shell cat requirements.txt | md5sum | cut -c1-8)
+	bash scripts/setup-system.sh
+	$(PY) manage.py migrate --verbosity 0
+
+run: setup
+	$(PY) manage.py lab up --demo
+	$(PY) manage.py ensure_admin
+	$(PY) manage.py collectstatic --no-input --verbosity 0
+	$(VENV)/bin/gunicorn criuweb.wsgi --bind $(BIND) --workers 1 --threads 8 --timeout 300 --access-logfile -
+
+test: setup
+	$(VENV)/bin/pytest
+
+lab-down: setup
+	$(PY) manage.py lab down
+
+bench: setup
+	$(PY) manage.py lab up --demo
+	$(PY) manage.py bench_downtime --runs 10

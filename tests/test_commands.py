@@ -1,0 +1,69 @@
+import json
+import uuid
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from migrations_app import lab
+from migrations_app.docker_engine import Engine
+
+
+def call(*args):
+    from io import StringIO
+
+    out = StringIO()
+    call_command(*args, stdout=out)
+    return out.getvalue()
+
+
+@pytest.mark.lab
+def test_migrate_workload_json(hosts):
+    lab1, lab2 = hosts
+    name = f"cli-{uuid.uuid4().hex[:8]}"
+    with Engine(lab1) as engine:
+        engine.run_container(lab.IMAGE, ["sh", "-c", lab.COUNTER_SCRIPT], name)
+    try:
+        result = json.loads(call("migrate_workload", "--source", "lab-1", "--target", "lab-2",
+                                 "--container", name, "--json"))
+        assert set(result) >= {"id", "status", "downtime_ms", "bytes", "phases", "error"}
+        assert result["status"] == "succeeded" and result["error"] is None
+        assert result["bytes"] > 0 and result["downtime_ms"] > 0
+        phase = result["phases"][0]
+        assert set(phase) >= {"name", "host", "started", "duration_ms", "bytes", "criu_stats"}
+        restore = next(p for p in result["phases"] if p["name"] == "restore")
+        assert restore["host"] == "lab-2" and restore["criu_stats"]["restore_time"] > 0
+        # A failing run exits non-zero with the run's message.
+        with pytest.raises(CommandError, match=f"lab-1: no container named '{name}'"):
+            call("migrate_workload", "--source", "lab-1", "--target", "lab-2", "--container", name)
+    finally:
+        for host in hosts:
+            with Engine(host) as engine:
+                if engine.exists(name):
+                    engine.remove(name)
+
+
+@pytest.mark.lab
+def test_lab_status_json(hosts):
+    status = json.loads(call("lab", "status", "--json"))
+    assert [h["name"] for h in status] == ["lab-1", "lab-2"]
+    for h, host in zip(status, hosts):
+        assert h["address"] == host.address and h["ssh_port"] == 22 and h["user"] == host.user
+        assert h["sshd"] and h["dockerd"]
+        assert h["key"] == host.key_path
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--source", "nowhere", "--target", "h-2", "--container", "x"], "no host named 'nowhere'"),
+        (["--source", "h-1", "--target", "h-1", "--container", "x"], "source and target must be different"),
+        (["--source", "h-1", "--target", "h-2", "--pid", "12; rm -rf /"], "'12; rm -rf /' is not a PID"),
+    ],
+)
+def test_bad_input_gets_a_message(db, args, message):
+    from migrations_app.models import Host
+
+    for name in ("h-1", "h-2"):
+        Host.objects.create(name=name, address="10.0.0.1", key_path="/k")
+    with pytest.raises(CommandError, match=message):
+        call("migrate_workload", *args)

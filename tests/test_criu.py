@@ -1,0 +1,95 @@
+import struct
+
+import pytest
+
+from migrations_app import criu
+
+# A stats-restore image as CRIU 4.1.1 wrote it on the lab (restore of the
+# busybox counter container).
+STATS_RESTORE = bytes.fromhex("40591055063309570f000000120d0809100218d2042093c9182820")
+
+
+def stats_image(entry_field, fields):
+    body = b""
+    for number, value in fields.items():
+        body += _varint(number << 3) + _varint(value)
+    message = _varint(entry_field << 3 | 2) + _varint(len(body)) + body
+    return struct.pack("<III", criu.IMG_SERVICE_MAGIC, criu.STATS_MAGIC, len(message)) + message
+
+
+def _varint(n):
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def test_decode_real_restore_stats():
+    assert criu.decode_stats(STATS_RESTORE) == {
+        "pages_compared": 9,
+        "pages_skipped_cow": 2,
+        "forking_time": 594,
+        "restore_time": 402579,
+        "pages_restored": 32,
+    }
+
+
+def test_decode_dump_stats_with_large_values():
+    raw = stats_image(1, {1: 287, 2: 16749, 3: 1954, 4: 368, 7: 2**40 + 5})
+    assert criu.decode_stats(raw) == {
+        "freezing_time": 287,
+        "frozen_time": 16749,
+        "memdump_time": 1954,
+        "memwrite_time": 368,
+        "pages_written": 2**40 + 5,
+    }
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (None, "too short"),
+        (b"\x00" * 12, "not a CRIU stats image"),
+        (STATS_RESTORE[:-3], "truncated"),
+    ],
+)
+def test_decode_rejects_what_is_not_a_stats_image(raw, message):
+    with pytest.raises(ValueError, match=message):
+        criu.decode_stats(raw)
+
+
+def test_log_excerpt_skips_the_harmless_rlimit_error():
+    log = "\n".join(
+        ["(00.000001) Version: 4.1.1"]
+        + ["(00.01) Error (criu/util.c:1533): rlimit: Can't setup RLIMIT_NOFILE for self"]
+        + [f"(00.1{i}) line {i}" for i in range(40)]
+        + ["(00.9) Error (criu/cr-restore.c:1): Can't fork for 42: File exists", "(01.0) tail"]
+    )
+    excerpt = criu.log_excerpt(log)
+    assert "Can't fork for 42" in excerpt
+    assert "RLIMIT_NOFILE" not in excerpt
+    assert criu.first_error(excerpt) == "Error (criu/cr-restore.c:1): Can't fork for 42: File exists"
+
+
+def test_log_excerpt_without_errors_is_the_tail():
+    log = "\n".join(f"line {i}" for i in range(100))
+    assert criu.log_excerpt(log, lines=3) == "line 97\nline 98\nline 99"
+
+
+def test_dump_argv_keeps_hostile_paths_as_one_argument():
+    argv = criu.dump_argv(1234, "/srv/a; rm -rf /")
+    assert argv[:6] == ["criu", "dump", "-t", "1234", "-D", "/srv/a; rm -rf /"]
+    inside = criu.dump_argv(1234, "/d", inner_pid=7)
+    assert inside[:7] == ["nsenter", "-t", "1234", "--pid", "--mount", "--", "criu"]
+    assert inside[inside.index("-t", 7) + 1] == "7"
+
+
+def test_restore_runs_under_the_namespace_holder():
+    argv = criu.restore_argv("/x y")
+    assert argv[:2] == ["python3", "-c"]
+    assert argv[3:7] == ["criu", "restore", "-D", "/x y"]
+    assert "--restore-detached" in argv
+    compile(criu.HOLDER, "holder", "exec")  # it is valid Python

@@ -1,0 +1,243 @@
+"""End to end on the lab: real sshd, Docker engines and CRIU on two hosts."""
+
+import os
+import time
+import uuid
+
+import pytest
+from django.conf import settings
+
+from migrations_app import lab, migration, ssh
+from migrations_app.docker_engine import Engine
+from migrations_app.models import CONTAINER, PROCESS, ROLLED_BACK, SUCCEEDED
+
+pytestmark = pytest.mark.lab
+
+
+def values(text):
+    return [int(line) for line in text.split()]
+
+
+def assert_consecutive(seq):
+    assert seq, "the counter printed nothing"
+    assert seq == list(range(seq[0], seq[0] + len(seq))), f"values skipped or repeated: {seq}"
+
+
+def wait_for(predicate, timeout=10, message="condition not met"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(0.2)
+    raise AssertionError(message)
+
+
+@pytest.fixture
+def counter_container(hosts):
+    """A fresh counter container on lab-1, removed from wherever it ends up."""
+    name = f"counter-{uuid.uuid4().hex[:8]}"
+    with Engine(hosts[0]) as engine:
+        engine.run_container(lab.IMAGE, ["sh", "-c", lab.COUNTER_SCRIPT], name)
+        wait_for(lambda: len(values(engine.logs(name))) >= 2, message="counter did not start")
+    yield name
+    for host in hosts:
+        with Engine(host) as engine:
+            if engine.exists(name):
+                engine.remove(name)
+
+
+@pytest.fixture
+def counter_process(hosts, tmp_path):
+    """A counter process on lab-1 appending to a file; killed at the end."""
+    path = settings.LAB_ROOT / f"counter-{uuid.uuid4().hex[:8]}.log"
+    with ssh.Connection(hosts[0]) as conn:
+        pid = lab.start_process(conn, lab.PROCESS_COUNTER_SCRIPT, str(path))
+    wait_for(lambda: path.exists() and len(values(path.read_text())) >= 2, message="counter did not start")
+    state = {"pid": pid, "path": path}
+    yield state
+    for pid in {state["pid"], pid}:
+        _kill_tree(pid)
+    path.unlink(missing_ok=True)
+
+
+def _kill_tree(pid):
+    # The restored tree lives under a namespace holder: kill both.
+    try:
+        ppid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return
+    for p in (pid, ppid):
+        if p > 1:
+            try:
+                os.kill(p, 9)
+            except OSError:
+                pass
+
+
+def migrate(source, target, kind, workload, **kwargs):
+    run = migration.create_run(source, target, kind, workload)
+    return migration.execute(run, **kwargs)
+
+
+def last_value_after(phase, engine_attr, holder):
+    """An after_phase hook that records the container's last logged value."""
+
+    def hook(ctx):
+        engine = getattr(ctx, engine_attr)
+        holder["last"] = values(engine.logs(ctx.facts["container"]["Id"]))[-1]
+
+    return {phase: hook}
+
+
+def test_container_round_trip(hosts, counter_container):
+    lab1, lab2 = hosts
+    name = counter_container
+    for source, target in ((lab1, lab2), (lab2, lab1)):
+        seen = {}
+        run = migrate(source, target, CONTAINER, name, after_phase=last_value_after("checkpoint", "src", seen))
+        assert run.status == SUCCEEDED, run.error
+        with Engine(target) as engine:
+            state = engine.inspect(name)["State"]
+            assert state["Running"]
+            # The target's log starts where the checkpoint left off.
+            after = wait_for(lambda: values(engine.logs(name)) if len(values(engine.logs(name))) >= 2 else None)
+        assert after[0] == seen["last"] + 1, (seen, after[:5])
+        assert_consecutive(after)
+        with Engine(source) as engine:
+            assert not engine.exists(name), "the source container should be gone"
+        names = [p.name for p in run.phases.all()]
+        assert names == [
+            "pre-flight", "pre-flight", "prepare target", "checkpoint", "transfer", "restore", "verify", "cleanup",
+        ]
+        assert [p.host for p in run.phases.all()][:2] == [source.name, target.name]
+        assert run.downtime_ms > 0
+        checkpoint = run.phases.get(name="checkpoint")
+        restore = run.phases.get(name="restore")
+        # Downtime spans the freeze to the restored container running.
+        assert run.downtime_ms <= (restore.ended - checkpoint.started).total_seconds() * 1000 + 1
+        assert run.downtime_ms >= checkpoint.duration_ms
+        assert run.total_bytes > 0 and run.total_bytes == sum(p.bytes for p in run.phases.all())
+        assert restore.criu_stats["restore_time"] > 0
+        assert "Restore finished successfully" in restore.log
+
+
+def test_container_writable_layer_travels(hosts):
+    lab1, lab2 = hosts
+    name = f"writer-{uuid.uuid4().hex[:8]}"
+    script = "echo written-before-move > /note.txt; rm /bin/vi; " + lab.COUNTER_SCRIPT
+    with Engine(lab1) as engine:
+        engine.run_container(lab.IMAGE, ["sh", "-c", script], name)
+        wait_for(lambda: values(engine.logs(name)), message="writer did not start")
+    try:
+        run = migrate(lab1, lab2, CONTAINER, name)
+        assert run.status == SUCCEEDED, run.error
+        with Engine(lab2) as engine:
+            cid = engine.inspect(name)["Id"]
+            exec_id = engine.api.exec_create(cid, ["sh", "-c", "cat /note.txt; ls /bin/vi 2>&1 || true"])["Id"]
+            out = engine.api.exec_start(exec_id).decode()
+        assert "written-before-move" in out
+        # A deleted file (an overlay whiteout) stays deleted.
+        assert "No such file" in out
+    finally:
+        for host in hosts:
+            with Engine(host) as engine:
+                if engine.exists(name):
+                    engine.remove(name)
+
+
+def test_process_round_trip(hosts, counter_process):
+    lab1, lab2 = hosts
+    pid = counter_process["pid"]
+    for source, target in ((lab1, lab2), (lab2, lab1)):
+        run = migrate(source, target, PROCESS, pid)
+        assert run.status == SUCCEEDED, run.error
+        new_pid = int(run.result_workload)
+        counter_process["pid"] = new_pid
+        # It runs in the target host's network namespace: it is on that host.
+        target_ns = next(h for h in lab.HOSTS if h.name == target.name).netns
+        assert os.stat(f"/proc/{new_pid}/ns/net").st_ino == os.stat(f"/run/netns/{target_ns}").st_ino
+        # ... in a PID namespace of its own, so its PIDs collide with nobody's.
+        assert os.readlink(f"/proc/{new_pid}/ns/pid") != os.readlink("/proc/self/ns/pid")
+        before = len(values(counter_process["path"].read_text()))
+        wait_for(lambda: len(values(counter_process["path"].read_text())) >= before + 2, message="counter stopped")
+        assert_consecutive(values(counter_process["path"].read_text()))
+        assert values(counter_process["path"].read_text())[0] == 0
+        dump = run.phases.get(name="dump")
+        assert dump.criu_stats["pages_written"] > 0 and dump.criu_stats["frozen_time"] > 0
+        assert run.phases.get(name="restore").criu_stats["pages_restored"] > 0
+        assert [p.name for p in run.phases.all()] == [
+            "pre-flight", "pre-flight", "dump", "transfer", "restore", "verify", "cleanup",
+        ]
+        pid = new_pid
+
+
+def _stop_engine(host_name):
+    h = next(h for h in lab.HOSTS if h.name == host_name)
+    pid = lab._alive(h.dockerd_pid)
+    os.kill(pid, 15)
+    wait_for(lambda: not lab._alive(h.dockerd_pid), 40, "dockerd did not stop")
+
+
+def test_container_restore_failure_rolls_back(hosts, counter_container):
+    lab1, lab2 = hosts
+    name = counter_container
+    seen = {}
+
+    def stop_target_engine(ctx):
+        seen["last"] = values(ctx.src.logs(ctx.facts["container"]["Id"]))[-1]
+        _stop_engine(lab2.name)
+
+    try:
+        run = migrate(lab1, lab2, CONTAINER, name, after_phase={"transfer": stop_target_engine})
+    finally:
+        lab.up(log=lambda *a: None)  # the engine back for the other tests
+    assert run.status == ROLLED_BACK
+    assert run.error.startswith("lab-2: restore from checkpoint failed"), run.error
+    phases = list(run.phases.all())
+    assert [p.name for p in phases][-2:] == ["restore", "rollback"]
+    assert phases[-2].status == "failed" and phases[-1].status == "ok"
+    with Engine(lab1) as engine:
+        assert engine.inspect(name)["State"]["Running"]
+        after = wait_for(lambda: values(engine.logs(name)))
+    # The source resumed from its checkpoint, not from scratch.
+    assert seen["last"] in after and after[-1] > seen["last"] > 0
+    with Engine(lab2) as engine:
+        # Exactly one copy runs: on lab-2 at most a stopped leftover.
+        assert not (engine.exists(name) and engine.inspect(name)["State"]["Running"])
+    # The next run clears that leftover and succeeds.
+    run = migrate(lab1, lab2, CONTAINER, name)
+    assert run.status == SUCCEEDED, run.error
+
+
+def test_process_restore_failure_rolls_back(hosts, counter_process):
+    lab1, lab2 = hosts
+
+    def break_images(ctx):
+        # A real CRIU failure: the target's images lose their memory pages.
+        ctx.dst.sh('rm -f "$1"/pages-*.img', ctx.facts["dst_images"])
+
+    run = migrate(lab1, lab2, PROCESS, counter_process["pid"], after_phase={"transfer": break_images})
+    assert run.status == ROLLED_BACK
+    assert run.error.startswith("lab-2: criu restore failed"), run.error
+    restore = run.phases.get(name="restore")
+    assert "Error" in restore.log_excerpt
+    new_pid = int(run.result_workload)
+    counter_process["pid"] = new_pid
+    lab1_ns = next(h for h in lab.HOSTS if h.name == "lab-1").netns
+    assert os.stat(f"/proc/{new_pid}/ns/net").st_ino == os.stat(f"/run/netns/{lab1_ns}").st_ino
+    before = len(values(counter_process["path"].read_text()))
+    wait_for(lambda: len(values(counter_process["path"].read_text())) >= before + 2, message="counter stopped")
+    assert_consecutive(values(counter_process["path"].read_text()))
+
+
+def test_preflight_failure_leaves_workload_alone(hosts, counter_container):
+    lab1, lab2 = hosts
+    with Engine(lab2) as engine:
+        engine.run_container(lab.IMAGE, ["sleep", "60"], counter_container)  # name taken on the target
+    run = migrate(lab1, lab2, CONTAINER, counter_container)
+    assert run.status == "failed"
+    assert run.error == f"lab-2: a container named {counter_container!r} already exists there"
+    assert run.downtime_ms is None
+    with Engine(lab1) as engine:
+        assert engine.inspect(counter_container)["State"]["Running"]

@@ -1,0 +1,159 @@
+"""Phase bookkeeping of execute(), on plans of plain functions.
+
+These steps touch no host: what is under test is the engine's own logic
+(order, timing, downtime, rollback and abort choices), which the lab tests
+then exercise for real.
+"""
+
+import time
+
+import pytest
+
+from migrations_app import migration
+from migrations_app.migration import Measured, Step
+from migrations_app.models import CONTAINER, FAILED, ROLLED_BACK, SUCCEEDED, Host
+
+
+@pytest.fixture
+def run(db):
+    a = Host.objects.create(name="a", address="10.0.0.1", key_path="/k")
+    b = Host.objects.create(name="b", address="10.0.0.2", key_path="/k")
+    return migration.create_run(a, b, CONTAINER, "web")
+
+
+def plan(monkeypatch, steps, calls):
+    def rollback(ctx):
+        calls.append("rollback")
+        return Measured(detail="back")
+
+    def abort(ctx):
+        calls.append("abort")
+
+    monkeypatch.setitem(migration.PLANS, CONTAINER, (steps, rollback, abort))
+
+
+def step(name, calls, sleep=0.0, fail=None, skip=False, nbytes=0, **flags):
+    def fn(ctx):
+        calls.append(name)
+        time.sleep(sleep)
+        if fail:
+            raise migration.MigrationError(fail)
+        if skip:
+            return None
+        return Measured(bytes=nbytes, criu_stats={"n": 1}, detail=name)
+
+    return Step(name, flags.pop("side", "source"), fn, **flags)
+
+
+def test_phases_are_recorded_in_order_with_downtime(run, monkeypatch):
+    calls = []
+    plan(monkeypatch, [
+        step("pre-flight", calls),
+        step("skipped", calls, skip=True),
+        step("freeze", calls, sleep=0.05, freezes=True),
+        step("move", calls, nbytes=100, side="both", sleep=0.05),
+        step("thaw", calls, resumes=True, nbytes=20, side="target"),
+        step("after", calls, sleep=0.05),
+    ], calls)
+    migration.execute(run)
+    run.refresh_from_db()
+    assert run.status == SUCCEEDED and run.error == ""
+    phases = list(run.phases.all())
+    assert [p.name for p in phases] == ["pre-flight", "freeze", "move", "thaw", "after"]
+    assert [p.seq for p in phases] == [0, 1, 2, 3, 4]
+    assert [p.host for p in phases] == ["a", "a", "a -> b", "b", "a"]
+    assert run.total_bytes == 120
+    # Downtime: from the start of "freeze" to the end of "thaw", nothing of "after".
+    assert 100 <= run.downtime_ms < 100 + phases[4].duration_ms
+    for earlier, later in zip(phases, phases[1:]):
+        assert earlier.ended <= later.started
+    assert all(p.status == "ok" for p in phases)
+    assert calls == ["pre-flight", "skipped", "freeze", "move", "thaw", "after"]
+
+
+def test_failure_after_freeze_rolls_back(run, monkeypatch):
+    calls = []
+    plan(monkeypatch, [
+        step("pre-flight", calls),
+        step("freeze", calls, freezes=True),
+        step("move", calls, fail="b: disk full"),
+        step("thaw", calls, resumes=True),
+    ], calls)
+    migration.execute(run)
+    run.refresh_from_db()
+    assert run.status == ROLLED_BACK
+    assert run.error == "b: disk full"
+    assert calls == ["pre-flight", "freeze", "move", "rollback"]
+    phases = list(run.phases.all())
+    assert [(p.name, p.status) for p in phases] == [
+        ("pre-flight", "ok"), ("freeze", "ok"), ("move", "failed"), ("rollback", "ok"),
+    ]
+    assert phases[2].detail == "b: disk full"
+    assert run.downtime_ms is not None  # the workload was stopped until the rollback
+
+
+def test_failure_before_freeze_only_aborts(run, monkeypatch):
+    calls = []
+    plan(monkeypatch, [step("pre-flight", calls, fail="a: criu check fails"), step("freeze", calls, freezes=True)],
+         calls)
+    migration.execute(run)
+    run.refresh_from_db()
+    assert run.status == FAILED
+    assert run.error == "a: criu check fails"
+    assert calls == ["pre-flight", "abort"]
+    assert run.downtime_ms is None
+
+
+def test_unexpected_exception_still_rolls_back(run, monkeypatch):
+    calls = []
+
+    def boom(ctx):
+        raise KeyError("State")
+
+    plan(monkeypatch, [step("freeze", calls, freezes=True), Step("verify", "target", boom)], calls)
+    migration.execute(run)
+    run.refresh_from_db()
+    assert run.status == ROLLED_BACK
+    assert run.error == "'State'"
+    assert calls == ["freeze", "rollback"]
+
+
+def test_failed_rollback_is_said_plainly(run, monkeypatch):
+    calls = []
+
+    def rollback(ctx):
+        raise migration.MigrationError("a: criu restore failed")
+
+    monkeypatch.setitem(migration.PLANS, CONTAINER, (
+        [step("freeze", calls, freezes=True), step("move", calls, fail="b: gone")], rollback, lambda ctx: None,
+    ))
+    migration.execute(run)
+    run.refresh_from_db()
+    assert run.status == FAILED
+    assert run.error == "b: gone; rollback failed too: a: criu restore failed — the workload may not be running"
+
+
+def test_a_run_is_claimed_once(run):
+    assert migration.claim(run)
+    assert not migration.claim(run)
+    with pytest.raises(migration.MigrationError, match="already started"):
+        run.status = "pending"
+        migration.execute(run)
+
+
+def test_one_migration_per_workload(run):
+    with pytest.raises(migration.MigrationError, match="web on a is already being migrated"):
+        migration.create_run(run.source, run.target, CONTAINER, "web")
+
+
+@pytest.mark.parametrize(
+    "kind, workload, message",
+    [("container", "  ", "name a container or a PID"), ("process", "12ab", "'12ab' is not a PID")],
+)
+def test_bad_workloads_are_refused(db, kind, workload, message):
+    a = Host.objects.create(name="a", address="10.0.0.1", key_path="/k")
+    b = Host.objects.create(name="b", address="10.0.0.2", key_path="/k")
+    with pytest.raises(migration.MigrationError, match=message):
+        migration.create_run(a, b, kind, workload)
+    with pytest.raises(migration.MigrationError, match="different hosts"):
+        migration.create_run(a, a, kind, "1")

@@ -1,0 +1,62 @@
+import pytest
+
+from migrations_app import ssh
+from migrations_app.models import Host
+
+HOSTILE = ["a; rm -rf /", "$(touch /tmp/pwned)", "`id`", "it's", 'say "hi"', "x\ny", "*", "-n"]
+
+
+@pytest.mark.lab
+def test_hostile_values_reach_the_remote_program_verbatim(hosts):
+    with ssh.Connection(hosts[0]) as conn:
+        out = conn.run(["printf", "%s\\0", *HOSTILE]).stdout
+        assert out.split("\0")[:-1] == HOSTILE
+        # sh() passes values as positional parameters, never into the script.
+        assert conn.sh('printf "%s" "$1"', "a; rm -rf /").stdout == "a; rm -rf /"
+
+
+@pytest.mark.lab
+def test_failed_command_names_host_and_exit_status(hosts):
+    with ssh.Connection(hosts[0]) as conn:
+        with pytest.raises(ssh.SSHError, match=r"^lab-1: `sh -c 'echo oops >&2; exit 3'` exited with 3: oops$"):
+            conn.run(["sh", "-c", "echo oops >&2; exit 3"])
+
+
+@pytest.mark.lab
+def test_fetched_host_key_is_the_pinned_one(hosts):
+    host = hosts[0]
+    assert ssh.fetch_host_key(host.address, host.ssh_port) == host.host_key
+    assert ssh.fingerprint(host.host_key).startswith("SHA256:")
+
+
+@pytest.mark.lab
+def test_a_different_host_key_is_refused(hosts):
+    lab1, lab2 = hosts
+    impostor = Host(name="impostor", address=lab1.address, user=lab1.user, key_path=lab1.key_path,
+                    host_key=lab2.host_key)
+    with pytest.raises(ssh.SSHError, match="impostor: the host key changed"):
+        ssh.Connection(impostor).__enter__()
+
+
+def test_no_pinned_key_no_connection(db):
+    host = Host(name="new", address="127.0.0.1", key_path="/nonexistent")
+    with pytest.raises(ssh.SSHError, match="new: no host key pinned"):
+        ssh.open_client(host)
+
+
+def test_unreachable_host_says_so(db):
+    # Port 9 on loopback: nothing listens there, so the connect is refused.
+    host = Host(name="gone", address="127.0.0.1", ssh_port=9, key_path="/nonexistent",
+                host_key="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl")
+    with pytest.raises(ssh.SSHError, match=r"^gone: cannot reach 127.0.0.1:9"):
+        ssh.open_client(host)
+
+
+def test_known_hosts_spelling_of_ports():
+    assert ssh.known_hosts_name("10.0.0.1", 22) == "10.0.0.1"
+    assert ssh.known_hosts_name("10.0.0.1", 2222) == "[10.0.0.1]:2222"
+
+
+def test_malformed_host_key_is_a_clear_error():
+    with pytest.raises(ssh.SSHError, match="is not '<type> <base64>'"):
+        ssh.parse_host_key("garbage")
