@@ -376,6 +376,19 @@ def demo_process_pid():
     return None
 
 
+def host_of_pid(pid):
+    """Name of the lab host whose network namespace holds pid, or None."""
+    try:
+        ns = os.stat(f"/proc/{pid}/ns/net").st_ino
+    except OSError:
+        return None
+    for h in HOSTS:
+        path = Path(f"/run/netns/{h.netns}")
+        if path.exists() and path.stat().st_ino == ns:
+            return h.name
+    return None
+
+
 def start_process(conn, script, *args):
     """Start a detached `sh -c script` on a host and return its PID."""
     # setsid and /dev/null stdio: the process must not hold the SSH session,

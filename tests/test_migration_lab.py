@@ -155,8 +155,7 @@ def test_process_round_trip(hosts, counter_process):
         new_pid = int(run.result_workload)
         counter_process["pid"] = new_pid
         # It runs in the target host's network namespace: it is on that host.
-        target_ns = next(h for h in lab.HOSTS if h.name == target.name).netns
-        assert os.stat(f"/proc/{new_pid}/ns/net").st_ino == os.stat(f"/run/netns/{target_ns}").st_ino
+        assert lab.host_of_pid(new_pid) == target.name
         # ... in a PID namespace of its own, so its PIDs collide with nobody's.
         assert os.readlink(f"/proc/{new_pid}/ns/pid") != os.readlink("/proc/self/ns/pid")
         before = len(values(counter_process["path"].read_text()))
@@ -224,8 +223,7 @@ def test_process_restore_failure_rolls_back(hosts, counter_process):
     assert "Error" in restore.log_excerpt
     new_pid = int(run.result_workload)
     counter_process["pid"] = new_pid
-    lab1_ns = next(h for h in lab.HOSTS if h.name == "lab-1").netns
-    assert os.stat(f"/proc/{new_pid}/ns/net").st_ino == os.stat(f"/run/netns/{lab1_ns}").st_ino
+    assert lab.host_of_pid(new_pid) == "lab-1"
     before = len(values(counter_process["path"].read_text()))
     wait_for(lambda: len(values(counter_process["path"].read_text())) >= before + 2, message="counter stopped")
     assert_consecutive(values(counter_process["path"].read_text()))

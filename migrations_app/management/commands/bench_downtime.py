@@ -43,16 +43,10 @@ class Command(BaseCommand):
         from migrations_app.docker_engine import Engine
 
         if process:
-            if not lab.demo_process_pid():
+            name = lab.host_of_pid(lab.demo_process_pid())
+            if not name:
                 raise CommandError("the demo counter process is not running: `lab up --demo` starts it")
-            pid = lab.demo_process_pid()
-            for h in lab.HOSTS:
-                ns = f"/run/netns/{h.netns}"
-                import os
-
-                if os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(ns).st_ino:
-                    return next(x for x in hosts if x.name == h.name)
-            raise CommandError("the demo counter process runs on no lab host")
+            return next(h for h in hosts if h.name == name)
         for host in hosts:
             with Engine(host) as engine:
                 if engine.exists(lab.DEMO_CONTAINER) and engine.inspect(lab.DEMO_CONTAINER)["State"]["Running"]:
