@@ -109,7 +109,8 @@ STORAGES = {
 }
 
 LOGIN_URL = "login"
-LOGIN_REDIRECT_URL = "index"
+LOGIN_REDIRECT_URL = "cw-index"
+LOGOUT_REDIRECT_URL = "login"
 
 # Where the lab keeps its namespaces' engines, keys and logs.
 LAB_ID = envint("CRIUWEB_LAB_ID", "0")

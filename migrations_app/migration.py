@@ -8,6 +8,8 @@ back on the source. Tests call execute() and the phase functions directly.
 """
 
 import logging
+import os
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -207,6 +209,7 @@ def container_preflight_source(ctx):
     root = info["DockerRootDir"]
     _check_space(ctx.src.conn, root, rss + SPACE_MARGIN, "the checkpoint")
     ctx.facts.update(container=c, src_root=root, rss=rss, checkpoint=f"cw-{ctx.run.code.hex[:12]}")
+    ctx.run.expected_bytes = rss
     return Measured(
         detail=f"CRIU {probe['version']}, Docker {info['ServerVersion']}, container {c['Name'].lstrip('/')} "
         f"({c['Id'][:12]}), ~{rss // 1024} KiB resident"
@@ -395,6 +398,7 @@ def process_preflight_source(ctx):
     images = ctx.images_dir(ctx.source)
     _check_space(ctx.src, images, rss + SPACE_MARGIN, "the process images")
     ctx.facts.update(pid=pid, src_images=images, rss=rss, resolved=(mode, inner, comm))
+    ctx.run.expected_bytes = rss
     where = "in its own PID namespace" if mode == "ns" else "in the host PID namespace"
     return Measured(detail=f"CRIU {probe['version']}, PID {pid} ({comm}) {where}, ~{rss // 1024} KiB resident")
 
@@ -560,12 +564,17 @@ def create_run(source, target, kind, workload, keep_source=False, strategy=None)
         return MigrationRun.objects.create(**fields)
 
 
+def worker_id():
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 def claim(run):
     """Mark a pending run running; False if someone else already did."""
     now = timezone.now()
-    n = MigrationRun.objects.filter(pk=run.pk, status=PENDING).update(status=RUNNING, started=now)
+    me = worker_id()
+    n = MigrationRun.objects.filter(pk=run.pk, status=PENDING).update(status=RUNNING, started=now, worker=me)
     if n == 1:
-        run.status, run.started = RUNNING, now
+        run.status, run.started, run.worker = RUNNING, now, me
     return n == 1
 
 
@@ -640,7 +649,7 @@ def execute(run, after_phase=None, on_phase=None):
             run.total_bytes += phase.bytes
             if step.resumes and freeze_t is not None:
                 run.downtime_ms = ((ctx.resumed_at or time.perf_counter()) - freeze_t) * 1000
-            run.save(update_fields=["total_bytes", "downtime_ms"])
+            run.save(update_fields=["total_bytes", "downtime_ms", "expected_bytes"])
             if on_phase:
                 on_phase(phase)
             if after_phase and step.name in after_phase:

@@ -29,6 +29,8 @@ KIND_CHOICES = [(CONTAINER, "container"), (PROCESS, "process")]
 # which the lab's kernel lacks (see Host capability probe).
 STOP_AND_COPY = "stop-and-copy"
 STRATEGY_CHOICES = [(STOP_AND_COPY, "stop and copy")]
+# CRIU features (criu check --feature NAME) each strategy needs on both hosts.
+STRATEGY_NEEDS = {STOP_AND_COPY: []}
 
 # Phase status
 PHASE_OK = "ok"
@@ -57,6 +59,9 @@ class Host(models.Model):
         help_text="Directory on the host for checkpoint images.",
     )
     created = models.DateTimeField(default=timezone.now)
+    # The last capability probe (see inventory.probe) and when it ran.
+    capabilities = models.JSONField(default=dict, blank=True)
+    probed = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["name"]
@@ -64,11 +69,35 @@ class Host(models.Model):
     def __str__(self):
         return self.name
 
+    def probe_ok(self):
+        return bool(self.capabilities.get("ok"))
+
+    def has_feature(self, name):
+        """Whether the last probe found a CRIU feature (criu check --feature NAME)."""
+        return bool(self.capabilities.get("criu", {}).get("features", {}).get(name))
+
+    @property
+    def lazy_pages(self):
+        return self.has_feature("uffd-noncoop")
+
+    @property
+    def dirty_tracking(self):
+        return self.has_feature("mem_dirty_track")
+
+    def strategies(self):
+        """Strategies this host's last probe allows."""
+        features = self.capabilities.get("criu", {}).get("features", {})
+        return [s for s, needs in STRATEGY_NEEDS.items() if self.probe_ok() and all(features.get(f) for f in needs)]
+
 
 class RunQuerySet(models.QuerySet):
     def unfinished(self):
         """Runs a worker may still be working on."""
         return self.filter(status__in=(PENDING, RUNNING))
+
+    def for_host(self, host):
+        """Runs from or to a host."""
+        return self.filter(models.Q(source=host) | models.Q(target=host))
 
 
 class MigrationRun(models.Model):
@@ -89,17 +118,31 @@ class MigrationRun(models.Model):
     finished = models.DateTimeField(null=True, blank=True)
     downtime_ms = models.FloatField(null=True, blank=True)
     total_bytes = models.BigIntegerField(default=0)
+    # Pre-flight's estimate of the image size, for the progress bar.
+    expected_bytes = models.BigIntegerField(default=0)
     error = models.TextField(blank=True)
+    # "hostname:pid" of the process executing the run, to tell a run whose
+    # worker died from one another process is still working on.
+    worker = models.CharField(max_length=100, blank=True)
 
     objects = RunQuerySet.as_manager()
 
     class Meta:
         ordering = ["-created"]
+        permissions = [("launch_migration", "Can launch migrations")]
+        indexes = [
+            # The history list: newest first, filtered by status.
+            models.Index(fields=["status", "-created"], name="run_status_created"),
+            # The comparison pages group finished runs by strategy.
+            models.Index(fields=["strategy", "status"], name="run_strategy_status"),
+        ]
 
     def __str__(self):
         return f"{self.kind} {self.workload}: {self.source} -> {self.target}"
 
-    def to_dict(self):
+    def to_dict(self, phases=None):
+        """The run as the CLI's --json and the run page's JSON show it."""
+        phases = self.phases.all() if phases is None else phases
         return {
             "id": str(self.code),
             "status": self.status,
@@ -111,7 +154,7 @@ class MigrationRun(models.Model):
             "strategy": self.strategy,
             "downtime_ms": self.downtime_ms,
             "bytes": self.total_bytes,
-            "phases": [p.to_dict() for p in self.phases.all()],
+            "phases": [p.to_dict() for p in phases],
             "error": self.error or None,
         }
 

@@ -1,0 +1,145 @@
+import os
+import re
+from datetime import timedelta
+
+from django import forms
+from django.utils import timezone
+
+from . import criu, inventory, ssh
+from .docker_engine import Engine, EngineError
+from .models import CONTAINER, KIND_CHOICES, PROCESS, STATUS_CHOICES, STRATEGY_CHOICES, Host
+
+# A probe older than this is run again before a migration is accepted.
+PROBE_MAX_AGE = timedelta(minutes=10)
+
+
+class HostForm(forms.Form):
+    name = forms.SlugField(max_length=64)
+    address = forms.CharField(max_length=255)
+    ssh_port = forms.IntegerField(min_value=1, max_value=65535, initial=22)
+    user = forms.CharField(max_length=64, initial="root")
+    key_path = forms.CharField(max_length=500, label="Private key file (on this server)")
+    work_dir = forms.CharField(max_length=500, initial="/var/lib/criuweb", label="Work directory on the host")
+
+    def __init__(self, *args, instance=None, **kwargs):
+        self.instance = instance
+        super().__init__(*args, **kwargs)
+
+    def clean_name(self):
+        name = self.cleaned_data["name"]
+        others = Host.objects.filter(name=name)
+        if self.instance:
+            others = others.exclude(pk=self.instance.pk)
+        if others.exists():
+            raise forms.ValidationError(f"A host named {name} already exists.")
+        return name
+
+    def clean_address(self):
+        address = self.cleaned_data["address"].strip()
+        if not re.fullmatch(r"[A-Za-z0-9.:\-\[\]]+", address):
+            raise forms.ValidationError("An address is a host name or an IP address, without spaces.")
+        return address
+
+    def clean_key_path(self):
+        path = self.cleaned_data["key_path"].strip()
+        if not os.path.isfile(path):
+            raise forms.ValidationError(f"There is no file {path} on this server.")
+        if not os.access(path, os.R_OK):
+            raise forms.ValidationError(f"{path} is not readable by the server.")
+        return path
+
+    def clean_work_dir(self):
+        path = self.cleaned_data["work_dir"].strip()
+        if not path.startswith("/"):
+            raise forms.ValidationError("Give an absolute path.")
+        return path
+
+
+class HostKeyForm(forms.Form):
+    host_key = forms.CharField(widget=forms.HiddenInput)
+
+    def clean_host_key(self):
+        key = self.cleaned_data["host_key"]
+        try:
+            ssh.parse_host_key(key)
+        except ssh.SSHError as e:
+            raise forms.ValidationError(str(e))
+        return key
+
+
+class MigrationForm(forms.Form):
+    source = forms.ModelChoiceField(Host.objects.all(), to_field_name="name", empty_label=None)
+    kind = forms.ChoiceField(choices=KIND_CHOICES, initial=CONTAINER, widget=forms.RadioSelect)
+    container = forms.CharField(required=False, max_length=255, help_text="name or id on the source")
+    pid = forms.IntegerField(required=False, min_value=2, label="PID")
+    target = forms.ModelChoiceField(Host.objects.all(), to_field_name="name", empty_label=None)
+    strategy = forms.ChoiceField(choices=STRATEGY_CHOICES)
+    keep_source = forms.BooleanField(required=False, help_text="keep the stopped source container")
+
+    def clean(self):
+        data = super().clean()
+        source, target, kind = data.get("source"), data.get("target"), data.get("kind")
+        if not (source and target and kind):
+            return data
+        if source == target:
+            self.add_error("target", "Pick a target other than the source.")
+            return data
+        if kind == CONTAINER and not data.get("container"):
+            self.add_error("container", "Name the container to move.")
+        if kind == PROCESS and not data.get("pid"):
+            self.add_error("pid", "Give the PID of the process tree to move.")
+        if self.errors:
+            return data
+        for field, host in (("source", source), ("target", target)):
+            if not host.probed or timezone.now() - host.probed > PROBE_MAX_AGE:
+                inventory.probe(host)
+            if not host.probe_ok():
+                self.add_error(field, f"{host.name} fails its probe: {host.capabilities.get('error')}")
+        if self.errors:
+            return data
+        common = set(source.strategies()) & set(target.strategies())
+        if data.get("strategy") not in common:
+            self.add_error("strategy", "Both hosts must support this strategy.")
+        self._check_workload(source, kind, data)
+        return data
+
+    def _check_workload(self, source, kind, data):
+        """The workload must exist on the source now, not only when the page was drawn."""
+        try:
+            if kind == CONTAINER:
+                with Engine(source) as engine:
+                    name = data["container"]
+                    if not engine.exists(name):
+                        self.add_error("container", f"{source.name} has no container {name}.")
+                    elif not engine.inspect(name)["State"]["Running"]:
+                        self.add_error("container", f"Container {name} is not running on {source.name}.")
+            else:
+                with ssh.Connection(source) as conn:
+                    criu.resolve_process(conn, data["pid"])
+        except criu.CriuError as e:
+            self.add_error("pid", str(e))
+        except (ssh.SSHError, EngineError) as e:
+            self.add_error("source", str(e))
+
+    def workload(self):
+        data = self.cleaned_data
+        return data["container"] if data["kind"] == CONTAINER else str(data["pid"])
+
+
+class RunFilterForm(forms.Form):
+    host = forms.ModelChoiceField(Host.objects.all(), to_field_name="name", required=False)
+    workload = forms.CharField(required=False, max_length=255)
+    kind = forms.ChoiceField(choices=[("", "any kind")] + KIND_CHOICES, required=False)
+    strategy = forms.ChoiceField(choices=[("", "any strategy")] + STRATEGY_CHOICES, required=False)
+    status = forms.ChoiceField(choices=[("", "any status")] + STATUS_CHOICES, required=False)
+
+    def filter(self, runs):
+        data = self.cleaned_data
+        if data.get("host"):
+            runs = runs.for_host(data["host"])
+        if data.get("workload"):
+            runs = runs.filter(workload__icontains=data["workload"])
+        for field in ("kind", "strategy", "status"):
+            if data.get(field):
+                runs = runs.filter(**{field: data[field]})
+        return runs

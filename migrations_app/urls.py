@@ -1,0 +1,22 @@
+from django.urls import path
+
+from . import views
+
+urlpatterns = [
+    path("", views.index, name="cw-index"),
+    path("hosts/", views.host_list, name="cw-hosts"),
+    path("hosts/add/", views.host_add, name="cw-host-add"),
+    path("hosts/<slug:name>/", views.host_detail, name="cw-host"),
+    path("hosts/<slug:name>/edit/", views.host_edit, name="cw-host-edit"),
+    path("hosts/<slug:name>/key/", views.host_key, name="cw-host-key"),
+    path("hosts/<slug:name>/probe/", views.host_probe, name="cw-host-probe"),
+    path("hosts/<slug:name>/workloads.json", views.host_workloads, name="cw-host-workloads"),
+    path("migrate/", views.migrate, name="cw-migrate"),
+    path("runs/", views.run_list, name="cw-runs"),
+    path("runs/export.<str:fmt>", views.runs_export, name="cw-runs-export"),
+    path("runs/<uuid:code>/", views.run_detail, name="cw-run"),
+    path("runs/<uuid:code>.json", views.run_json, name="cw-run-json"),
+    path("runs/<uuid:code>/logs.txt", views.run_logs, name="cw-run-logs"),
+    path("compare/", views.compare, name="cw-compare"),
+    path("compare/data.json", views.compare_json, name="cw-compare-json"),
+]

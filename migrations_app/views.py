@@ -1,0 +1,279 @@
+import csv
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required, permission_required
+from django.core.paginator import Paginator
+from django.db.models import BooleanField, ExpressionWrapper, Q
+from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_POST
+
+from . import inventory, migration, reports, ssh, worker
+from .docker_engine import EngineError
+from .forms import HostForm, HostKeyForm, MigrationForm, RunFilterForm
+from .models import CONTAINER, FINISHED, Host, MigrationRun
+
+RUNS_PER_PAGE = 50
+CAN_LAUNCH = "migrations_app.launch_migration"
+CAN_MANAGE_HOSTS = "migrations_app.change_host"
+
+
+def _get_host(name):
+    return get_object_or_404(Host, name=name)
+
+
+def _get_run(code):
+    return get_object_or_404(MigrationRun.objects.select_related("source", "target"), code=code)
+
+
+def _filtered_runs(request):
+    runs = MigrationRun.objects.select_related("source", "target")
+    form = RunFilterForm(request.GET or None)
+    if form.is_bound and form.is_valid():
+        runs = form.filter(runs)
+    return form, runs
+
+
+@login_required
+def index(request):
+    ctx = {
+        "hosts": Host.objects.all(),
+        "runs": MigrationRun.objects.select_related("source", "target")[:10],
+        "can_launch": request.user.has_perm(CAN_LAUNCH),
+    }
+    return render(request, "index.html", ctx)
+
+
+# -- hosts -------------------------------------------------------------------------
+
+
+@login_required
+def host_list(request):
+    return render(request, "hosts/list.html", {"hosts": Host.objects.all()})
+
+
+@login_required
+def host_detail(request, name):
+    host = _get_host(name)
+    ctx = {
+        "host": host,
+        "can_launch": request.user.has_perm(CAN_LAUNCH),
+        "can_manage": request.user.has_perm(CAN_MANAGE_HOSTS),
+        "runs": MigrationRun.objects.for_host(host).select_related("source", "target")[:10],
+    }
+    return render(request, "hosts/detail.html", ctx)
+
+
+@login_required
+def host_workloads(request, name):
+    """Live containers and processes of a host, for its page and the migration form."""
+    host = _get_host(name)
+    try:
+        containers = inventory.containers(host)
+        processes = inventory.processes(host) if request.GET.get("processes") != "0" else []
+    except (ssh.SSHError, EngineError) as e:
+        return JsonResponse({"error": str(e)}, status=502)
+    return JsonResponse({"host": host.name, "containers": containers, "processes": processes})
+
+
+@permission_required(CAN_MANAGE_HOSTS)
+def host_add(request):
+    form = HostForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        host = Host(**form.cleaned_data)
+        host.save()
+        return redirect("cw-host-key", name=host.name)
+    return render(request, "hosts/form.html", {"form": form})
+
+
+@permission_required(CAN_MANAGE_HOSTS)
+def host_edit(request, name):
+    host = _get_host(name)
+    initial = {f: getattr(host, f) for f in HostForm.base_fields}
+    form = HostForm(request.POST or None, initial=initial, instance=host)
+    if request.method == "POST" and form.is_valid():
+        moved = (form.cleaned_data["address"], form.cleaned_data["ssh_port"]) != (host.address, host.ssh_port)
+        for field, value in form.cleaned_data.items():
+            setattr(host, field, value)
+        if moved:
+            host.host_key = ""  # another machine maybe: its key is confirmed anew
+        host.save()
+        if moved:
+            return redirect("cw-host-key", name=host.name)
+        messages.success(request, f"{host.name} saved.")
+        return redirect("cw-host", name=host.name)
+    return render(request, "hosts/form.html", {"form": form, "host": host})
+
+
+@permission_required(CAN_MANAGE_HOSTS)
+def host_key(request, name):
+    """Show the host's key as a fingerprint; pin it when the user confirms."""
+    host = _get_host(name)
+    if request.method == "POST":
+        form = HostKeyForm(request.POST)
+        if form.is_valid():
+            host.host_key = form.cleaned_data["host_key"]
+            host.save(update_fields=["host_key"])
+            messages.success(request, f"Host key of {host.name} pinned.")
+            return redirect("cw-host", name=host.name)
+    offered, error = None, ""
+    try:
+        offered = ssh.fetch_host_key(host.address, host.ssh_port)
+    except ssh.SSHError as e:
+        error = str(e)
+    ctx = {
+        "host": host,
+        "offered": offered,
+        "fingerprint": ssh.fingerprint(offered) if offered else "",
+        "pinned_fingerprint": ssh.fingerprint(host.host_key) if host.host_key else "",
+        "form": HostKeyForm(initial={"host_key": offered}),
+        "error": error,
+    }
+    return render(request, "hosts/key.html", ctx)
+
+
+@require_POST
+@permission_required(CAN_MANAGE_HOSTS)
+def host_probe(request, name):
+    host = _get_host(name)
+    caps = inventory.probe(host)
+    if caps["ok"]:
+        messages.success(request, f"{host.name}: connection and probe OK.")
+    else:
+        messages.error(request, f"{host.name}: {caps['error']}")
+    return redirect("cw-host", name=host.name)
+
+
+# -- migrations ---------------------------------------------------------------------
+
+
+@permission_required(CAN_LAUNCH)
+def migrate(request):
+    form = MigrationForm(request.POST or None, initial=request.GET.dict())
+    if request.method == "POST" and form.is_valid():
+        data = form.cleaned_data
+        try:
+            run = migration.create_run(
+                data["source"], data["target"], data["kind"], form.workload(),
+                keep_source=data["keep_source"], strategy=data["strategy"],
+            )
+        except migration.MigrationError as e:
+            form.add_error(None, str(e))
+        else:
+            worker.start(run)
+            return redirect("cw-run", code=run.code)
+    return render(request, "migrate.html", {"form": form})
+
+
+@login_required
+def run_list(request):
+    form, runs = _filtered_runs(request)
+    page = Paginator(runs, RUNS_PER_PAGE).get_page(request.GET.get("page"))
+    query = request.GET.copy()
+    query.pop("page", None)
+    ctx = {"form": form, "page": page, "query": query.urlencode()}
+    return render(request, "runs/list.html", ctx)
+
+
+@login_required
+def run_detail(request, code):
+    run = _get_run(code)
+    return render(request, "runs/detail.html", {"run": run, "finished": run.status in FINISHED})
+
+
+@login_required
+def run_json(request, code):
+    run = _get_run(code)
+    # Whole logs are a download of their own; polling should not carry them.
+    phases = list(
+        run.phases.defer("log").annotate(has_log=ExpressionWrapper(~Q(log=""), output_field=BooleanField()))
+    )
+    data = run.to_dict(phases)
+    for item, phase in zip(data["phases"], phases):
+        item.update(seq=phase.seq, log_excerpt=phase.log_excerpt, has_log=phase.has_log,
+                    ended=phase.ended.isoformat() if phase.ended else None)
+    data.update(
+        finished=run.status in FINISHED,
+        expected_bytes=run.expected_bytes,
+        started=run.started.isoformat() if run.started else None,
+    )
+    return JsonResponse(data)
+
+
+@login_required
+def run_logs(request, code):
+    """Every CRIU log and error of a run as one text file."""
+    run = _get_run(code)
+    parts = [f"criuweb run {run.code}: {run} — {run.status}\n"]
+    if run.error:
+        parts.append(f"error: {run.error}\n")
+    for phase in run.phases.all():
+        parts.append(f"\n===== {phase.seq} {phase.name} on {phase.host}: {phase.status} =====\n")
+        if phase.detail:
+            parts.append(phase.detail + "\n")
+        if phase.log_excerpt:
+            parts.append("--- log excerpt ---\n" + phase.log_excerpt + "\n")
+        if phase.log:
+            parts.append("--- log ---\n" + phase.log + "\n")
+    response = HttpResponse("".join(parts), content_type="text/plain; charset=utf-8")
+    response["Content-Disposition"] = f'attachment; filename="criuweb-run-{run.code}.log"'
+    return response
+
+
+EXPORT_FIELDS = ["id", "created", "status", "kind", "workload", "source", "target", "strategy",
+                 "downtime_ms", "bytes", "duration_ms", "error"]
+
+
+def _export_rows(runs):
+    for run in runs.iterator(chunk_size=1000):
+        duration = (run.finished - run.started).total_seconds() * 1000 if run.finished and run.started else None
+        yield {
+            "id": str(run.code), "created": run.created.isoformat(), "status": run.status, "kind": run.kind,
+            "workload": run.workload, "source": run.source.name, "target": run.target.name,
+            "strategy": run.strategy, "downtime_ms": run.downtime_ms, "bytes": run.total_bytes,
+            "duration_ms": duration, "error": run.error,
+        }
+
+
+class _Echo:
+    def write(self, value):
+        return value
+
+
+@login_required
+def runs_export(request, fmt):
+    _, runs = _filtered_runs(request)
+    if fmt == "json":
+        return JsonResponse({"runs": list(_export_rows(runs))})
+    writer = csv.DictWriter(_Echo(), fieldnames=EXPORT_FIELDS)
+    lines = (writer.writerow(row) for row in _export_rows(runs))
+    header = writer.writerow(dict(zip(EXPORT_FIELDS, EXPORT_FIELDS)))
+    response = StreamingHttpResponse(_prepend(header, lines), content_type="text/csv")
+    response["Content-Disposition"] = 'attachment; filename="criuweb-runs.csv"'
+    return response
+
+
+def _prepend(first, rest):
+    yield first
+    yield from rest
+
+
+# -- comparison ---------------------------------------------------------------------------
+
+
+@login_required
+def compare(request):
+    form, _ = _filtered_runs(request)
+    return render(request, "compare.html", {"form": form, "query": request.GET.urlencode()})
+
+
+@login_required
+def compare_json(request):
+    _, runs = _filtered_runs(request)
+    data = {
+        "over_time": reports.runs_over_time(runs),
+        "phases": reports.phase_breakdown(runs),
+        "groups": {name: reports.downtime_percentiles(runs, name) for name in ("strategy", "host_pair", "size")},
+    }
+    return JsonResponse(data)
+

@@ -1,0 +1,50 @@
+// Comparison page: charts drawn from one JSON endpoint.
+(async () => {
+  const root = document.getElementById("compare");
+  const PALETTE = ["#3b82f6", "#10b981", "#f59e0b", "#8b5cf6", "#ef4444", "#06b6d4", "#84cc16", "#ec4899", "#64748b"];
+  const data = await cw.getJSON(root.dataset.url);
+  window.cwCompareCharts = [];
+  const chart = (id, config) => {
+    config.options = { maintainAspectRatio: false, animation: false, ...(config.options || {}) };
+    window.cwCompareCharts.push(new Chart(document.getElementById(id), config));
+  };
+  const ms = { title: { display: true, text: "ms" }, beginAtZero: true };
+
+  chart("over-time", {
+    type: "line",
+    data: {
+      labels: data.over_time.map((r) => r.created.slice(0, 19).replace("T", " ")),
+      datasets: [{ label: "downtime", data: data.over_time.map((r) => r.downtime_ms), borderColor: PALETTE[0], pointRadius: 2 }],
+    },
+    options: { scales: { y: ms, x: { ticks: { maxTicksLimit: 8 } } } },
+  });
+
+  const names = Object.keys(data.phases.phases);
+  chart("phase-breakdown", {
+    type: "bar",
+    data: {
+      labels: data.phases.labels.map((l) => l.slice(0, 19).replace("T", " ")),
+      datasets: names.map((name, i) => ({ label: name, data: data.phases.phases[name], backgroundColor: PALETTE[i % PALETTE.length] })),
+    },
+    options: { scales: { x: { stacked: true, ticks: { maxTicksLimit: 8 } }, y: { ...ms, stacked: true } } },
+  });
+
+  for (const [grouping, groups] of Object.entries(data.groups)) {
+    chart(`by-${grouping}`, {
+      type: "bar",
+      data: {
+        labels: groups.map((g) => g.group),
+        datasets: [
+          { label: "median", data: groups.map((g) => g.median_ms), backgroundColor: PALETTE[0] },
+          { label: "95th percentile", data: groups.map((g) => g.p95_ms), backgroundColor: PALETTE[2] },
+        ],
+      },
+      options: { scales: { y: ms } },
+    });
+    const table = document.getElementById(`table-${grouping}`);
+    table.append(cw.row(["group", "runs", "median", "p95"]));
+    for (const g of groups) {
+      table.append(cw.row([g.group, String(g.count), `${g.median_ms.toFixed(0)} ms`, `${g.p95_ms.toFixed(0)} ms`]));
+    }
+  }
+})();
