@@ -146,7 +146,7 @@ def up(log=print, demo=False):
         _ensure_sshd(h)
         _ensure_dockerd(h)
         _ensure_image(h)
-        _register(h)
+        register(h)
         log(f"{h.name}: up at {h.address} (sshd, Docker engine {h.docker_sock})")
     if demo:
         start_demo(log)
@@ -294,7 +294,8 @@ def _ensure_image(h):
     _docker(h, "build", "-q", "-t", IMAGE, ctx, env=dict(os.environ, DOCKER_BUILDKIT="0"))
 
 
-def _register(h):
+def register(h):
+    """Record a lab host in the inventory, its host key pinned."""
     pub = Path(f"{h.host_key}.pub").read_text().split()
     Host.objects.update_or_create(
         name=h.name,

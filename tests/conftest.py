@@ -1,4 +1,5 @@
 import pytest
+from django.contrib.auth.models import Permission, User
 
 from migrations_app import lab
 from migrations_app.models import Host
@@ -20,4 +21,27 @@ def lab_up(django_db_setup, django_db_blocker):
 
 @pytest.fixture
 def hosts(lab_up, db):
+    # Registered again for each test: transactional tests (the live server)
+    # empty the tables when they end.
+    for h in lab.HOSTS:
+        lab.register(h)
     return Host.objects.get(name="lab-1"), Host.objects.get(name="lab-2")
+
+
+@pytest.fixture
+def operator(db):
+    """A user who may look and launch migrations (not manage hosts)."""
+    user = User.objects.create_user("operator", password="pw")
+    user.user_permissions.add(Permission.objects.get(codename="launch_migration"))
+    return user
+
+
+@pytest.fixture
+def viewer(db):
+    """A user who may only look."""
+    return User.objects.create_user("viewer", password="pw")
+
+
+@pytest.fixture
+def admin_user(db):
+    return User.objects.create_superuser("boss", password="pw")
