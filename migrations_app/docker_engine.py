@@ -128,6 +128,15 @@ class Engine:
         except docker.errors.NotFound:
             return False
 
+    def image_id(self, name):
+        """The id an image name or id resolves to here, or None."""
+        try:
+            return self.api.inspect_image(name)["Id"]
+        except docker.errors.ImageNotFound:
+            return None
+        except docker.errors.APIError as e:
+            raise EngineError(f"{self.name}: inspect image {name!r} failed: {_explain(e)}") from e
+
     def has_image(self, image_id):
         try:
             self.api.inspect_image(image_id)
@@ -137,11 +146,11 @@ class Engine:
 
     # -- actions -------------------------------------------------------------
 
-    def create_like(self, source, name, labels=None):
-        """Create (not start) a container with the source's configuration."""
+    def create_like(self, source, name, image, labels=None):
+        """Create (not start) a container with the source's configuration, from image."""
         config = {k: source["Config"][k] for k in CONFIG_FIELDS if source["Config"].get(k) is not None}
         config["Labels"] = {**(config.get("Labels") or {}), **(labels or {})}
-        config["Image"] = source["Image"]  # the image id: exactly the same layers
+        config["Image"] = image
         host_config = {
             k: source["HostConfig"][k] for k in HOST_CONFIG_FIELDS if source["HostConfig"].get(k) is not None
         }

@@ -257,7 +257,13 @@ def ship_image(ctx):
 
 def prepare_target(ctx):
     # Before the freeze, so creating the container is not downtime.
-    cid = ctx.dst.create_like(ctx.facts["container"], ctx.facts["name"], {RUN_LABEL: str(ctx.run.code)})
+    source = ctx.facts["container"]
+    # By its name where the target's tag means the same image, so lists show
+    # "busybox", not a digest; else by id, which always means the same layers.
+    image = source["Config"]["Image"]
+    if ctx.dst.image_id(image) != source["Image"]:
+        image = source["Image"]
+    cid = ctx.dst.create_like(source, ctx.facts["name"], image, {RUN_LABEL: str(ctx.run.code)})
     ctx.facts["target_id"] = cid
     upper = ctx.dst.inspect(cid)["GraphDriver"]["Data"]["UpperDir"]
     ctx.facts["target_upper"] = upper

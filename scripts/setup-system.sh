@@ -87,7 +87,7 @@ main() {
         return
     fi
     need_packages docker.io containerd runc openssh-server openssh-client busybox-static \
-        iproute2 iptables patchelf tar procps util-linux ca-certificates
+        iproute2 iptables patchelf tar procps util-linux ca-certificates python3
     install_criu
     mkdir -p "$(dirname "$STAMP")"
     touch "$STAMP"

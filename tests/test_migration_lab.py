@@ -239,3 +239,36 @@ def test_preflight_failure_leaves_workload_alone(hosts, counter_container):
     assert run.downtime_ms is None
     with Engine(lab1) as engine:
         assert engine.inspect(counter_container)["State"]["Running"]
+
+
+def test_image_missing_on_target_is_shipped(hosts):
+    lab1, lab2 = hosts
+    name = f"shipped-{uuid.uuid4().hex[:8]}"
+    tag = f"criuweb/only-on-lab-1:{name}"
+    with Engine(lab1) as engine:
+        # An image that exists on lab-1 alone: a container's filesystem committed.
+        seed = engine.api.create_container(lab.IMAGE, ["sh", "-c", "echo seeded > /seed.txt"])["Id"]
+        engine.api.start(seed)
+        engine.api.wait(seed)
+        repo, version = tag.split(":")
+        image_id = engine.api.commit(seed, repository=repo, tag=version)["Id"]
+        engine.remove(seed)
+        engine.run_container(tag, ["sh", "-c", lab.COUNTER_SCRIPT], name)
+    try:
+        with Engine(lab2) as engine:
+            assert not engine.has_image(image_id)
+        run = migrate(lab1, lab2, CONTAINER, name)
+        assert run.status == SUCCEEDED, run.error
+        ship = run.phases.get(name="ship image")
+        assert ship.bytes > 1_000_000  # the busybox layer travelled
+        assert ship.host == "lab-1 -> lab-2"
+        with Engine(lab2) as engine:
+            assert engine.has_image(image_id)
+            assert engine.inspect(name)["State"]["Running"]
+    finally:
+        for host in hosts:
+            with Engine(host) as engine:
+                if engine.exists(name):
+                    engine.remove(name)
+                if engine.has_image(image_id):
+                    engine.api.remove_image(image_id, force=True)
