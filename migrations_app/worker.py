@@ -14,22 +14,31 @@ from .models import CONTAINER, INTERRUPTED, MigrationRun
 log = logging.getLogger(__name__)
 
 
-def start(run):
-    """Execute a pending run in a thread of this process."""
-    thread = threading.Thread(target=_work, args=(run.pk,), name=f"run-{run.code}", daemon=True)
+def _thread(target, *args, name=None):
+    """Start target(*args) in a daemon thread with its own database connection."""
+
+    def body():
+        close_old_connections()
+        try:
+            target(*args)
+        except Exception:  # a thread has nobody to raise to
+            log.exception("background %s failed", name or target.__name__)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=body, name=name, daemon=True)
     thread.start()
     return thread
 
 
+def start(run):
+    """Execute a pending run in a thread of this process."""
+    return _thread(_work, run.pk, name=f"run-{run.code}")
+
+
 def _work(run_pk):
-    close_old_connections()
-    try:
-        run = MigrationRun.objects.select_related("source", "target").get(pk=run_pk)
-        migration.execute(run)
-    except Exception:  # a thread has nobody to raise to
-        log.exception("run %s failed outside its phases", run_pk)
-    finally:
-        connection.close()
+    run = MigrationRun.objects.select_related("source", "target").get(pk=run_pk)
+    migration.execute(run)
 
 
 def _worker_alive(worker):
@@ -93,14 +102,10 @@ def workload_state(run):
 
 def check_interrupted(runs):
     """Record the workload's state on both hosts for each interrupted run."""
-    close_old_connections()
-    try:
-        for run in runs:
-            state = "; ".join(workload_state(run))
-            run.error = f"interrupted: the server stopped during the run. Found: {state}"
-            run.save(update_fields=["error"])
-    finally:
-        connection.close()
+    for run in runs:
+        state = "; ".join(workload_state(run))
+        run.error = f"interrupted: the server stopped during the run. Found: {state}"
+        run.save(update_fields=["error"])
 
 
 def recover_on_startup():
@@ -108,5 +113,5 @@ def recover_on_startup():
     runs = mark_interrupted()
     if runs:
         log.warning("%d run(s) were interrupted by a server stop", len(runs))
-        threading.Thread(target=check_interrupted, args=(runs,), daemon=True).start()
+        _thread(check_interrupted, runs)
     return runs

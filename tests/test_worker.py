@@ -1,0 +1,53 @@
+import os
+import socket
+import uuid
+
+import pytest
+
+from migrations_app import lab, worker
+from migrations_app.docker_engine import Engine
+from migrations_app.models import CONTAINER, INTERRUPTED, PROCESS, RUNNING, SUCCEEDED, Host, MigrationRun
+
+
+def make_run(source, target, status=RUNNING, worker_id="", kind=CONTAINER, workload="web"):
+    return MigrationRun.objects.create(source=source, target=target, kind=kind, workload=workload,
+                                       status=status, worker=worker_id)
+
+
+@pytest.fixture
+def two_hosts(db):
+    return (Host.objects.create(name="a", address="10.0.0.1", key_path="/k"),
+            Host.objects.create(name="b", address="10.0.0.2", key_path="/k"))
+
+
+def test_runs_of_a_dead_worker_are_marked_interrupted(two_hosts):
+    a, b = two_hosts
+    here = socket.gethostname()
+    dead = make_run(a, b, worker_id=f"{here}:{2**22 + 12345}")  # above pid_max's default: no such process
+    elsewhere = make_run(a, b, worker_id="another-machine:1")
+    alive = make_run(a, b, worker_id=f"{here}:{os.getppid()}")  # a live process: still working
+    done = make_run(a, b, status=SUCCEEDED, worker_id=f"{here}:{2**22 + 12345}")
+    marked = worker.mark_interrupted()
+    assert {r.pk for r in marked} == {dead.pk, elsewhere.pk}
+    statuses = dict(MigrationRun.objects.values_list("pk", "status"))
+    assert statuses == {dead.pk: INTERRUPTED, elsewhere.pk: INTERRUPTED, alive.pk: RUNNING, done.pk: SUCCEEDED}
+
+
+@pytest.mark.lab
+def test_interrupted_run_reports_where_the_workload_is(hosts):
+    lab1, lab2 = hosts
+    name = f"left-{uuid.uuid4().hex[:8]}"
+    with Engine(lab1) as engine:
+        engine.run_container(lab.IMAGE, ["sh", "-c", lab.COUNTER_SCRIPT], name)
+    try:
+        run = make_run(lab1, lab2, status=INTERRUPTED, workload=name)
+        gone = make_run(lab1, lab2, status=INTERRUPTED, kind=PROCESS, workload=str(2**22 + 12345))
+        worker.check_interrupted([run, gone])
+        run.refresh_from_db()
+        gone.refresh_from_db()
+        assert run.error == (f"interrupted: the server stopped during the run. Found: "
+                             f"lab-1: container {name} running; lab-2: no container {name}")
+        assert gone.error.endswith(f"lab-1: process {2**22 + 12345} not running; lab-2: no restored process recorded")
+    finally:
+        with Engine(lab1) as engine:
+            engine.remove(name)
