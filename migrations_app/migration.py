@@ -70,6 +70,7 @@ class Step:
     run: Callable
     freezes: bool = False  # the workload stops at the start of this phase
     resumes: bool = False  # ... and runs again on the target at its end
+    when: Callable = None  # when given and false for a run, the phase is not needed
 
 
 class Context:
@@ -83,8 +84,10 @@ class Context:
         self.dst = None
         self.facts = {}
         self.frozen = False
+        self.freeze_t = None  # perf_counter() when the workload was frozen
         self.resumed_at = None  # perf_counter() when the workload ran again on the target
         self.current_phase = None
+        self.seq = 0  # the next phase's number
 
     def host_for(self, side):
         return {"source": self.source.name, "target": self.target.name}.get(
@@ -238,10 +241,12 @@ def container_preflight_target(ctx):
     return Measured(detail=f"CRIU {probe['version']}, Docker {info['ServerVersion']}")
 
 
+def image_missing(ctx):
+    return not ctx.dst.has_image(ctx.facts["container"]["Image"])
+
+
 def ship_image(ctx):
     image = ctx.facts["container"]["Image"]
-    if ctx.dst.has_image(image):
-        return None  # nothing to do: no phase recorded
     total = [0]
 
     def chunks():
@@ -520,7 +525,7 @@ def process_abort(ctx):
 CONTAINER_STEPS = [
     Step("pre-flight", "source", container_preflight_source),
     Step("pre-flight", "target", container_preflight_target),
-    Step("ship image", "both", ship_image),
+    Step("ship image", "both", ship_image, when=image_missing),
     Step("prepare target", "target", prepare_target),
     Step("checkpoint", "source", checkpoint_container, freezes=True),
     Step("transfer", "both", transfer_container),
@@ -589,8 +594,9 @@ class _PhaseTimer:
         self.phase = Phase.objects.create(run=run, seq=seq, name=name, host=host, started=timezone.now())
         self.t0 = time.perf_counter()
 
-    def finish(self, measured, status=PHASE_OK, error=""):
+    def finish(self, measured, status=PHASE_OK, error="", log_excerpt=""):
         p = self.phase
+        p.log_excerpt = log_excerpt
         p.duration_ms = (time.perf_counter() - self.t0) * 1000
         p.ended = p.started + timezone.timedelta(milliseconds=p.duration_ms)
         p.status = status
@@ -603,9 +609,6 @@ class _PhaseTimer:
             p.detail = error
         p.save()
         return p
-
-    def discard(self):
-        self.phase.delete()
 
 
 def _describe(error):
@@ -624,47 +627,12 @@ def execute(run, after_phase=None, on_phase=None):
         raise MigrationError(f"run {run.code} was already started")
     steps, rollback, abort = PLANS[run.kind]
     ctx = Context(run)
-    seq = 0
-    freeze_t = None
-    failure = None
     try:
-        for step in steps:
-            timer = _PhaseTimer(run, seq, step.name, ctx.host_for(step.side))
-            ctx.current_phase = timer.phase
-            if step.freezes:
-                # From here a failure must bring the workload back.
-                ctx.frozen = True
-                freeze_t = time.perf_counter()
-            try:
-                measured = step.run(ctx)
-            except Exception as e:  # every failure must reach the rollback below
-                if not isinstance(e, STEP_ERRORS + (MigrationError,)):
-                    log.exception("run %s: phase %s", run.code, step.name)
-                excerpt = getattr(e, "log_excerpt", "")
-                phase = timer.finish(None, PHASE_FAILED, _describe(e))
-                if excerpt:
-                    phase.log_excerpt = excerpt
-                    phase.save(update_fields=["log_excerpt"])
-                failure = e
-                break
-            if measured is None:
-                timer.discard()
-                continue
-            phase = timer.finish(measured)
-            seq += 1
-            run.total_bytes += phase.bytes
-            if step.resumes and freeze_t is not None:
-                run.downtime_ms = ((ctx.resumed_at or time.perf_counter()) - freeze_t) * 1000
-            run.save(update_fields=["total_bytes", "downtime_ms", "expected_bytes"])
-            if on_phase:
-                on_phase(phase)
-            if after_phase and step.name in after_phase:
-                after_phase[step.name](ctx)
-        else:
+        failure = _run_steps(ctx, steps, after_phase or {}, on_phase or (lambda phase: None))
+        if failure is None:
             run.status = SUCCEEDED
-            return run
-        seq += 1
-        _recover(ctx, run, failure, rollback, abort, seq, freeze_t, on_phase)
+        else:
+            _recover(ctx, failure, rollback, abort, on_phase or (lambda phase: None))
         return run
     finally:
         ctx.close()
@@ -672,8 +640,44 @@ def execute(run, after_phase=None, on_phase=None):
         run.save()
 
 
-def _recover(ctx, run, failure, rollback, abort, seq, freeze_t, on_phase):
+def _run_steps(ctx, steps, after_phase, on_phase):
+    """Run the steps in order; return the exception that stopped them, or None."""
+    run = ctx.run
+    for step in steps:
+        timer = None
+        try:
+            if step.when and not step.when(ctx):
+                continue
+            timer = _PhaseTimer(run, ctx.seq, step.name, ctx.host_for(step.side))
+            ctx.current_phase = timer.phase
+            if step.freezes:
+                # From here a failure must bring the workload back.
+                ctx.frozen = True
+                ctx.freeze_t = time.perf_counter()
+            measured = step.run(ctx) or Measured()
+        except Exception as e:  # every failure must reach the rollback
+            if not isinstance(e, STEP_ERRORS + (MigrationError,)):
+                log.exception("run %s: phase %s", run.code, step.name)
+            if timer:
+                phase = timer.finish(None, PHASE_FAILED, _describe(e), getattr(e, "log_excerpt", ""))
+                ctx.seq += 1
+                on_phase(phase)
+            return e
+        phase = timer.finish(measured)
+        ctx.seq += 1
+        run.total_bytes += phase.bytes
+        if step.resumes and ctx.freeze_t is not None:
+            run.downtime_ms = ((ctx.resumed_at or time.perf_counter()) - ctx.freeze_t) * 1000
+        run.save(update_fields=["total_bytes", "downtime_ms", "expected_bytes"])
+        on_phase(phase)
+        if step.name in after_phase:
+            after_phase[step.name](ctx)
+    return None
+
+
+def _recover(ctx, failure, rollback, abort, on_phase):
     """After a failed phase: bring the workload back where it was."""
+    run = ctx.run
     message = _describe(failure)
     if not ctx.frozen:
         try:
@@ -683,7 +687,7 @@ def _recover(ctx, run, failure, rollback, abort, seq, freeze_t, on_phase):
         run.status = FAILED
         run.error = message
         return
-    timer = _PhaseTimer(run, seq, "rollback", ctx.source.name)
+    timer = _PhaseTimer(run, ctx.seq, "rollback", ctx.source.name)
     try:
         measured = rollback(ctx)
     except Exception as e:
@@ -695,6 +699,6 @@ def _recover(ctx, run, failure, rollback, abort, seq, freeze_t, on_phase):
         phase = timer.finish(measured)
         run.status = ROLLED_BACK
         run.error = message
-        run.downtime_ms = (time.perf_counter() - freeze_t) * 1000 if freeze_t else None
-    if on_phase:
-        on_phase(phase)
+        # What the workload saw: stopped from the freeze until it ran again here.
+        run.downtime_ms = (time.perf_counter() - ctx.freeze_t) * 1000
+    on_phase(phase)
