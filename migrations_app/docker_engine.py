@@ -8,6 +8,7 @@ Engine API endpoints directly through the same session.
 
 import docker
 import docker.errors
+import requests
 from docker.constants import DEFAULT_DOCKER_API_VERSION
 from docker.transport import SSHHTTPAdapter
 from docker.utils import version_lt
@@ -32,6 +33,10 @@ HOST_CONFIG_FIELDS = [
 
 class EngineError(Exception):
     """A Docker engine call failed; the message names the host and the step."""
+
+
+class NotFoundError(EngineError):
+    """The engine has no such container, image or checkpoint."""
 
 
 class _PinnedSSHAdapter(SSHHTTPAdapter):
@@ -85,10 +90,10 @@ class Engine:
         try:
             return fn(*args, **kwargs)
         except docker.errors.NotFound as e:
-            raise EngineError(f"{self.name}: {step}: not found ({_explain(e)})") from e
+            raise NotFoundError(f"{self.name}: {step}: not found ({_explain(e)})") from e
         except docker.errors.APIError as e:
             raise EngineError(f"{self.name}: {step} failed: {_explain(e)}") from e
-        except (docker.errors.DockerException, OSError, ssh.SSHError) as e:
+        except (docker.errors.DockerException, requests.RequestException, OSError, ssh.SSHError) as e:
             raise EngineError(f"{self.name}: {step} failed: {e}") from e
 
     # -- facts ---------------------------------------------------------------
@@ -113,36 +118,29 @@ class Engine:
             for c in rows
         ]
 
-    def inspect(self, name_or_id):
+    def _find(self, what, fn, name):
+        """fn(name), or None when the engine has no such thing."""
         try:
-            return self.api.inspect_container(name_or_id)
-        except docker.errors.NotFound as e:
-            raise EngineError(f"{self.name}: no container named {name_or_id!r}") from e
-        except docker.errors.APIError as e:
-            raise EngineError(f"{self.name}: inspect {name_or_id!r} failed: {_explain(e)}") from e
+            return self.call(f"inspect {what} {name!r}", fn, name)
+        except NotFoundError:
+            return None
+
+    def inspect(self, name_or_id):
+        found = self._find("container", self.api.inspect_container, name_or_id)
+        if found is None:
+            raise EngineError(f"{self.name}: no container named {name_or_id!r}")
+        return found
 
     def exists(self, name_or_id):
-        try:
-            self.api.inspect_container(name_or_id)
-            return True
-        except docker.errors.NotFound:
-            return False
+        return self._find("container", self.api.inspect_container, name_or_id) is not None
 
     def image_id(self, name):
         """The id an image name or id resolves to here, or None."""
-        try:
-            return self.api.inspect_image(name)["Id"]
-        except docker.errors.ImageNotFound:
-            return None
-        except docker.errors.APIError as e:
-            raise EngineError(f"{self.name}: inspect image {name!r} failed: {_explain(e)}") from e
+        found = self._find("image", self.api.inspect_image, name)
+        return found["Id"] if found else None
 
     def has_image(self, image_id):
-        try:
-            self.api.inspect_image(image_id)
-            return True
-        except docker.errors.ImageNotFound:
-            return False
+        return self.image_id(image_id) is not None
 
     # -- actions -------------------------------------------------------------
 
