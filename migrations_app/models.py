@@ -135,6 +135,10 @@ class MigrationRun(models.Model):
             models.Index(fields=["status", "-created"], name="run_status_created"),
             # The comparison pages group finished runs by strategy.
             models.Index(fields=["strategy", "status"], name="run_strategy_status"),
+            # The history list unfiltered or filtered by host (ORDER BY created DESC
+            # LIMIT 50) and the CSV/JSON export of all runs: newest first. Without it
+            # the database sorts every stored run for each page.
+            models.Index(fields=["-created"], name="run_created"),
         ]
 
     def __str__(self):
