@@ -1,3 +1,4 @@
+import base64
 import os
 import re
 from datetime import timedelta
@@ -61,9 +62,13 @@ class HostKeyForm(forms.Form):
     def clean_host_key(self):
         key = self.cleaned_data["host_key"]
         try:
-            ssh.parse_host_key(key)
+            parsed = ssh.parse_host_key(key)
         except ssh.SSHError as e:
             raise forms.ValidationError(str(e))
+        # paramiko pads a truncated key with zeros (a key no server has) and ignores
+        # trailing bytes: either way what was pasted is not one whole key.
+        if parsed.asbytes() != base64.b64decode(key.split()[1]):
+            raise forms.ValidationError("This host key is truncated or has extra bytes; copy it whole.")
         return key
 
 

@@ -4,7 +4,7 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required, permission_required
 from django.core.paginator import Paginator
 from django.db.models import BooleanField, ExpressionWrapper, Q
-from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http import Http404, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
@@ -18,6 +18,16 @@ CAN_LAUNCH = "migrations_app.launch_migration"
 CAN_MANAGE_HOSTS = "migrations_app.change_host"
 
 
+def _permission(perm):
+    """Anonymous users log in first; a logged-in user without the permission gets 403
+    (permission_required alone sends them to the login page they are already past)."""
+
+    def decorator(view):
+        return login_required(permission_required(perm, raise_exception=True)(view))
+
+    return decorator
+
+
 def _get_host(name):
     return get_object_or_404(Host, name=name)
 
@@ -29,8 +39,10 @@ def _get_run(code):
 def _filtered_runs(request):
     runs = MigrationRun.objects.select_related("source", "target")
     form = RunFilterForm(request.GET or None)
-    if form.is_bound and form.is_valid():
-        runs = form.filter(runs)
+    if form.is_bound:
+        # A filter that cannot be read (a deleted host, a mistyped status)
+        # matches nothing: showing or exporting every run instead would lie.
+        runs = form.filter(runs) if form.is_valid() else runs.none()
     return form, runs
 
 
@@ -76,7 +88,7 @@ def host_workloads(request, name):
     return JsonResponse({"host": host.name, "containers": containers, "processes": processes})
 
 
-@permission_required(CAN_MANAGE_HOSTS)
+@_permission(CAN_MANAGE_HOSTS)
 def host_add(request):
     form = HostForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
@@ -86,7 +98,7 @@ def host_add(request):
     return render(request, "hosts/form.html", {"form": form})
 
 
-@permission_required(CAN_MANAGE_HOSTS)
+@_permission(CAN_MANAGE_HOSTS)
 def host_edit(request, name):
     host = _get_host(name)
     initial = {f: getattr(host, f) for f in HostForm.base_fields}
@@ -105,7 +117,7 @@ def host_edit(request, name):
     return render(request, "hosts/form.html", {"form": form, "host": host})
 
 
-@permission_required(CAN_MANAGE_HOSTS)
+@_permission(CAN_MANAGE_HOSTS)
 def host_key(request, name):
     """Show the host's key as a fingerprint; pin it when the user confirms."""
     host = _get_host(name)
@@ -116,6 +128,9 @@ def host_key(request, name):
             host.save(update_fields=["host_key"])
             messages.success(request, f"Host key of {host.name} pinned.")
             return redirect("cw-host", name=host.name)
+        # The page below shows a fresh form with the key offered now; say why this one was refused.
+        for error in form.errors["host_key"]:
+            messages.error(request, f"Key refused: {error}")
     offered, error = None, ""
     try:
         offered = ssh.fetch_host_key(host.address, host.ssh_port)
@@ -133,7 +148,7 @@ def host_key(request, name):
 
 
 @require_POST
-@permission_required(CAN_MANAGE_HOSTS)
+@_permission(CAN_MANAGE_HOSTS)
 def host_probe(request, name):
     host = _get_host(name)
     caps = inventory.probe(host)
@@ -147,7 +162,7 @@ def host_probe(request, name):
 # -- migrations ---------------------------------------------------------------------
 
 
-@permission_required(CAN_LAUNCH)
+@_permission(CAN_LAUNCH)
 def migrate(request):
     form = MigrationForm(request.POST or None, initial=request.GET.dict())
     if request.method == "POST" and form.is_valid():
@@ -242,6 +257,8 @@ class _Echo:
 
 @login_required
 def runs_export(request, fmt):
+    if fmt not in ("csv", "json"):
+        raise Http404(f"no export format {fmt!r}")  # rather than CSV under any name
     _, runs = _filtered_runs(request)
     if fmt == "json":
         return JsonResponse({"runs": list(_export_rows(runs))})
