@@ -3,7 +3,7 @@ import csv
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required, permission_required
 from django.core.paginator import Paginator
-from django.db.models import BooleanField, ExpressionWrapper, Q
+from django.db.models import BooleanField, ExpressionWrapper, F, Q
 from django.http import Http404, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
@@ -240,13 +240,19 @@ EXPORT_FIELDS = ["id", "created", "status", "kind", "workload", "source", "targe
 
 
 def _export_rows(runs):
-    for run in runs.iterator(chunk_size=1000):
-        duration = (run.finished - run.started).total_seconds() * 1000 if run.finished and run.started else None
+    # Plain rows, not model instances: building 10,000 runs and their hosts
+    # (with their capabilities JSON) was most of the export's time.
+    rows = runs.values(
+        "code", "created", "status", "kind", "workload", "strategy", "downtime_ms", "total_bytes", "error",
+        "started", "finished", source_name=F("source__name"), target_name=F("target__name"),
+    )
+    for r in rows.iterator(chunk_size=2000):
+        duration = (r["finished"] - r["started"]).total_seconds() * 1000 if r["finished"] and r["started"] else None
         yield {
-            "id": str(run.code), "created": run.created.isoformat(), "status": run.status, "kind": run.kind,
-            "workload": run.workload, "source": run.source.name, "target": run.target.name,
-            "strategy": run.strategy, "downtime_ms": run.downtime_ms, "bytes": run.total_bytes,
-            "duration_ms": duration, "error": run.error,
+            "id": str(r["code"]), "created": r["created"].isoformat(), "status": r["status"], "kind": r["kind"],
+            "workload": r["workload"], "source": r["source_name"], "target": r["target_name"],
+            "strategy": r["strategy"], "downtime_ms": r["downtime_ms"], "bytes": r["total_bytes"],
+            "duration_ms": duration, "error": r["error"],
         }
 
 
