@@ -83,11 +83,11 @@ main() {
         echo "setup: must run as root (it installs system packages and runs CRIU)" >&2
         exit 1
     fi
-    if [ -f "$STAMP" ] && criu_works && command -v dockerd >/dev/null && [ -x /usr/sbin/sshd ]; then
+    if [ -f "$STAMP" ] && criu_works && command -v dockerd >/dev/null && [ -x /usr/sbin/sshd ] && [ -x /usr/bin/chromium ]; then
         return
     fi
     need_packages docker.io containerd runc openssh-server openssh-client busybox-static \
-        iproute2 iptables patchelf tar procps util-linux ca-certificates python3
+        iproute2 iptables patchelf tar procps util-linux ca-certificates python3 chromium
     install_criu
     mkdir -p "$(dirname "$STAMP")"
     touch "$STAMP"

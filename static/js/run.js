@@ -2,6 +2,7 @@
 (() => {
   const root = document.getElementById("run");
   const FREEZING = new Set(["checkpoint", "dump"]);
+  const NUM_COLUMNS = [4, 5, 6];  // start, duration, bytes
   const HOST_COLORS = ["#3b82f6", "#10b981", "#8b5cf6", "#f59e0b"];
   const $ = (id) => document.getElementById(id);
   let drawn = false;
@@ -15,10 +16,14 @@
 
   function renderPhases(run) {
     const at = offsets(run);
-    $("phases").tBodies[0].replaceChildren(...run.phases.map((p) => cw.row([
-      String(p.seq), p.name, p.host, p.status, fmtMs(at(p)),
-      p.status === "running" ? "…" : fmtMs(p.duration_ms), p.bytes ? cw.bytes(p.bytes) : "", p.detail || "",
-    ])));
+    $("phases").tBodies[0].replaceChildren(...run.phases.map((p) => {
+      const tr = cw.row([
+        String(p.seq), p.name, p.host, p.status, fmtMs(at(p)),
+        p.status === "running" ? "…" : fmtMs(p.duration_ms), p.bytes ? cw.bytes(p.bytes) : "", p.detail || "",
+      ]);
+      for (const i of NUM_COLUMNS) tr.cells[i].className = "num";  // like their headers
+      return tr;
+    }));
   }
 
   function renderTransfer(run) {
