@@ -14,9 +14,10 @@
     type: "line",
     data: {
       labels: data.over_time.map((r) => r.created.slice(0, 19).replace("T", " ")),
-      datasets: [{ label: "downtime", data: data.over_time.map((r) => r.downtime_ms), borderColor: PALETTE[0], pointRadius: 2 }],
+      datasets: [{ label: "downtime", data: data.over_time.map((r) => r.downtime_ms), borderColor: PALETTE[0], pointRadius: 3 }],
     },
-    options: { scales: { y: ms, x: { ticks: { maxTicksLimit: 8 } } } },
+    // offset: a lone run's point is drawn inside the chart, not on its axis.
+    options: { scales: { y: ms, x: { offset: true, ticks: { maxTicksLimit: 8 } } } },
   });
 
   const names = Object.keys(data.phases.phases);
