@@ -16,6 +16,7 @@ import paramiko
 from django.conf import settings
 
 CHUNK = 256 * 1024
+STREAM_IDLE_TIMEOUT = 120
 
 
 class SSHError(Exception):
@@ -128,9 +129,14 @@ class Connection:
             chan.close()
         return out if rc == 0 else None
 
-    def open_command(self, argv):
-        """Start argv and return its channel, for streaming."""
-        chan = self._session(None)
+    def open_command(self, argv, idle_timeout=STREAM_IDLE_TIMEOUT):
+        """Start argv and return its channel, for streaming.
+
+        A read or write that waits idle_timeout seconds raises: a stalled
+        transfer must fail (and roll back) rather than keep a frozen
+        workload frozen for ever.
+        """
+        chan = self._session(idle_timeout)
         chan.exec_command(shlex.join(str(a) for a in argv))
         return chan
 
@@ -215,7 +221,13 @@ def stream(src_chan, dst_chan, on_progress=None):
 
     def collect(chan, key):
         while True:
-            data = chan.recv_stderr(CHUNK)
+            try:
+                data = chan.recv_stderr(CHUNK)
+            except socket.timeout:
+                # Quiet stderr is normal; the main loop judges stalls.
+                if chan.closed or chan.exit_status_ready():
+                    break
+                continue
             if not data:
                 break
             errs[key] += data
@@ -226,15 +238,18 @@ def stream(src_chan, dst_chan, on_progress=None):
     ]
     for t in threads:
         t.start()
-    while True:
-        data = src_chan.recv(CHUNK)
-        if not data:
-            break
-        dst_chan.sendall(data)
-        total += len(data)
-        if on_progress:
-            on_progress(total)
-    dst_chan.shutdown_write()
+    try:
+        while True:
+            data = src_chan.recv(CHUNK)
+            if not data:
+                break
+            dst_chan.sendall(data)
+            total += len(data)
+            if on_progress:
+                on_progress(total)
+        dst_chan.shutdown_write()
+    except socket.timeout as e:
+        raise SSHError(f"the transfer stalled after {total} bytes (no data for {src_chan.gettimeout()} s)") from e
     src_rc = src_chan.recv_exit_status()
     dst_rc = dst_chan.recv_exit_status()
     for t in threads:

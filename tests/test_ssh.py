@@ -60,3 +60,26 @@ def test_known_hosts_spelling_of_ports():
 def test_malformed_host_key_is_a_clear_error():
     with pytest.raises(ssh.SSHError, match="is not '<type> <base64>'"):
         ssh.parse_host_key("garbage")
+
+
+@pytest.mark.lab
+def test_stream_counts_bytes_between_hosts(hosts):
+    with ssh.Connection(hosts[0]) as a, ssh.Connection(hosts[1]) as b:
+        seen = []
+        src = a.open_command(["head", "-c", "3000000", "/dev/zero"])
+        dst = b.open_command(["wc", "-c"])
+        total, src_rc, dst_rc, _, _ = ssh.stream(src, dst, seen.append)
+        assert (total, src_rc, dst_rc) == (3_000_000, 0, 0)
+        assert seen[-1] == 3_000_000 and seen == sorted(seen)
+
+
+@pytest.mark.lab
+def test_a_stalled_stream_fails_instead_of_hanging(hosts):
+    with ssh.Connection(hosts[0]) as a, ssh.Connection(hosts[1]) as b:
+        src = a.open_command(["head", "-c", "50000000", "/dev/zero"], idle_timeout=1)
+        # A target that never reads: the SSH window fills and writes stall.
+        dst = b.open_command(["sleep", "30"], idle_timeout=1)
+        with pytest.raises(ssh.SSHError, match=r"the transfer stalled after \d+ bytes"):
+            ssh.stream(src, dst)
+        src.close()
+        dst.close()
