@@ -43,6 +43,15 @@ def test_migrate_workload_json(hosts):
 
 
 @pytest.mark.lab
+def test_hostile_container_name_is_only_a_name(hosts, tmp_path):
+    marker = tmp_path / "pwned"
+    hostile = f"a; touch {marker}; $(touch {marker})"
+    with pytest.raises(CommandError, match=r"^lab-1: no container named 'a; touch "):
+        call("migrate_workload", "--source", "lab-1", "--target", "lab-2", "--container", hostile)
+    assert not marker.exists()
+
+
+@pytest.mark.lab
 def test_lab_status_json(hosts):
     status = json.loads(call("lab", "status", "--json"))
     assert [h["name"] for h in status] == ["lab-1", "lab-2"]
