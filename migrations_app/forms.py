@@ -133,7 +133,8 @@ class MigrationForm(forms.Form):
 
 class RunFilterForm(forms.Form):
     host = forms.ModelChoiceField(Host.objects.all(), to_field_name="name", required=False, empty_label="any host")
-    workload = forms.CharField(required=False, max_length=255)
+    workload = forms.CharField(required=False, max_length=255,
+                               widget=forms.TextInput(attrs={"placeholder": "workload"}))
     kind = forms.ChoiceField(choices=[("", "any kind")] + KIND_CHOICES, required=False)
     strategy = forms.ChoiceField(choices=[("", "any strategy")] + STRATEGY_CHOICES, required=False)
     status = forms.ChoiceField(choices=[("", "any status")] + STATUS_CHOICES, required=False)
