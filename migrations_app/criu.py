@@ -12,7 +12,10 @@ from . import ssh
 
 
 class CriuError(Exception):
-    """A CRIU step failed; the message names the host, the step and the log."""
+    """A CRIU step failed; the message names the host, the step and the log.
+
+    CRIU itself reported the failure, so nothing of the step runs on.
+    """
 
     def __init__(self, message, log_excerpt=""):
         super().__init__(message)
@@ -124,11 +127,7 @@ def log_excerpt(text, lines=25):
     if not text:
         return ""
     all_lines = text.splitlines()
-    # Every run on these kernels logs this harmless rlimit error.
-    def is_error(line):
-        return "Error" in line and "RLIMIT_NOFILE" not in line
-
-    errors = [i for i, line in enumerate(all_lines) if is_error(line)]
+    errors = [i for i, line in enumerate(all_lines) if _is_error(line)]
     if not errors:
         return "\n".join(all_lines[-lines:])
     last = errors[-1]
@@ -137,9 +136,14 @@ def log_excerpt(text, lines=25):
     return "\n".join(picked[-lines:])
 
 
+def _is_error(line):
+    # Every run on these kernels logs a harmless RLIMIT_NOFILE error.
+    return "Error" in line and "RLIMIT_NOFILE" not in line
+
+
 def first_error(excerpt):
     for line in excerpt.splitlines():
-        if "Error" in line and "RLIMIT_NOFILE" not in line:
+        if _is_error(line):
             return re.sub(r"^\(\s*[\d.]+\)\s*", "", line).strip()
     return ""
 
@@ -229,8 +233,12 @@ def dump_argv(pid, images_dir, inner_pid=None):
 # collide with the host's (criu-ns does the same; it is not packaged
 # everywhere). PID 1 of the new namespace stays to reap and keep the
 # namespace alive; the caller gets "<status> <root-ns pid of the tree>".
+# argv: the file to write the holder's PID to, then criu's argv. Killing that
+# PID (PID 1 inside) ends every process of the namespace: how a rollback
+# removes a restore whose outcome it never heard.
 HOLDER = r"""
 import ctypes, os, sys
+pidfile, argv = sys.argv[1], sys.argv[2:]
 libc = ctypes.CDLL(None, use_errno=True)
 def ok(rc):
     if rc != 0:
@@ -251,7 +259,7 @@ if holder == 0:
     ok(libc.mount(b"proc", b"/proc", b"proc", 0, None))
     criu = os.fork()
     if criu == 0:
-        os.execvp(sys.argv[1], sys.argv[1:])
+        os.execvp(argv[0], argv)
     while True:
         pid, status = os.wait()
         if pid == criu:
@@ -264,6 +272,8 @@ if holder == 0:
         except ChildProcessError:
             break
     sys.exit(0)
+with open(pidfile, "w") as f:
+    f.write("%d\n" % holder)
 os.close(w)
 status = os.read(r, 16).decode() or "252"
 root = []
@@ -276,12 +286,30 @@ print(status, root[0] if root else "-")
 
 def restore_argv(images_dir):
     """criu restore argv, run under the namespace holder."""
-    return ["python3", "-c", HOLDER, "criu", "restore", "-D", images_dir, *RESTORE_OPTIONS]
+    return ["python3", "-c", HOLDER, holder_pidfile(images_dir), "criu", "restore", "-D", images_dir,
+            *RESTORE_OPTIONS]
 
 
-def restore(conn, images_dir):
+def holder_pidfile(images_dir):
+    return f"{images_dir}/holder.pid"
+
+
+# Kill a restored tree: its namespace holder ($1: the holder's PID file) and
+# the tree's root ($2, may be empty). Quiet when they are already gone.
+KILL_RESTORED = r"""
+[ -f "$1" ] && kill -KILL "$(cat "$1")" 2>/dev/null
+[ -n "$2" ] && kill -KILL "$2" 2>/dev/null
+true
+"""
+
+
+def kill_restored(conn, images_dir, pid=None):
+    conn.sh(KILL_RESTORED, holder_pidfile(images_dir), str(pid or ""))
+
+
+def restore(conn, images_dir, timeout=600):
     """Restore a dumped tree on a host; return its PID there (root namespace)."""
-    result = conn.run(restore_argv(images_dir), check=False)
+    result = conn.run(restore_argv(images_dir), check=False, timeout=timeout)
     parts = result.stdout.split()
     if result.rc != 0 or len(parts) != 2 or parts[0] != "0" or parts[1] == "-":
         excerpt = log_excerpt(conn.read_file(f"{images_dir}/restore.log", check=False))

@@ -32,7 +32,15 @@ HOST_CONFIG_FIELDS = [
 
 
 class EngineError(Exception):
-    """A Docker engine call failed; the message names the host and the step."""
+    """A Docker engine call failed; the message names the host and the step.
+
+    answered: the engine replied (with an error). False when the connection
+    failed, so the call's effect on the host is unknown.
+    """
+
+    def __init__(self, message, answered=False):
+        super().__init__(message)
+        self.answered = answered
 
 
 class NotFoundError(EngineError):
@@ -71,9 +79,11 @@ class Engine:
         self.conn.__enter__()
         try:
             self.api = _api_client(self.conn.client, self.timeout)
-        except docker.errors.DockerException as e:
+        except (docker.errors.DockerException, requests.RequestException, OSError) as e:
             self.conn.close()
-            raise EngineError(f"{self.name}: cannot reach the Docker engine over SSH: {e}") from e
+            raise EngineError(
+                f"{self.name}: cannot reach the Docker engine over SSH (`docker system dial-stdio`): {e}"
+            ) from e
         return self
 
     def __exit__(self, *exc):
@@ -90,9 +100,9 @@ class Engine:
         try:
             return fn(*args, **kwargs)
         except docker.errors.NotFound as e:
-            raise NotFoundError(f"{self.name}: {step}: not found ({_explain(e)})") from e
+            raise NotFoundError(f"{self.name}: {step}: not found ({_explain(e)})", answered=True) from e
         except docker.errors.APIError as e:
-            raise EngineError(f"{self.name}: {step} failed: {_explain(e)}") from e
+            raise EngineError(f"{self.name}: {step} failed: {_explain(e)}", answered=True) from e
         except (docker.errors.DockerException, requests.RequestException, OSError, ssh.SSHError) as e:
             raise EngineError(f"{self.name}: {step} failed: {e}") from e
 
@@ -211,7 +221,18 @@ class Engine:
         return self.call("docker save", self.api.get_image, image_id)
 
     def load_image(self, chunks):
-        return self.call("docker load", self.api.load_image, chunks)
+        """docker load; the engine's progress messages are read for errors."""
+
+        def load():
+            for message in self.api.load_image(chunks):
+                if message.get("error"):
+                    raise EngineError(f"{self.name}: docker load failed: {message['error']}", answered=True)
+
+        self.call("docker load", load)
+
+    def keep_stopped(self, container_id):
+        """Make sure Docker never starts this container again by itself."""
+        self.call("update restart policy", self.api.update_container, container_id, restart_policy={"Name": "no"})
 
     def logs(self, container_id, tail="all"):
         raw = self.call("container logs", self.api.logs, container_id, tail=tail)

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from . import criu, ssh
@@ -22,9 +22,11 @@ from .docker_engine import Engine, EngineError
 from .models import (
     CONTAINER,
     FAILED,
+    FINISHED,
     PENDING,
     PHASE_FAILED,
     PHASE_OK,
+    PHASE_RUNNING,
     PROCESS,
     ROLLED_BACK,
     RUNNING,
@@ -71,6 +73,8 @@ class Step:
     freezes: bool = False  # the workload stops at the start of this phase
     resumes: bool = False  # ... and runs again on the target at its end
     when: Callable = None  # when given and false for a run, the phase is not needed
+    commits: bool = False  # once it succeeds the workload runs verified on the target
+    workload_bytes: bool = True  # its bytes are the workload's (not e.g. its image)
 
 
 class Context:
@@ -88,6 +92,11 @@ class Context:
         self.resumed_at = None  # perf_counter() when the workload ran again on the target
         self.current_phase = None
         self.seq = 0  # the next phase's number
+        # True from the moment a restore on the target starts until CRIU or
+        # Docker says it failed: then a copy may run there.
+        self.target_may_run = False
+        self.committed = False  # verified on the target: never roll back after this
+        self.timers = {}  # phase pk -> its _PhaseTimer
 
     def host_for(self, side):
         return {"source": self.source.name, "target": self.target.name}.get(
@@ -105,6 +114,9 @@ class Context:
     def images_dir(self, host):
         return f"{host.work_dir.rstrip('/')}/runs/{self.run.code}"
 
+    def timer_for(self, phase):
+        return self.timers[phase.pk]
+
     def close(self):
         for side in (self.src, self.dst):
             if side is not None:
@@ -114,7 +126,8 @@ class Context:
 # -- shared phase helpers --------------------------------------------------------
 
 
-def _connect(ctx, host, kind):
+def _connect(host, kind):
+    """An open Engine (containers) or ssh.Connection (processes) to host."""
     conn = Engine(host) if kind == CONTAINER else ssh.Connection(host)
     conn.__enter__()
     return conn
@@ -195,7 +208,7 @@ def _settle(check):
 
 
 def container_preflight_source(ctx):
-    ctx.src = _connect(ctx, ctx.source, CONTAINER)
+    ctx.src = _connect(ctx.source, CONTAINER)
     probe = _preflight_common(ctx.src.conn)
     info = ctx.src.info()
     if not info.get("ExperimentalBuild"):
@@ -220,7 +233,7 @@ def container_preflight_source(ctx):
 
 
 def container_preflight_target(ctx):
-    ctx.dst = _connect(ctx, ctx.target, CONTAINER)
+    ctx.dst = _connect(ctx.target, CONTAINER)
     probe = _preflight_common(ctx.dst.conn)
     info = ctx.dst.info()
     if not info.get("ExperimentalBuild"):
@@ -230,9 +243,17 @@ def container_preflight_target(ctx):
     name = ctx.facts["container"]["Name"].lstrip("/")
     if ctx.dst.exists(name):
         other = ctx.dst.inspect(name)
-        # A stopped container we prepared for a run that failed while this
-        # engine was unreachable is ours to clear; anything else is not.
-        if other["State"]["Running"] or RUN_LABEL not in (other["Config"].get("Labels") or {}):
+        # A container we prepared for a run that has ended and that never
+        # started (its restore failed while this engine was unreachable) is
+        # ours to clear; anything else, a kept source among them, is not.
+        label = (other["Config"].get("Labels") or {}).get(RUN_LABEL)
+        leftover = (
+            label
+            and not other["State"]["Running"]
+            and not MigrationRun.objects.filter(code=label).exclude(status__in=FINISHED).exists()
+            and other["State"].get("StartedAt", "").startswith("0001-")  # never started
+        )
+        if not leftover:
             raise MigrationError(f"{ctx.target.name}: a container named {name!r} already exists there")
         ctx.dst.remove(other["Id"])
     root = info["DockerRootDir"]
@@ -322,10 +343,14 @@ def _containerd_task_dir(root, cid):
 def restore_container(ctx):
     cid = ctx.facts["target_id"]
     task_dir = _containerd_task_dir(ctx.facts["dst_root"], cid)
+    ctx.target_may_run = True
     try:
         ctx.dst.start(cid, checkpoint=ctx.facts["checkpoint"])
         ctx.resumed_at = time.perf_counter()
     except EngineError as e:
+        # Docker answered that the restore failed: nothing runs there. No
+        # answer (a lost connection) proves nothing.
+        ctx.target_may_run = not e.answered
         text = ctx.dst.conn.read_file(f"{task_dir}/restore.log", check=False)
         excerpt = criu.log_excerpt(text)
         raise criu.CriuError(f"{e} (see restore.log excerpt)" if excerpt else str(e), excerpt) from e
@@ -355,32 +380,60 @@ def cleanup_container(ctx):
     ctx.dst.delete_checkpoint(ctx.facts["target_id"], ctx.facts["checkpoint"])
     if ctx.run.keep_source:
         ctx.src.delete_checkpoint(c["Id"], ctx.facts["checkpoint"])
-        return Measured(detail="source container kept (stopped)")
+        # A restart policy would bring the kept copy back with the engine.
+        ctx.src.keep_stopped(c["Id"])
+        return Measured(detail="source container kept (stopped, restart policy no)")
     ctx.src.remove(c["Id"])  # removes its checkpoints with it
     return Measured(detail=f"source container {c['Id'][:12]} removed")
+
+
+def _unsafe_to_resume(ctx, error):
+    return MigrationError(
+        f"{ctx.target.name}: cannot make sure the restored copy is gone ({error}); not resuming on "
+        f"{ctx.source.name}, to avoid two copies. Check {ctx.target.name}; the images stay on {ctx.source.name}"
+    )
+
+
+# Exit 0 when a process on the host names the container: its
+# containerd shim (`... -id <container id> ...`), which every running
+# container has. "[-]id" so that this shell's own command line does not match.
+SHIM_SCRIPT = 'pgrep -f "[-]id $1" >/dev/null'
+
+
+def _container_may_run(host, container_id):
+    """Whether a container could be running on a host whose engine we cannot ask."""
+    try:
+        with ssh.Connection(host) as conn:
+            return conn.sh(SHIM_SCRIPT, container_id, check=False).rc != 1
+    except ssh.SSHError:
+        return True  # unknown: assume the worst
 
 
 def rollback_container(ctx):
     c = ctx.facts["container"]
     note = ""
-    if ctx.facts.get("target_id") and ctx.dst is not None:
-        # The target copy goes first, so two never run at once.
+    if ctx.facts.get("target_id"):
+        # The target copy goes first, so two never run at once; on a fresh
+        # connection, as the old one may be what failed.
         try:
-            ctx.dst.remove(ctx.facts["target_id"])
-        except EngineError as e:
-            # Not running (its restore failed); the next run to this host
-            # clears it by its label.
+            with Engine(ctx.target) as dst:
+                dst.remove(ctx.facts["target_id"])
+        except (EngineError, ssh.SSHError) as e:
+            if ctx.target_may_run and _container_may_run(ctx.target, ctx.facts["target_id"]):
+                raise _unsafe_to_resume(ctx, e)
+            # Docker said the restore failed; the next run to this host
+            # clears the stopped leftover by its label.
             note = f"; left a stopped container {ctx.facts['target_id'][:12]} on {ctx.target.name} ({e})"
-    state = ctx.src.inspect(c["Id"])["State"]
-    if not state["Running"]:
+    with Engine(ctx.source) as src:
+        if not src.inspect(c["Id"])["State"]["Running"]:
+            if not ctx.facts.get("checkpointed"):
+                raise MigrationError(f"{ctx.source.name}: the container stopped without a checkpoint")
+            src.start(c["Id"], checkpoint=ctx.facts["checkpoint"])
+            ctx.resumed_at = time.perf_counter()
+        if not _settle(lambda: src.inspect(c["Id"])["State"]["Running"]):
+            raise MigrationError(f"{ctx.source.name}: the container does not stay running after rollback")
         if ctx.facts.get("checkpointed"):
-            ctx.src.start(c["Id"], checkpoint=ctx.facts["checkpoint"])
-        else:
-            raise MigrationError(f"{ctx.source.name}: the container stopped without a checkpoint")
-    if not _settle(lambda: ctx.src.inspect(c["Id"])["State"]["Running"]):
-        raise MigrationError(f"{ctx.source.name}: the container does not stay running after rollback")
-    if ctx.facts.get("checkpointed"):
-        ctx.src.delete_checkpoint(c["Id"], ctx.facts["checkpoint"])
+            src.delete_checkpoint(c["Id"], ctx.facts["checkpoint"])
     ctx.run.result_workload = c["Id"][:12]
     return Measured(detail=f"container {c['Id'][:12]} running again on {ctx.source.name}{note}")
 
@@ -395,7 +448,7 @@ def container_abort(ctx):
 
 
 def process_preflight_source(ctx):
-    ctx.src = _connect(ctx, ctx.source, PROCESS)
+    ctx.src = _connect(ctx.source, PROCESS)
     probe = _preflight_common(ctx.src)
     try:
         pid = int(ctx.run.workload)
@@ -415,7 +468,7 @@ def process_preflight_source(ctx):
 
 
 def process_preflight_target(ctx):
-    ctx.dst = _connect(ctx, ctx.target, PROCESS)
+    ctx.dst = _connect(ctx.target, PROCESS)
     probe = _preflight_common(ctx.dst)
     # The namespace holder that keeps restored PIDs apart is a Python script.
     if ctx.dst.run(["python3", "-c", "pass"], check=False).rc != 0:
@@ -449,9 +502,13 @@ def transfer_process(ctx):
 
 def restore_process(ctx):
     images = ctx.facts["dst_images"]
+    ctx.target_may_run = True
     try:
         pid = criu.restore(ctx.dst, images)
         ctx.resumed_at = time.perf_counter()
+    except criu.CriuError:
+        ctx.target_may_run = False  # CRIU said so: nothing runs there
+        raise
     finally:
         ctx.facts["restore_log"] = ctx.dst.read_file(f"{images}/restore.log", check=False) or ""
     ctx.facts["target_pid"] = pid
@@ -489,28 +546,24 @@ def cleanup_process(ctx):
     return Measured(detail="images removed on both hosts")
 
 
-def _kill_restored(conn, pid):
-    # Killing the namespace holder (the tree's parent, PID 1 inside) takes
-    # every process of that namespace with it.
-    conn.sh(
-        'ppid=$(awk \'{print $4}\' "/proc/$1/stat" 2>/dev/null); '
-        'kill -KILL "$1" 2>/dev/null; [ -n "$ppid" ] && [ "$ppid" != 1 ] && kill -KILL "$ppid" 2>/dev/null; true',
-        str(pid),
-    )
-
-
 def rollback_process(ctx):
-    if ctx.facts.get("target_pid") and ctx.dst is not None:
-        _kill_restored(ctx.dst, ctx.facts["target_pid"])
+    if ctx.facts.get("dst_images"):
+        try:
+            with ssh.Connection(ctx.target) as dst:
+                criu.kill_restored(dst, ctx.facts["dst_images"], ctx.facts.get("target_pid"))
+                dst.run(["rm", "-rf", "--", ctx.facts["dst_images"]], check=False)
+        except ssh.SSHError as e:
+            if ctx.target_may_run:
+                raise _unsafe_to_resume(ctx, e)
     if not ctx.facts.get("dumped"):
         raise MigrationError(f"{ctx.source.name}: the process stopped and no images were written")
-    pid = criu.restore(ctx.src, ctx.facts["src_images"])
-    if not _settle(lambda: _pid_alive(ctx.src, pid)):
-        raise MigrationError(f"{ctx.source.name}: the process does not stay running after rollback")
-    ctx.run.result_workload = str(pid)
-    ctx.src.run(["rm", "-rf", "--", ctx.facts["src_images"]], check=False)
-    if ctx.dst is not None:
-        ctx.dst.run(["rm", "-rf", "--", ctx.facts.get("dst_images", ctx.images_dir(ctx.target))], check=False)
+    with ssh.Connection(ctx.source) as src:
+        pid = criu.restore(src, ctx.facts["src_images"])
+        ctx.resumed_at = time.perf_counter()
+        if not _settle(lambda: _pid_alive(src, pid)):
+            raise MigrationError(f"{ctx.source.name}: the process does not stay running after rollback")
+        ctx.run.result_workload = str(pid)
+        src.run(["rm", "-rf", "--", ctx.facts["src_images"]], check=False)
     return Measured(detail=f"PID {pid} running again on {ctx.source.name}")
 
 
@@ -525,12 +578,12 @@ def process_abort(ctx):
 CONTAINER_STEPS = [
     Step("pre-flight", "source", container_preflight_source),
     Step("pre-flight", "target", container_preflight_target),
-    Step("ship image", "both", ship_image, when=image_missing),
+    Step("ship image", "both", ship_image, when=image_missing, workload_bytes=False),
     Step("prepare target", "target", prepare_target),
     Step("checkpoint", "source", checkpoint_container, freezes=True),
     Step("transfer", "both", transfer_container),
     Step("restore", "target", restore_container, resumes=True),
-    Step("verify", "target", verify_container),
+    Step("verify", "target", verify_container, commits=True),
     Step("cleanup", "both", cleanup_container),
 ]
 
@@ -540,7 +593,7 @@ PROCESS_STEPS = [
     Step("dump", "source", dump_process, freezes=True),
     Step("transfer", "both", transfer_process),
     Step("restore", "target", restore_process, resumes=True),
-    Step("verify", "target", verify_process),
+    Step("verify", "target", verify_process, commits=True),
     Step("cleanup", "both", cleanup_process),
 ]
 
@@ -567,12 +620,15 @@ def create_run(source, target, kind, workload, keep_source=False, strategy=None)
     fields = dict(source=source, target=target, kind=kind, workload=workload, keep_source=keep_source)
     if strategy:
         fields["strategy"] = strategy
-    with transaction.atomic():
-        # One migration per workload at a time.
-        busy = MigrationRun.objects.unfinished().filter(source=source, kind=kind, workload=workload)
-        if busy.exists():
-            raise MigrationError(f"{workload} on {source.name} is already being migrated")
-        return MigrationRun.objects.create(**fields)
+    busy = MigrationError(f"{workload} on {source.name} is already being migrated")
+    if MigrationRun.objects.unfinished().filter(source=source, kind=kind, workload=workload).exists():
+        raise busy
+    try:
+        with transaction.atomic():
+            return MigrationRun.objects.create(**fields)
+    except IntegrityError:
+        # Another request got there between the check and the insert.
+        raise busy from None
 
 
 def worker_id():
@@ -616,24 +672,31 @@ def _describe(error):
 
 
 def execute(run, after_phase=None, on_phase=None):
-    """Run a claimed or pending run to its end; return the run.
+    """Claim a pending run and run it to its end; return the run.
 
     after_phase: optional {phase name: callable(ctx)} called after a phase
     succeeds — how tests make a real failure happen at a chosen point.
     on_phase: optional callable(phase) for each phase that ends (the CLI
     prints them).
     """
-    if run.status == PENDING and not claim(run):
+    if not claim(run):
         raise MigrationError(f"run {run.code} was already started")
     steps, rollback, abort = PLANS[run.kind]
+    on_phase = on_phase or (lambda phase: None)
     ctx = Context(run)
     try:
-        failure = _run_steps(ctx, steps, after_phase or {}, on_phase or (lambda phase: None))
+        failure = _run_steps(ctx, steps, after_phase or {}, on_phase)
         if failure is None:
             run.status = SUCCEEDED
         else:
-            _recover(ctx, failure, rollback, abort, on_phase or (lambda phase: None))
+            _recover(ctx, failure, rollback, abort, on_phase)
         return run
+    except BaseException as e:
+        # Ctrl-C in the CLI, or the process told to stop: bring the
+        # workload back before going.
+        if run.status == RUNNING:
+            _recover(ctx, e, rollback, abort, on_phase)
+        raise
     finally:
         ctx.close()
         run.finished = timezone.now()
@@ -650,35 +713,57 @@ def _run_steps(ctx, steps, after_phase, on_phase):
                 continue
             timer = _PhaseTimer(run, ctx.seq, step.name, ctx.host_for(step.side))
             ctx.current_phase = timer.phase
+            ctx.timers[timer.phase.pk] = timer
             if step.freezes:
                 # From here a failure must bring the workload back.
                 ctx.frozen = True
                 ctx.freeze_t = time.perf_counter()
-            measured = step.run(ctx) or Measured()
+            phase = timer.finish(step.run(ctx) or Measured())
+            ctx.seq += 1
+            if step.workload_bytes:
+                run.total_bytes += phase.bytes
+            else:
+                run.image_bytes += phase.bytes
+            if step.resumes and ctx.freeze_t is not None:
+                run.downtime_ms = ((ctx.resumed_at or time.perf_counter()) - ctx.freeze_t) * 1000
+            if step.commits:
+                ctx.committed = True
+            run.save(update_fields=["total_bytes", "image_bytes", "downtime_ms", "expected_bytes"])
+            on_phase(phase)
+            if step.name in after_phase:
+                after_phase[step.name](ctx)
         except Exception as e:  # every failure must reach the rollback
             if not isinstance(e, STEP_ERRORS + (MigrationError,)):
                 log.exception("run %s: phase %s", run.code, step.name)
-            if timer:
-                phase = timer.finish(None, PHASE_FAILED, _describe(e), getattr(e, "log_excerpt", ""))
-                ctx.seq += 1
-                on_phase(phase)
+            _fail_phase(ctx, e, on_phase)
             return e
-        phase = timer.finish(measured)
-        ctx.seq += 1
-        run.total_bytes += phase.bytes
-        if step.resumes and ctx.freeze_t is not None:
-            run.downtime_ms = ((ctx.resumed_at or time.perf_counter()) - ctx.freeze_t) * 1000
-        run.save(update_fields=["total_bytes", "downtime_ms", "expected_bytes"])
-        on_phase(phase)
-        if step.name in after_phase:
-            after_phase[step.name](ctx)
     return None
 
 
+def _fail_phase(ctx, error, on_phase):
+    """Mark the phase in progress, if any, failed."""
+    phase = ctx.current_phase
+    if phase is None or phase.status != PHASE_RUNNING:
+        return
+    try:
+        phase = ctx.timer_for(phase).finish(None, PHASE_FAILED, _describe(error), getattr(error, "log_excerpt", ""))
+    except Exception:  # the database itself may be what failed
+        log.exception("run %s: could not record the failed phase", ctx.run.code)
+        return
+    ctx.seq += 1
+    on_phase(phase)
+
+
 def _recover(ctx, failure, rollback, abort, on_phase):
-    """After a failed phase: bring the workload back where it was."""
+    """After a failure: bring the workload back where it was, or say where it is."""
     run = ctx.run
     message = _describe(failure)
+    _fail_phase(ctx, failure, on_phase)
+    if ctx.committed:
+        # The workload runs verified on the target; what failed was cleanup.
+        run.status = SUCCEEDED
+        run.error = f"the workload runs on {ctx.target.name}, but afterwards: {message}"
+        return
     if not ctx.frozen:
         try:
             abort(ctx)
@@ -688,17 +773,19 @@ def _recover(ctx, failure, rollback, abort, on_phase):
         run.error = message
         return
     timer = _PhaseTimer(run, ctx.seq, "rollback", ctx.source.name)
+    ctx.resumed_at = None
     try:
         measured = rollback(ctx)
     except Exception as e:
         phase = timer.finish(None, PHASE_FAILED, _describe(e))
         run.status = FAILED
-        run.error = f"{message}; rollback failed too: {_describe(e)} — the workload may not be running"
+        run.error = f"{message}; rollback failed: {_describe(e)}"
         log.error("run %s: %s", run.code, run.error)
     else:
         phase = timer.finish(measured)
         run.status = ROLLED_BACK
         run.error = message
-        # What the workload saw: stopped from the freeze until it ran again here.
-        run.downtime_ms = (time.perf_counter() - ctx.freeze_t) * 1000
+        # What the workload saw: stopped from the freeze until it ran again
+        # on the source (or, when it never stopped, until the rollback ended).
+        run.downtime_ms = ((ctx.resumed_at or time.perf_counter()) - ctx.freeze_t) * 1000
     on_phase(phase)

@@ -118,6 +118,9 @@ class MigrationRun(models.Model):
     finished = models.DateTimeField(null=True, blank=True)
     downtime_ms = models.FloatField(null=True, blank=True)
     total_bytes = models.BigIntegerField(default=0)
+    # Bytes of the image shipped to the target, when it lacked it: moved,
+    # but not the workload's state, so kept out of total_bytes.
+    image_bytes = models.BigIntegerField(default=0)
     # Pre-flight's estimate of the image size, for the progress bar.
     expected_bytes = models.BigIntegerField(default=0)
     error = models.TextField(blank=True)
@@ -130,6 +133,14 @@ class MigrationRun(models.Model):
     class Meta:
         ordering = ["-created"]
         permissions = [("launch_migration", "Can launch migrations")]
+        constraints = [
+            # One migration per workload at a time, even when two requests race.
+            models.UniqueConstraint(
+                fields=["source", "kind", "workload"],
+                condition=models.Q(status__in=["pending", "running"]),
+                name="one_active_run_per_workload",
+            )
+        ]
         indexes = [
             # The history list: newest first, filtered by status.
             models.Index(fields=["status", "-created"], name="run_status_created"),
@@ -158,6 +169,7 @@ class MigrationRun(models.Model):
             "strategy": self.strategy,
             "downtime_ms": self.downtime_ms,
             "bytes": self.total_bytes,
+            "image_bytes": self.image_bytes,
             "phases": [p.to_dict() for p in phases],
             "error": self.error or None,
         }

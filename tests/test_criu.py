@@ -90,6 +90,7 @@ def test_dump_argv_keeps_hostile_paths_as_one_argument():
 def test_restore_runs_under_the_namespace_holder():
     argv = criu.restore_argv("/x y")
     assert argv[:2] == ["python3", "-c"]
-    assert argv[3:7] == ["criu", "restore", "-D", "/x y"]
+    assert argv[3] == "/x y/holder.pid"
+    assert argv[4:8] == ["criu", "restore", "-D", "/x y"]
     assert "--restore-detached" in argv
     compile(criu.HOLDER, "holder", "exec")  # it is valid Python

@@ -272,3 +272,33 @@ def test_image_missing_on_target_is_shipped(hosts):
                     engine.remove(name)
                 if engine.has_image(image_id):
                     engine.api.remove_image(image_id, force=True)
+
+
+def _kill_sshd(host_name):
+    """Stop a lab host's sshd and every SSH session into it."""
+    h = next(h for h in lab.HOSTS if h.name == host_name)
+    pids = lab.sh("ip", "netns", "pids", h.netns).stdout.split()
+    for pid in pids:
+        try:
+            if open(f"/proc/{pid}/comm").read().strip() == "sshd":
+                os.kill(int(pid), 9)
+        except OSError:
+            pass
+
+
+def test_unreachable_target_after_restore_is_not_resumed_twice(hosts, counter_container):
+    lab1, lab2 = hosts
+    name = counter_container
+    try:
+        run = migrate(lab1, lab2, CONTAINER, name, after_phase={"restore": lambda ctx: _kill_sshd(lab2.name)})
+    finally:
+        lab.up(log=lambda *a: None)  # sshd back for the other tests
+    # The restored copy may run on lab-2 and nobody can ask: resuming the
+    # source could make two copies, so the run stops and says so.
+    assert run.status == "failed"
+    assert "lab-2: cannot make sure the restored copy is gone" in run.error
+    assert "not resuming on lab-1" in run.error
+    with Engine(lab2) as engine:
+        assert engine.inspect(name)["State"]["Running"]
+    with Engine(lab1) as engine:
+        assert not engine.inspect(name)["State"]["Running"]

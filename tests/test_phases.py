@@ -132,7 +132,49 @@ def test_failed_rollback_is_said_plainly(run, monkeypatch):
     migration.execute(run)
     run.refresh_from_db()
     assert run.status == FAILED
-    assert run.error == "b: gone; rollback failed too: a: criu restore failed — the workload may not be running"
+    assert run.error == "b: gone; rollback failed: a: criu restore failed"
+
+
+def test_failure_after_verification_does_not_roll_back(run, monkeypatch):
+    calls = []
+    plan(monkeypatch, [
+        step("freeze", calls, freezes=True),
+        step("thaw", calls, resumes=True),
+        step("verify", calls, commits=True),
+        step("cleanup", calls, fail="a: ssh connection lost"),
+    ], calls)
+    migration.execute(run)
+    run.refresh_from_db()
+    assert run.status == SUCCEEDED
+    assert run.error == "the workload runs on b, but afterwards: a: ssh connection lost"
+    assert calls == ["freeze", "thaw", "verify", "cleanup"]  # no rollback of a verified copy
+    assert [p.status for p in run.phases.all()] == ["ok", "ok", "ok", "failed"]
+
+
+def test_interrupt_while_frozen_rolls_back_then_stops(run, monkeypatch):
+    calls = []
+
+    def interrupted(ctx):
+        raise KeyboardInterrupt
+
+    plan(monkeypatch, [step("freeze", calls, freezes=True), Step("move", "both", interrupted)], calls)
+    with pytest.raises(KeyboardInterrupt):
+        migration.execute(run)
+    run.refresh_from_db()
+    assert run.status == ROLLED_BACK
+    assert calls == ["freeze", "rollback"]
+    assert [(p.name, p.status) for p in run.phases.all()] == [("freeze", "ok"), ("move", "failed"), ("rollback", "ok")]
+
+
+def test_image_bytes_are_kept_apart(run, monkeypatch):
+    calls = []
+    plan(monkeypatch, [
+        Step("ship image", "both", lambda ctx: Measured(bytes=5000), workload_bytes=False),
+        step("move", calls, nbytes=300),
+    ], calls)
+    migration.execute(run)
+    run.refresh_from_db()
+    assert (run.total_bytes, run.image_bytes) == (300, 5000)
 
 
 def test_a_run_is_claimed_once(run):
