@@ -5,15 +5,17 @@ VENV := .venv
 PY := $(VENV)/bin/python
 BIND ?= 127.0.0.1:8000
 
-.PHONY: setup run test lab-down bench clean
+.PHONY: setup run test lab-down bench
 
 $(VENV)/.ready-$(shell cat requirements.txt | md5sum | cut -c1-8): requirements.txt
-	bash scripts/setup-system.sh
+	bash scripts/setup-system.sh  # python3-venv first
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements.txt
 	rm -f $(VENV)/.ready-*
 	touch $@
 
+# setup-system.sh runs every time (it takes a fraction of a second when all
+# is there) so that an edited script applies without touching requirements.
 setup: $(VENV)/.ready-$(shell cat requirements.txt | md5sum | cut -c1-8)
 	bash scripts/setup-system.sh
 	$(PY) manage.py migrate --verbosity 0
@@ -22,7 +24,7 @@ run: setup
 	$(PY) manage.py lab up --demo
 	$(PY) manage.py ensure_admin
 	$(PY) manage.py collectstatic --no-input --verbosity 0
-	$(VENV)/bin/gunicorn criuweb.wsgi --bind $(BIND) --workers 1 --threads 8 --timeout 300 --access-logfile -
+	$(VENV)/bin/gunicorn criuweb.wsgi --bind $(BIND) --workers 1 --threads 8 --timeout 300 --graceful-timeout 300 --access-logfile -
 
 test: setup
 	$(VENV)/bin/pytest

@@ -336,13 +336,25 @@ def transfer_container(ctx):
     return Measured(bytes=n, detail="checkpoint and writable layer")
 
 
-def _containerd_task_dir(root, cid):
-    return f"{root}/containerd/daemon/io.containerd.runtime.v2.task/moby/{cid}"
+# Where containerd keeps a task's CRIU work files (restore.log,
+# stats-restore): under the engine's data root when dockerd runs its own
+# containerd (Debian's docker.io), in containerd's own root when it uses the
+# system one (docker-ce). $1 data root, $2 container id.
+TASK_DIR_SCRIPT = r"""
+for d in "$1/containerd/daemon/io.containerd.runtime.v2.task/moby/$2" \
+         "/var/lib/containerd/io.containerd.runtime.v2.task/moby/$2"; do
+    [ -d "$d" ] && { echo "$d"; exit 0; }
+done
+echo "$1/containerd/daemon/io.containerd.runtime.v2.task/moby/$2"
+"""
+
+
+def _containerd_task_dir(conn, root, cid):
+    return conn.sh(TASK_DIR_SCRIPT, root, cid).stdout.strip()
 
 
 def restore_container(ctx):
     cid = ctx.facts["target_id"]
-    task_dir = _containerd_task_dir(ctx.facts["dst_root"], cid)
     ctx.target_may_run = True
     try:
         ctx.dst.start(cid, checkpoint=ctx.facts["checkpoint"])
@@ -351,9 +363,13 @@ def restore_container(ctx):
         # Docker answered that the restore failed: nothing runs there. No
         # answer (a lost connection) proves nothing.
         ctx.target_may_run = not e.answered
-        text = ctx.dst.conn.read_file(f"{task_dir}/restore.log", check=False)
-        excerpt = criu.log_excerpt(text)
+        try:
+            task_dir = _containerd_task_dir(ctx.dst.conn, ctx.facts["dst_root"], cid)
+            excerpt = criu.log_excerpt(ctx.dst.conn.read_file(f"{task_dir}/restore.log", check=False))
+        except ssh.SSHError:
+            excerpt = ""  # the connection may be what failed; the error says it
         raise criu.CriuError(f"{e} (see restore.log excerpt)" if excerpt else str(e), excerpt) from e
+    task_dir = _containerd_task_dir(ctx.dst.conn, ctx.facts["dst_root"], cid)
     stats = criu.read_stats(ctx.dst.conn, f"{task_dir}/stats-restore")
     restore_log = ctx.dst.conn.read_file(f"{task_dir}/restore.log", check=False) or ""
     return Measured(criu_stats=stats, log=restore_log)
@@ -631,8 +647,24 @@ def create_run(source, target, kind, workload, keep_source=False, strategy=None)
         raise busy from None
 
 
-def worker_id():
-    return f"{socket.gethostname()}:{os.getpid()}"
+def worker_id(pid=None):
+    """hostname:boot id:pid:start time of a process — unique across reboots and PID reuse."""
+    pid = pid or os.getpid()
+    return f"{socket.gethostname()}:{_boot_id()}:{pid}:{_start_time(pid)}"
+
+
+def _boot_id():
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        return f.read().strip()[:8]
+
+
+def _start_time(pid):
+    """The process's start time in clock ticks since boot, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def claim(run):

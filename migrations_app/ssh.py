@@ -94,6 +94,16 @@ class Connection:
     def run(self, argv, check=True, timeout=120, input=None):
         """Run argv on the host and return its Result; raise SSHError on rc != 0 if check."""
         command = shlex.join(str(a) for a in argv)
+        rc, stdout, stderr = self._exec(argv, timeout, input)
+        result = Result(list(argv), rc, stdout.decode(errors="replace"), stderr.decode(errors="replace"))
+        if check and rc != 0:
+            detail = (result.stderr.strip() or result.stdout.strip())[-800:]
+            raise SSHError(f"{self.name}: `{_short(command)}` exited with {rc}: {detail}")
+        return result
+
+    def _exec(self, argv, timeout, input):
+        """(exit status, stdout bytes, stderr bytes) of argv on the host."""
+        command = shlex.join(str(a) for a in argv)
         chan = self._session(timeout)
         try:
             chan.exec_command(command)
@@ -101,14 +111,9 @@ class Connection:
                 chan.sendall(input if isinstance(input, bytes) else input.encode())
                 chan.shutdown_write()
             stdout, stderr = _drain(chan, timeout, command, self.name)
-            rc = chan.recv_exit_status()
+            return chan.recv_exit_status(), stdout, stderr
         finally:
             chan.close()
-        result = Result(list(argv), rc, stdout.decode(errors="replace"), stderr.decode(errors="replace"))
-        if check and rc != 0:
-            detail = (result.stderr.strip() or result.stdout.strip())[-800:]
-            raise SSHError(f"{self.name}: `{_short(command)}` exited with {rc}: {detail}")
-        return result
 
     def sh(self, script, *args, **kwargs):
         """Run a constant sh script with positional arguments, never interpolated."""
@@ -120,13 +125,7 @@ class Connection:
 
     def read_bytes(self, path):
         """Raw bytes of a remote file, or None if it is not there."""
-        chan = self._session(60)
-        try:
-            chan.exec_command(shlex.join(["cat", "--", path]))
-            out, _ = _drain(chan, 60, "cat", self.name)
-            rc = chan.recv_exit_status()
-        finally:
-            chan.close()
+        rc, out, _ = self._exec(["cat", "--", path], 60, None)
         return out if rc == 0 else None
 
     def open_command(self, argv, idle_timeout=STREAM_IDLE_TIMEOUT):
@@ -250,11 +249,21 @@ def stream(src_chan, dst_chan, on_progress=None):
         dst_chan.shutdown_write()
     except socket.timeout as e:
         raise SSHError(f"the transfer stalled after {total} bytes (no data for {src_chan.gettimeout()} s)") from e
-    src_rc = src_chan.recv_exit_status()
-    dst_rc = dst_chan.recv_exit_status()
+    except OSError:
+        # The target closed its end (its command died): its exit status and
+        # stderr below say why, better than "Socket is closed".
+        pass
+    src_rc, dst_rc = _exit_status(src_chan), _exit_status(dst_chan)
     for t in threads:
         t.join(5)
     return total, src_rc, dst_rc, errs["src"].decode(errors="replace"), errs["dst"].decode(errors="replace")
+
+
+def _exit_status(chan, timeout=STREAM_IDLE_TIMEOUT):
+    """A channel's exit status, waiting at most timeout seconds (-1 on time-out)."""
+    if not chan.status_event.wait(timeout):
+        return -1
+    return chan.recv_exit_status()
 
 
 def _short(command, limit=160):

@@ -14,8 +14,8 @@ from .models import CONTAINER, INTERRUPTED, MigrationRun
 log = logging.getLogger(__name__)
 
 
-def _thread(target, *args, name=None):
-    """Start target(*args) in a daemon thread with its own database connection."""
+def _thread(target, *args, name=None, daemon=True):
+    """Start target(*args) in a thread with its own database connection."""
 
     def body():
         close_old_connections()
@@ -26,14 +26,16 @@ def _thread(target, *args, name=None):
         finally:
             connection.close()
 
-    thread = threading.Thread(target=body, name=name, daemon=True)
+    thread = threading.Thread(target=body, name=name, daemon=daemon)
     thread.start()
     return thread
 
 
 def start(run):
     """Execute a pending run in a thread of this process."""
-    return _thread(_work, run.pk, name=f"run-{run.code}")
+    # Not a daemon: a stopping server process waits for the run to end
+    # (up to gunicorn's graceful timeout) rather than cutting it off mid-freeze.
+    return _thread(_work, run.pk, name=f"run-{run.code}", daemon=False)
 
 
 def _work(run_pk):
@@ -42,16 +44,16 @@ def _work(run_pk):
 
 
 def _worker_alive(worker):
-    host, _, pid = worker.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False  # another machine's worker cannot be checked; its runs are stale
-    if int(pid) == os.getpid():
+    """Whether the process that claimed a run (see migration.worker_id) still runs."""
+    if not worker:
+        return False  # never claimed: its thread died before it began
+    host, boot, pid, started = (worker.split(":") + ["", "", "", ""])[:4]
+    if host != socket.gethostname():
+        return True  # another machine's worker: not ours to judge
+    if not pid.isdigit() or int(pid) == os.getpid():
         return False
-    try:
-        os.kill(int(pid), 0)
-        return True
-    except OSError:
-        return False
+    # Same boot and the same start time: the same process, not a reused PID.
+    return started != "None" and worker == migration.worker_id(int(pid))
 
 
 def mark_interrupted():

@@ -63,7 +63,7 @@ PIN
         libbsd0/trixie libuuid1/trixie libunistring5/trixie libidn2-0/trixie \
         libp11-kit0/trixie libtasn1-6/trixie libnettle8t64/trixie \
         libhogweed6t64/trixie libgmp10/trixie libffi8/trixie libmd0/trixie \
-        libnftnl11/trixie libmnl0/trixie libjansson4/trixie libxtables12/trixie 2>/dev/null)
+        libnftnl11/trixie libmnl0/trixie libjansson4/trixie libxtables12/trixie)
     rm -rf "$CRIU_PREFIX"
     mkdir -p "$CRIU_PREFIX"
     for deb in "$dl"/*.deb; do dpkg -x "$deb" "$CRIU_PREFIX"; done
@@ -88,7 +88,7 @@ main() {
         return
     fi
     need_packages docker.io containerd runc openssh-server openssh-client busybox-static \
-        iproute2 iptables patchelf tar procps util-linux ca-certificates python3 chromium
+        iproute2 iptables patchelf tar procps util-linux ca-certificates python3 python3-venv chromium
     install_criu
     mkdir -p "$(dirname "$STAMP")"
     rm -f /var/lib/criuweb/.system-ready-*

@@ -4,7 +4,7 @@ import uuid
 
 import pytest
 
-from migrations_app import lab, worker
+from migrations_app import lab, migration, worker
 from migrations_app.docker_engine import Engine
 from migrations_app.models import CONTAINER, INTERRUPTED, PROCESS, RUNNING, SUCCEEDED, Host, MigrationRun
 
@@ -23,14 +23,19 @@ def two_hosts(db):
 def test_runs_of_a_dead_worker_are_marked_interrupted(two_hosts):
     a, b = two_hosts
     here = socket.gethostname()
-    dead = make_run(a, b, worker_id=f"{here}:{2**22 + 12345}")  # above pid_max's default: no such process
-    elsewhere = make_run(a, b, worker_id="another-machine:1")
-    alive = make_run(a, b, worker_id=f"{here}:{os.getppid()}")  # a live process: still working
-    done = make_run(a, b, status=SUCCEEDED, worker_id=f"{here}:{2**22 + 12345}")
+    parent = migration.worker_id(os.getppid())  # a live process: still working
+    host, boot, pid, started = parent.split(":")
+    dead = make_run(a, b, workload="w1", worker_id=f"{here}:{boot}:{2**22 + 12345}:1")  # no such PID
+    reused = make_run(a, b, workload="w2", worker_id=f"{here}:{boot}:{pid}:{int(started) - 1}")  # PID reused
+    rebooted = make_run(a, b, workload="w3", worker_id=f"{here}:00000000:{pid}:{started}")
+    elsewhere = make_run(a, b, workload="w4", worker_id="another-machine:abcd:1:1")  # not ours to judge
+    alive = make_run(a, b, workload="w5", worker_id=parent)
+    done = make_run(a, b, workload="w6", status=SUCCEEDED, worker_id=f"{here}:{boot}:{2**22 + 12345}:1")
     marked = worker.mark_interrupted()
-    assert {r.pk for r in marked} == {dead.pk, elsewhere.pk}
+    assert {r.pk for r in marked} == {dead.pk, reused.pk, rebooted.pk}
     statuses = dict(MigrationRun.objects.values_list("pk", "status"))
-    assert statuses == {dead.pk: INTERRUPTED, elsewhere.pk: INTERRUPTED, alive.pk: RUNNING, done.pk: SUCCEEDED}
+    assert statuses == {dead.pk: INTERRUPTED, reused.pk: INTERRUPTED, rebooted.pk: INTERRUPTED,
+                        elsewhere.pk: RUNNING, alive.pk: RUNNING, done.pk: SUCCEEDED}
 
 
 @pytest.mark.lab
