@@ -1,11 +1,28 @@
+from django import forms
 from django.contrib import admin
 
 from . import ssh
 from .models import Host, MigrationRun, Phase
 
 
+class HostAdminForm(forms.ModelForm):
+    class Meta:
+        model = Host
+        fields = "__all__"
+
+    def clean_host_key(self):
+        key = self.cleaned_data["host_key"].strip()
+        if key:
+            try:
+                ssh.parse_host_key(key)
+            except ssh.SSHError as e:
+                raise forms.ValidationError(str(e))
+        return key
+
+
 @admin.register(Host)
 class HostAdmin(admin.ModelAdmin):
+    form = HostAdminForm
     list_display = ["name", "address", "ssh_port", "user", "key_fingerprint", "probed"]
     search_fields = ["name", "address"]
     readonly_fields = ["capabilities", "probed", "created"]

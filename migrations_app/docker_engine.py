@@ -68,7 +68,9 @@ class _PinnedSSHAdapter(SSHHTTPAdapter):
 class Engine:
     """The Docker engine of one host; use as a context manager."""
 
-    def __init__(self, host, timeout=120):
+    # Long enough for a checkpoint of a large container: docker-py's timeout
+    # is how long one answer may take.
+    def __init__(self, host, timeout=600):
         self.host = host
         self.name = host.name
         self.timeout = timeout

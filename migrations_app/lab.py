@@ -390,15 +390,11 @@ def host_of_pid(pid):
     return None
 
 
-def start_process(conn, script, *args):
-    """Start a detached `sh -c script` on a host and return its PID."""
+def start_process(conn, script, arg):
+    """Start a detached `sh -c script sh arg` on a host and return its PID."""
     # setsid and /dev/null stdio: the process must not hold the SSH session,
     # and CRIU restores it without a terminal.
-    result = conn.sh(
-        'setsid sh -c "$1" sh "$2" </dev/null >/dev/null 2>&1 & echo $!',
-        script,
-        *args,
-    )
+    result = conn.sh('setsid sh -c "$1" sh "$2" </dev/null >/dev/null 2>&1 & echo $!', script, arg)
     return int(result.stdout.strip())
 
 

@@ -207,19 +207,23 @@ def _settle(check):
 # -- container phases --------------------------------------------------------------
 
 
+def _engine_ready(engine):
+    """CRIU passing and an engine that can checkpoint on overlay2; returns (probe, docker info)."""
+    probe = _preflight_common(engine.conn)
+    info = engine.info()
+    if not info.get("ExperimentalBuild"):
+        raise MigrationError(f"{engine.name}: the Docker engine has no checkpoint support (experimental is off)")
+    if info.get("Driver") != "overlay2":
+        raise MigrationError(f"{engine.name}: storage driver {info.get('Driver')} is not supported (overlay2 only)")
+    return probe, info
+
+
 def container_preflight_source(ctx):
     ctx.src = _connect(ctx.source, CONTAINER)
-    probe = _preflight_common(ctx.src.conn)
-    info = ctx.src.info()
-    if not info.get("ExperimentalBuild"):
-        raise MigrationError(f"{ctx.source.name}: the Docker engine has no checkpoint support (experimental is off)")
+    probe, info = _engine_ready(ctx.src)
     c = ctx.src.inspect(ctx.run.workload)
     if not c["State"]["Running"]:
         raise MigrationError(f"{ctx.source.name}: container {ctx.run.workload!r} is not running")
-    if c["GraphDriver"]["Name"] != "overlay2":
-        raise MigrationError(
-            f"{ctx.source.name}: storage driver {c['GraphDriver']['Name']} is not supported (overlay2 only)"
-        )
     pids = [row[1] for row in ctx.src.call("docker top", ctx.src.api.top, c["Id"], ps_args="-eo user,pid")["Processes"]]
     rss = _rss_bytes(ctx.src.conn, pids)
     root = info["DockerRootDir"]
@@ -234,12 +238,7 @@ def container_preflight_source(ctx):
 
 def container_preflight_target(ctx):
     ctx.dst = _connect(ctx.target, CONTAINER)
-    probe = _preflight_common(ctx.dst.conn)
-    info = ctx.dst.info()
-    if not info.get("ExperimentalBuild"):
-        raise MigrationError(f"{ctx.target.name}: the Docker engine has no checkpoint support (experimental is off)")
-    if info.get("Driver") != "overlay2":
-        raise MigrationError(f"{ctx.target.name}: storage driver {info.get('Driver')} is not supported (overlay2 only)")
+    probe, info = _engine_ready(ctx.dst)
     name = ctx.facts["container"]["Name"].lstrip("/")
     if ctx.dst.exists(name):
         other = ctx.dst.inspect(name)
@@ -463,6 +462,16 @@ def container_abort(ctx):
 # -- process phases ------------------------------------------------------------------
 
 
+# Every PID of the tree rooted at $1, for the size estimate.
+TREE_SCRIPT = r"""
+walk() {
+    echo "$1"
+    for c in $(cat /proc/"$1"/task/*/children 2>/dev/null); do walk "$c"; done
+}
+walk "$1"
+"""
+
+
 def process_preflight_source(ctx):
     ctx.src = _connect(ctx.source, PROCESS)
     probe = _preflight_common(ctx.src)
@@ -471,9 +480,7 @@ def process_preflight_source(ctx):
     except ValueError:
         raise MigrationError(f"{ctx.run.workload!r} is not a PID")
     mode, inner, comm = criu.resolve_process(ctx.src, pid)
-    tree = ctx.src.sh(
-        'echo "$1"; for c in $(cat /proc/"$1"/task/*/children 2>/dev/null); do echo "$c"; done', str(pid)
-    ).stdout.split()
+    tree = ctx.src.sh(TREE_SCRIPT, str(pid)).stdout.split()
     rss = _rss_bytes(ctx.src, tree)
     images = ctx.images_dir(ctx.source)
     _check_space(ctx.src, images, rss + SPACE_MARGIN, "the process images")

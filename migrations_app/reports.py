@@ -79,7 +79,7 @@ def downtime_percentiles(runs, grouping):
 
 
 def runs_over_time(runs, limit=500):
-    """The latest finished runs, oldest first, for the downtime-over-time chart."""
+    """The latest successful runs, oldest first, for the downtime-over-time chart."""
     rows = list(
         runs.filter(status=SUCCEEDED)
         .order_by("-created")

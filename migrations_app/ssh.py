@@ -48,8 +48,11 @@ def parse_host_key(text):
 
 
 def fingerprint(key_text):
-    """SHA256 fingerprint as ssh-keygen -l prints it."""
-    raw = base64.b64decode(key_text.split()[1])
+    """SHA256 fingerprint as ssh-keygen -l prints it ("not a valid key" for garbage)."""
+    try:
+        raw = base64.b64decode(key_text.split()[1], validate=True)
+    except (IndexError, ValueError):
+        return "not a valid key"
     return "SHA256:" + base64.b64encode(hashlib.sha256(raw).digest()).decode().rstrip("=")
 
 

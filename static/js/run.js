@@ -42,6 +42,8 @@
     status.className = `status ${run.status}`;
     $("run-downtime").textContent = fmtMs(run.downtime_ms);
     $("run-bytes").textContent = cw.bytes(run.bytes);
+    $("run-image").textContent = cw.bytes(run.image_bytes);
+    $("run-image-box").hidden = !run.image_bytes;
     $("run-result").textContent = run.result_workload || "–";
     $("run-error").hidden = !run.error;
     $("run-error").textContent = run.error || "";
