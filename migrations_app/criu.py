@@ -8,7 +8,6 @@ built from values.
 import re
 import struct
 
-from . import ssh
 
 
 class CriuError(Exception):

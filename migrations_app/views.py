@@ -11,7 +11,7 @@ from django.views.decorators.http import require_POST
 from . import inventory, migration, reports, ssh, worker
 from .docker_engine import EngineError
 from .forms import HostForm, HostKeyForm, MigrationForm, RunFilterForm
-from .models import CONTAINER, FINISHED, Host, MigrationRun
+from .models import FINISHED, Host, MigrationRun
 
 RUNS_PER_PAGE = 50
 CAN_LAUNCH = "migrations_app.launch_migration"

@@ -6,11 +6,12 @@ thread of this process, on the test database) and the test lab.
 
 import os
 import re
-import time
 import uuid
 from pathlib import Path
 
 import pytest
+
+from tests.support import wait_for
 from django.conf import settings
 
 from migrations_app import lab
@@ -30,16 +31,6 @@ pytestmark = [
     pytest.mark.lab,
     pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is missing (scripts/setup-system.sh installs it)"),
 ]
-
-
-def wait_for(predicate, timeout=10, message="condition not met"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.2)
-    raise AssertionError(message)
 
 
 def counter_values(engine, name):

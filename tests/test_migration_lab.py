@@ -1,10 +1,11 @@
 """End to end on the lab: real sshd, Docker engines and CRIU on two hosts."""
 
 import os
-import time
 import uuid
 
 import pytest
+
+from tests.support import wait_for
 from django.conf import settings
 
 from migrations_app import lab, migration, ssh
@@ -21,16 +22,6 @@ def values(text):
 def assert_consecutive(seq):
     assert seq, "the counter printed nothing"
     assert seq == list(range(seq[0], seq[0] + len(seq))), f"values skipped or repeated: {seq}"
-
-
-def wait_for(predicate, timeout=10, message="condition not met"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.2)
-    raise AssertionError(message)
 
 
 @pytest.fixture

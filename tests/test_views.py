@@ -9,12 +9,13 @@ import csv
 import io
 import math
 import socket
-import time
 import uuid
 from datetime import timedelta
 from urllib.parse import quote
 
 import pytest
+
+from tests.support import wait_for
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from django.utils import timezone
@@ -96,16 +97,6 @@ def nearest_rank(values, percent):
     """The reference: the value at rank ceil(n * percent / 100) of the sorted values."""
     ordered = sorted(values)
     return ordered[math.ceil(len(ordered) * percent / 100) - 1]
-
-
-def wait_for(predicate, timeout, message):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.5)
-    raise AssertionError(message)
 
 
 @pytest.fixture
