@@ -13,12 +13,15 @@ import struct
 class CriuError(Exception):
     """A CRIU step failed; the message names the host, the step and the log.
 
-    CRIU itself reported the failure, so nothing of the step runs on.
+    definitive: CRIU itself reported the failure, so nothing of the step
+    runs on.
     """
 
-    def __init__(self, message, log_excerpt=""):
+    def __init__(self, message, log_excerpt="", definitive=True):
         super().__init__(message)
         self.log_excerpt = log_excerpt
+        # False when the outcome is unknown (no status came back).
+        self.definitive = definitive
 
 
 # CRIU image magics (criu/include/magic.h): every image starts with the
@@ -247,9 +250,12 @@ def ok(rc):
 host_proc = os.open("/proc", os.O_RDONLY)
 ok(libc.unshare(0x00020000 | 0x20000000))  # CLONE_NEWNS | CLONE_NEWPID
 r, w = os.pipe()
+go_r, go_w = os.pipe()
 holder = os.fork()
 if holder == 0:
     os.close(r)
+    os.close(go_w)
+    os.read(go_r, 1)  # criu starts only once the PID file is written
     os.setsid()
     null = os.open("/dev/null", os.O_RDWR)
     for fd in (0, 1, 2):
@@ -271,8 +277,14 @@ if holder == 0:
         except ChildProcessError:
             break
     sys.exit(0)
-with open(pidfile, "w") as f:
-    f.write("%d\n" % holder)
+try:
+    with open(pidfile + ".tmp", "w") as f:
+        f.write("%d\n" % holder)
+    os.rename(pidfile + ".tmp", pidfile)
+except OSError:
+    os.kill(holder, 9)
+    raise
+os.write(go_w, b"g")
 os.close(w)
 status = os.read(r, 16).decode() or "252"
 root = []
@@ -310,11 +322,13 @@ def restore(conn, images_dir, timeout=600):
     """Restore a dumped tree on a host; return its PID there (root namespace)."""
     result = conn.run(restore_argv(images_dir), check=False, timeout=timeout)
     parts = result.stdout.split()
-    if result.rc != 0 or len(parts) != 2 or parts[0] != "0" or parts[1] == "-":
-        excerpt = log_excerpt(conn.read_file(f"{images_dir}/restore.log", check=False))
-        cause = first_error(excerpt) or result.stderr.strip()[-300:] or "no restored process"
-        raise CriuError(f"{conn.name}: criu restore failed: {cause} (see restore.log excerpt)", excerpt)
-    return int(parts[1])
+    if len(parts) == 2 and parts[0] == "0" and parts[1].isdigit():
+        return int(parts[1])
+    excerpt = log_excerpt(conn.read_file(f"{images_dir}/restore.log", check=False))
+    cause = first_error(excerpt) or result.stderr.strip()[-300:] or "no restored process"
+    # Only a status from CRIU itself says for sure that nothing was restored.
+    definitive = len(parts) == 2 and parts[0].lstrip("-").isdigit() and parts[0] != "0"
+    raise CriuError(f"{conn.name}: criu restore failed: {cause} (see restore.log excerpt)", excerpt, definitive)
 
 
 def dump(conn, pid, images_dir, resolved=None):

@@ -232,9 +232,16 @@ class Engine:
 
         self.call("docker load", load)
 
-    def keep_stopped(self, container_id):
-        """Make sure Docker never starts this container again by itself."""
-        self.call("update restart policy", self.api.update_container, container_id, restart_policy={"Name": "no"})
+    def set_restart_policy(self, container_id, policy):
+        self.call("update restart policy", self.api.update_container, container_id, restart_policy=policy)
+
+    def checkpoints(self, container_id):
+        """Names of a container's checkpoints."""
+        res = self.call(
+            "list checkpoints",
+            lambda: self.api._result(self.api._get(self.api._url("/containers/{0}/checkpoints", container_id)), True),
+        )
+        return [cp.get("Name") for cp in res or []]
 
     def logs(self, container_id, tail="all"):
         raw = self.call("container logs", self.api.logs, container_id, tail=tail)

@@ -23,6 +23,7 @@ from .models import (
     CONTAINER,
     FAILED,
     FINISHED,
+    INTERRUPTED,
     PENDING,
     PHASE_FAILED,
     PHASE_OK,
@@ -97,6 +98,7 @@ class Context:
         self.target_may_run = False
         self.committed = False  # verified on the target: never roll back after this
         self.timers = {}  # phase pk -> its _PhaseTimer
+        self.recovering = False
 
     def host_for(self, side):
         return {"source": self.source.name, "target": self.target.name}.get(
@@ -181,10 +183,13 @@ def _stream(ctx, src, dst, what):
     finally:
         src.close()
         dst.close()
-    if src_rc != 0:
-        raise MigrationError(f"{ctx.source.name}: reading {what} failed: {src_err.strip()[-300:]}")
+    # The target first: when it dies, the source fails only for lack of a reader.
     if dst_rc != 0:
-        raise MigrationError(f"{ctx.target.name}: writing {what} failed: {dst_err.strip()[-300:]}")
+        why = dst_err.strip()[-300:] or ("no exit status" if dst_rc == -1 else f"exit status {dst_rc}")
+        raise MigrationError(f"{ctx.target.name}: writing {what} failed: {why}")
+    if src_rc != 0:
+        why = src_err.strip()[-300:] or ("no exit status" if src_rc == -1 else f"exit status {src_rc}")
+        raise MigrationError(f"{ctx.source.name}: reading {what} failed: {why}")
     return total
 
 
@@ -295,6 +300,25 @@ def prepare_target(ctx):
     return Measured(detail=f"container {cid[:12]} created")
 
 
+def has_restart_policy(ctx):
+    policy = (ctx.facts["container"]["HostConfig"].get("RestartPolicy") or {}).get("Name") or "no"
+    return policy != "no"
+
+
+def prepare_source(ctx):
+    # Docker would restart a container with a restart policy the moment the
+    # checkpoint stops it: a second, fresh copy. Off until the run ends.
+    c = ctx.facts["container"]
+    ctx.facts["restart_policy"] = c["HostConfig"]["RestartPolicy"]
+    ctx.src.set_restart_policy(c["Id"], {"Name": "no"})
+    return Measured(detail=f"restart policy {ctx.facts['restart_policy']['Name']} off during the move")
+
+
+def _restore_restart_policy(engine, ctx):
+    if ctx.facts.get("restart_policy"):
+        engine.set_restart_policy(ctx.facts["container"]["Id"], ctx.facts["restart_policy"])
+
+
 def checkpoint_container(ctx):
     c = ctx.facts["container"]
     ctx.src.checkpoint(c["Id"], ctx.facts["checkpoint"])
@@ -392,14 +416,17 @@ def verify_container(ctx):
 
 def cleanup_container(ctx):
     c = ctx.facts["container"]
-    ctx.dst.delete_checkpoint(ctx.facts["target_id"], ctx.facts["checkpoint"])
+    # The source first: it is what could otherwise run twice.
     if ctx.run.keep_source:
+        # Kept stopped, with restart policy "no" (set before the freeze, or
+        # never another one), so the engine never starts it again by itself.
         ctx.src.delete_checkpoint(c["Id"], ctx.facts["checkpoint"])
-        # A restart policy would bring the kept copy back with the engine.
-        ctx.src.keep_stopped(c["Id"])
-        return Measured(detail="source container kept (stopped, restart policy no)")
-    ctx.src.remove(c["Id"])  # removes its checkpoints with it
-    return Measured(detail=f"source container {c['Id'][:12]} removed")
+        detail = "source container kept (stopped, restart policy no)"
+    else:
+        ctx.src.remove(c["Id"])  # removes its checkpoints with it
+        detail = f"source container {c['Id'][:12]} removed"
+    ctx.dst.delete_checkpoint(ctx.facts["target_id"], ctx.facts["checkpoint"])
+    return Measured(detail=detail)
 
 
 def _unsafe_to_resume(ctx, error):
@@ -440,15 +467,19 @@ def rollback_container(ctx):
             # clears the stopped leftover by its label.
             note = f"; left a stopped container {ctx.facts['target_id'][:12]} on {ctx.target.name} ({e})"
     with Engine(ctx.source) as src:
+        # Its checkpoint, when the checkpoint call's answer was lost but
+        # Docker finished it all the same.
+        checkpointed = ctx.facts.get("checkpointed") or ctx.facts["checkpoint"] in src.checkpoints(c["Id"])
         if not src.inspect(c["Id"])["State"]["Running"]:
-            if not ctx.facts.get("checkpointed"):
+            if not checkpointed:
                 raise MigrationError(f"{ctx.source.name}: the container stopped without a checkpoint")
             src.start(c["Id"], checkpoint=ctx.facts["checkpoint"])
             ctx.resumed_at = time.perf_counter()
         if not _settle(lambda: src.inspect(c["Id"])["State"]["Running"]):
             raise MigrationError(f"{ctx.source.name}: the container does not stay running after rollback")
-        if ctx.facts.get("checkpointed"):
+        if checkpointed:
             src.delete_checkpoint(c["Id"], ctx.facts["checkpoint"])
+        _restore_restart_policy(src, ctx)
     ctx.run.result_workload = c["Id"][:12]
     return Measured(detail=f"container {c['Id'][:12]} running again on {ctx.source.name}{note}")
 
@@ -457,6 +488,8 @@ def container_abort(ctx):
     """Undo preparation when the run fails before the freeze."""
     if ctx.facts.get("target_id") and ctx.dst is not None:
         ctx.dst.remove(ctx.facts["target_id"])
+    if ctx.src is not None:
+        _restore_restart_policy(ctx.src, ctx)
 
 
 # -- process phases ------------------------------------------------------------------
@@ -529,8 +562,8 @@ def restore_process(ctx):
     try:
         pid = criu.restore(ctx.dst, images)
         ctx.resumed_at = time.perf_counter()
-    except criu.CriuError:
-        ctx.target_may_run = False  # CRIU said so: nothing runs there
+    except criu.CriuError as e:
+        ctx.target_may_run = not e.definitive  # CRIU said it failed: nothing runs there
         raise
     finally:
         ctx.facts["restore_log"] = ctx.dst.read_file(f"{images}/restore.log", check=False) or ""
@@ -578,9 +611,15 @@ def rollback_process(ctx):
         except ssh.SSHError as e:
             if ctx.target_may_run:
                 raise _unsafe_to_resume(ctx, e)
-    if not ctx.facts.get("dumped"):
-        raise MigrationError(f"{ctx.source.name}: the process stopped and no images were written")
     with ssh.Connection(ctx.source) as src:
+        if not ctx.facts.get("dumped"):
+            # The dump's answer was lost: the tree still runs, or CRIU
+            # finished and its images are complete (inventory.img is last).
+            if _pid_alive(src, ctx.facts["pid"]):
+                ctx.run.result_workload = str(ctx.facts["pid"])
+                return Measured(detail=f"PID {ctx.facts['pid']} still running on {ctx.source.name}")
+            if src.run(["test", "-s", f"{ctx.facts['src_images']}/inventory.img"], check=False).rc != 0:
+                raise MigrationError(f"{ctx.source.name}: the process stopped and no images were written")
         pid = criu.restore(src, ctx.facts["src_images"])
         ctx.resumed_at = time.perf_counter()
         if not _settle(lambda: _pid_alive(src, pid)):
@@ -603,6 +642,7 @@ CONTAINER_STEPS = [
     Step("pre-flight", "target", container_preflight_target),
     Step("ship image", "both", ship_image, when=image_missing, workload_bytes=False),
     Step("prepare target", "target", prepare_target),
+    Step("prepare source", "source", prepare_source, when=has_restart_policy),
     Step("checkpoint", "source", checkpoint_container, freezes=True),
     Step("transfer", "both", transfer_container),
     Step("restore", "target", restore_container, resumes=True),
@@ -644,8 +684,15 @@ def create_run(source, target, kind, workload, keep_source=False, strategy=None)
     if strategy:
         fields["strategy"] = strategy
     busy = MigrationError(f"{workload} on {source.name} is already being migrated")
-    if MigrationRun.objects.unfinished().filter(source=source, kind=kind, workload=workload).exists():
-        raise busy
+    for other in MigrationRun.objects.unfinished().filter(source=source, kind=kind, workload=workload):
+        # Busy while the process that claimed it lives, or, not yet
+        # claimed, while its thread is about to.
+        if worker_alive(other.worker) if other.worker else _young(other):
+            raise busy
+        # Its process is gone (a killed CLI, a crashed server): it blocks nothing.
+        MigrationRun.objects.filter(pk=other.pk, status=other.status).update(
+            status=INTERRUPTED, error="interrupted: the process running it is gone"
+        )
     try:
         with transaction.atomic():
             return MigrationRun.objects.create(**fields)
@@ -660,6 +707,19 @@ def worker_id(pid=None):
     return f"{socket.gethostname()}:{_boot_id()}:{pid}:{_start_time(pid)}"
 
 
+def worker_alive(worker):
+    """Whether the process that claimed a run (see worker_id) still runs."""
+    if not worker:
+        return False  # never claimed: its thread died before it began
+    host, boot, pid, started = (worker.split(":") + ["", "", "", ""])[:4]
+    if host != socket.gethostname():
+        return True  # another machine's worker: not ours to judge
+    if not pid.isdigit():
+        return False
+    # Same boot and the same start time: the same process, not a reused PID.
+    return started != "None" and worker == worker_id(int(pid))
+
+
 def _boot_id():
     with open("/proc/sys/kernel/random/boot_id") as f:
         return f.read().strip()[:8]
@@ -672,6 +732,10 @@ def _start_time(pid):
             return int(f.read().rsplit(")", 1)[1].split()[19])
     except (OSError, ValueError, IndexError):
         return None
+
+
+def _young(run, seconds=60):
+    return (timezone.now() - run.created).total_seconds() < seconds
 
 
 def claim(run):
@@ -732,12 +796,15 @@ def execute(run, after_phase=None, on_phase=None):
         return run
     except BaseException as e:
         # Ctrl-C in the CLI, or the process told to stop: bring the
-        # workload back before going.
-        if run.status == RUNNING:
+        # workload back before going (once: not when recovery itself broke).
+        if run.status == RUNNING and not ctx.recovering:
             _recover(ctx, e, rollback, abort, on_phase)
         raise
     finally:
         ctx.close()
+        if run.status == RUNNING:
+            run.status = FAILED
+            run.error = run.error or "stopped while bringing the workload back; check both hosts"
         run.finished = timezone.now()
         run.save()
 
@@ -757,7 +824,10 @@ def _run_steps(ctx, steps, after_phase, on_phase):
                 # From here a failure must bring the workload back.
                 ctx.frozen = True
                 ctx.freeze_t = time.perf_counter()
-            phase = timer.finish(step.run(ctx) or Measured())
+            measured = step.run(ctx) or Measured()
+            if step.commits:
+                ctx.committed = True  # before any bookkeeping that could fail
+            phase = timer.finish(measured)
             ctx.seq += 1
             if step.workload_bytes:
                 run.total_bytes += phase.bytes
@@ -765,8 +835,6 @@ def _run_steps(ctx, steps, after_phase, on_phase):
                 run.image_bytes += phase.bytes
             if step.resumes and ctx.freeze_t is not None:
                 run.downtime_ms = ((ctx.resumed_at or time.perf_counter()) - ctx.freeze_t) * 1000
-            if step.commits:
-                ctx.committed = True
             run.save(update_fields=["total_bytes", "image_bytes", "downtime_ms", "expected_bytes"])
             on_phase(phase)
             if step.name in after_phase:
@@ -796,6 +864,7 @@ def _fail_phase(ctx, error, on_phase):
 def _recover(ctx, failure, rollback, abort, on_phase):
     """After a failure: bring the workload back where it was, or say where it is."""
     run = ctx.run
+    ctx.recovering = True
     message = _describe(failure)
     _fail_phase(ctx, failure, on_phase)
     if ctx.committed:

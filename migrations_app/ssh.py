@@ -203,8 +203,9 @@ def _drain(chan, timeout, command, name):
             err += chan.recv_stderr(CHUNK)
             progressed = True
         if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
-            # Data can still arrive between the checks; one last pass.
-            if chan.eof_received:
+            # Data can still arrive between the checks; one last pass. A
+            # closed channel (lost connection) sends nothing more.
+            if chan.eof_received or chan.closed:
                 break
         if deadline and time.monotonic() > deadline:
             raise SSHError(f"{name}: `{_short(command)}` did not finish in {timeout} s")
@@ -254,12 +255,22 @@ def stream(src_chan, dst_chan, on_progress=None):
         raise SSHError(f"the transfer stalled after {total} bytes (no data for {src_chan.gettimeout()} s)") from e
     except OSError:
         # The target closed its end (its command died): its exit status and
-        # stderr below say why, better than "Socket is closed".
-        pass
-    src_rc, dst_rc = _exit_status(src_chan), _exit_status(dst_chan)
+        # stderr say why, better than "Socket is closed". The source, now
+        # unread, would block for ever: close it.
+        src_chan.close()
+        dst_rc = _exit_status(dst_chan, STREAM_IDLE_TIMEOUT)
+        return total, -1, dst_rc if dst_rc != -1 else 255, "", _errs_after(threads, errs, "dst")
+    # After the last byte the target may still be unpacking (a large layer).
+    src_rc, dst_rc = _exit_status(src_chan), _exit_status(dst_chan, 10 * STREAM_IDLE_TIMEOUT)
     for t in threads:
         t.join(5)
     return total, src_rc, dst_rc, errs["src"].decode(errors="replace"), errs["dst"].decode(errors="replace")
+
+
+def _errs_after(threads, errs, key):
+    for t in threads:
+        t.join(5)
+    return errs[key].decode(errors="replace")
 
 
 def _exit_status(chan, timeout=STREAM_IDLE_TIMEOUT):

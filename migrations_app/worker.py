@@ -1,8 +1,6 @@
 """Runs in the background of the web process, and what is left after it stops."""
 
 import logging
-import os
-import socket
 import threading
 
 from django.db import close_old_connections, connection
@@ -43,19 +41,6 @@ def _work(run_pk):
     migration.execute(run)
 
 
-def _worker_alive(worker):
-    """Whether the process that claimed a run (see migration.worker_id) still runs."""
-    if not worker:
-        return False  # never claimed: its thread died before it began
-    host, boot, pid, started = (worker.split(":") + ["", "", "", ""])[:4]
-    if host != socket.gethostname():
-        return True  # another machine's worker: not ours to judge
-    if not pid.isdigit() or int(pid) == os.getpid():
-        return False
-    # Same boot and the same start time: the same process, not a reused PID.
-    return started != "None" and worker == migration.worker_id(int(pid))
-
-
 def mark_interrupted():
     """Mark runs whose worker is gone as interrupted; return them.
 
@@ -65,7 +50,7 @@ def mark_interrupted():
     stale = [
         run
         for run in MigrationRun.objects.unfinished().select_related("source", "target")
-        if not _worker_alive(run.worker)
+        if not migration.worker_alive(run.worker)
     ]
     marked = []
     for run in stale:

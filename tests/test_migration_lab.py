@@ -1,6 +1,7 @@
 """End to end on the lab: real sshd, Docker engines and CRIU on two hosts."""
 
 import os
+import time
 import uuid
 
 import pytest
@@ -293,3 +294,28 @@ def test_unreachable_target_after_restore_is_not_resumed_twice(hosts, counter_co
         assert engine.inspect(name)["State"]["Running"]
     with Engine(lab1) as engine:
         assert not engine.inspect(name)["State"]["Running"]
+
+
+def test_restart_policy_never_makes_a_second_copy(hosts):
+    lab1, lab2 = hosts
+    name = f"always-{uuid.uuid4().hex[:8]}"
+    with Engine(lab1) as engine:
+        config = engine.api.create_host_config(restart_policy={"Name": "always"})
+        cid = engine.api.create_container(lab.IMAGE, ["sh", "-c", lab.COUNTER_SCRIPT], name=name, host_config=config)
+        engine.api.start(cid["Id"])
+    try:
+        run = migration.execute(migration.create_run(lab1, lab2, CONTAINER, name, keep_source=True))
+        assert run.status == SUCCEEDED, run.error
+        assert "prepare source" in [p.name for p in run.phases.all()]
+        time.sleep(2)  # time for Docker to restart it, were the policy still on
+        with Engine(lab1) as engine:
+            kept = engine.inspect(name)
+            assert not kept["State"]["Running"] and kept["HostConfig"]["RestartPolicy"]["Name"] == "no"
+        with Engine(lab2) as engine:
+            moved = engine.inspect(name)
+            assert moved["State"]["Running"] and moved["HostConfig"]["RestartPolicy"]["Name"] == "always"
+    finally:
+        for host in hosts:
+            with Engine(host) as engine:
+                if engine.exists(name):
+                    engine.remove(name)

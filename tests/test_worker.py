@@ -56,3 +56,16 @@ def test_interrupted_run_reports_where_the_workload_is(hosts):
     finally:
         with Engine(lab1) as engine:
             engine.remove(name)
+
+
+def test_a_run_whose_process_is_gone_blocks_nothing(two_hosts):
+    a, b = two_hosts
+    here = socket.gethostname()
+    stale = make_run(a, b, workload="web", worker_id=f"{here}:{migration.worker_id().split(':')[1]}:{2**22 + 9}:1")
+    run = migration.create_run(a, b, CONTAINER, "web")
+    stale.refresh_from_db()
+    assert stale.status == INTERRUPTED and run.status == "pending"
+    # ... while a run claimed by a live process (this one) does block.
+    assert migration.claim(run)
+    with pytest.raises(migration.MigrationError, match="already being migrated"):
+        migration.create_run(a, b, CONTAINER, "web")
