@@ -91,13 +91,12 @@ class Context:
         self.frozen = False
         self.freeze_t = None  # perf_counter() when the workload was frozen
         self.resumed_at = None  # perf_counter() when the workload ran again on the target
-        self.current_phase = None
+        self.current_timer = None  # the phase in progress
         self.seq = 0  # the next phase's number
         # True from the moment a restore on the target starts until CRIU or
         # Docker says it failed: then a copy may run there.
         self.target_may_run = False
         self.committed = False  # verified on the target: never roll back after this
-        self.timers = {}  # phase pk -> its _PhaseTimer
         self.recovering = False
 
     def host_for(self, side):
@@ -115,9 +114,6 @@ class Context:
 
     def images_dir(self, host):
         return f"{host.work_dir.rstrip('/')}/runs/{self.run.code}"
-
-    def timer_for(self, phase):
-        return self.timers[phase.pk]
 
     def close(self):
         for side in (self.src, self.dst):
@@ -174,9 +170,9 @@ def _stream(ctx, src, dst, what):
     def progress(n):
         # Live progress for the run page, without a write per chunk.
         now = time.monotonic()
-        if now - last[0] >= PROGRESS_INTERVAL and ctx.current_phase is not None:
+        if now - last[0] >= PROGRESS_INTERVAL and ctx.current_timer is not None:
             last[0] = now
-            Phase.objects.filter(pk=ctx.current_phase.pk).update(bytes=n)
+            Phase.objects.filter(pk=ctx.current_timer.phase.pk).update(bytes=n)
 
     try:
         total, src_rc, dst_rc, src_err, dst_err = ssh.stream(src, dst, progress)
@@ -818,8 +814,7 @@ def _run_steps(ctx, steps, after_phase, on_phase):
             if step.when and not step.when(ctx):
                 continue
             timer = _PhaseTimer(run, ctx.seq, step.name, ctx.host_for(step.side))
-            ctx.current_phase = timer.phase
-            ctx.timers[timer.phase.pk] = timer
+            ctx.current_timer = timer
             if step.freezes:
                 # From here a failure must bring the workload back.
                 ctx.frozen = True
@@ -849,11 +844,11 @@ def _run_steps(ctx, steps, after_phase, on_phase):
 
 def _fail_phase(ctx, error, on_phase):
     """Mark the phase in progress, if any, failed."""
-    phase = ctx.current_phase
-    if phase is None or phase.status != PHASE_RUNNING:
+    timer = ctx.current_timer
+    if timer is None or timer.phase.status != PHASE_RUNNING:
         return
     try:
-        phase = ctx.timer_for(phase).finish(None, PHASE_FAILED, _describe(error), getattr(error, "log_excerpt", ""))
+        phase = timer.finish(None, PHASE_FAILED, _describe(error), getattr(error, "log_excerpt", ""))
     except Exception:  # the database itself may be what failed
         log.exception("run %s: could not record the failed phase", ctx.run.code)
         return
