@@ -561,18 +561,16 @@ def restore_process(ctx):
     except criu.CriuError as e:
         ctx.target_may_run = not e.definitive  # CRIU said it failed: nothing runs there
         raise
-    finally:
-        ctx.facts["restore_log"] = ctx.dst.read_file(f"{images}/restore.log", check=False) or ""
     ctx.facts["target_pid"] = pid
     return Measured(
         criu_stats=criu.read_stats(ctx.dst, f"{images}/stats-restore"),
-        log=ctx.facts["restore_log"],
+        log=ctx.dst.read_file(f"{images}/restore.log", check=False) or "",
         detail=f"PID {pid}",
     )
 
 
 def _pid_alive(conn, pid):
-    """(state, start time) of a live, non-zombie PID, else None."""
+    """The start time of a live, non-zombie PID (a true value), else None."""
     r = conn.run(["cat", f"/proc/{pid}/stat"], check=False)
     if r.rc != 0:
         return None
