@@ -36,3 +36,7 @@ STORAGES = {
 # A file, not memory: background migration threads and the live server's
 # thread need their own connections to the same test database.
 DATABASES["default"]["TEST"] = {"NAME": str(BASE_DIR / "var" / f"test-{LAB_ID}.sqlite3")}  # noqa: F405
+
+# Static files straight from the app's folders: no collectstatic in tests.
+STATIC_ROOT = None
+WHITENOISE_USE_FINDERS = True
