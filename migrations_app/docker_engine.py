@@ -6,8 +6,6 @@ pinned key is the only one trusted (docker-py alone would read
 Engine API endpoints directly through the same session.
 """
 
-import time
-
 import docker
 import docker.errors
 import requests
@@ -31,9 +29,6 @@ HOST_CONFIG_FIELDS = [
     "PidsLimit", "ReadonlyRootfs", "Dns", "DnsOptions", "DnsSearch", "ExtraHosts",
     "LogConfig", "Sysctls",
 ]
-
-
-CHECKPOINT_UPLOAD_TRIES = 3
 
 
 class EngineError(Exception):
@@ -205,23 +200,12 @@ class Engine:
         """Start a container, from a checkpoint if one is named."""
         params = {"checkpoint": checkpoint} if checkpoint else {}
         step = "restore from checkpoint" if checkpoint else "start container"
-        for attempt in range(CHECKPOINT_UPLOAD_TRIES):
-            try:
-                self.call(
-                    step,
-                    lambda: self.api._raise_for_status(
-                        self.api._post(self.api._url("/containers/{0}/start", container_id), params=params)
-                    ),
-                )
-                return
-            except EngineError as e:
-                # Docker before 25 sometimes fails to hand the checkpoint to
-                # containerd ("commit failed: content ... already exists",
-                # moby/moby#42900) before anything is restored; it passes
-                # when asked again.
-                if not (checkpoint and "already exists" in str(e) and attempt + 1 < CHECKPOINT_UPLOAD_TRIES):
-                    raise
-                time.sleep(0.5)
+        self.call(
+            step,
+            lambda: self.api._raise_for_status(
+                self.api._post(self.api._url("/containers/{0}/start", container_id), params=params)
+            ),
+        )
 
     def delete_checkpoint(self, container_id, checkpoint):
         self.call(

@@ -469,6 +469,13 @@ def rollback_container(ctx):
         if not src.inspect(c["Id"])["State"]["Running"]:
             if not checkpointed:
                 raise MigrationError(f"{ctx.source.name}: the container stopped without a checkpoint")
+            # Docker (before 25) hands the checkpoint to containerd as a tar
+            # whose digest equals the blob containerd made when it took the
+            # checkpoint; until containerd collects that blob the restore
+            # fails with "commit failed: content ... already exists"
+            # (moby/moby#42900). A new mtime makes the tar differ.
+            cp_dir = f"{ctx.facts['src_root']}/containers/{c['Id']}/checkpoints/{ctx.facts['checkpoint']}"
+            src.conn.run(["touch", "-c", f"{cp_dir}/descriptors.json"])
             src.start(c["Id"], checkpoint=ctx.facts["checkpoint"])
             ctx.resumed_at = time.perf_counter()
         if not _settle(lambda: src.inspect(c["Id"])["State"]["Running"]):
