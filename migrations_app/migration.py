@@ -219,12 +219,40 @@ def _engine_ready(engine):
     return probe, info
 
 
+# containerd 1.6 (under Docker < 25) stores a container's spec as a blob
+# with each checkpoint and fails the next checkpoint of the same container
+# with "content ...: already exists" until it has collected the first one —
+# after CRIU has already stopped the container, so its state is lost
+# (containerd/containerd#8401). A container we checkpointed and then rolled
+# back on the same engine is in that window for a while.
+SECOND_CHECKPOINT_WAIT = 10 * 60
+
+
+def _refuse_second_checkpoint(ctx, container, info):
+    if int(info.get("ServerVersion", "0").split(".")[0] or 0) >= 25:
+        return
+    since = timezone.now() - timezone.timedelta(seconds=SECOND_CHECKPOINT_WAIT)
+    recent = MigrationRun.objects.filter(
+        source=ctx.source, kind=CONTAINER, status=ROLLED_BACK, finished__gte=since,
+        result_workload=container["Id"][:12],
+    ).order_by("-finished").first()
+    if recent:
+        wait = SECOND_CHECKPOINT_WAIT - (timezone.now() - recent.finished).total_seconds()
+        raise MigrationError(
+            f"{ctx.source.name}: this container was checkpointed and rolled back here "
+            f"{(timezone.now() - recent.finished).seconds} s ago; Docker {info['ServerVersion']}'s containerd "
+            f"could fail a second checkpoint now and lose its state (containerd#8401). Try again in "
+            f"{int(wait // 60) + 1} min"
+        )
+
+
 def container_preflight_source(ctx):
     ctx.src = _connect(ctx.source, CONTAINER)
     probe, info = _engine_ready(ctx.src)
     c = ctx.src.inspect(ctx.run.workload)
     if not c["State"]["Running"]:
         raise MigrationError(f"{ctx.source.name}: container {ctx.run.workload!r} is not running")
+    _refuse_second_checkpoint(ctx, c, info)
     pids = [row[1] for row in ctx.src.call("docker top", ctx.src.api.top, c["Id"], ps_args="-eo user,pid")["Processes"]]
     rss = _rss_bytes(ctx.src.conn, pids)
     root = info["DockerRootDir"]
@@ -468,7 +496,15 @@ def rollback_container(ctx):
         checkpointed = ctx.facts.get("checkpointed") or ctx.facts["checkpoint"] in src.checkpoints(c["Id"])
         if not src.inspect(c["Id"])["State"]["Running"]:
             if not checkpointed:
-                raise MigrationError(f"{ctx.source.name}: the container stopped without a checkpoint")
+                # Its state is gone (the checkpoint failed after CRIU stopped
+                # it); running it afresh beats running nothing.
+                src.start(c["Id"])
+                _restore_restart_policy(src, ctx)
+                ctx.run.result_workload = c["Id"][:12]
+                raise MigrationError(
+                    f"{ctx.source.name}: the container stopped without a checkpoint: its state is lost; "
+                    f"started it again from its image"
+                )
             # Docker (before 25) hands the checkpoint to containerd as a tar
             # whose digest equals the blob containerd made when it took the
             # checkpoint; until containerd collects that blob the restore

@@ -196,9 +196,28 @@ def test_container_restore_failure_rolls_back(hosts, counter_container):
     with Engine(lab2) as engine:
         # Exactly one copy runs: on lab-2 at most a stopped leftover.
         assert not (engine.exists(name) and engine.inspect(name)["State"]["Running"])
-    # The next run clears that leftover and succeeds.
+    # Checkpointing it again at once could lose it (containerd#8401 under
+    # Docker 20.10): refused, with the reason, and it keeps running.
+    run = migrate(lab1, lab2, CONTAINER, name)
+    assert run.status == "failed" and "containerd#8401" in run.error, run.error
+    with Engine(lab1) as engine:
+        assert engine.inspect(name)["State"]["Running"]
+
+
+def test_leftover_of_a_failed_run_is_cleared(hosts, counter_container):
+    lab1, lab2 = hosts
+    name = counter_container
+    ended = migration.create_run(lab1, lab2, CONTAINER, "gone")
+    ended.status = "rolled_back"
+    ended.save()
+    with Engine(lab2) as engine:
+        # What a restore that failed while lab-2's engine was down leaves:
+        # a never-started container with our label, under the workload's name.
+        engine.api.create_container(lab.IMAGE, ["true"], name=name, labels={migration.RUN_LABEL: str(ended.code)})
     run = migrate(lab1, lab2, CONTAINER, name)
     assert run.status == SUCCEEDED, run.error
+    with Engine(lab2) as engine:
+        assert engine.inspect(name)["State"]["Running"]
 
 
 def test_process_restore_failure_rolls_back(hosts, counter_process):
