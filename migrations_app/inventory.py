@@ -9,7 +9,7 @@ from .docker_engine import Engine, EngineError
 FACTS_SCRIPT = r"""
 echo "kernel $(uname -r)"
 mkdir -p "$1" 2>/dev/null
-echo "free $(df -P -k "$1" | awk 'NR==2 {print $4 * 1024}')"
+echo "free_kib $(df -P -k "$1" | awk 'NR==2 {print $4}')"
 command -v python3 >/dev/null && echo "python3 1" || echo "python3 0"
 """
 
@@ -31,7 +31,10 @@ def probe(host):
             for line in conn.sh(FACTS_SCRIPT, host.work_dir).stdout.splitlines():
                 key, _, value = line.partition(" ")
                 caps[key] = value
-            caps["free"] = int(caps["free"]) if caps.get("free", "").isdigit() else None
+            # KiB from df, as bytes here: awk would print large products in
+            # scientific notation.
+            kib = caps.pop("free_kib", "")
+            caps["free"] = int(kib) * 1024 if kib.isdigit() else None
             caps["python3"] = caps.get("python3") == "1"
             version = engine.version()
             info = engine.info()

@@ -818,6 +818,8 @@ def test_probe_on_the_lab(client, hosts, admin_user):
     lab1 = Host.objects.get(name="lab-1")
     assert lab1.capabilities["ok"] is True
     assert lab1.capabilities["criu"]["version"] == "4.1.1"
+    # Free space as bytes, a whole number (df gives KiB; awk would print 8e+10).
+    assert isinstance(lab1.capabilities["free"], int) and lab1.capabilities["free"] > 1024**2
     html = page_text(response)
     assert "ready to migrate" in html and "4.1.1" in html and "stop-and-copy" in html
 
