@@ -1,8 +1,12 @@
+import uuid
+
 import pytest
 from django.contrib.auth.models import Permission, User
 
 from migrations_app import lab
+from migrations_app.docker_engine import Engine
 from migrations_app.models import Host
+from tests.support import wait_for
 
 
 @pytest.fixture(scope="session")
@@ -29,6 +33,20 @@ def hosts(lab_up, db):
     for h in lab.HOSTS:
         lab.register(h)
     return Host.objects.get(name="lab-1"), Host.objects.get(name="lab-2")
+
+
+@pytest.fixture
+def counter_container(hosts):
+    """A fresh counter container on lab-1, removed from wherever it ends up."""
+    name = f"counter-{uuid.uuid4().hex[:8]}"
+    with Engine(hosts[0]) as engine:
+        engine.run_container(lab.IMAGE, ["sh", "-c", lab.COUNTER_SCRIPT], name)
+        wait_for(lambda: len(engine.logs(name).split()) >= 2, message="counter did not start")
+    yield name
+    for host in hosts:
+        with Engine(host) as engine:
+            if engine.exists(name):
+                engine.remove(name)
 
 
 @pytest.fixture

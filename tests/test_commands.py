@@ -1,45 +1,31 @@
 import json
-import uuid
+from io import StringIO
 
 import pytest
 from django.core.management import CommandError, call_command
 
-from migrations_app import lab
-from migrations_app.docker_engine import Engine
-
 
 def call(*args):
-    from io import StringIO
-
     out = StringIO()
     call_command(*args, stdout=out)
     return out.getvalue()
 
 
 @pytest.mark.lab
-def test_migrate_workload_json(hosts):
-    lab1, lab2 = hosts
-    name = f"cli-{uuid.uuid4().hex[:8]}"
-    with Engine(lab1) as engine:
-        engine.run_container(lab.IMAGE, ["sh", "-c", lab.COUNTER_SCRIPT], name)
-    try:
-        result = json.loads(call("migrate_workload", "--source", "lab-1", "--target", "lab-2",
-                                 "--container", name, "--json"))
-        assert set(result) >= {"id", "status", "downtime_ms", "bytes", "phases", "error"}
-        assert result["status"] == "succeeded" and result["error"] is None
-        assert result["bytes"] > 0 and result["downtime_ms"] > 0
-        phase = result["phases"][0]
-        assert set(phase) >= {"name", "host", "started", "duration_ms", "bytes", "criu_stats"}
-        restore = next(p for p in result["phases"] if p["name"] == "restore")
-        assert restore["host"] == "lab-2" and restore["criu_stats"]["restore_time"] > 0
-        # A failing run exits non-zero with the run's message.
-        with pytest.raises(CommandError, match=f"lab-1: no container named '{name}'"):
-            call("migrate_workload", "--source", "lab-1", "--target", "lab-2", "--container", name)
-    finally:
-        for host in hosts:
-            with Engine(host) as engine:
-                if engine.exists(name):
-                    engine.remove(name)
+def test_migrate_workload_json(hosts, counter_container):
+    name = counter_container
+    result = json.loads(call("migrate_workload", "--source", "lab-1", "--target", "lab-2",
+                             "--container", name, "--json"))
+    assert set(result) >= {"id", "status", "downtime_ms", "bytes", "phases", "error"}
+    assert result["status"] == "succeeded" and result["error"] is None
+    assert result["bytes"] > 0 and result["downtime_ms"] > 0
+    phase = result["phases"][0]
+    assert set(phase) >= {"name", "host", "started", "duration_ms", "bytes", "criu_stats"}
+    restore = next(p for p in result["phases"] if p["name"] == "restore")
+    assert restore["host"] == "lab-2" and restore["criu_stats"]["restore_time"] > 0
+    # A failing run exits non-zero with the run's message.
+    with pytest.raises(CommandError, match=f"lab-1: no container named '{name}'"):
+        call("migrate_workload", "--source", "lab-1", "--target", "lab-2", "--container", name)
 
 
 @pytest.mark.lab

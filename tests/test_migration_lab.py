@@ -26,20 +26,6 @@ def assert_consecutive(seq):
 
 
 @pytest.fixture
-def counter_container(hosts):
-    """A fresh counter container on lab-1, removed from wherever it ends up."""
-    name = f"counter-{uuid.uuid4().hex[:8]}"
-    with Engine(hosts[0]) as engine:
-        engine.run_container(lab.IMAGE, ["sh", "-c", lab.COUNTER_SCRIPT], name)
-        wait_for(lambda: len(values(engine.logs(name))) >= 2, message="counter did not start")
-    yield name
-    for host in hosts:
-        with Engine(host) as engine:
-            if engine.exists(name):
-                engine.remove(name)
-
-
-@pytest.fixture
 def counter_process(hosts, tmp_path):
     """A counter process on lab-1 appending to a file; killed at the end."""
     path = settings.LAB_ROOT / f"counter-{uuid.uuid4().hex[:8]}.log"

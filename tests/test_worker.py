@@ -1,11 +1,9 @@
 import os
 import socket
-import uuid
 
 import pytest
 
-from migrations_app import lab, migration, worker
-from migrations_app.docker_engine import Engine
+from migrations_app import migration, worker
 from migrations_app.models import CONTAINER, INTERRUPTED, PROCESS, RUNNING, SUCCEEDED, Host, MigrationRun
 
 
@@ -39,23 +37,17 @@ def test_runs_of_a_dead_worker_are_marked_interrupted(two_hosts):
 
 
 @pytest.mark.lab
-def test_interrupted_run_reports_where_the_workload_is(hosts):
+def test_interrupted_run_reports_where_the_workload_is(hosts, counter_container):
     lab1, lab2 = hosts
-    name = f"left-{uuid.uuid4().hex[:8]}"
-    with Engine(lab1) as engine:
-        engine.run_container(lab.IMAGE, ["sh", "-c", lab.COUNTER_SCRIPT], name)
-    try:
-        run = make_run(lab1, lab2, status=INTERRUPTED, workload=name)
-        gone = make_run(lab1, lab2, status=INTERRUPTED, kind=PROCESS, workload=str(2**22 + 12345))
-        worker.check_interrupted([run, gone])
-        run.refresh_from_db()
-        gone.refresh_from_db()
-        assert run.error == (f"interrupted: the server stopped during the run. Found: "
-                             f"lab-1: container {name} running; lab-2: no container {name}")
-        assert gone.error.endswith(f"lab-1: process {2**22 + 12345} not running; lab-2: no restored process recorded")
-    finally:
-        with Engine(lab1) as engine:
-            engine.remove(name)
+    name = counter_container
+    run = make_run(lab1, lab2, status=INTERRUPTED, workload=name)
+    gone = make_run(lab1, lab2, status=INTERRUPTED, kind=PROCESS, workload=str(2**22 + 12345))
+    worker.check_interrupted([run, gone])
+    run.refresh_from_db()
+    gone.refresh_from_db()
+    assert run.error == (f"interrupted: the server stopped during the run. Found: "
+                         f"lab-1: container {name} running; lab-2: no container {name}")
+    assert gone.error.endswith(f"lab-1: process {2**22 + 12345} not running; lab-2: no restored process recorded")
 
 
 def test_a_run_whose_process_is_gone_blocks_nothing(two_hosts):
