@@ -137,14 +137,18 @@ class Engine:
         except NotFoundError:
             return None
 
+    def find_container(self, name_or_id):
+        """The container's inspect data, or None if there is no such container."""
+        return self._find("container", self.api.inspect_container, name_or_id)
+
     def inspect(self, name_or_id):
-        found = self._find("container", self.api.inspect_container, name_or_id)
+        found = self.find_container(name_or_id)
         if found is None:
             raise EngineError(f"{self.name}: no container named {name_or_id!r}")
         return found
 
     def exists(self, name_or_id):
-        return self._find("container", self.api.inspect_container, name_or_id) is not None
+        return self.find_container(name_or_id) is not None
 
     def image_id(self, name):
         """The id an image name or id resolves to here, or None."""

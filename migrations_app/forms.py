@@ -114,9 +114,10 @@ class MigrationForm(forms.Form):
             if kind == CONTAINER:
                 with Engine(source) as engine:
                     name = data["container"]
-                    if not engine.exists(name):
+                    found = engine.find_container(name)
+                    if not found:
                         self.add_error("container", f"{source.name} has no container {name}.")
-                    elif not engine.inspect(name)["State"]["Running"]:
+                    elif not found["State"]["Running"]:
                         self.add_error("container", f"Container {name} is not running on {source.name}.")
             else:
                 with ssh.Connection(source) as conn:

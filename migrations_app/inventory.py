@@ -60,15 +60,17 @@ def probe(host):
     return caps
 
 
-def containers(host):
+def workloads(host, with_processes=True):
+    """(containers, processes) of a host, over one SSH connection."""
     with Engine(host) as engine:
-        return engine.containers()
+        containers = engine.containers()
+        processes = _processes(engine.conn) if with_processes else []
+    return containers, processes
 
 
-def processes(host, limit=200):
+def _processes(conn, limit=200):
     """The host's processes, largest first, as dicts."""
-    with ssh.Connection(host) as conn:
-        out = conn.run(PS_ARGV).stdout
+    out = conn.run(PS_ARGV).stdout
     rows = []
     for line in out.splitlines()[:limit]:
         parts = line.split(None, 4)

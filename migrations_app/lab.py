@@ -22,8 +22,8 @@ PREFIX = 24
 IMAGE = "criuweb/busybox:latest"
 # The lab hosts log in as this user: uid 0 like root (CRIU needs it), but
 # with /bin/sh as its shell. Root's bash on these machines sources a
-# ~/.bashrc that costs 140 ms per SSH command, which would count as
-# downtime; a remote host's root usually has no such thing.
+# ~/.bashrc that costs about 140 ms per SSH command (scripts/ssh-latency.sh),
+# which would count as downtime; a remote host's root usually has no such thing.
 LAB_USER = "cwlab"
 DEMO_CONTAINER = "counter"
 COUNTER_SCRIPT = "i=0; while true; do echo $i; i=$((i+1)); sleep 1; done"
@@ -336,8 +336,9 @@ def start_demo(log=print):
     running = None
     for host in hosts:
         with docker_engine.Engine(host) as engine:
-            if engine.exists(DEMO_CONTAINER):
-                if engine.inspect(DEMO_CONTAINER)["State"]["Running"]:
+            found = engine.find_container(DEMO_CONTAINER)
+            if found:
+                if found["State"]["Running"]:
                     running = host
                 else:
                     engine.remove(DEMO_CONTAINER)

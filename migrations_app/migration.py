@@ -132,8 +132,7 @@ def _connect(host, kind):
 
 
 def _check_space(conn, path, need, what):
-    conn.run(["mkdir", "-p", path])
-    out = conn.run(["df", "-P", "-k", path]).stdout.splitlines()
+    out = conn.sh('mkdir -p "$1" && df -P -k "$1"', path).stdout.splitlines()
     avail = int(out[-1].split()[3]) * 1024
     if avail < need:
         raise MigrationError(
@@ -269,8 +268,8 @@ def container_preflight_target(ctx):
     ctx.dst = _connect(ctx.target, CONTAINER)
     probe, info = _engine_ready(ctx.dst)
     name = ctx.facts["container"]["Name"].lstrip("/")
-    if ctx.dst.exists(name):
-        other = ctx.dst.inspect(name)
+    other = ctx.dst.find_container(name)
+    if other:
         # A container we prepared for a run that has ended and that never
         # started (its restore failed while this engine was unreachable) is
         # ours to clear; anything else, a kept source among them, is not.
@@ -534,13 +533,15 @@ def container_abort(ctx):
 # -- process phases ------------------------------------------------------------------
 
 
-# Every PID of the tree rooted at $1, for the size estimate.
-TREE_SCRIPT = r"""
+# Resident KiB of every process of the tree rooted at $1, one per line: the
+# size estimate, in one round trip. A process gone meanwhile counts nothing.
+TREE_RSS_SCRIPT = r"""
 walk() {
-    echo "$1"
+    awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null
     for c in $(cat /proc/"$1"/task/*/children 2>/dev/null); do walk "$c"; done
 }
 walk "$1"
+true
 """
 
 
@@ -552,8 +553,7 @@ def process_preflight_source(ctx):
     except ValueError:
         raise MigrationError(f"{ctx.run.workload!r} is not a PID")
     mode, inner, comm = criu.resolve_process(ctx.src, pid)
-    tree = ctx.src.sh(TREE_SCRIPT, str(pid)).stdout.split()
-    rss = _rss_bytes(ctx.src, tree)
+    rss = sum(int(kib) for kib in ctx.src.sh(TREE_RSS_SCRIPT, str(pid)).stdout.split()) * 1024
     images = ctx.images_dir(ctx.source)
     _check_space(ctx.src, images, rss + SPACE_MARGIN, "the process images")
     ctx.facts.update(pid=pid, src_images=images, rss=rss, resolved=(mode, inner, comm))

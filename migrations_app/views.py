@@ -81,8 +81,7 @@ def host_workloads(request, name):
     """Live containers and processes of a host, for its page and the migration form."""
     host = _get_host(name)
     try:
-        containers = inventory.containers(host)
-        processes = inventory.processes(host) if request.GET.get("processes") != "0" else []
+        containers, processes = inventory.workloads(host, with_processes=request.GET.get("processes") != "0")
     except (ssh.SSHError, EngineError) as e:
         return JsonResponse({"error": str(e)}, status=502)
     return JsonResponse({"host": host.name, "containers": containers, "processes": processes})

@@ -69,8 +69,9 @@ def workload_state(run):
             if run.kind == CONTAINER:
                 with Engine(host) as engine:
                     name = run.workload
-                    if engine.exists(name):
-                        state = engine.inspect(name)["State"]
+                    found = engine.find_container(name)
+                    if found:
+                        state = found["State"]
                         lines.append(f"{host.name}: container {name} {state['Status']}")
                     else:
                         lines.append(f"{host.name}: no container {name}")

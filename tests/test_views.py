@@ -235,10 +235,9 @@ class FakeEngine:
     def __exit__(self, *exc):
         pass
 
-    def exists(self, name):
-        return name in self.CONTAINERS
-
-    def inspect(self, name):
+    def find_container(self, name):
+        if name not in self.CONTAINERS:
+            return None
         return {"State": {"Running": self.CONTAINERS[name]}}
 
 
