@@ -6,7 +6,7 @@ from datetime import timedelta
 from django import forms
 from django.utils import timezone
 
-from . import criu, inventory, ssh
+from . import criu, inventory, ssh, validation
 from .docker_engine import Engine, EngineError
 from .models import CONTAINER, KIND_CHOICES, PROCESS, STATUS_CHOICES, STRATEGY_CHOICES, Host
 
@@ -75,8 +75,9 @@ class HostKeyForm(forms.Form):
 class MigrationForm(forms.Form):
     source = forms.ModelChoiceField(Host.objects.all(), to_field_name="name", empty_label=None)
     kind = forms.ChoiceField(choices=KIND_CHOICES, initial=CONTAINER, widget=forms.RadioSelect)
-    container = forms.CharField(required=False, max_length=255, help_text="name or id on the source")
-    pid = forms.IntegerField(required=False, min_value=2, label="PID")
+    # strip=False: " 12" must be refused, not read as PID 12 (validation.pid says why).
+    container = forms.CharField(required=False, strip=False, max_length=255, help_text="name or id on the source")
+    pid = forms.CharField(required=False, strip=False, max_length=20, label="PID")
     target = forms.ModelChoiceField(Host.objects.all(), to_field_name="name", empty_label=None)
     strategy = forms.ChoiceField(choices=STRATEGY_CHOICES)
     keep_source = forms.BooleanField(required=False, help_text="keep the stopped source container")
@@ -89,10 +90,12 @@ class MigrationForm(forms.Form):
         if source == target:
             self.add_error("target", "Pick a target other than the source.")
             return data
-        if kind == CONTAINER and not data.get("container"):
-            self.add_error("container", "Name the container to move.")
-        if kind == PROCESS and not data.get("pid"):
-            self.add_error("pid", "Give the PID of the process tree to move.")
+        # Only the field of the chosen kind counts: the other may hold what the page prefilled.
+        field, check = ("container", validation.container_ref) if kind == CONTAINER else ("pid", validation.pid)
+        try:
+            data[field] = check(data.get(field))
+        except validation.InputError as e:
+            self.add_error(field, str(e))
         if self.errors:
             return data
         for field, host in (("source", source), ("target", target)):

@@ -6,6 +6,7 @@ value ever reaches the remote shell unquoted.
 
 import base64
 import hashlib
+import logging
 import shlex
 import socket
 import threading
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 
 import paramiko
 from django.conf import settings
+
+log = logging.getLogger(__name__)
 
 CHUNK = 256 * 1024
 STREAM_IDLE_TIMEOUT = 120
@@ -57,19 +60,26 @@ def fingerprint(key_text):
 
 
 def fetch_host_key(address, port, timeout=None):
-    """Ask a server for its host key without logging in, to show it for pinning."""
+    """Ask a server for its host key without logging in, to show it for pinning.
+
+    The errors say only whether a TCP connection was made: echoing what a
+    non-SSH service answered (paramiko quotes its banner) would turn this
+    page into a probe of any address's services. The detail goes to the log.
+    """
     timeout = timeout or settings.SSH_CONNECT_TIMEOUT
     try:
         sock = socket.create_connection((address, port), timeout=timeout)
     except OSError as e:
-        raise SSHError(f"{address}:{port}: cannot connect: {e}") from e
+        log.info("host key of %s:%s: connect failed: %s", address, port, e)
+        raise SSHError(f"{address}:{port}: cannot connect (no answer, or the connection was refused)") from None
     transport = paramiko.Transport(sock)
     try:
         transport.start_client(timeout=timeout)
         key = transport.get_remote_server_key()
         return f"{key.get_name()} {key.get_base64()}"
-    except paramiko.SSHException as e:
-        raise SSHError(f"{address}:{port}: SSH handshake failed: {e}") from e
+    except Exception as e:  # paramiko raises SSHException, EOFError, OSError, ValueError... on junk
+        log.info("host key of %s:%s: handshake failed: %r", address, port, e)
+        raise SSHError(f"{address}:{port}: no SSH server answered (the SSH handshake failed)") from None
     finally:
         transport.close()
 

@@ -76,7 +76,9 @@ def host_detail(request, name):
     return render(request, "hosts/detail.html", ctx)
 
 
-@login_required
+# Process command lines often hold secrets (passwords in arguments), and each
+# call opens SSH connections: only those who pick workloads to move may list them.
+@_permission(CAN_LAUNCH)
 def host_workloads(request, name):
     """Live containers and processes of a host, for its page and the migration form."""
     host = _get_host(name)
@@ -255,6 +257,16 @@ def _export_rows(runs):
         }
 
 
+# A spreadsheet runs a cell that starts with one of these as a formula
+# (OWASP "CSV Injection"); a run's workload or error can come from a host.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_safe(row):
+    """The row with every text cell a spreadsheet would read as a formula prefixed with a quote."""
+    return {k: "'" + v if isinstance(v, str) and v.startswith(_FORMULA_START) else v for k, v in row.items()}
+
+
 class _Echo:
     def write(self, value):
         return value
@@ -268,7 +280,7 @@ def runs_export(request, fmt):
     if fmt == "json":
         return JsonResponse({"runs": list(_export_rows(runs))})
     writer = csv.DictWriter(_Echo(), fieldnames=EXPORT_FIELDS)
-    lines = (writer.writerow(row) for row in _export_rows(runs))
+    lines = (writer.writerow(_csv_safe(row)) for row in _export_rows(runs))
     header = writer.writerow(dict(zip(EXPORT_FIELDS, EXPORT_FIELDS)))
     response = StreamingHttpResponse(_prepend(header, lines), content_type="text/csv")
     response["Content-Disposition"] = 'attachment; filename="criuweb-runs.csv"'

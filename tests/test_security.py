@@ -1,0 +1,198 @@
+"""The security review's findings (issue 6), each kept fixed by a test.
+
+Like tests/test_views.py these go through Django's test client with hosts
+made in the ORM; the servers they talk to are real sockets on loopback.
+"""
+
+import csv
+import io
+import socket
+import threading
+
+import pytest
+
+from migrations_app import ssh, validation
+from migrations_app.models import CONTAINER, PROCESS, MigrationRun
+from tests.test_views import (  # noqa: F401  (fixtures)
+    FakeEngine, assert_shows, launcher, login, make_host, make_run, page_text, post_migrate, ready_host, site,
+)
+
+# -- the live list of a host's workloads needs the launch permission ----------------------------
+
+
+def test_workloads_json_is_refused_to_a_viewer(client, site, viewer):
+    response = login(client, viewer).get("/hosts/h1/workloads.json")
+    assert response.status_code == 403
+    # Nor does the host page ask for it.
+    html = page_text(client.get("/hosts/h1/"))
+    assert "workloads.json" not in html and "js/host.js" not in html
+    assert "shown to users who may launch migrations" in html
+
+
+def test_workloads_json_is_open_to_an_operator(client, site, operator):
+    login(client, operator)
+    # 502: the permission let the request through to the host, which has no key pinned.
+    response = client.get("/hosts/h1/workloads.json")
+    assert response.status_code == 502 and "no host key pinned" in response.json()["error"]
+    html = page_text(client.get("/hosts/h1/"))
+    assert 'data-url="/hosts/h1/workloads.json"' in html and "js/host.js" in html
+
+
+# -- the host-key page does not echo what a non-SSH service says -----------------------------------
+
+SECRET_BANNER = "HTTP/1.1 400 secret-service-banner-7f3a"
+
+
+@pytest.fixture
+def chatty_server():
+    """A TCP server on loopback that greets every client with a non-SSH banner, then hangs up."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except socket.timeout:
+                continue
+            with conn:
+                # More lines than paramiko reads looking for "SSH-", so it gives up
+                # at once and quotes the last one.
+                conn.sendall((SECRET_BANNER + "\r\n").encode() * 120)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield server.getsockname()[1]
+    stop.set()
+    thread.join(5)
+    server.close()
+
+
+def test_fetch_host_key_does_not_echo_a_banner(chatty_server):
+    with pytest.raises(ssh.SSHError) as caught:
+        ssh.fetch_host_key("127.0.0.1", chatty_server, timeout=5)
+    assert str(caught.value) == f"127.0.0.1:{chatty_server}: no SSH server answered (the SSH handshake failed)"
+    assert "secret" not in str(caught.value) and caught.value.__cause__ is None
+
+
+def test_host_key_page_does_not_echo_a_banner(client, admin_user, db, chatty_server):
+    make_host("web", address="127.0.0.1", ssh_port=chatty_server)
+    response = login(client, admin_user).get("/hosts/web/key/")
+    assert response.status_code == 200
+    assert "secret-service-banner" not in page_text(response)
+    assert_shows(response, f"127.0.0.1:{chatty_server}: no SSH server answered (the SSH handshake failed)")
+    assert "Trust and pin this key" not in page_text(response)
+
+
+# -- CSV export cells are never formulas -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("hostile", ["=1+1", "+1", "-2+3", "@SUM(A1)", "\t=1", "\r=1",
+                                     '=HYPERLINK("http://x","y")'])
+def test_csv_export_neutralises_formulas(client, viewer, db, hostile):
+    a, b = make_host("a"), make_host("b")
+    make_run(a, b, workload=hostile, error=hostile, downtime_ms=-1.0)
+    response = login(client, viewer).get("/runs/export.csv")
+    [row] = list(csv.DictReader(io.StringIO(b"".join(response.streaming_content).decode(), newline="")))
+    assert row["workload"] == "'" + hostile and row["error"] == "'" + hostile
+    # Numbers are numbers, not text a spreadsheet evaluates: left as they are.
+    assert row["downtime_ms"] == "-1.0"
+    # The JSON export is data for programs and keeps the values exact.
+    assert client.get("/runs/export.json").json()["runs"][0]["workload"] == hostile
+
+
+def test_csv_export_leaves_ordinary_text_alone(client, viewer, db):
+    a, b = make_host("a"), make_host("b")
+    make_run(a, b, workload="web-1", error="lab-2: criu restore failed = no")
+    response = login(client, viewer).get("/runs/export.csv")
+    [row] = list(csv.DictReader(io.StringIO(b"".join(response.streaming_content).decode())))
+    assert (row["workload"], row["error"]) == ("web-1", "lab-2: criu restore failed = no")
+
+
+# -- workload references: one module's grammar -----------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["counter", "a", "web_1.blue-2", "0a1b2c3d4e5f", "f" * 64, "A9"])
+def test_container_ref_accepts_docker_names_and_ids(value):
+    assert validation.container_ref(value) == value
+
+
+@pytest.mark.parametrize("value, message", [
+    (None, "Name a container."),
+    ("", "Name a container."),
+    (" counter", "' counter' is not a container name"),
+    ("counter\n", "'counter\\n' is not a container name"),
+    ("-rm", "'-rm' is not a container name"),
+    ("_x", "'_x' is not a container name"),
+    (".x", "'.x' is not a container name"),
+    ("/counter", "'/counter' is not a container name"),
+    ("a;b", "'a;b' is not a container name"),
+    ("a b", "'a b' is not a container name"),
+    ("é", "'é' is not a container name"),
+    ("a" * 256, "at most 255 characters"),
+    (12, "12 is not a container name."),
+])
+def test_container_ref_refuses(value, message):
+    with pytest.raises(validation.InputError) as caught:
+        validation.container_ref(value)
+    assert message in str(caught.value)
+
+
+@pytest.mark.parametrize("value, expected", [("12", 12), ("2", 2), ("4194304", 4194304), (4242, 4242)])
+def test_pid_accepts_plain_positive_integers(value, expected):
+    assert validation.pid(value) == expected
+
+
+@pytest.mark.parametrize("value, message", [
+    (None, "Give the PID of the process tree to move."),
+    ("", "Give the PID of the process tree to move."),
+    (" 12", "' 12' is not a PID"),
+    ("12 ", "'12 ' is not a PID"),
+    ("12\n", "'12\\n' is not a PID"),
+    ("+12", "'+12' is not a PID"),
+    ("012", "'012' is not a PID"),
+    ("1_2", "'1_2' is not a PID"),
+    ("١٢", "'١٢' is not a PID"),  # Arabic-Indic digits: int() would take them
+    ("12; rm -rf /", "'12; rm -rf /' is not a PID"),
+    ("0", "'0' is not a PID"),
+    ("-1", "'-1' is not a PID"),
+    (0, "0 is not a PID: PIDs go from 2"),
+    (-1, "-1 is not a PID: PIDs go from 2"),
+    ("4194305", "PIDs go from 2 to 4194304"),
+    (True, "True is not a PID"),
+    (12.0, "12.0 is not a PID"),
+    ("1", "PID 1 is the host's init; it cannot be moved."),
+    (1, "PID 1 is the host's init; it cannot be moved."),
+])
+def test_pid_refuses(value, message):
+    with pytest.raises(validation.InputError) as caught:
+        validation.pid(value)
+    assert message in str(caught.value)
+
+
+@pytest.mark.parametrize("fields, field_message", [
+    ({"kind": PROCESS, "pid": " 12"}, "' 12' is not a PID"),
+    ({"kind": PROCESS, "pid": "1"}, "PID 1 is the host's init; it cannot be moved."),
+    ({"kind": PROCESS, "pid": "0"}, "'0' is not a PID"),
+    ({"kind": PROCESS, "pid": "-1"}, "'-1' is not a PID"),
+    ({"kind": PROCESS, "pid": ""}, "Give the PID of the process tree to move."),
+    ({"kind": CONTAINER, "container": ""}, "Name a container."),
+    ({"kind": CONTAINER, "container": " web"}, "' web' is not a container name"),
+    ({"kind": CONTAINER, "container": "web; id"}, "'web; id' is not a container name"),
+])
+def test_migration_form_refuses_bad_workload_references(launcher, db, fields, field_message):
+    ready_host("a"), ready_host("b")
+    response = post_migrate(launcher, **fields)
+    assert response.status_code == 200
+    assert_shows(response, field_message)
+    assert "&#x27;None&#x27;" not in page_text(response)
+    assert MigrationRun.objects.count() == 0 and launcher.started == []
+
+
+def test_migration_form_ignores_the_other_kinds_field(launcher, db):
+    # The page may carry a PID typed before the user switched to "container".
+    ready_host("a"), ready_host("b")
+    response = post_migrate(launcher, kind=CONTAINER, container="web", pid=" junk")
+    assert response.status_code == 302
+    assert MigrationRun.objects.get().workload == "web"
