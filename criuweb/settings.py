@@ -115,6 +115,11 @@ LOGOUT_REDIRECT_URL = "login"
 # Where the lab keeps its namespaces' engines, keys and logs.
 LAB_ID = envint("CRIUWEB_LAB_ID", "0")
 LAB_ROOT = Path(os.environ.get("CRIUWEB_LAB_ROOT", f"/var/lib/criuweb-lab{LAB_ID or ''}"))
+# Private keys for logging in to hosts are read only from these directories
+# (checked on the real path, so a symlink cannot lead out): the key directory,
+# and the lab's own, where `lab up` makes its client key.
+SSH_KEY_DIR = Path(os.environ.get("CRIUWEB_KEY_DIR", BASE_DIR / "var" / "keys"))
+SSH_KEY_DIRS = [SSH_KEY_DIR, LAB_ROOT / "keys"]
 # Seconds an SSH connect may take before a host counts as unreachable.
 SSH_CONNECT_TIMEOUT = envint("CRIUWEB_SSH_TIMEOUT", "10")
 

@@ -2,22 +2,20 @@ from django import forms
 from django.contrib import admin
 
 from . import ssh
+from .forms import HostFieldsMixin, check_host_key
 from .models import Host, MigrationRun, Phase
 
 
-class HostAdminForm(forms.ModelForm):
+class HostAdminForm(HostFieldsMixin, forms.ModelForm):
+    """The web form's checks here too: the admin is no way around them."""
+
     class Meta:
         model = Host
         fields = "__all__"
 
     def clean_host_key(self):
         key = self.cleaned_data["host_key"].strip()
-        if key:
-            try:
-                ssh.parse_host_key(key)
-            except ssh.SSHError as e:
-                raise forms.ValidationError(str(e))
-        return key
+        return check_host_key(key) if key else key
 
 
 @admin.register(Host)
@@ -26,6 +24,14 @@ class HostAdmin(admin.ModelAdmin):
     list_display = ["name", "address", "ssh_port", "user", "key_fingerprint", "probed"]
     search_fields = ["name", "address"]
     readonly_fields = ["capabilities", "probed", "created"]
+
+    def save_model(self, request, obj, form, change):
+        # As on the web's edit page: another address may be another machine,
+        # whose key must be confirmed anew, unless a key was given with it.
+        moved = change and {"address", "ssh_port"} & set(form.changed_data)
+        if moved and "host_key" not in form.changed_data:
+            obj.host_key = ""
+        super().save_model(request, obj, form, change)
 
     @admin.display(description="host key")
     def key_fingerprint(self, host):

@@ -1,9 +1,9 @@
 import base64
-import os
 import re
 from datetime import timedelta
 
 from django import forms
+from django.conf import settings
 from django.utils import timezone
 
 from . import criu, inventory, ssh, validation
@@ -14,12 +14,65 @@ from .models import CONTAINER, KIND_CHOICES, PROCESS, STATUS_CHOICES, STRATEGY_C
 PROBE_MAX_AGE = timedelta(minutes=10)
 
 
-class HostForm(forms.Form):
+def check_host_key(text):
+    """A pinned host key as known_hosts spells it, whole; ValidationError otherwise."""
+    try:
+        parsed = ssh.parse_host_key(text)
+    except ssh.SSHError as e:
+        raise forms.ValidationError(str(e))
+    # paramiko pads a truncated key with zeros (a key no server has) and ignores
+    # trailing bytes: either way what was pasted is not one whole key.
+    if parsed.asbytes() != base64.b64decode(text.split()[1]):
+        raise forms.ValidationError("This host key is truncated or has extra bytes; copy it whole.")
+    return text
+
+
+class HostFieldsMixin:
+    """The checks of a host's fields, shared by the web form and the admin's.
+
+    The name's grammar comes from the SlugField (the form's, or the model's
+    in the admin), and its uniqueness from the form.
+    """
+
+    def clean_address(self):
+        address = self.cleaned_data["address"].strip()
+        if not re.fullmatch(r"[A-Za-z0-9.:\-\[\]]+", address):
+            raise forms.ValidationError("An address is a host name or an IP address, without spaces.")
+        return address
+
+    def clean_ssh_port(self):
+        port = self.cleaned_data["ssh_port"]
+        if not 1 <= port <= 65535:
+            raise forms.ValidationError("A port is between 1 and 65535.")
+        return port
+
+    def clean_key_path(self):
+        value = self.cleaned_data["key_path"].strip()
+        try:
+            ssh.load_private_key(value)
+        except ssh.SSHError as e:
+            raise forms.ValidationError(f"{e}.")
+        # Stored as an absolute path, so that a later change of the key
+        # directory setting cannot make it name another file.
+        return ssh.key_file_path(value)
+
+    def clean_work_dir(self):
+        path = self.cleaned_data["work_dir"].strip()
+        if not path.startswith("/"):
+            raise forms.ValidationError("Give an absolute path.")
+        return path
+
+
+class HostForm(HostFieldsMixin, forms.Form):
     name = forms.SlugField(max_length=64)
     address = forms.CharField(max_length=255)
     ssh_port = forms.IntegerField(min_value=1, max_value=65535, initial=22)
     user = forms.CharField(max_length=64, initial="root")
-    key_path = forms.CharField(max_length=500, label="Private key file (on this server)")
+    key_path = forms.CharField(
+        max_length=500,
+        label="Private key file (on this server)",
+        help_text=f"A file in the key directory {settings.SSH_KEY_DIR}; a name alone is taken from there.",
+    )
     work_dir = forms.CharField(max_length=500, initial="/var/lib/criuweb", label="Work directory on the host")
 
     def __init__(self, *args, instance=None, **kwargs):
@@ -35,41 +88,12 @@ class HostForm(forms.Form):
             raise forms.ValidationError(f"A host named {name} already exists.")
         return name
 
-    def clean_address(self):
-        address = self.cleaned_data["address"].strip()
-        if not re.fullmatch(r"[A-Za-z0-9.:\-\[\]]+", address):
-            raise forms.ValidationError("An address is a host name or an IP address, without spaces.")
-        return address
-
-    def clean_key_path(self):
-        path = self.cleaned_data["key_path"].strip()
-        if not os.path.isfile(path):
-            raise forms.ValidationError(f"There is no file {path} on this server.")
-        if not os.access(path, os.R_OK):
-            raise forms.ValidationError(f"{path} is not readable by the server.")
-        return path
-
-    def clean_work_dir(self):
-        path = self.cleaned_data["work_dir"].strip()
-        if not path.startswith("/"):
-            raise forms.ValidationError("Give an absolute path.")
-        return path
-
 
 class HostKeyForm(forms.Form):
     host_key = forms.CharField(widget=forms.HiddenInput)
 
     def clean_host_key(self):
-        key = self.cleaned_data["host_key"]
-        try:
-            parsed = ssh.parse_host_key(key)
-        except ssh.SSHError as e:
-            raise forms.ValidationError(str(e))
-        # paramiko pads a truncated key with zeros (a key no server has) and ignores
-        # trailing bytes: either way what was pasted is not one whole key.
-        if parsed.asbytes() != base64.b64decode(key.split()[1]):
-            raise forms.ValidationError("This host key is truncated or has extra bytes; copy it whole.")
-        return key
+        return check_host_key(self.cleaned_data["host_key"])
 
 
 class MigrationForm(forms.Form):

@@ -104,7 +104,9 @@ HOSTS = [LabHost("lab-1", 1), LabHost("lab-2", 2)]
 
 
 def client_key():
-    return settings.LAB_ROOT / "id_ed25519"
+    # In a key directory of its own: criuweb reads login keys only from the
+    # directories in settings.SSH_KEY_DIRS, which names this one.
+    return settings.LAB_ROOT / "keys" / "id_ed25519"
 
 
 def counter_file():
@@ -161,6 +163,7 @@ def _ensure_bridge():
 
 def _ensure_client_key():
     key = client_key()
+    key.parent.mkdir(mode=0o700, exist_ok=True)
     if not key.exists():
         sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "criuweb-lab", "-f", key)
 

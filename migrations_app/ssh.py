@@ -6,19 +6,27 @@ value ever reaches the remote shell unquoted.
 
 import base64
 import hashlib
+import io
 import logging
+import os
 import shlex
 import socket
+import stat
 import threading
 import time
 from dataclasses import dataclass
 
 import paramiko
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from django.conf import settings
 
 log = logging.getLogger(__name__)
 
 CHUNK = 256 * 1024
+# No private key file is anywhere near this; a larger file is not one.
+KEY_FILE_MAX = 64 * 1024
 STREAM_IDLE_TIMEOUT = 120
 
 
@@ -57,6 +65,81 @@ def fingerprint(key_text):
     except (IndexError, ValueError):
         return "not a valid key"
     return "SHA256:" + base64.b64encode(hashlib.sha256(raw).digest()).decode().rstrip("=")
+
+
+def key_dirs():
+    """The directories private keys may be read from, as real paths."""
+    return [os.path.realpath(d) for d in settings.SSH_KEY_DIRS]
+
+
+def key_file_path(value):
+    """The absolute path a host's key_path names: relative names are in the key directory."""
+    return os.path.normpath(os.path.join(settings.SSH_KEY_DIR, value))
+
+
+def load_private_key(value):
+    """The private key at key_path `value`, read only from inside the key directories.
+
+    Raises SSHError with a message for the person who typed the path. A path
+    outside the directories gets the same answer whether or not a file is
+    there, so the check tells nothing about the rest of the server's files;
+    it is made on the real path, so a symlink in the key directory cannot
+    point out of it. The bytes are read once here and handed to paramiko,
+    so a file swapped after the check is never read.
+    """
+    if not value:
+        raise SSHError("No private key file is set")
+    path = key_file_path(value)
+    real = os.path.realpath(path)
+    dirs = key_dirs()
+    if not any(real != d and os.path.commonpath([real, d]) == d for d in dirs):
+        raise SSHError(
+            f"The key file {value} is outside the key directory ({', '.join(map(str, settings.SSH_KEY_DIRS))}); "
+            "criuweb reads private keys only from there"
+        )
+    try:
+        # O_NOFOLLOW: the real path has no symlink left, unless one was put there since.
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise SSHError(f"There is no key file {value} in the key directory") from None
+    except OSError as e:
+        raise SSHError(f"The key file {value} cannot be read by the server ({e.strerror})") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SSHError(f"The key file {value} is not a regular file")
+        data = os.read(fd, KEY_FILE_MAX + 1)
+    finally:
+        os.close(fd)
+    return _parse_private_key(value, data)
+
+
+def _parse_private_key(value, data):
+    unusable = (
+        f"The key file {value} is not a private key criuweb can use "
+        "(OpenSSH or PEM format; Ed25519, ECDSA or RSA; without a passphrase)"
+    )
+    if len(data) > KEY_FILE_MAX:
+        raise SSHError(unusable)
+    try:
+        try:
+            loaded = serialization.load_ssh_private_key(data, password=None)
+        except ValueError:
+            loaded = serialization.load_pem_private_key(data, password=None)
+        kind = {
+            rsa.RSAPrivateKey: paramiko.RSAKey,
+            ed25519.Ed25519PrivateKey: paramiko.Ed25519Key,
+            ec.EllipticCurvePrivateKey: paramiko.ECDSAKey,
+        }
+        key_class = next((k for base, k in kind.items() if isinstance(loaded, base)), None)
+        if key_class is None:
+            raise SSHError(unusable)
+        return key_class.from_private_key(io.StringIO(data.decode("ascii")))
+    except TypeError:
+        # cryptography's way of saying the key is encrypted and no password was given.
+        raise SSHError(f"The key file {value} is protected by a passphrase; criuweb needs a key without one") from None
+    except (ValueError, UnsupportedAlgorithm, paramiko.SSHException):
+        # UnicodeDecodeError is a ValueError: a binary file is simply not a key.
+        raise SSHError(unusable) from None
 
 
 def fetch_host_key(address, port, timeout=None):
@@ -167,6 +250,10 @@ def open_client(host, timeout=None):
     if not host.host_key:
         raise SSHError(f"{host.name}: no host key pinned; confirm its key first")
     key = parse_host_key(host.host_key)
+    try:
+        login_key = load_private_key(host.key_path)
+    except SSHError as e:
+        raise SSHError(f"{host.name}: {e}") from None
     client = paramiko.SSHClient()
     client.get_host_keys().add(known_hosts_name(host.address, host.ssh_port), key.get_name(), key)
     # RejectPolicy is paramiko's default; said again so nobody "fixes" it.
@@ -176,8 +263,9 @@ def open_client(host, timeout=None):
             hostname=host.address,
             port=host.ssh_port,
             username=host.user,
-            key_filename=host.key_path or None,
-            look_for_keys=not host.key_path,
+            pkey=login_key,
+            # Only the host's own key: never root's ~/.ssh keys or an agent's.
+            look_for_keys=False,
             allow_agent=False,
             timeout=timeout or settings.SSH_CONNECT_TIMEOUT,
             banner_timeout=timeout or settings.SSH_CONNECT_TIMEOUT,

@@ -1,6 +1,8 @@
 import uuid
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from django.contrib.auth.models import Permission, User
 
 from migrations_app import lab
@@ -66,3 +68,27 @@ def viewer(db):
 @pytest.fixture
 def admin_user(db):
     return User.objects.create_superuser("boss", password="pw")
+
+
+def new_private_key(password=None):
+    """A fresh ed25519 private key in OpenSSH's file format."""
+    encryption = serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption()
+    return Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, encryption)
+
+
+@pytest.fixture
+def key_dir(tmp_path, settings):
+    """A key directory of the test's own, the only one criuweb reads keys from."""
+    path = tmp_path / "keys"
+    path.mkdir(mode=0o700)
+    settings.SSH_KEY_DIR = path
+    settings.SSH_KEY_DIRS = [path]
+    return path
+
+
+@pytest.fixture
+def key_file(key_dir):
+    path = key_dir / "id_ed25519"
+    path.write_bytes(new_private_key())
+    return str(path)

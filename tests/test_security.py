@@ -12,9 +12,11 @@ import threading
 import pytest
 
 from migrations_app import ssh, validation
-from migrations_app.models import CONTAINER, PROCESS, MigrationRun
-from tests.test_views import (  # noqa: F401  (fixtures)
-    FakeEngine, assert_shows, launcher, login, make_host, make_run, page_text, post_migrate, ready_host, site,
+from migrations_app.models import CONTAINER, PROCESS, Host, MigrationRun
+from tests.conftest import new_private_key
+from tests.test_views import (  # noqa: F401  (launcher and site are fixtures)
+    assert_shows, launcher, login, make_host, make_run, new_host_key, page_text, post_migrate, ready_host, reencoded,
+    site,
 )
 
 # -- the live list of a host's workloads needs the launch permission ----------------------------
@@ -196,3 +198,144 @@ def test_migration_form_ignores_the_other_kinds_field(launcher, db):
     response = post_migrate(launcher, kind=CONTAINER, container="web", pid=" junk")
     assert response.status_code == 302
     assert MigrationRun.objects.get().workload == "web"
+
+
+# -- private keys only from the key directory ---------------------------------------------------------
+
+
+def host_form(key_path, **fields):
+    data = {"name": "h3", "address": "10.99.0.3", "ssh_port": 22, "user": "root", "key_path": key_path,
+            "work_dir": "/var/lib/criuweb"}
+    data.update(fields)
+    return data
+
+
+def post_host(client, admin_user, key_path):
+    response = login(client, admin_user).post("/hosts/add/", host_form(key_path))
+    assert response.status_code == 200, "the host was accepted"
+    assert not Host.objects.filter(name="h3").exists()
+    return response
+
+
+def outside_message(path, key_dir):
+    return f"The key file {path} is outside the key directory ({key_dir}); criuweb reads private keys only from there."
+
+
+@pytest.mark.parametrize("path", ["/etc/shadow", "/etc/no-such-file-here", "/proc/self/environ",
+                                  "../../../etc/passwd", "/"])
+def test_a_key_outside_the_key_directory_is_refused_alike(client, admin_user, key_dir, path):
+    # A file that is there and one that is not get the same words: the form
+    # must not be a way to learn which files the server has.
+    response = post_host(client, admin_user, path)
+    assert_shows(response, outside_message(path, key_dir))
+
+
+def test_a_symlink_out_of_the_key_directory_is_refused(client, admin_user, key_dir, tmp_path):
+    outside = tmp_path / "elsewhere"
+    outside.write_bytes(new_private_key())  # even a real key: it is not in the directory
+    (key_dir / "link").symlink_to(outside)
+    (key_dir / "dangling").symlink_to(tmp_path / "nothing")
+    for name in ("link", "dangling"):
+        response = post_host(client, admin_user, str(key_dir / name))
+        assert_shows(response, outside_message(str(key_dir / name), key_dir))
+
+
+def test_a_symlink_within_the_key_directory_is_followed(client, admin_user, key_dir, key_file):
+    (key_dir / "current").symlink_to(key_file)
+    response = login(client, admin_user).post("/hosts/add/", host_form("current"))
+    assert response.status_code == 302
+    # A bare name is a file of the key directory, stored with its full path.
+    assert Host.objects.get(name="h3").key_path == str(key_dir / "current")
+
+
+@pytest.mark.parametrize("content, message", [
+    (lambda: bytes(range(256)) * 8, "is not a private key criuweb can use"),
+    (lambda: b"", "is not a private key criuweb can use"),
+    (lambda: b"-----BEGIN OPENSSH PRIVATE KEY-----\nnot base64\n-----END OPENSSH PRIVATE KEY-----\n",
+     "is not a private key criuweb can use"),
+    (lambda: new_private_key()[:-60], "is not a private key criuweb can use"),
+    (lambda: b"x" * (ssh.KEY_FILE_MAX + 1), "is not a private key criuweb can use"),
+    (lambda: new_private_key(password=b"secret"), "is protected by a passphrase; criuweb needs a key without one"),
+], ids=["binary", "empty", "bad-base64", "truncated", "huge", "passphrase"])
+def test_a_file_that_is_no_usable_key_is_a_form_error(client, admin_user, key_dir, content, message):
+    (key_dir / "bad").write_bytes(content())
+    response = post_host(client, admin_user, str(key_dir / "bad"))
+    assert_shows(response, message)
+
+
+def test_missing_key_and_directory_in_the_key_directory(client, admin_user, key_dir):
+    (key_dir / "sub").mkdir()
+    assert_shows(post_host(client, admin_user, "absent"), "There is no key file absent in the key directory.")
+    assert_shows(post_host(client, admin_user, "sub"), "The key file sub is not a regular file.")
+
+
+def test_connecting_rereads_the_key_from_the_key_directory(db, key_dir, key_file, tmp_path):
+    # A host stored before the rule, or whose key was swapped for a symlink
+    # afterwards: refused before any connection is made (port 9 would say
+    # "cannot reach" otherwise).
+    host = Host(name="old", address="127.0.0.1", ssh_port=9, key_path="/etc/shadow", host_key=new_host_key())
+    with pytest.raises(ssh.SSHError, match=r"^old: The key file /etc/shadow is outside the key directory"):
+        ssh.open_client(host)
+    swapped = key_dir / "swapped"
+    swapped.symlink_to("/etc/ssh/ssh_host_ed25519_key")
+    host.key_path = str(swapped)
+    with pytest.raises(ssh.SSHError, match=r"^old: The key file .*/swapped is outside the key directory"):
+        ssh.open_client(host)
+    host.key_path = ""
+    with pytest.raises(ssh.SSHError, match=r"^old: No private key file is set"):
+        ssh.open_client(host)
+    host.key_path = key_file
+    with pytest.raises(ssh.SSHError, match=r"^old: cannot reach 127.0.0.1:9"):
+        ssh.open_client(host)
+
+
+# -- the admin's host form checks what the web's does ----------------------------------------------
+
+ADMIN_ADD = "/admin/migrations_app/host/add/"
+
+
+def admin_host(key_path=None, **fields):
+    data = {"name": "h3", "address": "10.99.0.3", "ssh_port": 22, "user": "root", "key_path": key_path,
+            "host_key": "", "work_dir": "/var/lib/criuweb"}
+    data.update(fields)
+    return data
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"key_path": "/etc/shadow"}, "The key file /etc/shadow is outside the key directory"),
+    ({"name": "a b"}, "Enter a valid “slug”"),
+    ({"address": "10.0.0.1; rm -rf /"}, "An address is a host name or an IP address, without spaces."),
+    ({"ssh_port": 70000}, "A port is between 1 and 65535."),
+    ({"work_dir": "relative"}, "Give an absolute path."),
+    ({"host_key": "garbage"}, "host key 'garbage' is not '<type> <base64>'"),
+    ({"host_key": "TRUNCATED"}, "This host key is truncated or has extra bytes; copy it whole."),
+])
+def test_admin_host_form_refuses(client, admin_user, key_file, fields, message):
+    fields = {"key_path": key_file, **fields}
+    if fields.get("host_key") == "TRUNCATED":
+        fields["host_key"] = reencoded(new_host_key(), lambda raw: raw[:-8])
+    response = login(client, admin_user).post(ADMIN_ADD, admin_host(**fields))
+    assert response.status_code == 200
+    assert_shows(response, message)
+    assert not Host.objects.exists()
+
+
+def test_admin_host_form_accepts_a_good_host(client, admin_user, key_file):
+    key = new_host_key()
+    response = login(client, admin_user).post(ADMIN_ADD, admin_host(key_file, host_key=key, address=" 10.99.0.3 "))
+    assert response.status_code == 302, page_text(response)
+    host = Host.objects.get(name="h3")
+    assert (host.address, host.key_path, host.host_key) == ("10.99.0.3", key_file, key)
+
+
+def test_admin_edit_of_the_address_unpins_the_key(client, admin_user, key_file):
+    host = make_host("h3", key_path=key_file, host_key=new_host_key(), address="10.99.0.3")
+    url = f"/admin/migrations_app/host/{host.pk}/change/"
+    data = admin_host(key_file, host_key=host.host_key)
+    login(client, admin_user)
+    assert client.post(url, dict(data, user="cw")).status_code == 302
+    host.refresh_from_db()
+    assert host.user == "cw" and host.host_key  # same place, same key
+    assert client.post(url, dict(data, user="cw", address="10.99.0.4")).status_code == 302
+    host.refresh_from_db()
+    assert host.address == "10.99.0.4" and host.host_key == ""

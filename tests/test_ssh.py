@@ -44,9 +44,9 @@ def test_no_pinned_key_no_connection(db):
         ssh.open_client(host)
 
 
-def test_unreachable_host_says_so(db):
+def test_unreachable_host_says_so(db, key_file):
     # Port 9 on loopback: nothing listens there, so the connect is refused.
-    host = Host(name="gone", address="127.0.0.1", ssh_port=9, key_path="/nonexistent",
+    host = Host(name="gone", address="127.0.0.1", ssh_port=9, key_path=key_file,
                 host_key="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl")
     with pytest.raises(ssh.SSHError, match=r"^gone: cannot reach 127.0.0.1:9"):
         ssh.open_client(host)
