@@ -20,6 +20,8 @@ setup: $(VENV)/.ready-$(shell cat requirements.txt | md5sum | cut -c1-8)
 	bash scripts/setup-system.sh
 	$(PY) manage.py migrate --verbosity 0
 
+# The first time, ensure_admin writes the admin password to var/admin-password
+# (mode 0600) and prints only that path.
 run: setup
 	$(PY) manage.py lab up --demo
 	$(PY) manage.py ensure_admin

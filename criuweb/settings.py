@@ -5,10 +5,13 @@ to another database (postgres://user:pass@host/db).
 """
 
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
+
+from .private_files import make_private, private_dir, write_private_file
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -30,19 +33,47 @@ def envint(name, default):
 
 
 DEBUG = envbool("DEBUG", "False")
+
+# var/ holds the database, the secret key, the key directory and the
+# administrator's first password: nobody but this server's user reads it.
+VAR_DIR = private_dir(BASE_DIR / "var")
+
 SECRET_KEY = os.environ.get("SECRET_KEY", "")
 if not SECRET_KEY:
     # A per-checkout key, kept out of git, so sessions survive restarts.
-    _key_file = BASE_DIR / "var" / "secret_key"
-    _key_file.parent.mkdir(exist_ok=True)
-    if not _key_file.exists():
+    _key_file = VAR_DIR / "secret_key"
+    make_private(_key_file)
+    if not _key_file.exists() or not _key_file.read_text().strip():
         from django.core.management.utils import get_random_secret_key
 
-        _key_file.write_text(get_random_secret_key())
-        _key_file.chmod(0o600)
+        # An empty file (an older version's interrupted first start) is replaced;
+        # otherwise the first of two processes starting at once wins.
+        write_private_file(_key_file, get_random_secret_key(), replace=_key_file.exists())
     SECRET_KEY = _key_file.read_text().strip()
 
+# Where `manage.py ensure_admin` leaves the first administrator's password.
+ADMIN_PASSWORD_FILE = VAR_DIR / "admin-password"
+
 ALLOWED_HOSTS = os.environ.get("ALLOWED_HOSTS", "127.0.0.1,localhost").split(",")
+
+# Production mode: served over HTTPS by a TLS proxy in front of gunicorn (see
+# docs/configuration.md). The proxy must set X-Forwarded-Proto and
+# X-Forwarded-For itself, overwriting what the client sent.
+PRODUCTION = envbool("CRIUWEB_PRODUCTION", "False")
+BEHIND_PROXY = PRODUCTION
+if PRODUCTION:
+    if DEBUG:
+        raise ImproperlyConfigured("DEBUG must be False when CRIUWEB_PRODUCTION is True")
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_SSL_REDIRECT = True
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_HSTS_SECONDS = envint("CRIUWEB_HSTS_SECONDS", str(365 * 24 * 3600))
+    # Subdomains of criuweb's own host name only; a sibling host is not covered.
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = envbool("CRIUWEB_HSTS_INCLUDE_SUBDOMAINS", "True")
+    # Asking browsers to preload is the domain owner's decision and hard to undo,
+    # so it is off unless chosen (`check --deploy` then warns: security.W021).
+    SECURE_HSTS_PRELOAD = envbool("CRIUWEB_HSTS_PRELOAD", "False")
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -51,6 +82,8 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    "axes",
+    "criuweb.apps.CriuwebConfig",
     "migrations_app",
 ]
 
@@ -63,7 +96,31 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes asks: it turns a locked-out login into its answer.
+    "axes.middleware.AxesMiddleware",
 ]
+
+# -- logins ---------------------------------------------------------------------------
+
+AUTHENTICATION_BACKENDS = [
+    # First: refuses a locked-out client before any password is checked.
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator", "OPTIONS": {"min_length": 12}},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+# After this many failed logins from one client address, that address may not
+# log in for the cool-off time (a success before then starts the count anew).
+AXES_FAILURE_LIMIT = envint("CRIUWEB_LOGIN_FAILURE_LIMIT", "5")
+AXES_COOLOFF_TIME = timedelta(minutes=envint("CRIUWEB_LOGIN_LOCKOUT_MINUTES", "15"))
+AXES_LOCKOUT_PARAMETERS = ["ip_address"]
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
+AXES_CLIENT_IP_CALLABLE = "criuweb.client_ip.client_ip"
 
 ROOT_URLCONF = "criuweb.urls"
 
@@ -86,7 +143,7 @@ WSGI_APPLICATION = "criuweb.wsgi.application"
 
 DATABASES = {
     "default": dj_database_url.config(
-        default=f"sqlite:///{BASE_DIR / 'var' / 'criuweb.sqlite3'}",
+        default=f"sqlite:///{VAR_DIR / 'criuweb.sqlite3'}",
         conn_max_age=envint("DATABASE_CONN_MAX_AGE", "0"),
     )
 }
@@ -102,7 +159,7 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
-STATIC_ROOT = BASE_DIR / "var" / "static"
+STATIC_ROOT = VAR_DIR / "static"
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},
@@ -118,7 +175,10 @@ LAB_ROOT = Path(os.environ.get("CRIUWEB_LAB_ROOT", f"/var/lib/criuweb-lab{LAB_ID
 # Private keys for logging in to hosts are read only from these directories
 # (checked on the real path, so a symlink cannot lead out): the key directory,
 # and the lab's own, where `lab up` makes its client key.
-SSH_KEY_DIR = Path(os.environ.get("CRIUWEB_KEY_DIR", BASE_DIR / "var" / "keys"))
+if "CRIUWEB_KEY_DIR" in os.environ:
+    SSH_KEY_DIR = Path(os.environ["CRIUWEB_KEY_DIR"])
+else:
+    SSH_KEY_DIR = private_dir(VAR_DIR / "keys")
 SSH_KEY_DIRS = [SSH_KEY_DIR, LAB_ROOT / "keys"]
 # Seconds an SSH connect may take before a host counts as unreachable.
 SSH_CONNECT_TIMEOUT = envint("CRIUWEB_SSH_TIMEOUT", "10")

@@ -6,13 +6,26 @@ made in the ORM; the servers they talk to are real sockets on loopback.
 
 import csv
 import io
+import os
+import re
 import socket
+import subprocess
+import sys
 import threading
 
 import pytest
+from django.conf import settings
+from django.contrib.auth.models import User
+from django.contrib.auth.password_validation import validate_password
+from django.core.exceptions import ValidationError
+from django.core.management import CommandError, call_command
+
+from criuweb.private_files import make_private, private_dir, write_private_file
 
 from migrations_app import ssh, validation
 from migrations_app.models import CONTAINER, PROCESS, Host, MigrationRun
+from django.contrib.auth.forms import SetPasswordForm
+
 from tests.conftest import new_private_key
 from tests.test_views import (  # noqa: F401  (launcher and site are fixtures)
     assert_shows, launcher, login, make_host, make_run, new_host_key, page_text, post_migrate, ready_host, reencoded,
@@ -339,3 +352,203 @@ def test_admin_edit_of_the_address_unpins_the_key(client, admin_user, key_file):
     assert client.post(url, dict(data, user="cw", address="10.99.0.4")).status_code == 302
     host.refresh_from_db()
     assert host.address == "10.99.0.4" and host.host_key == ""
+
+
+# -- files only this server's user may read ---------------------------------------------------------
+
+
+def mode(path):
+    return os.stat(path).st_mode & 0o777
+
+
+def test_var_database_and_secret_key_are_private(db):
+    from django.db import connection
+
+    connection.ensure_connection()
+    assert mode(settings.VAR_DIR) == 0o700
+    assert mode(settings.SSH_KEY_DIR) == 0o700
+    assert mode(settings.VAR_DIR / "secret_key") == 0o600
+    # The test database, made fresh by this session's test runner.
+    assert mode(connection.settings_dict["NAME"]) == 0o600
+
+
+def test_a_new_database_is_private(tmp_path):
+    # A database made from nothing by `migrate` in a process with the usual umask.
+    database = tmp_path / "fresh.sqlite3"
+    env = dict(os.environ, DJANGO_SETTINGS_MODULE="criuweb.settings", DATABASE_URL=f"sqlite:///{database}")
+    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=settings.BASE_DIR, env=env, check=True,
+                   preexec_fn=lambda: os.umask(0o022), timeout=120)
+    assert mode(database) == 0o600
+
+
+def test_write_private_file(tmp_path):
+    target = tmp_path / "secret"
+    old_umask = os.umask(0)  # even a process that would make every file world-writable
+    try:
+        assert write_private_file(target, "one") is True
+    finally:
+        os.umask(old_umask)
+    assert target.read_text() == "one" and mode(target) == 0o600
+    # replace=False: the first writer's content stays (two processes starting at once).
+    assert write_private_file(target, "two", replace=False) is False
+    assert target.read_text() == "one"
+    assert write_private_file(target, "three") is True and target.read_text() == "three"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["secret"]  # no temporary file left
+
+
+def test_make_private_and_private_dir(tmp_path):
+    loose = tmp_path / "loose"
+    loose.write_text("x")
+    loose.chmod(0o644)
+    make_private(loose)
+    assert mode(loose) == 0o600
+    existing = tmp_path / "dir"
+    existing.mkdir(mode=0o755)
+    private_dir(existing)
+    assert mode(existing) == 0o700
+
+
+# -- the first administrator's password goes to a file, never to the terminal -----------------------
+
+
+def test_ensure_admin_writes_the_password_to_a_private_file(db, settings, tmp_path, monkeypatch):
+    monkeypatch.delenv("CRIUWEB_ADMIN_PASSWORD", raising=False)
+    settings.ADMIN_PASSWORD_FILE = tmp_path / "admin-password"
+    out = io.StringIO()
+    call_command("ensure_admin", stdout=out)
+    password = settings.ADMIN_PASSWORD_FILE.read_text().strip()
+    assert mode(settings.ADMIN_PASSWORD_FILE) == 0o600
+    assert password not in out.getvalue() and str(settings.ADMIN_PASSWORD_FILE) in out.getvalue()
+    assert User.objects.get(username="admin").check_password(password)
+    # A second call leaves the administrator and the file alone.
+    call_command("ensure_admin", stdout=io.StringIO())
+    assert settings.ADMIN_PASSWORD_FILE.read_text().strip() == password
+
+
+def test_ensure_admin_with_a_chosen_password(db, settings, tmp_path, monkeypatch):
+    settings.ADMIN_PASSWORD_FILE = tmp_path / "admin-password"
+    monkeypatch.setenv("CRIUWEB_ADMIN_PASSWORD", "pw")
+    with pytest.raises(CommandError, match="CRIUWEB_ADMIN_PASSWORD is refused: This password is too short"):
+        call_command("ensure_admin", stdout=io.StringIO())
+    assert not User.objects.exists()
+    chosen = "correct horse battery staple 7"
+    monkeypatch.setenv("CRIUWEB_ADMIN_PASSWORD", chosen)
+    out = io.StringIO()
+    call_command("ensure_admin", stdout=out)
+    assert chosen not in out.getvalue() and "CRIUWEB_ADMIN_PASSWORD" in out.getvalue()
+    assert User.objects.get(username="admin").check_password(chosen)
+    assert not settings.ADMIN_PASSWORD_FILE.exists()
+
+
+# -- logins: a rate limit and password rules ------------------------------------------------------------
+
+
+def login_post(client, password, **extra):
+    return client.post("/login/", {"username": "viewer", "password": password, "next": "/runs/"}, **extra)
+
+
+def test_failed_logins_lock_the_address_out(client, viewer, settings):
+    limit = settings.AXES_FAILURE_LIMIT
+    for _ in range(limit - 1):
+        assert login_post(client, "wrong").status_code == 200  # the form again, with its error
+    # The limit-th failure locks the address: now even the right password is refused.
+    assert login_post(client, "wrong").status_code == 429
+    response = login_post(client, "pw")
+    assert response.status_code == 429
+    assert_shows(response, f"After {limit} failed logins, logins from your address are refused")
+    assert "_auth_user_id" not in client.session
+    # Another address is not locked out.
+    response = login_post(client, "pw", REMOTE_ADDR="127.0.0.9")
+    assert response.status_code == 302 and response.url == "/runs/"
+
+
+def test_a_successful_login_starts_the_count_anew(client, viewer, settings):
+    limit = settings.AXES_FAILURE_LIMIT
+    for _ in range(limit - 1):
+        login_post(client, "wrong")
+    assert login_post(client, "pw").status_code == 302
+    client.logout()
+    for _ in range(limit - 1):
+        assert login_post(client, "wrong").status_code == 200
+    assert login_post(client, "pw").status_code == 302
+
+
+def test_behind_the_proxy_the_lockout_follows_the_forwarded_address(client, viewer, settings):
+    settings.BEHIND_PROXY = True
+    # Behind a proxy every request comes from its address; X-Forwarded-For's
+    # last entry is the one the proxy saw, earlier ones are the client's say.
+    for i in range(settings.AXES_FAILURE_LIMIT):
+        login_post(client, "wrong", HTTP_X_FORWARDED_FOR=f"6.6.6.{i}, 192.0.2.7")
+    assert login_post(client, "pw", HTTP_X_FORWARDED_FOR="192.0.2.7").status_code == 429
+    assert login_post(client, "pw", HTTP_X_FORWARDED_FOR="192.0.2.8").status_code == 302
+
+
+@pytest.mark.parametrize("password, message", [
+    ("short1", "This password is too short. It must contain at least 12 characters."),
+    ("123456789012", "This password is entirely numeric."),
+    ("password1234", "This password is too common."),
+    ("margaret.hamilton1", "The password is too similar to the username."),
+])
+def test_password_rules(db, password, message):
+    user = User.objects.create_user("margaret.hamilton")
+    with pytest.raises(ValidationError) as caught:
+        validate_password(password, user)
+    assert message in caught.value.messages
+
+
+def test_password_forms_apply_the_rules(viewer):
+    # The forms of the admin and `changepassword` check passwords the same way.
+    form = SetPasswordForm(viewer, {"new_password1": "password1234", "new_password2": "password1234"})
+    assert not form.is_valid() and "This password is too common." in form.errors["new_password2"]
+
+
+# -- production mode: what `check --deploy` asks for, from the environment -----------------------------
+
+
+def manage(*argv, **env):
+    full_env = dict(os.environ, DJANGO_SETTINGS_MODULE="criuweb.settings", ALLOWED_HOSTS="criuweb.example.org")
+    full_env.pop("DEBUG", None)
+    full_env.update(env)
+    return subprocess.run([sys.executable, "manage.py", *argv], cwd=settings.BASE_DIR, env=full_env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def deploy_warnings(result):
+    return set(re.findall(r"\(([a-z_]+\.[WE]\d+)\)", result.stdout + result.stderr))
+
+
+def test_check_deploy_in_production_mode():
+    result = manage("check", "--deploy", CRIUWEB_PRODUCTION="True")
+    # W021 (HSTS preload) alone stays: preloading is the domain owner's choice,
+    # hard to undo, and CRIUWEB_HSTS_PRELOAD=True turns it on.
+    assert deploy_warnings(result) == {"security.W021"}, result.stdout + result.stderr
+    result = manage("check", "--deploy", CRIUWEB_PRODUCTION="True", CRIUWEB_HSTS_PRELOAD="True")
+    assert result.returncode == 0 and "System check identified no issues" in result.stdout, result.stdout
+    # Without production mode the same check finds what the mode fixes.
+    assert {"security.W004", "security.W008", "security.W012", "security.W016"} <= deploy_warnings(manage(
+        "check", "--deploy"))
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"CRIUWEB_PRODUCTION": "yes"}, "CRIUWEB_PRODUCTION must be True or False, not 'yes'"),
+    ({"CRIUWEB_PRODUCTION": "true"}, "CRIUWEB_PRODUCTION must be True or False, not 'true'"),
+    ({"CRIUWEB_PRODUCTION": "True", "DEBUG": "True"}, "DEBUG must be False when CRIUWEB_PRODUCTION is True"),
+    ({"CRIUWEB_PRODUCTION": "True", "CRIUWEB_HSTS_SECONDS": "a year"},
+     "CRIUWEB_HSTS_SECONDS must be a whole number, not 'a year'"),
+])
+def test_production_settings_refuse_unclear_values(env, message):
+    result = manage("check", **env)
+    assert result.returncode != 0 and message in result.stderr
+
+
+def test_production_mode_redirects_to_https_and_sends_hsts(client, settings, viewer):
+    # The values production mode sets, applied to this test's settings.
+    settings.SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    settings.SECURE_SSL_REDIRECT = True
+    settings.SESSION_COOKIE_SECURE = settings.CSRF_COOKIE_SECURE = True
+    settings.SECURE_HSTS_SECONDS = 3600
+    response = client.get("/login/")
+    assert response.status_code == 301 and response.url == "https://testserver/login/"
+    response = client.get("/login/", HTTP_X_FORWARDED_PROTO="https")
+    assert response.status_code == 200 and response["Strict-Transport-Security"].startswith("max-age=3600")
+    assert response.cookies["csrftoken"]["secure"] is True
