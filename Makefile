@@ -29,6 +29,7 @@ run: setup
 	$(VENV)/bin/gunicorn criuweb.wsgi --bind $(BIND) --workers 1 --threads 8 --timeout 300 --graceful-timeout 300 --access-logfile -
 
 test: setup
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest
 
 lab-down: setup

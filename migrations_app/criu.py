@@ -9,7 +9,6 @@ import re
 import struct
 
 
-
 class CriuError(Exception):
     """A CRIU step failed; the message names the host, the step and the log.
 

@@ -8,7 +8,8 @@ from django.utils import timezone
 
 from . import criu, inventory, ssh, validation
 from .docker_engine import Engine, EngineError
-from .models import CONTAINER, KIND_CHOICES, PROCESS, STATUS_CHOICES, STRATEGY_CHOICES, Host
+from .engine import plans
+from .models import CONTAINER, KIND_CHOICES, PROCESS, STATUS_CHOICES, Host
 
 # A probe older than this is run again before a migration is accepted.
 PROBE_MAX_AGE = timedelta(minutes=10)
@@ -103,7 +104,7 @@ class MigrationForm(forms.Form):
     container = forms.CharField(required=False, strip=False, max_length=255, help_text="name or id on the source")
     pid = forms.CharField(required=False, strip=False, max_length=20, label="PID")
     target = forms.ModelChoiceField(Host.objects.all(), to_field_name="name", empty_label=None)
-    strategy = forms.ChoiceField(choices=STRATEGY_CHOICES)
+    strategy = forms.ChoiceField(choices=plans.choices)
     keep_source = forms.BooleanField(required=False, help_text="keep the stopped source container")
 
     def clean(self):
@@ -129,9 +130,12 @@ class MigrationForm(forms.Form):
                 self.add_error(field, f"{host.name} fails its probe: {host.capabilities.get('error')}")
         if self.errors:
             return data
-        common = set(source.strategies()) & set(target.strategies())
-        if data.get("strategy") not in common:
-            self.add_error("strategy", "Both hosts must support this strategy.")
+        offered = {strategy: why for strategy, _, why in plans.available(kind, source, target)}
+        strategy = data.get("strategy")
+        if strategy not in offered:
+            self.add_error("strategy", f"A {kind} moves with: {', '.join(offered)}.")
+        elif offered[strategy]:
+            self.add_error("strategy", f"Both hosts must support this strategy ({offered[strategy]}).")
         self._check_workload(source, kind, data)
         return data
 
@@ -164,7 +168,7 @@ class RunFilterForm(forms.Form):
     workload = forms.CharField(required=False, max_length=255,
                                widget=forms.TextInput(attrs={"placeholder": "workload"}))
     kind = forms.ChoiceField(choices=[("", "any kind")] + KIND_CHOICES, required=False)
-    strategy = forms.ChoiceField(choices=[("", "any strategy")] + STRATEGY_CHOICES, required=False)
+    strategy = forms.ChoiceField(choices=lambda: [("", "any strategy")] + plans.choices(), required=False)
     status = forms.ChoiceField(choices=[("", "any status")] + STATUS_CHOICES, required=False)
 
     def filter(self, runs):

@@ -25,12 +25,21 @@ CONTAINER = "container"
 PROCESS = "process"
 KIND_CHOICES = [(CONTAINER, "container"), (PROCESS, "process")]
 
-# Strategies. Only stop-and-copy today: pre-copy needs memory dirty tracking,
-# which the lab's kernel lacks (see Host capability probe).
+# Strategy names. What each one is, which workload kinds it serves and what
+# hosts need for it live in the plan registry (engine/plans/__init__.py).
 STOP_AND_COPY = "stop-and-copy"
-STRATEGY_CHOICES = [(STOP_AND_COPY, "stop and copy")]
-# CRIU features (criu check --feature NAME) each strategy needs on both hosts.
-STRATEGY_NEEDS = {STOP_AND_COPY: []}
+ENGINE = "engine"  # containers through Docker's own checkpoint API
+
+
+class Stage(models.TextChoices):
+    """Where a run's workload may be, stored before each change so that a
+    run whose controller died can be finished correctly from the database."""
+
+    PREPARING = "preparing", "preparing (the workload runs on the source)"
+    FROZEN = "frozen", "frozen (stopped on the source, no copy on the target)"
+    RESTORING = "restoring", "restoring (a copy may run on the target)"
+    VERIFIED = "verified", "verified (runs on the target)"
+    DONE = "done", "done (nothing left to recover)"
 
 # Phase status
 PHASE_OK = "ok"
@@ -84,10 +93,18 @@ class Host(models.Model):
     def dirty_tracking(self):
         return self.has_feature("mem_dirty_track")
 
-    def strategies(self):
-        """Strategies this host's last probe allows."""
-        features = self.capabilities.get("criu", {}).get("features", {})
-        return [s for s, needs in STRATEGY_NEEDS.items() if self.probe_ok() and all(features.get(f) for f in needs)]
+    def passes(self, need):
+        """Whether the last probe found a capability: a self-test it passed or a CRIU feature."""
+        test = self.capabilities.get("self_tests", {}).get(need)
+        if test is not None:
+            return bool(test.get("ok"))
+        return self.has_feature(need)
+
+    def strategies(self, kind=None):
+        """Strategies this host's last probe allows (for one workload kind, or any)."""
+        from .engine import plans  # the registry imports the models
+
+        return plans.strategies_for_host(self, kind)
 
 
 class RunQuerySet(models.QuerySet):
@@ -110,7 +127,9 @@ class MigrationRun(models.Model):
     # Where the workload runs after the run: container id or PID on the
     # target (succeeded) or on the source (rolled back).
     result_workload = models.CharField(max_length=255, blank=True)
-    strategy = models.CharField(max_length=32, choices=STRATEGY_CHOICES, default=STOP_AND_COPY)
+    # A strategy of the plan registry; no choices here, so that adding a plan
+    # needs no schema migration.
+    strategy = models.CharField(max_length=32, default=STOP_AND_COPY)
     keep_source = models.BooleanField(default=False)
     status = models.CharField(max_length=16, choices=STATUS_CHOICES, default=PENDING)
     created = models.DateTimeField(default=timezone.now)
@@ -127,6 +146,10 @@ class MigrationRun(models.Model):
     # "hostname:pid" of the process executing the run, to tell a run whose
     # worker died from one another process is still working on.
     worker = models.CharField(max_length=100, blank=True)
+    stage = models.CharField(max_length=16, choices=Stage.choices, default=Stage.PREPARING)
+    # The plan's state (its dataclass as a dict) after the last phase: what a
+    # recovery needs to know (checkpoint names, image directories, ids).
+    state = models.JSONField(default=dict, blank=True)
 
     objects = RunQuerySet.as_manager()
 
@@ -154,6 +177,11 @@ class MigrationRun(models.Model):
 
     def __str__(self):
         return f"{self.kind} {self.workload}: {self.source} -> {self.target}"
+
+    def get_strategy_display(self):
+        from .engine import plans
+
+        return plans.label(self.kind, self.strategy)
 
     def to_dict(self, phases=None):
         """The run as the CLI's --json and the run page's JSON show it."""

@@ -4,10 +4,9 @@ Each function is one query whatever the number of runs, so the pages stay
 fast with many thousands of runs stored.
 """
 
-from django.db.models import Case, CharField, F, IntegerField, Q, Value, When, Window
-from django.db.models.functions import Concat, RowNumber
-from django.db.models import Count
+from django.db.models import Case, CharField, Count, F, IntegerField, Q, Value, When, Window
 from django.db.models.expressions import ExpressionWrapper
+from django.db.models.functions import Concat, RowNumber
 
 from .models import SUCCEEDED, Phase
 

@@ -324,7 +324,7 @@ def stream(src_chan, dst_chan, on_progress=None):
         while True:
             try:
                 data = chan.recv_stderr(CHUNK)
-            except socket.timeout:
+            except TimeoutError:
                 # Quiet stderr is normal; the main loop judges stalls.
                 if chan.closed or chan.exit_status_ready():
                     break
@@ -349,7 +349,7 @@ def stream(src_chan, dst_chan, on_progress=None):
             if on_progress:
                 on_progress(total)
         dst_chan.shutdown_write()
-    except socket.timeout as e:
+    except TimeoutError as e:
         raise SSHError(f"the transfer stalled after {total} bytes (no data for {src_chan.gettimeout()} s)") from e
     except OSError:
         # The target closed its end (its command died): its exit status and

@@ -8,7 +8,7 @@ from django.http import Http404, HttpResponse, JsonResponse, StreamingHttpRespon
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
-from . import inventory, migration, reports, ssh, worker
+from . import engine, inventory, reports, ssh, worker
 from .docker_engine import EngineError
 from .forms import HostForm, HostKeyForm, MigrationForm, RunFilterForm
 from .models import FINISHED, Host, MigrationRun
@@ -169,11 +169,11 @@ def migrate(request):
     if request.method == "POST" and form.is_valid():
         data = form.cleaned_data
         try:
-            run = migration.create_run(
+            run = engine.create_run(
                 data["source"], data["target"], data["kind"], form.workload(),
                 keep_source=data["keep_source"], strategy=data["strategy"],
             )
-        except migration.MigrationError as e:
+        except engine.MigrationError as e:
             form.add_error(None, str(e))
         else:
             worker.start(run)

@@ -5,7 +5,7 @@ import threading
 
 from django.db import close_old_connections, connection
 
-from . import migration, ssh
+from . import engine, ssh
 from .docker_engine import Engine, EngineError
 from .models import CONTAINER, INTERRUPTED, MigrationRun
 
@@ -38,7 +38,7 @@ def start(run):
 
 def _work(run_pk):
     run = MigrationRun.objects.select_related("source", "target").get(pk=run_pk)
-    migration.execute(run)
+    engine.execute(run)
 
 
 def mark_interrupted():
@@ -50,7 +50,7 @@ def mark_interrupted():
     stale = [
         run
         for run in MigrationRun.objects.unfinished().select_related("source", "target")
-        if not migration.worker_alive(run.worker)
+        if not engine.worker_alive(run.worker)
     ]
     marked = []
     for run in stale:

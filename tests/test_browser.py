@@ -10,13 +10,12 @@ import uuid
 from pathlib import Path
 
 import pytest
-
-from tests.support import wait_for
 from django.conf import settings
 
 from migrations_app import lab
 from migrations_app.docker_engine import Engine
 from migrations_app.models import FINISHED, SUCCEEDED, MigrationRun
+from tests.support import wait_for
 
 CHROMIUM = "/usr/bin/chromium"
 # No outside network here: never let the browser (or Playwright) reach out.

@@ -5,13 +5,14 @@ import time
 import uuid
 
 import pytest
-
-from tests.support import wait_for
 from django.conf import settings
 
-from migrations_app import lab, migration, ssh
+from migrations_app import lab, ssh
 from migrations_app.docker_engine import Engine
+from migrations_app.engine import create_run, execute
+from migrations_app.engine.plans.container_engine import RUN_LABEL
 from migrations_app.models import CONTAINER, PROCESS, ROLLED_BACK, SUCCEEDED
+from tests.support import wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -54,8 +55,8 @@ def _kill_tree(pid):
 
 
 def migrate(source, target, kind, workload, **kwargs):
-    run = migration.create_run(source, target, kind, workload)
-    return migration.execute(run, **kwargs)
+    run = create_run(source, target, kind, workload)
+    return execute(run, **kwargs)
 
 
 def last_value_after(phase, engine_attr, holder):
@@ -63,7 +64,7 @@ def last_value_after(phase, engine_attr, holder):
 
     def hook(ctx):
         engine = getattr(ctx, engine_attr)
-        holder["last"] = values(engine.logs(ctx.facts["container"]["Id"]))[-1]
+        holder["last"] = values(engine.logs(ctx.state.container["Id"]))[-1]
 
     return {phase: hook}
 
@@ -162,7 +163,7 @@ def test_container_restore_failure_rolls_back(hosts, counter_container):
     seen = {}
 
     def stop_target_engine(ctx):
-        seen["last"] = values(ctx.src.logs(ctx.facts["container"]["Id"]))[-1]
+        seen["last"] = values(ctx.src.logs(ctx.state.container["Id"]))[-1]
         _stop_engine(lab2.name)
 
     try:
@@ -193,13 +194,13 @@ def test_container_restore_failure_rolls_back(hosts, counter_container):
 def test_leftover_of_a_failed_run_is_cleared(hosts, counter_container):
     lab1, lab2 = hosts
     name = counter_container
-    ended = migration.create_run(lab1, lab2, CONTAINER, "gone")
+    ended = create_run(lab1, lab2, CONTAINER, "gone")
     ended.status = "rolled_back"
     ended.save()
     with Engine(lab2) as engine:
         # What a restore that failed while lab-2's engine was down leaves:
         # a never-started container with our label, under the workload's name.
-        engine.api.create_container(lab.IMAGE, ["true"], name=name, labels={migration.RUN_LABEL: str(ended.code)})
+        engine.api.create_container(lab.IMAGE, ["true"], name=name, labels={RUN_LABEL: str(ended.code)})
     run = migrate(lab1, lab2, CONTAINER, name)
     assert run.status == SUCCEEDED, run.error
     with Engine(lab2) as engine:
@@ -211,7 +212,7 @@ def test_process_restore_failure_rolls_back(hosts, counter_process):
 
     def break_images(ctx):
         # A real CRIU failure: the target's images lose their memory pages.
-        ctx.dst.sh('rm -f "$1"/pages-*.img', ctx.facts["dst_images"])
+        ctx.dst.sh('rm -f "$1"/pages-*.img', ctx.state.dst_images)
 
     run = migrate(lab1, lab2, PROCESS, counter_process["pid"], after_phase={"transfer": break_images})
     assert run.status == ROLLED_BACK
@@ -309,7 +310,7 @@ def test_restart_policy_never_makes_a_second_copy(hosts):
         cid = engine.api.create_container(lab.IMAGE, ["sh", "-c", lab.COUNTER_SCRIPT], name=name, host_config=config)
         engine.api.start(cid["Id"])
     try:
-        run = migration.execute(migration.create_run(lab1, lab2, CONTAINER, name, keep_source=True))
+        run = execute(create_run(lab1, lab2, CONTAINER, name, keep_source=True))
         assert run.status == SUCCEEDED, run.error
         assert "prepare source" in [p.name for p in run.phases.all()]
         time.sleep(2)  # time for Docker to restart it, were the policy still on

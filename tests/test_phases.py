@@ -5,20 +5,21 @@ These steps touch no host: what is under test is the engine's own logic
 then exercise for real.
 """
 
+import dataclasses
 import time
 
 import pytest
 
-from migrations_app import migration
-from migrations_app.migration import Measured, Step
-from migrations_app.models import CONTAINER, FAILED, ROLLED_BACK, SUCCEEDED, Host
+from migrations_app import engine
+from migrations_app.engine import Measured, Plan, Step, plans
+from migrations_app.models import CONTAINER, ENGINE, FAILED, ROLLED_BACK, SUCCEEDED, Host
 
 
 @pytest.fixture
 def run(db):
     a = Host.objects.create(name="a", address="10.0.0.1", key_path="/k")
     b = Host.objects.create(name="b", address="10.0.0.2", key_path="/k")
-    return migration.create_run(a, b, CONTAINER, "web")
+    return engine.create_run(a, b, CONTAINER, "web")
 
 
 def plan(monkeypatch, steps, calls):
@@ -29,7 +30,20 @@ def plan(monkeypatch, steps, calls):
     def abort(ctx):
         calls.append("abort")
 
-    monkeypatch.setitem(migration.PLANS, CONTAINER, (steps, rollback, abort))
+    install(monkeypatch, steps, rollback, abort)
+
+
+@dataclasses.dataclass
+class NoState:
+    pass
+
+
+def install(monkeypatch, steps, rollback, abort):
+    """Put a plan of plain functions in the registry in place of the container plan."""
+    monkeypatch.setitem(plans.PLANS, (CONTAINER, ENGINE), Plan(
+        kind=CONTAINER, strategy=ENGINE, label="test", steps=tuple(steps), rollback=rollback, abort=abort,
+        state=NoState,
+    ))
 
 
 def step(name, calls, sleep=0.0, fail=None, skip=False, nbytes=0, **flags):
@@ -37,7 +51,7 @@ def step(name, calls, sleep=0.0, fail=None, skip=False, nbytes=0, **flags):
         calls.append(name)
         time.sleep(sleep)
         if fail:
-            raise migration.MigrationError(fail)
+            raise engine.MigrationError(fail)
         return Measured(bytes=nbytes, criu_stats={"n": 1}, detail=name)
 
     def needed(ctx):
@@ -57,7 +71,7 @@ def test_phases_are_recorded_in_order_with_downtime(run, monkeypatch):
         step("thaw", calls, resumes=True, nbytes=20, side="target"),
         step("after", calls, sleep=0.05),
     ], calls)
-    migration.execute(run)
+    engine.execute(run)
     run.refresh_from_db()
     assert run.status == SUCCEEDED and run.error == ""
     phases = list(run.phases.all())
@@ -83,7 +97,7 @@ def test_failure_after_freeze_rolls_back(run, monkeypatch):
         step("move", calls, fail="b: disk full"),
         step("thaw", calls, resumes=True),
     ], calls)
-    migration.execute(run)
+    engine.execute(run)
     run.refresh_from_db()
     assert run.status == ROLLED_BACK
     assert run.error == "b: disk full"
@@ -100,7 +114,7 @@ def test_failure_before_freeze_only_aborts(run, monkeypatch):
     calls = []
     plan(monkeypatch, [step("pre-flight", calls, fail="a: criu check fails"), step("freeze", calls, freezes=True)],
          calls)
-    migration.execute(run)
+    engine.execute(run)
     run.refresh_from_db()
     assert run.status == FAILED
     assert run.error == "a: criu check fails"
@@ -115,7 +129,7 @@ def test_unexpected_exception_still_rolls_back(run, monkeypatch):
         raise KeyError("State")
 
     plan(monkeypatch, [step("freeze", calls, freezes=True), Step("verify", "target", boom)], calls)
-    migration.execute(run)
+    engine.execute(run)
     run.refresh_from_db()
     assert run.status == ROLLED_BACK
     assert run.error == "'State'"
@@ -126,12 +140,11 @@ def test_failed_rollback_is_said_plainly(run, monkeypatch):
     calls = []
 
     def rollback(ctx):
-        raise migration.MigrationError("a: criu restore failed")
+        raise engine.MigrationError("a: criu restore failed")
 
-    monkeypatch.setitem(migration.PLANS, CONTAINER, (
-        [step("freeze", calls, freezes=True), step("move", calls, fail="b: gone")], rollback, lambda ctx: None,
-    ))
-    migration.execute(run)
+    install(monkeypatch, [step("freeze", calls, freezes=True), step("move", calls, fail="b: gone")], rollback,
+            lambda ctx: None)
+    engine.execute(run)
     run.refresh_from_db()
     assert run.status == FAILED
     assert run.error == "b: gone; rollback failed: a: criu restore failed"
@@ -145,7 +158,7 @@ def test_failure_after_verification_does_not_roll_back(run, monkeypatch):
         step("verify", calls, commits=True),
         step("cleanup", calls, fail="a: ssh connection lost"),
     ], calls)
-    migration.execute(run)
+    engine.execute(run)
     run.refresh_from_db()
     assert run.status == SUCCEEDED
     assert run.error == "the workload runs on b, but afterwards: a: ssh connection lost"
@@ -161,7 +174,7 @@ def test_interrupt_while_frozen_rolls_back_then_stops(run, monkeypatch):
 
     plan(monkeypatch, [step("freeze", calls, freezes=True), Step("move", "both", interrupted)], calls)
     with pytest.raises(KeyboardInterrupt):
-        migration.execute(run)
+        engine.execute(run)
     run.refresh_from_db()
     assert run.status == ROLLED_BACK
     assert calls == ["freeze", "rollback"]
@@ -174,22 +187,22 @@ def test_image_bytes_are_kept_apart(run, monkeypatch):
         Step("ship image", "both", lambda ctx: Measured(bytes=5000), workload_bytes=False),
         step("move", calls, nbytes=300),
     ], calls)
-    migration.execute(run)
+    engine.execute(run)
     run.refresh_from_db()
     assert (run.total_bytes, run.image_bytes) == (300, 5000)
 
 
 def test_a_run_is_claimed_once(run):
-    assert migration.claim(run)
-    assert not migration.claim(run)
-    with pytest.raises(migration.MigrationError, match="already started"):
+    assert engine.claim(run)
+    assert not engine.claim(run)
+    with pytest.raises(engine.MigrationError, match="already started"):
         run.status = "pending"
-        migration.execute(run)
+        engine.execute(run)
 
 
 def test_one_migration_per_workload(run):
-    with pytest.raises(migration.MigrationError, match="web on a is already being migrated"):
-        migration.create_run(run.source, run.target, CONTAINER, "web")
+    with pytest.raises(engine.MigrationError, match="web on a is already being migrated"):
+        engine.create_run(run.source, run.target, CONTAINER, "web")
 
 
 @pytest.mark.parametrize(
@@ -199,7 +212,7 @@ def test_one_migration_per_workload(run):
 def test_bad_workloads_are_refused(db, kind, workload, message):
     a = Host.objects.create(name="a", address="10.0.0.1", key_path="/k")
     b = Host.objects.create(name="b", address="10.0.0.2", key_path="/k")
-    with pytest.raises(migration.MigrationError, match=message):
-        migration.create_run(a, b, kind, workload)
-    with pytest.raises(migration.MigrationError, match="different hosts"):
-        migration.create_run(a, a, kind, "1")
+    with pytest.raises(engine.MigrationError, match=message):
+        engine.create_run(a, b, kind, workload)
+    with pytest.raises(engine.MigrationError, match="different hosts"):
+        engine.create_run(a, a, kind, "1")

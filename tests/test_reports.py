@@ -9,7 +9,14 @@ from django.utils import timezone
 
 from migrations_app import reports
 from migrations_app.models import (
-    CONTAINER, FAILED, PROCESS, ROLLED_BACK, SUCCEEDED, Host, MigrationRun, Phase,
+    CONTAINER,
+    FAILED,
+    PROCESS,
+    ROLLED_BACK,
+    SUCCEEDED,
+    Host,
+    MigrationRun,
+    Phase,
 )
 
 MIB = reports.MIB

@@ -3,7 +3,7 @@ import socket
 
 import pytest
 
-from migrations_app import migration, worker
+from migrations_app import engine, worker
 from migrations_app.models import CONTAINER, INTERRUPTED, PROCESS, RUNNING, SUCCEEDED, Host, MigrationRun
 
 
@@ -21,7 +21,7 @@ def two_hosts(db):
 def test_runs_of_a_dead_worker_are_marked_interrupted(two_hosts):
     a, b = two_hosts
     here = socket.gethostname()
-    parent = migration.worker_id(os.getppid())  # a live process: still working
+    parent = engine.worker_id(os.getppid())  # a live process: still working
     host, boot, pid, started = parent.split(":")
     dead = make_run(a, b, workload="w1", worker_id=f"{here}:{boot}:{2**22 + 12345}:1")  # no such PID
     reused = make_run(a, b, workload="w2", worker_id=f"{here}:{boot}:{pid}:{int(started) - 1}")  # PID reused
@@ -53,11 +53,11 @@ def test_interrupted_run_reports_where_the_workload_is(hosts, counter_container)
 def test_a_run_whose_process_is_gone_blocks_nothing(two_hosts):
     a, b = two_hosts
     here = socket.gethostname()
-    stale = make_run(a, b, workload="web", worker_id=f"{here}:{migration.worker_id().split(':')[1]}:{2**22 + 9}:1")
-    run = migration.create_run(a, b, CONTAINER, "web")
+    stale = make_run(a, b, workload="web", worker_id=f"{here}:{engine.worker_id().split(':')[1]}:{2**22 + 9}:1")
+    run = engine.create_run(a, b, CONTAINER, "web")
     stale.refresh_from_db()
     assert stale.status == INTERRUPTED and run.status == "pending"
     # ... while a run claimed by a live process (this one) does block.
-    assert migration.claim(run)
-    with pytest.raises(migration.MigrationError, match="already being migrated"):
-        migration.create_run(a, b, CONTAINER, "web")
+    assert engine.claim(run)
+    with pytest.raises(engine.MigrationError, match="already being migrated"):
+        engine.create_run(a, b, CONTAINER, "web")

@@ -2,7 +2,7 @@ import statistics
 
 from django.core.management.base import BaseCommand, CommandError
 
-from migrations_app import lab, migration
+from migrations_app import engine, lab
 from migrations_app.models import CONTAINER, PROCESS, SUCCEEDED, Host
 
 
@@ -22,7 +22,7 @@ class Command(BaseCommand):
         for i in range(runs):
             target = hosts[1] if source == hosts[0] else hosts[0]
             workload = str(lab.demo_process_pid()) if process else lab.DEMO_CONTAINER
-            run = migration.execute(migration.create_run(source, target, PROCESS if process else CONTAINER, workload))
+            run = engine.execute(engine.create_run(source, target, PROCESS if process else CONTAINER, workload))
             if run.status != SUCCEEDED:
                 raise CommandError(f"run {i + 1}: {run.error}")
             total = sum(p.duration_ms for p in run.phases.all())

@@ -27,8 +27,17 @@ from django.utils import timezone
 
 from migrations_app import reports
 from migrations_app.models import (
-    CONTAINER, FAILED, PHASE_FAILED, PHASE_OK, PROCESS, ROLLED_BACK, STOP_AND_COPY, SUCCEEDED,
-    Host, MigrationRun, Phase,
+    CONTAINER,
+    FAILED,
+    PHASE_FAILED,
+    PHASE_OK,
+    PROCESS,
+    ROLLED_BACK,
+    STOP_AND_COPY,
+    SUCCEEDED,
+    Host,
+    MigrationRun,
+    Phase,
 )
 
 HOSTS = ["bench-1", "bench-2", "bench-3"]

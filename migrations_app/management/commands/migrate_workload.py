@@ -2,7 +2,7 @@ import json
 
 from django.core.management.base import BaseCommand, CommandError
 
-from migrations_app import migration
+from migrations_app import engine
 from migrations_app.models import CONTAINER, PROCESS, SUCCEEDED, Host
 
 
@@ -23,8 +23,8 @@ class Command(BaseCommand):
         src, dst = _host(source), _host(target)
         kind, workload = (CONTAINER, container) if container else (PROCESS, pid)
         try:
-            run = migration.create_run(src, dst, kind, workload, keep_source=keep_source)
-        except migration.MigrationError as e:
+            run = engine.create_run(src, dst, kind, workload, keep_source=keep_source)
+        except engine.MigrationError as e:
             raise CommandError(str(e))
 
         def show(phase):
@@ -35,7 +35,7 @@ class Command(BaseCommand):
                     f"  {phase.status}{': ' + phase.detail if phase.detail else ''}"
                 )
 
-        run = migration.execute(run, on_phase=show)
+        run = engine.execute(run, on_phase=show)
         if as_json:
             self.stdout.write(json.dumps(run.to_dict(), indent=2))
         else:

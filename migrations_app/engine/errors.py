@@ -1,0 +1,5 @@
+"""The engine's own error: a run cannot start, or a check failed."""
+
+
+class MigrationError(Exception):
+    """A run cannot start or a check failed; the message says why."""

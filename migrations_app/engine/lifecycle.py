@@ -1,0 +1,95 @@
+"""A run's life outside its steps: creating it, claiming it, and telling
+whether the process that claimed it still lives."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from ..models import INTERRUPTED, PENDING, PROCESS, RUNNING, MigrationRun
+from . import plans
+from .errors import MigrationError
+
+
+def create_run(source, target, kind, workload, keep_source=False, strategy=None):
+    """Validate and store a pending run; MigrationError says what is wrong."""
+    if source.pk == target.pk:
+        raise MigrationError("source and target must be different hosts")
+    if kind not in plans.KINDS:
+        raise MigrationError(f"unknown workload kind {kind!r}")
+    strategy = strategy or plans.default_strategy(kind)
+    plans.get(kind, strategy)  # raises MigrationError naming the choices
+    workload = str(workload).strip()
+    if not workload:
+        raise MigrationError("name a container or a PID")
+    if kind == PROCESS and not workload.isdigit():
+        raise MigrationError(f"{workload!r} is not a PID")
+    fields = dict(
+        source=source, target=target, kind=kind, workload=workload, keep_source=keep_source, strategy=strategy
+    )
+    busy = MigrationError(f"{workload} on {source.name} is already being migrated")
+    for other in MigrationRun.objects.unfinished().filter(source=source, kind=kind, workload=workload):
+        # Busy while the process that claimed it lives, or, not yet
+        # claimed, while its thread is about to.
+        if worker_alive(other.worker) if other.worker else _young(other):
+            raise busy
+        # Its process is gone (a killed CLI, a crashed server): it blocks nothing.
+        MigrationRun.objects.filter(pk=other.pk, status=other.status).update(
+            status=INTERRUPTED, error="interrupted: the process running it is gone"
+        )
+    try:
+        with transaction.atomic():
+            return MigrationRun.objects.create(**fields)
+    except IntegrityError:
+        # Another request got there between the check and the insert.
+        raise busy from None
+
+
+def worker_id(pid=None):
+    """hostname:boot id:pid:start time of a process — unique across reboots and PID reuse."""
+    pid = pid or os.getpid()
+    return f"{socket.gethostname()}:{_boot_id()}:{pid}:{_start_time(pid)}"
+
+
+def worker_alive(worker):
+    """Whether the process that claimed a run (see worker_id) still runs."""
+    if not worker:
+        return False  # never claimed: its thread died before it began
+    host, boot, pid, started = (worker.split(":") + ["", "", "", ""])[:4]
+    if host != socket.gethostname():
+        return True  # another machine's worker: not ours to judge
+    if not pid.isdigit():
+        return False
+    # Same boot and the same start time: the same process, not a reused PID.
+    return started != "None" and worker == worker_id(int(pid))
+
+
+def _boot_id():
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        return f.read().strip()[:8]
+
+
+def _start_time(pid):
+    """The process's start time in clock ticks since boot, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _young(run, seconds=60):
+    return (timezone.now() - run.created).total_seconds() < seconds
+
+
+def claim(run):
+    """Mark a pending run running; False if someone else already did."""
+    now = timezone.now()
+    me = worker_id()
+    n = MigrationRun.objects.filter(pk=run.pk, status=PENDING).update(status=RUNNING, started=now, worker=me)
+    if n == 1:
+        run.status, run.started, run.worker = RUNNING, now, me
+    return n == 1

@@ -1,0 +1,60 @@
+"""The shapes every plan is made of: steps, what a step measured, the plan itself."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .runner import Context
+
+
+@dataclass
+class Measured:
+    """What one phase reports: bytes moved, CRIU's statistics, a line, a log."""
+
+    bytes: int = 0
+    criu_stats: dict = field(default_factory=dict)
+    detail: str = ""
+    log: str = ""
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    side: str  # "source", "target" or "both": which host(s) the phase works on
+    run: Callable[[Context], Measured | None]
+    freezes: bool = False  # the workload stops at the start of this phase
+    resumes: bool = False  # ... and runs again on the target at its end
+    when: Callable[[Context], bool] | None = None  # when false for a run, the phase is not needed
+    commits: bool = False  # once it succeeds the workload runs verified on the target
+    workload_bytes: bool = True  # its bytes are the workload's (not e.g. its image)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one kind of workload moves with one strategy.
+
+    state is the dataclass the steps fill in; it is stored with the run after
+    every phase, so that a run whose controller died can be finished from
+    the database.
+    """
+
+    kind: str
+    strategy: str
+    label: str
+    steps: tuple[Step, ...]
+    rollback: Callable[[Context], Measured]
+    abort: Callable[[Context], None]
+    state: type
+    # Host capabilities (probe self-tests or CRIU features) both hosts need.
+    needs: tuple[str, ...] = ()
+    summary: str = ""
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.kind, self.strategy)
+
+    def new_state(self, saved: dict[str, Any] | None = None):
+        return self.state(**(saved or {}))

@@ -1,0 +1,82 @@
+"""The plan registry: one entry per (workload kind, strategy).
+
+Everything that offers a choice derives it from here: the migration form,
+the CLI's --strategy, what a host must pass to offer a strategy, and the
+labels the history pages show. A new strategy is one module in this package
+and one line in PLANS.
+"""
+
+from __future__ import annotations
+
+from ...models import KIND_CHOICES
+from ..errors import MigrationError
+from ..plan import Plan
+from . import container_engine, process_copy
+
+PLANS: dict[tuple[str, str], Plan] = {
+    plan.key: plan
+    for plan in (
+        container_engine.PLAN,
+        process_copy.PLAN,
+    )
+}
+
+KINDS = [kind for kind, _ in KIND_CHOICES]
+
+
+def get(kind: str, strategy: str) -> Plan:
+    try:
+        return PLANS[(kind, strategy)]
+    except KeyError:
+        known = ", ".join(strategies(kind)) or "none"
+        raise MigrationError(f"no strategy {strategy!r} for a {kind} (choose from: {known})") from None
+
+
+def strategies(kind: str | None = None) -> list[str]:
+    """Strategy names for a kind (or any kind), in registry order, without repeats."""
+    names = [s for (k, s) in PLANS if kind is None or k == kind]
+    return list(dict.fromkeys(names))
+
+
+def default_strategy(kind: str) -> str:
+    return strategies(kind)[0]
+
+
+def label(kind: str, strategy: str) -> str:
+    plan = PLANS.get((kind, strategy))
+    if plan:
+        return plan.label
+    return next((p.label for p in PLANS.values() if p.strategy == strategy), strategy)
+
+
+def choices(kind: str | None = None) -> list[tuple[str, str]]:
+    """(name, label) pairs for a form."""
+    return [(s, label(kind, s) if kind else _any_label(s)) for s in strategies(kind)]
+
+
+def _any_label(strategy: str) -> str:
+    return next(p.label for p in PLANS.values() if p.strategy == strategy)
+
+
+def missing(plan: Plan, host) -> list[str]:
+    """What a host lacks for a plan, by its last probe; empty when it can serve."""
+    if not host.probe_ok():
+        return ["its probe fails" if host.probed else "it has not been probed"]
+    return [need for need in plan.needs if not host.passes(need)]
+
+
+def strategies_for_host(host, kind: str | None = None) -> list[str]:
+    return list(
+        dict.fromkeys(p.strategy for p in PLANS.values() if (kind is None or p.kind == kind) and not missing(p, host))
+    )
+
+
+def available(kind: str, source, target) -> list[tuple[str, str, str]]:
+    """(strategy, label, why not or "") for each strategy of a kind between two hosts."""
+    rows = []
+    for plan in PLANS.values():
+        if plan.kind != kind:
+            continue
+        why = [f"{host.name}: {', '.join(m)}" for host in (source, target) if (m := missing(plan, host))]
+        rows.append((plan.strategy, plan.label, "; ".join(why)))
+    return rows

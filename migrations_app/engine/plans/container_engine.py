@@ -1,0 +1,391 @@
+"""Containers through Docker's own checkpoint API: the compatible reference.
+
+Pre-flight on both hosts; the image shipped if the target lacks it; the
+target container created before the freeze; `POST /containers/{id}/checkpoints`
+on the source; the checkpoint and the writable layer in one tar stream from
+host to host; `POST /containers/{id}/start?checkpoint=` on the target;
+verification; then the source removed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from django.utils import timezone
+
+from ... import criu, ssh
+from ...docker_engine import Engine, EngineError
+from ...models import CONTAINER, ENGINE, FINISHED, ROLLED_BACK, MigrationRun, Stage
+from .. import streams
+from ..errors import MigrationError
+from ..hostcheck import SPACE_MARGIN, check_space, connect, criu_ready, rss_bytes, settle, unsafe_to_resume
+from ..plan import Measured, Plan, Step
+
+if TYPE_CHECKING:
+    from ..runner import Context
+
+# Marks a container criuweb created on a target, with the run's id.
+RUN_LABEL = "io.criuweb.run"
+
+
+@dataclass
+class ContainerState:
+    container: dict = field(default_factory=dict)  # the source's inspect
+    checkpoint: str = ""
+    src_root: str = ""  # the engines' data roots
+    dst_root: str = ""
+    rss: int = 0
+    name: str = ""
+    target_id: str = ""
+    target_upper: str = ""
+    restart_policy: dict | None = None  # the source's, while it is off
+    checkpointed: bool = False
+
+
+def _engine_ready(engine):
+    """CRIU passing and an engine that can checkpoint on overlay2; returns (probe, docker info)."""
+    probe = criu_ready(engine.conn)
+    info = engine.info()
+    if not info.get("ExperimentalBuild"):
+        raise MigrationError(f"{engine.name}: the Docker engine has no checkpoint support (experimental is off)")
+    if info.get("Driver") != "overlay2":
+        raise MigrationError(f"{engine.name}: storage driver {info.get('Driver')} is not supported (overlay2 only)")
+    return probe, info
+
+
+# containerd 1.6 (under Docker < 25) stores a container's spec as a blob
+# with each checkpoint and fails the next checkpoint of the same container
+# with "content ...: already exists" until it has collected the first one —
+# after CRIU has already stopped the container, so its state is lost
+# (containerd/containerd#8401). A container we checkpointed and then rolled
+# back on the same engine is in that window for a while.
+SECOND_CHECKPOINT_WAIT = 10 * 60
+
+
+def _refuse_second_checkpoint(ctx: Context, container, info):
+    if int(info.get("ServerVersion", "0").split(".")[0] or 0) >= 25:
+        return
+    since = timezone.now() - timezone.timedelta(seconds=SECOND_CHECKPOINT_WAIT)
+    recent = (
+        MigrationRun.objects.filter(
+            source=ctx.source,
+            kind=CONTAINER,
+            status=ROLLED_BACK,
+            finished__gte=since,
+            result_workload=container["Id"][:12],
+        )
+        .order_by("-finished")
+        .first()
+    )
+    if recent:
+        wait = SECOND_CHECKPOINT_WAIT - (timezone.now() - recent.finished).total_seconds()
+        raise MigrationError(
+            f"{ctx.source.name}: this container was checkpointed and rolled back here "
+            f"{(timezone.now() - recent.finished).seconds} s ago; Docker {info['ServerVersion']}'s containerd "
+            f"could fail a second checkpoint now and lose its state (containerd#8401). Try again in "
+            f"{int(wait // 60) + 1} min"
+        )
+
+
+def preflight_source(ctx: Context):
+    ctx.src = connect(ctx.source, CONTAINER)
+    probe, info = _engine_ready(ctx.src)
+    c = ctx.src.inspect(ctx.run.workload)
+    if not c["State"]["Running"]:
+        raise MigrationError(f"{ctx.source.name}: container {ctx.run.workload!r} is not running")
+    _refuse_second_checkpoint(ctx, c, info)
+    top = ctx.src.call("docker top", ctx.src.api.top, c["Id"], ps_args="-eo user,pid")
+    rss = rss_bytes(ctx.src.conn, [row[1] for row in top["Processes"]])
+    root = info["DockerRootDir"]
+    check_space(ctx.src.conn, root, rss + SPACE_MARGIN, "the checkpoint")
+    s = ctx.state
+    s.container, s.src_root, s.rss, s.checkpoint = c, root, rss, f"cw-{ctx.run.code.hex[:12]}"
+    ctx.run.expected_bytes = rss
+    return Measured(
+        detail=f"CRIU {probe['version']}, Docker {info['ServerVersion']}, container {c['Name'].lstrip('/')} "
+        f"({c['Id'][:12]}), ~{rss // 1024} KiB resident"
+    )
+
+
+def preflight_target(ctx: Context):
+    ctx.dst = connect(ctx.target, CONTAINER)
+    probe, info = _engine_ready(ctx.dst)
+    name = ctx.state.container["Name"].lstrip("/")
+    other = ctx.dst.find_container(name)
+    if other:
+        # A container we prepared for a run that has ended and that never
+        # started (its restore failed while this engine was unreachable) is
+        # ours to clear; anything else, a kept source among them, is not.
+        label = (other["Config"].get("Labels") or {}).get(RUN_LABEL)
+        leftover = (
+            label
+            and not other["State"]["Running"]
+            and not MigrationRun.objects.filter(code=label).exclude(status__in=FINISHED).exists()
+            and other["State"].get("StartedAt", "").startswith("0001-")  # never started
+        )
+        if not leftover:
+            raise MigrationError(f"{ctx.target.name}: a container named {name!r} already exists there")
+        ctx.dst.remove(other["Id"])
+    root = info["DockerRootDir"]
+    check_space(ctx.dst.conn, root, ctx.state.rss + SPACE_MARGIN, "the checkpoint")
+    ctx.state.dst_root, ctx.state.name = root, name
+    return Measured(detail=f"CRIU {probe['version']}, Docker {info['ServerVersion']}")
+
+
+def image_missing(ctx: Context):
+    return not ctx.dst.has_image(ctx.state.container["Image"])
+
+
+def ship_image(ctx: Context):
+    image = ctx.state.container["Image"]
+    total = [0]
+
+    def chunks():
+        for chunk in ctx.src.save_image(image):
+            total[0] += len(chunk)
+            yield chunk
+
+    ctx.dst.load_image(chunks())
+    if not ctx.dst.has_image(image):
+        raise MigrationError(f"{ctx.target.name}: image {image[:19]} still missing after docker load")
+    return Measured(bytes=total[0], detail=f"image {image[:19]} copied")
+
+
+def prepare_target(ctx: Context):
+    # Before the freeze, so creating the container is not downtime.
+    source = ctx.state.container
+    # By its name where the target's tag means the same image, so lists show
+    # "busybox", not a digest; else by id, which always means the same layers.
+    image = source["Config"]["Image"]
+    if ctx.dst.image_id(image) != source["Image"]:
+        image = source["Image"]
+    cid = ctx.dst.create_like(source, ctx.state.name, image, {RUN_LABEL: str(ctx.run.code)})
+    ctx.state.target_id = cid
+    ctx.state.target_upper = ctx.dst.inspect(cid)["GraphDriver"]["Data"]["UpperDir"]
+    return Measured(detail=f"container {cid[:12]} created")
+
+
+def has_restart_policy(ctx: Context):
+    policy = (ctx.state.container["HostConfig"].get("RestartPolicy") or {}).get("Name") or "no"
+    return policy != "no"
+
+
+def prepare_source(ctx: Context):
+    # Docker would restart a container with a restart policy the moment the
+    # checkpoint stops it: a second, fresh copy. Off until the run ends.
+    c = ctx.state.container
+    ctx.state.restart_policy = c["HostConfig"]["RestartPolicy"]
+    ctx.src.set_restart_policy(c["Id"], {"Name": "no"})
+    return Measured(detail=f"restart policy {ctx.state.restart_policy['Name']} off during the move")
+
+
+def _restore_restart_policy(engine, ctx: Context):
+    if ctx.state.restart_policy:
+        engine.set_restart_policy(ctx.state.container["Id"], ctx.state.restart_policy)
+
+
+def checkpoint(ctx: Context):
+    ctx.src.checkpoint(ctx.state.container["Id"], ctx.state.checkpoint)
+    ctx.state.checkpointed = True
+    return Measured(detail=f"checkpoint {ctx.state.checkpoint}")
+
+
+# Unpacks the checkpoint and the writable layer from one tar stream:
+# $1 staging dir, $2 the container's checkpoints dir, $3 checkpoint name,
+# $4 the container's (empty, not yet mounted) upper dir.
+UNPACK_CONTAINER = r"""
+set -e
+mkdir -p "$1" "$2"
+tar --numeric-owner --xattrs --xattrs-include='*' --same-owner -xpf - -C "$1"
+mv "$1/$3" "$2/"
+if rmdir "$4" 2>/dev/null; then mv "$1/diff" "$4"; else cp -a "$1/diff/." "$4/"; fi
+rm -rf "$1"
+"""
+
+
+def transfer(ctx: Context):
+    s = ctx.state
+    c = s.container
+    src_upper = c["GraphDriver"]["Data"]["UpperDir"]
+    # One stream, two directories: every SSH command here is downtime.
+    src = ctx.src_ssh.open_command(
+        streams.TAR_CREATE
+        + [f"{s.src_root}/containers/{c['Id']}/checkpoints", s.checkpoint]
+        + ["-C", src_upper.rsplit("/", 1)[0], src_upper.rsplit("/", 1)[1]]
+    )
+    dst_containers = f"{s.dst_root}/containers/{s.target_id}"
+    dst = ctx.dst_ssh.open_command(
+        ["sh", "-c", UNPACK_CONTAINER, "sh", f"{dst_containers}/criuweb-{s.checkpoint}",
+         f"{dst_containers}/checkpoints", s.checkpoint, s.target_upper]
+    )  # fmt: skip
+    n = streams.pipe(ctx, src, dst, "the checkpoint and writable layer")
+    return Measured(bytes=n, detail="checkpoint and writable layer")
+
+
+# Where containerd keeps a task's CRIU work files (restore.log,
+# stats-restore): under the engine's data root when dockerd runs its own
+# containerd (Debian's docker.io), in containerd's own root when it uses the
+# system one (docker-ce). $1 data root, $2 container id.
+TASK_DIR_SCRIPT = r"""
+for d in "$1/containerd/daemon/io.containerd.runtime.v2.task/moby/$2" \
+         "/var/lib/containerd/io.containerd.runtime.v2.task/moby/$2"; do
+    [ -d "$d" ] && { echo "$d"; exit 0; }
+done
+echo "$1/containerd/daemon/io.containerd.runtime.v2.task/moby/$2"
+"""
+
+
+def _containerd_task_dir(conn, root, cid):
+    return conn.sh(TASK_DIR_SCRIPT, root, cid).stdout.strip()
+
+
+def restore(ctx: Context):
+    cid = ctx.state.target_id
+    ctx.set_stage(Stage.RESTORING)
+    try:
+        ctx.dst.start(cid, checkpoint=ctx.state.checkpoint)
+        ctx.resumed_at = time.perf_counter()
+    except EngineError as e:
+        # Docker answered that the restore failed: nothing runs there. No
+        # answer (a lost connection) proves nothing.
+        if e.answered:
+            ctx.set_stage(Stage.FROZEN)
+        try:
+            task_dir = _containerd_task_dir(ctx.dst.conn, ctx.state.dst_root, cid)
+            excerpt = criu.log_excerpt(ctx.dst.conn.read_file(f"{task_dir}/restore.log", check=False))
+        except ssh.SSHError:
+            excerpt = ""  # the connection may be what failed; the error says it
+        raise criu.CriuError(f"{e} (see restore.log excerpt)" if excerpt else str(e), excerpt) from e
+    task_dir = _containerd_task_dir(ctx.dst.conn, ctx.state.dst_root, cid)
+    stats = criu.read_stats(ctx.dst.conn, f"{task_dir}/stats-restore")
+    restore_log = ctx.dst.conn.read_file(f"{task_dir}/restore.log", check=False) or ""
+    return Measured(criu_stats=stats, log=restore_log)
+
+
+def verify(ctx: Context):
+    cid = ctx.state.target_id
+
+    def state():
+        s = ctx.dst.inspect(cid)["State"]
+        return (s["Pid"], s["StartedAt"]) if s["Running"] and not s.get("Restarting") else None
+
+    if not settle(state):
+        s = ctx.dst.inspect(cid)["State"]
+        raise MigrationError(
+            f"{ctx.target.name}: the restored container is not running (status {s['Status']}, exit {s['ExitCode']})"
+        )
+    ctx.run.result_workload = cid[:12]
+    return Measured(detail=f"container {cid[:12]} running")
+
+
+def cleanup(ctx: Context):
+    s = ctx.state
+    c = s.container
+    # The source first: it is what could otherwise run twice.
+    if ctx.run.keep_source:
+        # Kept stopped, with restart policy "no" (set before the freeze, or
+        # never another one), so the engine never starts it again by itself.
+        ctx.src.delete_checkpoint(c["Id"], s.checkpoint)
+        detail = "source container kept (stopped, restart policy no)"
+    else:
+        ctx.src.remove(c["Id"])  # removes its checkpoints with it
+        detail = f"source container {c['Id'][:12]} removed"
+    ctx.dst.delete_checkpoint(s.target_id, s.checkpoint)
+    return Measured(detail=detail)
+
+
+# Exit 0 when a process on the host names the container: its
+# containerd shim (`... -id <container id> ...`), which every running
+# container has. "[-]id" so that this shell's own command line does not match.
+SHIM_SCRIPT = 'pgrep -f "[-]id $1" >/dev/null'
+
+
+def _container_may_run(host, container_id):
+    """Whether a container could be running on a host whose engine we cannot ask."""
+    try:
+        with ssh.Connection(host) as conn:
+            return conn.sh(SHIM_SCRIPT, container_id, check=False).rc != 1
+    except ssh.SSHError:
+        return True  # unknown: assume the worst
+
+
+def rollback(ctx: Context):
+    s = ctx.state
+    c = s.container
+    note = ""
+    if s.target_id:
+        # The target copy goes first, so two never run at once; on a fresh
+        # connection, as the old one may be what failed.
+        try:
+            with Engine(ctx.target) as dst:
+                dst.remove(s.target_id)
+        except (EngineError, ssh.SSHError) as e:
+            if ctx.target_may_run and _container_may_run(ctx.target, s.target_id):
+                raise unsafe_to_resume(ctx, e)
+            # Docker said the restore failed; the next run to this host
+            # clears the stopped leftover by its label.
+            note = f"; left a stopped container {s.target_id[:12]} on {ctx.target.name} ({e})"
+    with Engine(ctx.source) as src:
+        # Its checkpoint, when the checkpoint call's answer was lost but
+        # Docker finished it all the same.
+        checkpointed = s.checkpointed or s.checkpoint in src.checkpoints(c["Id"])
+        if not src.inspect(c["Id"])["State"]["Running"]:
+            if not checkpointed:
+                # Its state is gone (the checkpoint failed after CRIU stopped
+                # it); running it afresh beats running nothing.
+                src.start(c["Id"])
+                _restore_restart_policy(src, ctx)
+                ctx.run.result_workload = c["Id"][:12]
+                raise MigrationError(
+                    f"{ctx.source.name}: the container stopped without a checkpoint: its state is lost; "
+                    f"started it again from its image"
+                )
+            # Docker (before 25) hands the checkpoint to containerd as a tar
+            # whose digest equals the blob containerd made when it took the
+            # checkpoint; until containerd collects that blob the restore
+            # fails with "commit failed: content ... already exists"
+            # (moby/moby#42900). A new mtime makes the tar differ.
+            cp_dir = f"{s.src_root}/containers/{c['Id']}/checkpoints/{s.checkpoint}"
+            src.conn.run(["touch", "-c", f"{cp_dir}/descriptors.json"])
+            src.start(c["Id"], checkpoint=s.checkpoint)
+            ctx.resumed_at = time.perf_counter()
+        if not settle(lambda: src.inspect(c["Id"])["State"]["Running"]):
+            raise MigrationError(f"{ctx.source.name}: the container does not stay running after rollback")
+        if checkpointed:
+            src.delete_checkpoint(c["Id"], s.checkpoint)
+        _restore_restart_policy(src, ctx)
+    ctx.run.result_workload = c["Id"][:12]
+    return Measured(detail=f"container {c['Id'][:12]} running again on {ctx.source.name}{note}")
+
+
+def abort(ctx: Context):
+    """Undo preparation when the run fails before the freeze."""
+    if ctx.state.target_id and ctx.dst is not None:
+        ctx.dst.remove(ctx.state.target_id)
+    if ctx.src is not None:
+        _restore_restart_policy(ctx.src, ctx)
+
+
+PLAN = Plan(
+    kind=CONTAINER,
+    strategy=ENGINE,
+    label="Docker engine checkpoint",
+    summary="Docker's own checkpoint and restore calls; the checkpoint and writable layer streamed host to host.",
+    state=ContainerState,
+    steps=(
+        Step("pre-flight", "source", preflight_source),
+        Step("pre-flight", "target", preflight_target),
+        Step("ship image", "both", ship_image, when=image_missing, workload_bytes=False),
+        Step("prepare target", "target", prepare_target),
+        Step("prepare source", "source", prepare_source, when=has_restart_policy),
+        Step("checkpoint", "source", checkpoint, freezes=True),
+        Step("transfer", "both", transfer),
+        Step("restore", "target", restore, resumes=True),
+        Step("verify", "target", verify, commits=True),
+        Step("cleanup", "both", cleanup),
+    ),
+    rollback=rollback,
+    abort=abort,
+)

@@ -1,0 +1,259 @@
+"""The runner: walks a plan's steps, times each phase, stores it, and when
+anything fails after the freeze brings the workload back on the source.
+
+A phase function takes the run's Context and returns what it measured
+(bytes, CRIU statistics, a detail line). Every phase is timed on the
+controller's clock, one timeline across both hosts. Tests call execute()
+and the phase functions directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+from django.utils import timezone
+
+from .. import criu, ssh
+from ..docker_engine import Engine, EngineError
+from ..models import (
+    FAILED,
+    PHASE_FAILED,
+    PHASE_OK,
+    PHASE_RUNNING,
+    ROLLED_BACK,
+    RUNNING,
+    SUCCEEDED,
+    MigrationRun,
+    Phase,
+    Stage,
+)
+from . import lifecycle, plans
+from .errors import MigrationError
+from .plan import Measured, Plan, Step
+
+log = logging.getLogger(__name__)
+
+# Errors that end a run with a message rather than a traceback.
+STEP_ERRORS = (ssh.SSHError, EngineError, criu.CriuError, MigrationError)
+
+
+class Context:
+    """What the phases of one run share: connections, the plan's state, the stage."""
+
+    def __init__(self, run: MigrationRun, plan: Plan):
+        self.run = run
+        self.plan = plan
+        self.source = run.source
+        self.target = run.target
+        self.src = None  # Engine (containers) or ssh.Connection (processes)
+        self.dst = None
+        self.state = plan.new_state(run.state or None)
+        self.stage = Stage(run.stage)
+        self.freeze_t: float | None = None  # perf_counter() when the workload was frozen
+        self.resumed_at: float | None = None  # perf_counter() when it ran again
+        self.current_timer: _PhaseTimer | None = None  # the phase in progress
+        self.seq = run.phases.count() if run.pk else 0  # the next phase's number
+        self.recovering = False
+
+    # The stage answers the questions a failure asks.
+    @property
+    def frozen(self) -> bool:
+        return self.stage != Stage.PREPARING
+
+    @property
+    def target_may_run(self) -> bool:
+        return self.stage == Stage.RESTORING
+
+    @property
+    def committed(self) -> bool:
+        return self.stage in (Stage.VERIFIED, Stage.DONE)
+
+    def set_stage(self, stage: Stage) -> None:
+        """Record a new stage in the database before acting on it."""
+        self.stage = stage
+        self.run.stage = stage
+        self.save_state()
+
+    def save_state(self) -> None:
+        self.run.state = dataclasses.asdict(self.state)
+        MigrationRun.objects.filter(pk=self.run.pk).update(stage=self.run.stage, state=self.run.state)
+
+    def host_for(self, side: str) -> str:
+        return {"source": self.source.name, "target": self.target.name}.get(
+            side, f"{self.source.name} -> {self.target.name}"
+        )
+
+    @property
+    def src_ssh(self):
+        return self.src.conn if isinstance(self.src, Engine) else self.src
+
+    @property
+    def dst_ssh(self):
+        return self.dst.conn if isinstance(self.dst, Engine) else self.dst
+
+    def images_dir(self, host) -> str:
+        return f"{host.work_dir.rstrip('/')}/runs/{self.run.code}"
+
+    def close(self) -> None:
+        for side in (self.src, self.dst):
+            if side is not None:
+                side.close()
+
+
+class _PhaseTimer:
+    def __init__(self, run, seq, name, host):
+        self.phase = Phase.objects.create(run=run, seq=seq, name=name, host=host, started=timezone.now())
+        self.t0 = time.perf_counter()
+
+    def finish(self, measured, status=PHASE_OK, error="", log_excerpt=""):
+        p = self.phase
+        p.log_excerpt = log_excerpt
+        p.duration_ms = (time.perf_counter() - self.t0) * 1000
+        p.ended = p.started + timezone.timedelta(milliseconds=p.duration_ms)
+        p.status = status
+        if measured:
+            p.bytes = measured.bytes
+            p.criu_stats = measured.criu_stats
+            p.detail = measured.detail
+            p.log = measured.log[-1_000_000:]
+        if error:
+            p.detail = error
+        p.save()
+        return p
+
+
+def _describe(error):
+    return str(error) or error.__class__.__name__
+
+
+def execute(run, after_phase=None, on_phase=None):
+    """Claim a pending run and run it to its end; return the run.
+
+    after_phase: optional {phase name: callable(ctx)} called after a phase
+    succeeds — how tests make a real failure happen at a chosen point.
+    on_phase: optional callable(phase) for each phase that ends (the CLI
+    prints them).
+    """
+    if not lifecycle.claim(run):
+        raise MigrationError(f"run {run.code} was already started")
+    plan = plans.get(run.kind, run.strategy)
+    on_phase = on_phase or (lambda phase: None)
+    ctx = Context(run, plan)
+    try:
+        failure = _run_steps(ctx, plan.steps, after_phase or {}, on_phase)
+        if failure is None:
+            run.status = SUCCEEDED
+        else:
+            _recover(ctx, failure, on_phase)
+        return run
+    except BaseException as e:
+        # Ctrl-C in the CLI, or the process told to stop: bring the
+        # workload back before going (once: not when recovery itself broke).
+        if run.status == RUNNING and not ctx.recovering:
+            _recover(ctx, e, on_phase)
+        raise
+    finally:
+        ctx.close()
+        if run.status == RUNNING:
+            run.status = FAILED
+            run.error = run.error or "stopped while bringing the workload back; check both hosts"
+        elif run.status in (SUCCEEDED, ROLLED_BACK) or run.stage == Stage.PREPARING:
+            # Nothing is left for a later recovery to do.
+            run.stage = Stage.DONE
+        run.finished = timezone.now()
+        run.state = dataclasses.asdict(ctx.state)
+        run.save()
+
+
+def _run_steps(ctx: Context, steps: tuple[Step, ...], after_phase, on_phase):
+    """Run the steps in order; return the exception that stopped them, or None."""
+    run = ctx.run
+    for step in steps:
+        timer = None
+        try:
+            if step.when and not step.when(ctx):
+                continue
+            timer = _PhaseTimer(run, ctx.seq, step.name, ctx.host_for(step.side))
+            ctx.current_timer = timer
+            if step.freezes:
+                # From here a failure must bring the workload back; stored
+                # first, so that a recovery after a crash knows it too.
+                ctx.set_stage(Stage.FROZEN)
+                ctx.freeze_t = time.perf_counter()
+            measured = step.run(ctx) or Measured()
+            if step.commits:
+                ctx.set_stage(Stage.VERIFIED)  # before any bookkeeping that could fail
+            phase = timer.finish(measured)
+            ctx.seq += 1
+            if step.workload_bytes:
+                run.total_bytes += phase.bytes
+            else:
+                run.image_bytes += phase.bytes
+            if step.resumes and ctx.freeze_t is not None:
+                run.downtime_ms = ((ctx.resumed_at or time.perf_counter()) - ctx.freeze_t) * 1000
+            run.state = dataclasses.asdict(ctx.state)
+            run.save(update_fields=["total_bytes", "image_bytes", "downtime_ms", "expected_bytes", "state"])
+            on_phase(phase)
+            if step.name in after_phase:
+                after_phase[step.name](ctx)
+        except Exception as e:  # every failure must reach the rollback
+            if not isinstance(e, STEP_ERRORS):
+                log.exception("run %s: phase %s", run.code, step.name)
+            _fail_phase(ctx, e, on_phase)
+            return e
+    return None
+
+
+def _fail_phase(ctx: Context, error, on_phase):
+    """Mark the phase in progress, if any, failed."""
+    timer = ctx.current_timer
+    if timer is None or timer.phase.status != PHASE_RUNNING:
+        return
+    try:
+        phase = timer.finish(None, PHASE_FAILED, _describe(error), getattr(error, "log_excerpt", ""))
+    except Exception:  # the database itself may be what failed
+        log.exception("run %s: could not record the failed phase", ctx.run.code)
+        return
+    ctx.seq += 1
+    on_phase(phase)
+
+
+def _recover(ctx: Context, failure, on_phase):
+    """After a failure: bring the workload back where it was, or say where it is."""
+    run = ctx.run
+    ctx.recovering = True
+    message = _describe(failure)
+    _fail_phase(ctx, failure, on_phase)
+    if ctx.committed:
+        # The workload runs verified on the target; what failed was cleanup.
+        run.status = SUCCEEDED
+        run.error = f"the workload runs on {ctx.target.name}, but afterwards: {message}"
+        return
+    if not ctx.frozen:
+        try:
+            ctx.plan.abort(ctx)
+        except Exception as e:
+            message += f" (cleaning up the target also failed: {e})"
+        run.status = FAILED
+        run.error = message
+        return
+    timer = _PhaseTimer(run, ctx.seq, "rollback", ctx.source.name)
+    ctx.resumed_at = None
+    try:
+        measured = ctx.plan.rollback(ctx)
+    except Exception as e:
+        phase = timer.finish(None, PHASE_FAILED, _describe(e))
+        run.status = FAILED
+        run.error = f"{message}; rollback failed: {_describe(e)}"
+        log.error("run %s: %s", run.code, run.error)
+    else:
+        phase = timer.finish(measured)
+        run.status = ROLLED_BACK
+        run.error = message
+        # What the workload saw: stopped from the freeze until it ran again
+        # on the source (or, when it never stopped, until the rollback ended).
+        if ctx.freeze_t is not None:
+            run.downtime_ms = ((ctx.resumed_at or time.perf_counter()) - ctx.freeze_t) * 1000
+    on_phase(phase)
