@@ -9,7 +9,7 @@ from django.utils import timezone
 from . import criu, inventory, ssh, validation
 from .docker_engine import Engine, EngineError
 from .engine import plans
-from .models import CONTAINER, KIND_CHOICES, PROCESS, STATUS_CHOICES, Host
+from .models import CONTAINER, KIND_CHOICES, STATUS_CHOICES, Host
 
 # A probe older than this is run again before a migration is accepted.
 PROBE_MAX_AGE = timedelta(minutes=10)

@@ -28,7 +28,16 @@ from django.contrib.auth.forms import SetPasswordForm
 
 from tests.conftest import new_private_key
 from tests.test_views import (  # noqa: F401  (launcher and site are fixtures)
-    assert_shows, launcher, login, make_host, make_run, new_host_key, page_text, post_migrate, ready_host, reencoded,
+    assert_shows,
+    launcher,
+    login,
+    make_host,
+    make_run,
+    new_host_key,
+    page_text,
+    post_migrate,
+    ready_host,
+    reencoded,
     site,
 )
 
@@ -69,7 +78,7 @@ def chatty_server():
         while not stop.is_set():
             try:
                 conn, _ = server.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             with conn:
                 # More lines than paramiko reads looking for "SSH-", so it gives up

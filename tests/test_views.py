@@ -9,6 +9,7 @@ import csv
 import io
 import math
 import socket
+import subprocess
 import uuid
 from datetime import timedelta
 from urllib.parse import quote
