@@ -15,17 +15,15 @@ import threading
 
 import pytest
 from django.conf import settings
+from django.contrib.auth.forms import SetPasswordForm
 from django.contrib.auth.models import User
 from django.contrib.auth.password_validation import validate_password
 from django.core.exceptions import ValidationError
 from django.core.management import CommandError, call_command
 
 from criuweb.private_files import make_private, private_dir, write_private_file
-
 from migrations_app import ssh, validation
 from migrations_app.models import CONTAINER, PROCESS, Host, MigrationRun
-from django.contrib.auth.forms import SetPasswordForm
-
 from tests.conftest import new_private_key
 from tests.test_views import (  # noqa: F401  (launcher and site are fixtures)
     assert_shows,
