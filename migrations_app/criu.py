@@ -5,9 +5,11 @@ Commands run over an ssh.Connection; argv lists only, never shell strings
 built from values.
 """
 
+import json
 import re
 import struct
-
+from pathlib import Path
+from typing import NamedTuple, Sequence
 
 class CriuError(Exception):
     """A CRIU step failed; the message names the host, the step and the log.
@@ -152,27 +154,47 @@ def first_error(excerpt):
 # -- host facts ---------------------------------------------------------------
 
 
+# The self-test program (see criu_selftest.py), sent as `python3 -c SOURCE`:
+# hosts need nothing of criuweb installed.
+SELFTEST_SOURCE = (Path(__file__).parent / "criu_selftest.py").read_text()
+
+# $1: the self-test's source; then the features to check. The self-test
+# runs only when criu check passes: it is pointless otherwise.
 PROBE_SCRIPT = r"""
+selftest=$1; shift
 v=$(criu --version 2>&1) || { echo "installed 0"; echo ---; echo "$v"; exit 0; }
 echo "installed 1"
 echo "version $(echo "$v" | awk '/Version:/ {print $2}')"
-out=$(criu check 2>&1); echo "check $?"
+out=$(criu check 2>&1); rc=$?; echo "check $rc"
 for f in "$@"; do criu check --feature "$f" >/dev/null 2>&1; echo "feature $f $?"; done
+if [ "$rc" = 0 ]; then
+    echo "selftest $(python3 -c "$selftest" 2>&1 | tail -n 1)"
+fi
 echo ---
 echo "$out"
 """
 
 
 def probe(conn):
-    """CRIU version, `criu check` verdict and strategy features on a host.
+    """CRIU version, `criu check` verdict, strategy features and the socket self-test on a host.
 
     One SSH command: each one costs a round trip and a remote shell.
+    sockets_ok says whether CRIU dumped and restored a process holding a
+    listening TCP socket there; sockets_error is CRIU's error line if not.
     """
-    out = conn.sh(PROBE_SCRIPT, *FEATURES).stdout
+    out = conn.sh(PROBE_SCRIPT, SELFTEST_SOURCE, *FEATURES, timeout=180).stdout
     head, _, check_output = out.partition("---\n")
-    facts = {"features": {}, "version": None, "check_ok": False, "check_output": check_output.strip()[-2000:]}
+    facts = {
+        "features": {},
+        "version": None,
+        "check_ok": False,
+        "check_output": check_output.strip()[-2000:],
+        "sockets_ok": False,
+        "sockets_error": "not tried: criu check fails",
+    }
     for line in head.splitlines():
-        key, *rest = line.split()
+        key, *rest = line.split(maxsplit=1)
+        rest = rest[0].split() if key != "selftest" and rest else rest
         if key == "installed":
             facts["installed"] = rest == ["1"]
         elif key == "version":
@@ -181,7 +203,51 @@ def probe(conn):
             facts["check_ok"] = rest == ["0"]
         elif key == "feature":
             facts["features"][rest[0]] = rest[1] == "0"
+        elif key == "selftest":
+            result = parse_self_test(rest[0] if rest else "")
+            facts["sockets_ok"], facts["sockets_error"] = result.ok, result.error
     return facts
+
+
+class SelfTest(NamedTuple):
+    """The outcome of a CRIU self-test on a host: error is CRIU's own line."""
+
+    ok: bool
+    error: str
+
+
+def parse_self_test(line: str) -> SelfTest:
+    try:
+        result = json.loads(line)
+        return SelfTest(bool(result["ok"]), "" if result["ok"] else f"{result['stage']}: {result['error']}")
+    except (ValueError, KeyError, TypeError):
+        # Not the program's JSON: python3 missing, or it crashed.
+        return SelfTest(False, f"self-test did not run: {line.strip()[-300:] or 'no output'}")
+
+
+def self_test(
+    conn,
+    extra_dump_args: Sequence[str] = (),
+    extra_restore_args: Sequence[str] = (),
+    with_socket: bool = True,
+    timeout: int = 150,
+) -> SelfTest:
+    """Dump and restore on the host a tiny process the test starts itself.
+
+    One SSH command. A strategy tests its own CRIU options with
+    extra_dump_args / extra_restore_args on the same process; with_socket
+    gives that process a listening TCP socket on 127.0.0.1, answered after
+    the restore.
+    """
+    argv = ["python3", "-c", SELFTEST_SOURCE]
+    # "--opt=VALUE": argparse would take a bare "--lazy-pages" for its own option.
+    argv += [f"--dump-arg={a}" for a in extra_dump_args]
+    argv += [f"--restore-arg={a}" for a in extra_restore_args]
+    if not with_socket:
+        argv.append("--no-socket")
+    result = conn.run(argv, check=False, timeout=timeout)
+    lines = result.stdout.strip().splitlines() or result.stderr.strip().splitlines() or [""]
+    return parse_self_test(lines[-1])
 
 
 # -- process trees ------------------------------------------------------------

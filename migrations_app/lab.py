@@ -25,6 +25,11 @@ IMAGE = "criuweb/busybox:latest"
 # ~/.bashrc that costs about 140 ms per SSH command (scripts/ssh-latency.sh),
 # which would count as downtime; a remote host's root usually has no such thing.
 LAB_USER = "cwlab"
+# Its home is shared by every lab on this machine (make run's id 0 and the
+# test sessions' 1-9 share the user), so it lives outside any lab's root:
+# one lab's `down` must not pull the home from under another's SSH sessions
+# ("Could not chdir to home directory" on every command).
+LAB_HOME = Path("/var/lib/criuweb/lab-home")
 DEMO_CONTAINER = "counter"
 COUNTER_SCRIPT = "i=0; while true; do echo $i; i=$((i+1)); sleep 1; done"
 # The demo process appends each value to a file it opens anew every second,
@@ -169,12 +174,18 @@ def _ensure_client_key():
 
 
 def _ensure_user():
-    if sh("getent", "passwd", LAB_USER, check=False).returncode != 0:
-        home = settings.LAB_ROOT / "home"
-        home.mkdir(exist_ok=True)
-        # Password "*": no password login, yet not "locked", which sshd refuses.
-        sh("useradd", "--non-unique", "--uid", "0", "--gid", "0", "--no-create-home", "--password", "*",
-           "--home-dir", home, "--shell", "/bin/sh", LAB_USER)
+    LAB_HOME.mkdir(mode=0o700, parents=True, exist_ok=True)
+    entry = sh("getent", "passwd", LAB_USER, check=False)
+    if entry.returncode == 0 and entry.stdout.split(":")[5] == str(LAB_HOME):
+        return
+    if entry.returncode == 0:
+        # Made by an older criuweb with its home inside one lab's root.
+        # usermod refuses to touch a uid-0 user ("currently used by process
+        # 1"); removing and adding it again is a moment without it, once.
+        sh("userdel", "--force", LAB_USER)
+    # Password "*": no password login, yet not "locked", which sshd refuses.
+    sh("useradd", "--non-unique", "--uid", "0", "--gid", "0", "--no-create-home", "--password", "*",
+       "--home-dir", LAB_HOME, "--shell", "/bin/sh", LAB_USER)
 
 
 def _ensure_netns(h):
@@ -451,6 +462,7 @@ def down(log=print):
     others = sh("ip", "-o", "link", "show", "type", "bridge", check=False).stdout
     if "cwlab" not in others:  # the last lab on this machine
         sh("userdel", "--force", LAB_USER, check=False)
+        shutil.rmtree(LAB_HOME, ignore_errors=True)
     # Hosts with recorded runs stay, so the history keeps its meaning.
     Host.objects.filter(name__in=[h.name for h in HOSTS], runs_out=None, runs_in=None).delete()
 

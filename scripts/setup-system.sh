@@ -2,10 +2,14 @@
 # Installs what criuweb and its lab need on a Debian machine, as root.
 # Every step checks first, so a second run only verifies and is quick.
 set -euo pipefail
+shopt -s inherit_errexit
 
-CRIU_PREFIX=/opt/criuweb/criu
-# The stamp names this script's content: an edited script runs in full again.
-STAMP=/var/lib/criuweb/.system-ready-$(md5sum "$0" | cut -c1-12)
+HERE=$(cd "$(dirname "$0")" && pwd)
+SELFTEST="$HERE/../migrations_app/criu_selftest.py"
+CRIU_HOME=/opt/criuweb
+# The stamp names this script's content and the self-test's: an edited
+# script runs in full again.
+STAMP=/var/lib/criuweb/.system-ready-$(cat "$0" "$SELFTEST" | md5sum | cut -c1-12)
 
 log() { printf 'setup: %s\n' "$*"; }
 
@@ -25,58 +29,108 @@ criu_works() {
     command -v criu >/dev/null 2>&1 && criu check >/dev/null 2>&1
 }
 
-# Debian 12's criu 3.17 fails `criu check` on kernels that map [vvar_vclock]
-# (it learned that layout in 4.x), and Debian 13's criu needs glibc >= 2.38.
-# So we unpack Debian 13's criu with its own libc into a private prefix and
-# point the binary at it with DT_RPATH: RUNPATH would not reach the libraries'
-# own dependencies, and LD_LIBRARY_PATH would leak into ip/iptables/tar that
-# criu runs. A host whose criu already passes keeps its own.
-install_criu() {
-    if criu_works; then
-        log "criu $(criu --version | awk '/Version/ {print $2}') passes criu check"
-        return
-    fi
-    log "installing criu 4.1.1 from Debian 13 into $CRIU_PREFIX"
-    if [ ! -f /etc/apt/sources.list.d/criuweb-trixie.sources ]; then
-        cat > /etc/apt/sources.list.d/criuweb-trixie.sources <<'SRC'
+# `criu check` is not enough: CRIU 4.1.1 passes it on Linux >= 6.16 but
+# cannot dump any TCP or UDP socket there (checkpoint-restore/criu#2705).
+# The self-test dumps and restores a process holding a listening socket;
+# it prints one JSON line whose "error" is CRIU's own.
+selftest() {
+    python3 "$SELFTEST" --criu "$1"
+}
+
+add_suite() {  # name: Debian suite to download from, never to upgrade from
+    local suite=$1
+    [ -f "/etc/apt/sources.list.d/criuweb-$suite.sources" ] && return
+    cat > "/etc/apt/sources.list.d/criuweb-$suite.sources" <<SRC
 Types: deb
 URIs: http://deb.debian.org/debian
-Suites: trixie
+Suites: $suite
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 SRC
-        # Priority 1: the suite is only a place to download from; nothing
-        # on this system is ever upgraded from it.
-        cat > /etc/apt/preferences.d/criuweb-trixie <<'PIN'
+    # Priority 1: the suite is only a place to download from; nothing on
+    # this system is ever installed or upgraded from it.
+    cat > "/etc/apt/preferences.d/criuweb-$suite" <<PIN
 Package: *
-Pin: release n=trixie
+Pin: release n=$suite
 Pin-Priority: 1
 PIN
+}
+
+# Debian 12's criu 3.17 fails `criu check` on kernels that map [vvar_vclock],
+# Debian 13's 4.1.1 cannot dump sockets on Linux >= 6.16, and Debian forky's
+# 4.2.1 (which can) needs glibc >= 2.38. So we unpack forky's criu with
+# Debian 13's libc into a private prefix and point the binary at it with
+# DT_RPATH: RUNPATH would not reach the libraries' own dependencies, and
+# LD_LIBRARY_PATH would leak into ip/iptables/tar that criu runs. A host
+# whose criu already passes the self-test keeps its own.
+install_criu() {
+    local result
+    if criu_works && result=$(selftest "$(command -v criu)"); then
+        log "criu $(criu --version | awk '/Version/ {print $2}') passes criu check and the socket self-test"
+        return
     fi
+    if command -v criu >/dev/null 2>&1; then
+        log "criu on PATH ($(command -v criu)) fails: ${result:-criu check fails}"
+    fi
+    local prefix
+    prefix=$(unpack_criu)
+    local bin="$prefix/usr/sbin/criu"
+    "$bin" check >/dev/null 2>&1 || { log "criu check fails with $bin:"; "$bin" check; exit 1; }
+    result=$(selftest "$bin") || { log "the socket self-test fails with $bin: $result"; exit 1; }
+    # /usr/local/sbin comes before /usr/sbin in root's PATH, for SSH sessions
+    # and for the Docker engines (runc looks criu up on PATH). Swapped with a
+    # rename, so a criu starting meanwhile finds the old or the new one.
+    ln -sfn "$bin" /usr/local/sbin/criu.new
+    mv -T /usr/local/sbin/criu.new /usr/local/sbin/criu
+    hash -r
+    # Earlier unpacked versions; a criu still running from one keeps its files open.
+    for old in "$CRIU_HOME"/criu "$CRIU_HOME"/criu-*; do
+        [ -e "$old" ] && [ "$old" != "$prefix" ] && rm -rf "$old"
+    done
+    log "criu $(criu --version | awk '/Version/ {print $2}') installed in $prefix: criu check and the socket self-test pass"
+}
+
+# Prints the prefix of an unpacked forky criu, reusing one unpacked earlier.
+unpack_criu() {
+    local existing
+    for existing in "$CRIU_HOME"/criu-[0-9]*[0-9]/usr/sbin/criu; do
+        if [ -x "$existing" ] && selftest "$existing" >/dev/null; then
+            dirname "$(dirname "$(dirname "$existing")")"
+            return
+        fi
+    done
+    log "downloading criu from Debian forky" >&2
+    add_suite trixie
+    add_suite forky
     apt-get update -qq
     local dl
     dl=$(mktemp -d)
     chmod 755 "$dl"
-    (cd "$dl" && apt-get download -qq \
-        criu/trixie libcompel1/trixie libc6/trixie libgnutls30t64/trixie \
-        libnftables1/trixie libnl-3-200/trixie libprotobuf-c1/trixie libnet1/trixie \
+    # criu and what needs a newer version than trixie has from forky; the
+    # rest (libc included) from trixie, the suite 4.1.1 came from.
+    if ! (cd "$dl" && apt-get download -qq \
+        criu/forky libcompel1/forky libnet9/forky libnl-3-200/forky \
+        libc6/trixie libgnutls30t64/trixie libnftables1/trixie libprotobuf-c1/trixie \
         libbsd0/trixie libuuid1/trixie libunistring5/trixie libidn2-0/trixie \
         libp11-kit0/trixie libtasn1-6/trixie libnettle8t64/trixie \
         libhogweed6t64/trixie libgmp10/trixie libffi8/trixie libmd0/trixie \
-        libnftnl11/trixie libmnl0/trixie libjansson4/trixie libxtables12/trixie)
-    rm -rf "$CRIU_PREFIX"
-    mkdir -p "$CRIU_PREFIX"
-    for deb in "$dl"/*.deb; do dpkg -x "$deb" "$CRIU_PREFIX"; done
+        libnftnl11/trixie libmnl0/trixie libjansson4/trixie libxtables12/trixie >"$dl/log" 2>&1); then
+        cat "$dl/log" >&2
+        exit 1
+    fi
+    local version
+    version=$(dpkg-deb -f "$dl"/criu_*.deb Version | cut -d- -f1)
+    local prefix="$CRIU_HOME/criu-$version"
+    rm -rf "$prefix.new"
+    mkdir -p "$prefix.new"
+    for deb in "$dl"/*.deb; do dpkg -x "$deb" "$prefix.new"; done
     rm -rf "$dl"
-    local lib="$CRIU_PREFIX/usr/lib/x86_64-linux-gnu"
+    local lib="$prefix/usr/lib/x86_64-linux-gnu"
     patchelf --set-interpreter "$lib/ld-linux-x86-64.so.2" --force-rpath --set-rpath "$lib" \
-        "$CRIU_PREFIX/usr/sbin/criu"
-    # /usr/local/sbin comes before /usr/sbin in root's PATH, for SSH sessions
-    # and for the Docker engines (runc looks criu up on PATH).
-    ln -sf "$CRIU_PREFIX/usr/sbin/criu" /usr/local/sbin/criu
-    hash -r
-    criu check >/dev/null 2>&1 || { log "criu check still fails:"; criu check; exit 1; }
-    log "criu $(criu --version | awk '/Version/ {print $2}') installed, criu check passes"
+        "$prefix.new/usr/sbin/criu"
+    rm -rf "$prefix"
+    mv "$prefix.new" "$prefix"
+    echo "$prefix"
 }
 
 main() {

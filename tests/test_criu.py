@@ -1,3 +1,5 @@
+import json
+import os
 import struct
 
 import pytest
@@ -94,3 +96,58 @@ def test_restore_runs_under_the_namespace_holder():
     assert argv[4:8] == ["criu", "restore", "-D", "/x y"]
     assert "--restore-detached" in argv
     compile(criu.HOLDER, "holder", "exec")  # it is valid Python
+
+
+def test_self_test_runner_finds_criu_error_lines_as_criu_py_does():
+    from migrations_app import criu_selftest
+
+    log = (
+        "(00.000001) Version: 4.1.1\n"
+        "(00.01) Error (criu/util.c:1533): rlimit: Can't setup RLIMIT_NOFILE for self\n"
+        "(00.02) Error (criu/sockets.c:628): sockets: Can't get 1:16 opt: Operation not supported\n"
+    )
+    expected = "Error (criu/sockets.c:628): sockets: Can't get 1:16 opt: Operation not supported"
+    assert criu_selftest.first_error(log) == expected == criu.first_error(log)
+
+
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        ('{"ok": true, "stage": "done", "error": "", "dump_s": 0.05}', (True, "")),
+        ('{"ok": false, "stage": "dump", "error": "Error (x): sockets: no"}', (False, "dump: Error (x): sockets: no")),
+        ("sh: 1: python3: not found", (False, "self-test did not run: sh: 1: python3: not found")),
+        ("", (False, "self-test did not run: no output")),
+    ],
+)
+def test_parse_self_test(line, expected):
+    assert criu.parse_self_test(line) == expected
+
+
+@pytest.mark.lab
+def test_self_test_on_a_lab_host_with_a_listening_socket(hosts):
+    from migrations_app import ssh
+
+    with ssh.Connection(hosts[1]) as conn:
+        assert criu.self_test(conn) == (True, "")
+        assert criu.self_test(conn, with_socket=False) == (True, "")
+        # A real CRIU failure, reported with CRIU's own line: a lazy restore
+        # with no lazy-pages daemon to serve it.
+        ok, error = criu.self_test(conn, extra_restore_args=["--lazy-pages"])
+        assert not ok
+        assert error.startswith("restore: Error (criu/uffd.c:") and "lazy-pages.socket" in error, error
+        result = conn.run(["python3", "-c", criu.SELFTEST_SOURCE])
+    report = json.loads(result.stdout)
+    # The test process, unshare, the namespace's init and the restored copy;
+    # the lab hosts share this machine's PIDs, so /proc here shows them.
+    assert report["ok"] and len(report["pids"]) == 4
+    assert not [pid for pid in report["pids"] if os.path.exists(f"/proc/{pid}")], "the self-test left processes"
+
+
+@pytest.mark.lab
+def test_probe_records_the_socket_self_test(hosts):
+    from migrations_app import ssh
+
+    with ssh.Connection(hosts[0]) as conn:
+        facts = criu.probe(conn)
+    assert facts["check_ok"] is True
+    assert facts["sockets_ok"] is True and facts["sockets_error"] == ""

@@ -820,13 +820,17 @@ def test_probe_on_the_lab(client, hosts, admin_user):
     assert_shows(response, "lab-1: connection and probe OK.")
     lab1 = Host.objects.get(name="lab-1")
     assert lab1.capabilities["ok"] is True
+    criu = lab1.capabilities["criu"]
     # The CRIU setup installed, as `criu --version` on this machine reports it.
     local = subprocess.run(["criu", "--version"], capture_output=True, text=True).stdout.split()[1]
-    assert lab1.capabilities["criu"]["version"] == local
+    assert criu["version"] == local
+    # setup-system.sh installs a CRIU that passes the socket self-test.
+    assert criu["sockets_ok"] is True and criu["sockets_error"] == ""
     # Free space as bytes, a whole number (df gives KiB; awk would print 8e+10).
     assert isinstance(lab1.capabilities["free"], int) and lab1.capabilities["free"] > 1024**2
     html = page_text(response)
     assert "ready to migrate" in html and local in html and "stop-and-copy" in html
+    assert "passes: CRIU dumped and restored a process holding a listening socket" in html
 
 
 @pytest.mark.lab
