@@ -45,7 +45,8 @@ def test_lab_user_home_outlives_another_labs_down(hosts):
     lab1 = hosts[0]
     other_id, lock = _claim_another_lab_id()
     try:
-        with override_settings(LAB_ID=other_id, LAB_ROOT=Path(f"/var/lib/criuweb-lab{other_id}")):
+        other = Path(f"/var/lib/criuweb-lab{other_id}")
+        with override_settings(LAB_ID=other_id, LAB_ROOT=other, SSH_KEY_DIRS=[*settings.SSH_KEY_DIRS, other / "keys"]):
             h = lab.HOSTS[0]
             try:
                 _up_one_host(h)
