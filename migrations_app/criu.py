@@ -8,8 +8,10 @@ built from values.
 import json
 import re
 import struct
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
+
 
 class CriuError(Exception):
     """A CRIU step failed; the message names the host, the step and the log.

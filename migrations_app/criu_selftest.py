@@ -74,7 +74,7 @@ def first_error(log: str) -> str:
     return ""
 
 
-def _criu_failed(stage: str, proc: "subprocess.CompletedProcess[str]", log_path: str) -> Failed:
+def _criu_failed(stage: str, proc: subprocess.CompletedProcess[str], log_path: str) -> Failed:
     try:
         with open(log_path, errors="replace") as f:
             error = first_error(f.read())
@@ -112,8 +112,11 @@ def run(criu: str, with_socket: bool, dump_args: list[str], restore_args: list[s
     # caller's terminal without --shell-job.
     workload = subprocess.Popen(
         [sys.executable, "-c", WORKLOAD, port_file, "1" if with_socket else "0"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True, cwd="/",
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        cwd="/",
     )
     pids.append(workload.pid)
     holder = None
@@ -129,7 +132,9 @@ def run(criu: str, with_socket: bool, dump_args: list[str], restore_args: list[s
         started = time.monotonic()
         dump = subprocess.run(
             [criu, "dump", "-t", str(workload.pid), "-D", images, "-v4", "-o", "dump.log", *dump_args],
-            capture_output=True, text=True, timeout=TIMEOUT,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
         )
         times["dump_s"] = round(time.monotonic() - started, 3)
         if dump.returncode != 0:
@@ -145,12 +150,32 @@ def run(criu: str, with_socket: bool, dump_args: list[str], restore_args: list[s
         started = time.monotonic()
         holder = subprocess.Popen(
             [
-                "unshare", "--pid", "--fork", "--mount-proc", "--propagation", "slave", "--kill-child",
-                "sh", "-c", 'out=$1; shift; "$@" >"$out" 2>&1; echo "$?"; exec sleep 3600', "sh",
+                "unshare",
+                "--pid",
+                "--fork",
+                "--mount-proc",
+                "--propagation",
+                "slave",
+                "--kill-child",
+                "sh",
+                "-c",
+                'out=$1; shift; "$@" >"$out" 2>&1; echo "$?"; exec sleep 3600',
+                "sh",
                 os.path.join(work, "restore.out"),
-                criu, "restore", "-D", images, "-v4", "-o", "restore.log", "--restore-detached", *restore_args,
+                criu,
+                "restore",
+                "-D",
+                images,
+                "-v4",
+                "-o",
+                "restore.log",
+                "--restore-detached",
+                *restore_args,
             ],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
             start_new_session=True,
         )
         pids.append(holder.pid)
