@@ -9,7 +9,7 @@ known=$(mktemp)
 trap 'rm -f "$known"' EXIT
 echo "10.213.0.11 $(awk '{print $1" "$2}' "$root/lab-1/ssh_host_ed25519_key.pub")" > "$known"
 for user in root cwlab; do
-    opts=(-i "$root/id_ed25519" -o UserKnownHostsFile="$known" -o ControlMaster=auto
+    opts=(-i "$root/keys/id_ed25519" -o UserKnownHostsFile="$known" -o ControlMaster=auto
           -o ControlPath="/tmp/criuweb-latency-$user" -o ControlPersist=30)
     ssh "${opts[@]}" "$user@10.213.0.11" true
     start=$(date +%s%N)
