@@ -8,6 +8,7 @@ import csv
 import io
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -377,6 +378,27 @@ def test_var_database_and_secret_key_are_private(db):
     assert mode(settings.VAR_DIR / "secret_key") == 0o600
     # The test database, made fresh by this session's test runner.
     assert mode(connection.settings_dict["NAME"]) == 0o600
+
+
+def test_settings_make_var_and_the_secret_key_private(tmp_path):
+    # The settings module of a fresh checkout (a copy of criuweb/ with no var/
+    # yet), loaded by a process with the usual umask.
+    shutil.copytree(settings.BASE_DIR / "criuweb", tmp_path / "criuweb", ignore=shutil.ignore_patterns("__pycache__"))
+    env = {k: v for k, v in os.environ.items() if k not in ("SECRET_KEY", "CRIUWEB_KEY_DIR")}
+    load = [sys.executable, "-c", "import criuweb.settings as s; print(s.SECRET_KEY)"]
+    first = subprocess.run(load, cwd=tmp_path, env=env, check=True, capture_output=True, text=True,
+                           preexec_fn=lambda: os.umask(0o022), timeout=60)
+    var = tmp_path / "var"
+    assert (mode(var), mode(var / "keys"), mode(var / "secret_key")) == (0o700, 0o700, 0o600)
+    key = (var / "secret_key").read_text()
+    assert len(key) >= 50 and first.stdout.strip() == key
+    assert sorted(p.name for p in var.iterdir()) == ["keys", "secret_key"]  # no temporary file left
+    # A var/ and key file left open by an older version are closed up; the key stays.
+    var.chmod(0o755)
+    (var / "secret_key").chmod(0o644)
+    again = subprocess.run(load, cwd=tmp_path, env=env, check=True, capture_output=True, text=True, timeout=60)
+    assert again.stdout.strip() == key
+    assert (mode(var), mode(var / "secret_key")) == (0o700, 0o600)
 
 
 def test_a_new_database_is_private(tmp_path):
