@@ -111,8 +111,7 @@ def test_host_key_page_does_not_echo_a_banner(client, admin_user, db, chatty_ser
 # -- CSV export cells are never formulas -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("hostile", ["=1+1", "+1", "-2+3", "@SUM(A1)", "\t=1", "\r=1",
-                                     '=HYPERLINK("http://x","y")'])
+@pytest.mark.parametrize("hostile", ["=1+1", "+1", "-2+3", "@SUM(A1)", "\t=1", "\r=1", '=HYPERLINK("http://x","y")'])
 def test_csv_export_neutralises_formulas(client, viewer, db, hostile):
     a, b = make_host("a"), make_host("b")
     make_run(a, b, workload=hostile, error=hostile, downtime_ms=-1.0)
@@ -141,21 +140,24 @@ def test_container_ref_accepts_docker_names_and_ids(value):
     assert validation.container_ref(value) == value
 
 
-@pytest.mark.parametrize("value, message", [
-    (None, "Name a container."),
-    ("", "Name a container."),
-    (" counter", "' counter' is not a container name"),
-    ("counter\n", "'counter\\n' is not a container name"),
-    ("-rm", "'-rm' is not a container name"),
-    ("_x", "'_x' is not a container name"),
-    (".x", "'.x' is not a container name"),
-    ("/counter", "'/counter' is not a container name"),
-    ("a;b", "'a;b' is not a container name"),
-    ("a b", "'a b' is not a container name"),
-    ("é", "'é' is not a container name"),
-    ("a" * 256, "at most 255 characters"),
-    (12, "12 is not a container name."),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (None, "Name a container."),
+        ("", "Name a container."),
+        (" counter", "' counter' is not a container name"),
+        ("counter\n", "'counter\\n' is not a container name"),
+        ("-rm", "'-rm' is not a container name"),
+        ("_x", "'_x' is not a container name"),
+        (".x", "'.x' is not a container name"),
+        ("/counter", "'/counter' is not a container name"),
+        ("a;b", "'a;b' is not a container name"),
+        ("a b", "'a b' is not a container name"),
+        ("é", "'é' is not a container name"),
+        ("a" * 256, "at most 255 characters"),
+        (12, "12 is not a container name."),
+    ],
+)
 def test_container_ref_refuses(value, message):
     with pytest.raises(validation.InputError) as caught:
         validation.container_ref(value)
@@ -167,43 +169,49 @@ def test_pid_accepts_plain_positive_integers(value, expected):
     assert validation.pid(value) == expected
 
 
-@pytest.mark.parametrize("value, message", [
-    (None, "Give the PID of the process tree to move."),
-    ("", "Give the PID of the process tree to move."),
-    (" 12", "' 12' is not a PID"),
-    ("12 ", "'12 ' is not a PID"),
-    ("12\n", "'12\\n' is not a PID"),
-    ("+12", "'+12' is not a PID"),
-    ("012", "'012' is not a PID"),
-    ("1_2", "'1_2' is not a PID"),
-    ("١٢", "'١٢' is not a PID"),  # Arabic-Indic digits: int() would take them
-    ("12; rm -rf /", "'12; rm -rf /' is not a PID"),
-    ("0", "'0' is not a PID"),
-    ("-1", "'-1' is not a PID"),
-    (0, "0 is not a PID: PIDs go from 2"),
-    (-1, "-1 is not a PID: PIDs go from 2"),
-    ("4194305", "PIDs go from 2 to 4194304"),
-    (True, "True is not a PID"),
-    (12.0, "12.0 is not a PID"),
-    ("1", "PID 1 is the host's init; it cannot be moved."),
-    (1, "PID 1 is the host's init; it cannot be moved."),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        (None, "Give the PID of the process tree to move."),
+        ("", "Give the PID of the process tree to move."),
+        (" 12", "' 12' is not a PID"),
+        ("12 ", "'12 ' is not a PID"),
+        ("12\n", "'12\\n' is not a PID"),
+        ("+12", "'+12' is not a PID"),
+        ("012", "'012' is not a PID"),
+        ("1_2", "'1_2' is not a PID"),
+        ("١٢", "'١٢' is not a PID"),  # Arabic-Indic digits: int() would take them
+        ("12; rm -rf /", "'12; rm -rf /' is not a PID"),
+        ("0", "'0' is not a PID"),
+        ("-1", "'-1' is not a PID"),
+        (0, "0 is not a PID: PIDs go from 2"),
+        (-1, "-1 is not a PID: PIDs go from 2"),
+        ("4194305", "PIDs go from 2 to 4194304"),
+        (True, "True is not a PID"),
+        (12.0, "12.0 is not a PID"),
+        ("1", "PID 1 is the host's init; it cannot be moved."),
+        (1, "PID 1 is the host's init; it cannot be moved."),
+    ],
+)
 def test_pid_refuses(value, message):
     with pytest.raises(validation.InputError) as caught:
         validation.pid(value)
     assert message in str(caught.value)
 
 
-@pytest.mark.parametrize("fields, field_message", [
-    ({"kind": PROCESS, "pid": " 12"}, "' 12' is not a PID"),
-    ({"kind": PROCESS, "pid": "1"}, "PID 1 is the host's init; it cannot be moved."),
-    ({"kind": PROCESS, "pid": "0"}, "'0' is not a PID"),
-    ({"kind": PROCESS, "pid": "-1"}, "'-1' is not a PID"),
-    ({"kind": PROCESS, "pid": ""}, "Give the PID of the process tree to move."),
-    ({"kind": CONTAINER, "container": ""}, "Name a container."),
-    ({"kind": CONTAINER, "container": " web"}, "' web' is not a container name"),
-    ({"kind": CONTAINER, "container": "web; id"}, "'web; id' is not a container name"),
-])
+@pytest.mark.parametrize(
+    "fields, field_message",
+    [
+        ({"kind": PROCESS, "pid": " 12"}, "' 12' is not a PID"),
+        ({"kind": PROCESS, "pid": "1"}, "PID 1 is the host's init; it cannot be moved."),
+        ({"kind": PROCESS, "pid": "0"}, "'0' is not a PID"),
+        ({"kind": PROCESS, "pid": "-1"}, "'-1' is not a PID"),
+        ({"kind": PROCESS, "pid": ""}, "Give the PID of the process tree to move."),
+        ({"kind": CONTAINER, "container": ""}, "Name a container."),
+        ({"kind": CONTAINER, "container": " web"}, "' web' is not a container name"),
+        ({"kind": CONTAINER, "container": "web; id"}, "'web; id' is not a container name"),
+    ],
+)
 def test_migration_form_refuses_bad_workload_references(launcher, db, fields, field_message):
     ready_host("a"), ready_host("b")
     response = post_migrate(launcher, **fields)
@@ -225,8 +233,14 @@ def test_migration_form_ignores_the_other_kinds_field(launcher, db):
 
 
 def host_form(key_path, **fields):
-    data = {"name": "h3", "address": "10.99.0.3", "ssh_port": 22, "user": "root", "key_path": key_path,
-            "work_dir": "/var/lib/criuweb"}
+    data = {
+        "name": "h3",
+        "address": "10.99.0.3",
+        "ssh_port": 22,
+        "user": "root",
+        "key_path": key_path,
+        "work_dir": "/var/lib/criuweb",
+    }
     data.update(fields)
     return data
 
@@ -242,8 +256,9 @@ def outside_message(path, key_dir):
     return f"The key file {path} is outside the key directory ({key_dir}); criuweb reads private keys only from there."
 
 
-@pytest.mark.parametrize("path", ["/etc/shadow", "/etc/no-such-file-here", "/proc/self/environ",
-                                  "../../../etc/passwd", "/"])
+@pytest.mark.parametrize(
+    "path", ["/etc/shadow", "/etc/no-such-file-here", "/proc/self/environ", "../../../etc/passwd", "/"]
+)
 def test_a_key_outside_the_key_directory_is_refused_alike(client, admin_user, key_dir, path):
     # A file that is there and one that is not get the same words: the form
     # must not be a way to learn which files the server has.
@@ -269,15 +284,21 @@ def test_a_symlink_within_the_key_directory_is_followed(client, admin_user, key_
     assert Host.objects.get(name="h3").key_path == str(key_dir / "current")
 
 
-@pytest.mark.parametrize("content, message", [
-    (lambda: bytes(range(256)) * 8, "is not a private key criuweb can use"),
-    (lambda: b"", "is not a private key criuweb can use"),
-    (lambda: b"-----BEGIN OPENSSH PRIVATE KEY-----\nnot base64\n-----END OPENSSH PRIVATE KEY-----\n",
-     "is not a private key criuweb can use"),
-    (lambda: new_private_key()[:-60], "is not a private key criuweb can use"),
-    (lambda: b"x" * (ssh.KEY_FILE_MAX + 1), "is not a private key criuweb can use"),
-    (lambda: new_private_key(password=b"secret"), "is protected by a passphrase; criuweb needs a key without one"),
-], ids=["binary", "empty", "bad-base64", "truncated", "huge", "passphrase"])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (lambda: bytes(range(256)) * 8, "is not a private key criuweb can use"),
+        (lambda: b"", "is not a private key criuweb can use"),
+        (
+            lambda: b"-----BEGIN OPENSSH PRIVATE KEY-----\nnot base64\n-----END OPENSSH PRIVATE KEY-----\n",
+            "is not a private key criuweb can use",
+        ),
+        (lambda: new_private_key()[:-60], "is not a private key criuweb can use"),
+        (lambda: b"x" * (ssh.KEY_FILE_MAX + 1), "is not a private key criuweb can use"),
+        (lambda: new_private_key(password=b"secret"), "is protected by a passphrase; criuweb needs a key without one"),
+    ],
+    ids=["binary", "empty", "bad-base64", "truncated", "huge", "passphrase"],
+)
 def test_a_file_that_is_no_usable_key_is_a_form_error(client, admin_user, key_dir, content, message):
     (key_dir / "bad").write_bytes(content())
     response = post_host(client, admin_user, str(key_dir / "bad"))
@@ -316,21 +337,31 @@ ADMIN_ADD = "/admin/migrations_app/host/add/"
 
 
 def admin_host(key_path=None, **fields):
-    data = {"name": "h3", "address": "10.99.0.3", "ssh_port": 22, "user": "root", "key_path": key_path,
-            "host_key": "", "work_dir": "/var/lib/criuweb"}
+    data = {
+        "name": "h3",
+        "address": "10.99.0.3",
+        "ssh_port": 22,
+        "user": "root",
+        "key_path": key_path,
+        "host_key": "",
+        "work_dir": "/var/lib/criuweb",
+    }
     data.update(fields)
     return data
 
 
-@pytest.mark.parametrize("fields, message", [
-    ({"key_path": "/etc/shadow"}, "The key file /etc/shadow is outside the key directory"),
-    ({"name": "a b"}, "Enter a valid “slug”"),
-    ({"address": "10.0.0.1; rm -rf /"}, "An address is a host name or an IP address, without spaces."),
-    ({"ssh_port": 70000}, "A port is between 1 and 65535."),
-    ({"work_dir": "relative"}, "Give an absolute path."),
-    ({"host_key": "garbage"}, "host key 'garbage' is not '<type> <base64>'"),
-    ({"host_key": "TRUNCATED"}, "This host key is truncated or has extra bytes; copy it whole."),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"key_path": "/etc/shadow"}, "The key file /etc/shadow is outside the key directory"),
+        ({"name": "a b"}, "Enter a valid “slug”"),
+        ({"address": "10.0.0.1; rm -rf /"}, "An address is a host name or an IP address, without spaces."),
+        ({"ssh_port": 70000}, "A port is between 1 and 65535."),
+        ({"work_dir": "relative"}, "Give an absolute path."),
+        ({"host_key": "garbage"}, "host key 'garbage' is not '<type> <base64>'"),
+        ({"host_key": "TRUNCATED"}, "This host key is truncated or has extra bytes; copy it whole."),
+    ],
+)
 def test_admin_host_form_refuses(client, admin_user, key_file, fields, message):
     fields = {"key_path": key_file, **fields}
     if fields.get("host_key") == "TRUNCATED":
@@ -386,8 +417,16 @@ def test_settings_make_var_and_the_secret_key_private(tmp_path):
     shutil.copytree(settings.BASE_DIR / "criuweb", tmp_path / "criuweb", ignore=shutil.ignore_patterns("__pycache__"))
     env = {k: v for k, v in os.environ.items() if k not in ("SECRET_KEY", "CRIUWEB_KEY_DIR")}
     load = [sys.executable, "-c", "import criuweb.settings as s; print(s.SECRET_KEY)"]
-    first = subprocess.run(load, cwd=tmp_path, env=env, check=True, capture_output=True, text=True,
-                           preexec_fn=lambda: os.umask(0o022), timeout=60)
+    first = subprocess.run(
+        load,
+        cwd=tmp_path,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        preexec_fn=lambda: os.umask(0o022),
+        timeout=60,
+    )
     var = tmp_path / "var"
     assert (mode(var), mode(var / "keys"), mode(var / "secret_key")) == (0o700, 0o700, 0o600)
     key = (var / "secret_key").read_text()
@@ -405,8 +444,14 @@ def test_a_new_database_is_private(tmp_path):
     # A database made from nothing by `migrate` in a process with the usual umask.
     database = tmp_path / "fresh.sqlite3"
     env = dict(os.environ, DJANGO_SETTINGS_MODULE="criuweb.settings", DATABASE_URL=f"sqlite:///{database}")
-    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=settings.BASE_DIR, env=env, check=True,
-                   preexec_fn=lambda: os.umask(0o022), timeout=120)
+    subprocess.run(
+        [sys.executable, "manage.py", "migrate", "-v0"],
+        cwd=settings.BASE_DIR,
+        env=env,
+        check=True,
+        preexec_fn=lambda: os.umask(0o022),
+        timeout=120,
+    )
     assert mode(database) == 0o600
 
 
@@ -512,12 +557,15 @@ def test_behind_the_proxy_the_lockout_follows_the_forwarded_address(client, view
     assert login_post(client, "pw", HTTP_X_FORWARDED_FOR="192.0.2.8").status_code == 302
 
 
-@pytest.mark.parametrize("password, message", [
-    ("short1", "This password is too short. It must contain at least 12 characters."),
-    ("123456789012", "This password is entirely numeric."),
-    ("password1234", "This password is too common."),
-    ("margaret.hamilton1", "The password is too similar to the username."),
-])
+@pytest.mark.parametrize(
+    "password, message",
+    [
+        ("short1", "This password is too short. It must contain at least 12 characters."),
+        ("123456789012", "This password is entirely numeric."),
+        ("password1234", "This password is too common."),
+        ("margaret.hamilton1", "The password is too similar to the username."),
+    ],
+)
 def test_password_rules(db, password, message):
     user = User.objects.create_user("margaret.hamilton")
     with pytest.raises(ValidationError) as caught:
@@ -538,8 +586,14 @@ def manage(*argv, **env):
     full_env = dict(os.environ, DJANGO_SETTINGS_MODULE="criuweb.settings", ALLOWED_HOSTS="criuweb.example.org")
     full_env.pop("DEBUG", None)
     full_env.update(env)
-    return subprocess.run([sys.executable, "manage.py", *argv], cwd=settings.BASE_DIR, env=full_env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "manage.py", *argv],
+        cwd=settings.BASE_DIR,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def deploy_warnings(result):
@@ -554,17 +608,23 @@ def test_check_deploy_in_production_mode():
     result = manage("check", "--deploy", CRIUWEB_PRODUCTION="True", CRIUWEB_HSTS_PRELOAD="True")
     assert result.returncode == 0 and "System check identified no issues" in result.stdout, result.stdout
     # Without production mode the same check finds what the mode fixes.
-    assert {"security.W004", "security.W008", "security.W012", "security.W016"} <= deploy_warnings(manage(
-        "check", "--deploy"))
+    assert {"security.W004", "security.W008", "security.W012", "security.W016"} <= deploy_warnings(
+        manage("check", "--deploy")
+    )
 
 
-@pytest.mark.parametrize("env, message", [
-    ({"CRIUWEB_PRODUCTION": "yes"}, "CRIUWEB_PRODUCTION must be True or False, not 'yes'"),
-    ({"CRIUWEB_PRODUCTION": "true"}, "CRIUWEB_PRODUCTION must be True or False, not 'true'"),
-    ({"CRIUWEB_PRODUCTION": "True", "DEBUG": "True"}, "DEBUG must be False when CRIUWEB_PRODUCTION is True"),
-    ({"CRIUWEB_PRODUCTION": "True", "CRIUWEB_HSTS_SECONDS": "a year"},
-     "CRIUWEB_HSTS_SECONDS must be a whole number, not 'a year'"),
-])
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"CRIUWEB_PRODUCTION": "yes"}, "CRIUWEB_PRODUCTION must be True or False, not 'yes'"),
+        ({"CRIUWEB_PRODUCTION": "true"}, "CRIUWEB_PRODUCTION must be True or False, not 'true'"),
+        ({"CRIUWEB_PRODUCTION": "True", "DEBUG": "True"}, "DEBUG must be False when CRIUWEB_PRODUCTION is True"),
+        (
+            {"CRIUWEB_PRODUCTION": "True", "CRIUWEB_HSTS_SECONDS": "a year"},
+            "CRIUWEB_HSTS_SECONDS must be a whole number, not 'a year'",
+        ),
+    ],
+)
 def test_production_settings_refuse_unclear_values(env, message):
     result = manage("check", **env)
     assert result.returncode != 0 and message in result.stderr
