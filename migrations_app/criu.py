@@ -345,7 +345,10 @@ if holder == 0:
             break
     sys.exit(0)
 try:
-    with open(pidfile + ".tmp", "w") as f:
+    # O_EXCL|O_NOFOLLOW: the directory came from another host, and a link
+    # planted there must not make us write through it.
+    fd = os.open(pidfile + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
         f.write("%d\n" % holder)
     os.rename(pidfile + ".tmp", pidfile)
 except OSError:

@@ -47,8 +47,25 @@ def pipe(ctx: Context, src, dst, what: str) -> int:
     return total
 
 
+# Unpacks CRIU images ($1: the directory) and refuses anything but regular
+# files and directories. CRIU's images are never links or devices; a source
+# that sends one means to have a later step on this host (criu writing its
+# log, the namespace holder writing its PID file) follow it out of the
+# directory. In the same command as the unpacking: no extra round trip.
+UNPACK_IMAGES = r"""
+set -e
+tar --numeric-owner --xattrs --xattrs-include='*' --same-owner -xpf - -C "$1"
+odd=$(find "$1" ! -type f ! -type d -print -quit)
+if [ -n "$odd" ]; then
+    echo "refusing the images: $odd is not a regular file or directory" >&2
+    rm -rf -- "$1"
+    exit 3
+fi
+"""
+
+
 def copy_dir(ctx: Context, src_dir: str, dst_dir: str) -> int:
-    """Stream a directory from the source host into an existing one on the target."""
+    """Stream a directory of CRIU images from the source host into one on the target."""
     src = ctx.src_ssh.open_command(TAR_CREATE + [src_dir, "."])
-    dst = ctx.dst_ssh.open_command(TAR_EXTRACT + [dst_dir])
+    dst = ctx.dst_ssh.open_command(["sh", "-c", UNPACK_IMAGES, "sh", dst_dir])
     return pipe(ctx, src, dst, dst_dir)

@@ -195,10 +195,22 @@ def checkpoint(ctx: Context):
 # Unpacks the checkpoint and the writable layer from one tar stream:
 # $1 staging dir, $2 the container's checkpoints dir, $3 checkpoint name,
 # $4 the container's (empty, not yet mounted) upper dir.
+# The writable layer may hold links of its own, but the two top-level
+# directories must be real ones and the checkpoint must hold only files and
+# directories: a link sent by a compromised source would make `cp -a
+# diff/.` copy this host's files into the container, or Docker write
+# through it.
 UNPACK_CONTAINER = r"""
 set -e
 mkdir -p "$1" "$2"
 tar --numeric-owner --xattrs --xattrs-include='*' --same-owner -xpf - -C "$1"
+for d in "$1/$3" "$1/diff"; do
+    if [ -L "$d" ] || [ ! -d "$d" ]; then
+        echo "refusing the stream: $d is not a directory" >&2; rm -rf -- "$1"; exit 3
+    fi
+done
+odd=$(find "$1/$3" ! -type f ! -type d -print -quit)
+if [ -n "$odd" ]; then echo "refusing the checkpoint: $odd is not a regular file" >&2; rm -rf -- "$1"; exit 3; fi
 mv "$1/$3" "$2/"
 if rmdir "$4" 2>/dev/null; then mv "$1/diff" "$4"; else cp -a "$1/diff/." "$4/"; fi
 rm -rf "$1"
