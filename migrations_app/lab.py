@@ -6,6 +6,7 @@ place that may. Everything else reaches the lab hosts over SSH, exactly as
 it would reach a remote machine.
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -20,6 +21,12 @@ from .models import Host
 
 PREFIX = 24
 IMAGE = "criuweb/busybox:latest"
+# The benchmark workload (scripts/memhog.c), built static by setup-system.sh
+# onto the filesystem the lab hosts share, and into an image of its own.
+MEMHOG = Path("/opt/criuweb/bin/memhog")
+MEMHOG_IMAGE = "criuweb/memhog:latest"
+# Where a memhog container writes its checksum on SIGUSR1 (the image has no /tmp).
+MEMHOG_CONTAINER_CHECKSUM = "/memhog.checksum"
 # The lab hosts log in as this user: uid 0 like root (CRIU needs it), but
 # with /bin/sh as its shell. Root's bash on these machines sources a
 # ~/.bashrc that costs about 140 ms per SSH command (scripts/ssh-latency.sh),
@@ -130,10 +137,18 @@ def _alive(pidfile):
     """The PID in pidfile if that process is running (not a zombie), else None."""
     try:
         pid = int(Path(pidfile).read_text().strip())
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, ValueError):
         return None
-    return None if state == "Z" else pid
+    return pid if pid_running(pid) else None
+
+
+def pid_running(pid):
+    """Whether a process runs here (a zombie does not): the lab hosts share this machine's PIDs."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
 
 
 def _is_mountpoint(path):
@@ -145,6 +160,7 @@ def _is_mountpoint(path):
 
 def up(log=print, demo=False):
     settings.LAB_ROOT.mkdir(parents=True, exist_ok=True)
+    _ensure_pipe_limits()
     _ensure_bridge()
     _ensure_client_key()
     _ensure_user()
@@ -157,6 +173,28 @@ def up(log=print, demo=False):
         log(f"{h.name}: up at {h.address} (sshd, Docker engine {h.docker_sock})")
     if demo:
         start_demo(log)
+
+
+# Post-copy (criu dump --lazy-pages) moves pages through pipes far larger
+# than the defaults allow, and root here lacks CAP_SYS_RESOURCE, so the
+# limits apply to CRIU: the dump fails with "page-pipe: tee: 65536:
+# Operation not permitted" when the target's lazy-pages daemon connects.
+# A real host's root usually has CAP_SYS_RESOURCE and needs none of this.
+# The lab hosts share this kernel, so these sysctls are global: raised
+# only, and never put back by `down`, since other labs on the machine may
+# be migrating with them.
+PIPE_LIMITS = {
+    "/proc/sys/fs/pipe-max-size": 268435456,  # bytes (256 MiB)
+    "/proc/sys/fs/pipe-user-pages-soft": 0,  # 0: no per-user limit
+}
+
+
+def _ensure_pipe_limits():
+    for path, wanted in PIPE_LIMITS.items():
+        current = int(Path(path).read_text())
+        # For pipe-user-pages-soft 0 is the highest setting (no limit).
+        if (wanted == 0 and current != 0) or (wanted and current < wanted):
+            Path(path).write_text(f"{wanted}\n")
 
 
 def _ensure_bridge():
@@ -287,16 +325,43 @@ def _docker_ok(h):
 
 
 def _ensure_image(h):
-    if _docker(h, "image", "inspect", IMAGE, check=False).returncode == 0:
+    _ensure_one_image(h, IMAGE, None, _build_busybox)
+    if not MEMHOG.exists():
+        raise LabError(f"{MEMHOG} is missing: run `make setup` (scripts/setup-system.sh builds it)")
+    # The version names the binary and the Dockerfile: a change to either rebuilds.
+    version = hashlib.md5(MEMHOG.read_bytes() + _memhog_dockerfile("").encode()).hexdigest()
+    _ensure_one_image(h, MEMHOG_IMAGE, version, _build_memhog)
+
+
+def _ensure_one_image(h, image, version, build):
+    """image on h; with a version, one whose criuweb.version label matches (rebuilt when the binary changed)."""
+    if _image_version(h, image) == (version or ""):
         return
     first = HOSTS[0]
     if h is not first:
         # The same image (same id) on every lab host, as a registry would
         # give: built once, then copied.
-        save = subprocess.Popen(["docker", "-H", f"unix://{first.docker_sock}", "save", IMAGE], stdout=subprocess.PIPE)
+        save = subprocess.Popen(["docker", "-H", f"unix://{first.docker_sock}", "save", image], stdout=subprocess.PIPE)
         _docker(h, "load", "-q", stdin=save.stdout)
         save.wait()
         return
+    build(h, version)
+
+
+def _image_version(h, image):
+    """The image's criuweb.version label ("" without one), or None if h lacks the image."""
+    result = _docker(h, "image", "inspect", "-f", "{{json .Config.Labels}}", image, check=False)
+    if result.returncode != 0:
+        return None
+    return (json.loads(result.stdout or "null") or {}).get("criuweb.version", "")
+
+
+def _build(h, image, ctx):
+    # No registry here: images are built from local files only.
+    _docker(h, "build", "-q", "-t", image, ctx, env=dict(os.environ, DOCKER_BUILDKIT="0"))
+
+
+def _build_busybox(h, version):
     ctx = h.root / "image"
     ctx.mkdir(exist_ok=True)
     shutil.copy("/bin/busybox", ctx / "busybox")
@@ -304,8 +369,22 @@ def _ensure_image(h):
         'FROM scratch\nCOPY busybox /bin/busybox\nRUN ["/bin/busybox", "--install", "-s", "/bin"]\n'
         'CMD ["sh"]\n'
     )
-    # No registry here: the image is built from Debian's static busybox.
-    _docker(h, "build", "-q", "-t", IMAGE, ctx, env=dict(os.environ, DOCKER_BUILDKIT="0"))
+    _build(h, IMAGE, ctx)
+
+
+def _build_memhog(h, version):
+    ctx = h.root / "memhog-image"
+    ctx.mkdir(exist_ok=True)
+    shutil.copy(MEMHOG, ctx / "memhog")
+    (ctx / "Dockerfile").write_text(_memhog_dockerfile(version))
+    _build(h, MEMHOG_IMAGE, ctx)
+
+
+def _memhog_dockerfile(version):
+    return (
+        f"FROM {IMAGE}\nCOPY memhog /bin/memhog\nLABEL criuweb.version={version}\n"
+        f'CMD ["memhog", "16", "-", "{MEMHOG_CONTAINER_CHECKSUM}"]\n'
+    )
 
 
 def register(h):
@@ -411,6 +490,64 @@ def start_process(conn, script, arg):
     # and CRIU restores it without a terminal.
     result = conn.sh('setsid sh -c "$1" sh "$2" </dev/null >/dev/null 2>&1 & echo $!', script, arg)
     return int(result.stdout.strip())
+
+
+# -- memhog ---------------------------------------------------------------------
+
+# $1: memhog's PID, $2: its checksum file. memhog writes the file through a
+# rename, so once it is there it is whole.
+MEMHOG_CHECKSUM_SCRIPT = r"""
+rm -f "$2"
+kill -USR1 "$1" || exit 3
+i=0
+while [ ! -s "$2" ]; do
+    i=$((i+1))
+    [ "$i" -le 1200 ] || { echo "memhog $1 wrote no checksum to $2 in 60 s" >&2; exit 4; }
+    sleep 0.05
+done
+cat "$2"
+"""
+
+
+def start_memhog(conn, mib, counter_path, checksum_path):
+    """Start a detached memhog holding mib MiB on a host; return its PID.
+
+    It appends 0, 1, 2, ... to counter_path every 10 ms and writes its
+    memory's checksum to checksum_path on SIGUSR1 (memhog_checksum()).
+    """
+    result = conn.sh(
+        'setsid "$1" "$2" "$3" "$4" </dev/null >/dev/null 2>&1 & echo $!',
+        str(MEMHOG), str(int(mib)), str(counter_path), str(checksum_path),
+    )
+    return int(result.stdout.strip())
+
+
+def memhog_checksum(conn, pid, checksum_path):
+    """The checksum of a memhog process's memory, computed now, as hex."""
+    return conn.sh(MEMHOG_CHECKSUM_SCRIPT, str(pid), str(checksum_path), timeout=90).stdout.strip()
+
+
+def run_memhog_container(engine, name, mib):
+    """Start a memhog container holding mib MiB; it prints its counter to its log."""
+    return engine.run_container(MEMHOG_IMAGE, ["memhog", str(int(mib)), "-", MEMHOG_CONTAINER_CHECKSUM], name)
+
+
+def memhog_container_checksum(engine, name):
+    """The checksum of a memhog container's memory, computed now, as hex."""
+    cid = engine.inspect(name)["Id"]
+    # memhog is PID 1 of the container; it handles SIGUSR1, so the signal
+    # reaches it (PID 1 ignores only signals it has no handler for).
+    exec_id = engine.api.exec_create(cid, ["sh", "-c", MEMHOG_CHECKSUM_SCRIPT, "sh", "1", MEMHOG_CONTAINER_CHECKSUM])
+    out = engine.api.exec_start(exec_id["Id"], demux=True)
+    rc = engine.api.exec_inspect(exec_id["Id"])["ExitCode"]
+    if rc != 0:
+        raise LabError(f"{name}: no memhog checksum: {(out[1] or b'').decode(errors='replace').strip()}")
+    return (out[0] or b"").decode().strip()
+
+
+def counter_values(text):
+    """The counter values in a memhog or counter output, other lines left out."""
+    return [int(line) for line in text.split("\n") if line.strip().isdigit()]
 
 
 # -- status and down ------------------------------------------------------------

@@ -7,9 +7,11 @@ shopt -s inherit_errexit
 HERE=$(cd "$(dirname "$0")" && pwd)
 SELFTEST="$HERE/../migrations_app/criu_selftest.py"
 CRIU_HOME=/opt/criuweb
-# The stamp names this script's content and the self-test's: an edited
-# script runs in full again.
-STAMP=/var/lib/criuweb/.system-ready-$(cat "$0" "$SELFTEST" | md5sum | cut -c1-12)
+MEMHOG_SRC="$HERE/memhog.c"
+MEMHOG=$CRIU_HOME/bin/memhog
+# The stamp names the content of this script and of what it builds or runs:
+# an edited one runs the setup in full again.
+STAMP=/var/lib/criuweb/.system-ready-$(cat "$0" "$SELFTEST" "$MEMHOG_SRC" | md5sum | cut -c1-12)
 
 log() { printf 'setup: %s\n' "$*"; }
 
@@ -133,17 +135,34 @@ unpack_criu() {
     echo "$prefix"
 }
 
+# The benchmark workload, static so that the same binary runs on the lab
+# hosts (which share this filesystem) and in the lab's busybox-based image.
+build_memhog() {
+    local sum
+    sum=$(md5sum < "$MEMHOG_SRC" | cut -c1-32)
+    if [ -x "$MEMHOG" ] && [ "$(cat "$MEMHOG.md5" 2>/dev/null)" = "$sum" ]; then
+        return
+    fi
+    mkdir -p "$(dirname "$MEMHOG")"
+    gcc -static -O2 -Wall -Wextra -Werror -o "$MEMHOG.new" "$MEMHOG_SRC"
+    mv "$MEMHOG.new" "$MEMHOG"
+    echo "$sum" > "$MEMHOG.md5"
+    log "built $MEMHOG"
+}
+
 main() {
     if [ "$(id -u)" != 0 ]; then
         echo "setup: must run as root (it installs system packages and runs CRIU)" >&2
         exit 1
     fi
-    if [ -f "$STAMP" ] && criu_works; then
+    if [ -f "$STAMP" ] && [ -x "$MEMHOG" ] && criu_works; then
         return
     fi
     need_packages docker.io containerd runc openssh-server openssh-client busybox-static \
-        iproute2 iptables patchelf tar procps util-linux ca-certificates python3 python3-venv chromium
+        iproute2 iptables patchelf tar procps util-linux ca-certificates python3 python3-venv chromium \
+        gcc libc6-dev
     install_criu
+    build_memhog
     mkdir -p "$(dirname "$STAMP")"
     rm -f /var/lib/criuweb/.system-ready-*
     touch "$STAMP"

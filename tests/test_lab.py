@@ -1,7 +1,11 @@
 """The lab itself: what `lab up` and `lab down` leave for other labs and for the hosts."""
 
 import fcntl
+import os
 import pwd
+import re
+import signal
+import uuid
 from pathlib import Path
 
 import pytest
@@ -9,6 +13,8 @@ from django.conf import settings
 from django.test import override_settings
 
 from migrations_app import lab, ssh
+from migrations_app.docker_engine import Engine
+from tests.support import wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -69,3 +75,72 @@ def test_lab_user_home_outlives_another_labs_down(hosts):
         result = conn.run(["pwd"])
     assert result.stderr == "", result.stderr
     assert result.stdout.strip() == str(lab.LAB_HOME)
+
+
+def test_lab_up_lifts_the_pipe_limits_post_copy_needs(lab_up):
+    # Root here lacks CAP_SYS_RESOURCE, so CRIU's lazy dump is bound by them.
+    assert int(Path("/proc/sys/fs/pipe-max-size").read_text()) >= 268435456
+    assert int(Path("/proc/sys/fs/pipe-user-pages-soft").read_text()) == 0
+
+
+def test_memhog_process_checksum_is_stable_and_counter_continuous(hosts):
+    tag = uuid.uuid4().hex[:8]
+    counter = settings.LAB_ROOT / f"memhog-{tag}.log"
+    checksum = settings.LAB_ROOT / f"memhog-{tag}.checksum"
+    with ssh.Connection(hosts[0]) as conn:
+        pid = lab.start_memhog(conn, 32, counter, checksum)
+        try:
+            # It runs on lab-1: in that host's network namespace.
+            assert lab.host_of_pid(pid) == "lab-1"
+            wait_for(
+                lambda: len(lab.counter_values(counter.read_text() if counter.exists() else "")) >= 5,
+                message="memhog did not count",
+            )
+            first = lab.memhog_checksum(conn, pid, checksum)
+            second = lab.memhog_checksum(conn, pid, checksum)
+            assert re.fullmatch("[0-9a-f]{16}", first), first
+            assert first == second
+            # 32 MiB really held (RSS in KiB).
+            rss = int(conn.run(["ps", "-o", "rss=", "-p", str(pid)]).stdout)
+            assert rss >= 32 * 1024
+            values = lab.counter_values(counter.read_text())
+            assert values == list(range(len(values)))
+        finally:
+            os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not lab.pid_running(pid), message="memhog did not stop")
+    counter.unlink(missing_ok=True)
+    checksum.unlink(missing_ok=True)
+
+
+def test_memhog_checksum_differs_between_processes(hosts):
+    """Two memhogs hold different random memory, so a checksum tells them apart."""
+    tag = uuid.uuid4().hex[:8]
+    sums, pids = [], []
+    with ssh.Connection(hosts[1]) as conn:
+        try:
+            for i in range(2):
+                path = settings.LAB_ROOT / f"memhog-{tag}-{i}.checksum"
+                pids.append(lab.start_memhog(conn, 1, "-", path))
+                sums.append(lab.memhog_checksum(conn, pids[-1], path))
+                path.unlink()
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+    assert sums[0] != sums[1]
+
+
+def test_memhog_container(hosts):
+    name = f"memhog-{uuid.uuid4().hex[:8]}"
+    with Engine(hosts[0]) as engine:
+        lab.run_memhog_container(engine, name, 16)
+        try:
+            wait_for(lambda: len(lab.counter_values(engine.logs(name))) >= 5, message="memhog did not count")
+            first = lab.memhog_container_checksum(engine, name)
+            second = lab.memhog_container_checksum(engine, name)
+            assert re.fullmatch("[0-9a-f]{16}", first) and first == second
+            logs = engine.logs(name)
+            assert f"checksum {first}" in logs
+            values = lab.counter_values(logs)
+            assert values == list(range(len(values)))
+        finally:
+            engine.remove(name)
