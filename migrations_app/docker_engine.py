@@ -247,8 +247,8 @@ class Engine:
         )
         return [cp.get("Name") for cp in res or []]
 
-    def logs(self, container_id, tail="all"):
-        raw = self.call("container logs", self.api.logs, container_id, tail=tail)
+    def logs(self, container_id, tail="all", timestamps=False):
+        raw = self.call("container logs", self.api.logs, container_id, tail=tail, timestamps=timestamps)
         return raw.decode(errors="replace")
 
 

@@ -8,7 +8,7 @@ from django.utils import timezone
 
 from . import criu, inventory, ssh, validation
 from .docker_engine import Engine, EngineError
-from .engine import plans
+from .engine import observe, plans
 from .models import CONTAINER, KIND_CHOICES, STATUS_CHOICES, Host
 
 # A probe older than this is run again before a migration is accepted.
@@ -106,6 +106,20 @@ class MigrationForm(forms.Form):
     target = forms.ModelChoiceField(Host.objects.all(), to_field_name="name", empty_label=None)
     strategy = forms.ChoiceField(choices=plans.choices)
     keep_source = forms.BooleanField(required=False, help_text="keep the stopped source container")
+    probe = forms.CharField(
+        required=False, max_length=255, label="Probe address",
+        help_text="optional host:port the controller connects to every 10 ms during the run, "
+        "to measure the outage from outside",
+    )
+
+    def clean_probe(self):
+        value = self.cleaned_data["probe"]
+        if value:
+            try:
+                observe.parse_address(value)
+            except ValueError as e:
+                raise forms.ValidationError(str(e)) from None
+        return value
 
     def clean(self):
         data = super().clean()

@@ -136,6 +136,14 @@ class MigrationRun(models.Model):
     started = models.DateTimeField(null=True, blank=True)
     finished = models.DateTimeField(null=True, blank=True)
     downtime_ms = models.FloatField(null=True, blank=True)
+    # The downtime as the workload was seen from outside (engine/observe.py),
+    # next to the phase-level figure above, and how it was seen.
+    observed_downtime_ms = models.FloatField(null=True, blank=True)
+    observed_method = models.CharField(max_length=255, blank=True)
+    # host:port the controller polls during the run, when one was given.
+    probe_address = models.CharField(max_length=255, blank=True)
+    # The bench_matrix run this run belongs to, "" for ordinary runs.
+    benchmark = models.CharField(max_length=64, blank=True)
     total_bytes = models.BigIntegerField(default=0)
     # Bytes of the image shipped to the target, when it lacked it: moved,
     # but not the workload's state, so kept out of total_bytes.
@@ -196,6 +204,10 @@ class MigrationRun(models.Model):
             "target": self.target.name,
             "strategy": self.strategy,
             "downtime_ms": self.downtime_ms,
+            "observed_downtime_ms": self.observed_downtime_ms,
+            "observed_method": self.observed_method or None,
+            "probe": self.probe_address or None,
+            "benchmark": self.benchmark or None,
             "bytes": self.total_bytes,
             "image_bytes": self.image_bytes,
             "phases": [p.to_dict() for p in phases],

@@ -171,7 +171,7 @@ def migrate(request):
         try:
             run = engine.create_run(
                 data["source"], data["target"], data["kind"], form.workload(),
-                keep_source=data["keep_source"], strategy=data["strategy"],
+                keep_source=data["keep_source"], strategy=data["strategy"], probe=data["probe"],
             )
         except engine.MigrationError as e:
             form.add_error(None, str(e))

@@ -276,6 +276,7 @@ def post_migrate(client, **fields):
     ({"container": "ghost"}, "a has no container ghost."),
     ({"container": "old"}, "Container old is not running on a."),
     ({"source": "nowhere"}, "Select a valid choice. That choice is not one of the available choices."),
+    ({"probe": "10.0.0.9"}, "'10.0.0.9' is not an address: give host:port, e.g. 10.0.0.5:8080"),
 ])
 def test_migration_form_refuses(launcher, db, fields, message):
     ready_host("a"), ready_host("b")
@@ -318,10 +319,11 @@ def test_migration_form_refuses_a_workload_already_being_migrated(launcher, db):
 def test_migration_form_starts_a_run(launcher, db):
     a, b = ready_host("a"), ready_host("b")
     make_run(a, b, status=SUCCEEDED, workload="web")  # a finished run is no obstacle
-    response = post_migrate(launcher, keep_source="on")
+    response = post_migrate(launcher, keep_source="on", probe="10.0.0.9:8080")
     run = MigrationRun.objects.get(status=PENDING)
     assert response.status_code == 302 and response.url == f"/runs/{run.code}/"
     assert (run.source, run.target, run.kind, run.workload, run.keep_source) == (a, b, CONTAINER, "web", True)
+    assert run.probe_address == "10.0.0.9:8080"
     assert launcher.started == [run]
 
 
@@ -559,7 +561,8 @@ def detailed_run(db):
     run = MigrationRun.objects.create(
         source=a, target=b, kind=CONTAINER, workload="web", status=ROLLED_BACK, created=t0,
         started=t0, finished=t0 + timedelta(seconds=3), downtime_ms=812.5, total_bytes=230_000,
-        expected_bytes=250_000, result_workload="abc123",
+        expected_bytes=250_000, result_workload="abc123", observed_downtime_ms=790.25,
+        observed_method="probe of 10.0.0.1:80 every 10 ms: longest time between two answers", probe_address="10.0.0.1:80",
         error="b: criu restore failed: boom (see restore.log excerpt)",
     )
     Phase.objects.create(run=run, seq=1, name="pre-flight", host="both", status="ok", started=t0,
@@ -579,6 +582,7 @@ def test_run_detail_page(client, detailed_run, viewer):
     html = page_text(response)
     assert "<code>web</code>: a → b" in html
     assert "rolled back" in html and "813 ms" in html and "abc123" in html
+    assert "790 ms" in html and "probe of 10.0.0.1:80 every 10 ms" in html
     assert_shows(response, detailed_run.error)
     assert f'href="/runs/{detailed_run.code}/logs.txt"' in html
     assert f'data-url="/runs/{detailed_run.code}.json"' in html
@@ -593,6 +597,8 @@ def test_run_json(client, detailed_run, viewer):
     assert data["status"] == ROLLED_BACK and data["finished"] is True
     assert (data["source"], data["target"], data["kind"], data["workload"]) == ("a", "b", CONTAINER, "web")
     assert data["downtime_ms"] == 812.5 and data["bytes"] == 230_000 and data["expected_bytes"] == 250_000
+    assert data["observed_downtime_ms"] == 790.25 and data["observed_method"].startswith("probe of 10.0.0.1:80")
+    assert data["probe"] == "10.0.0.1:80" and data["benchmark"] is None
     assert data["result_workload"] == "abc123" and data["error"] == detailed_run.error
     assert data["started"] == detailed_run.started.isoformat()
     phases = data["phases"]

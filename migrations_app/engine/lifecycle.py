@@ -10,12 +10,16 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from ..models import INTERRUPTED, PENDING, PROCESS, RUNNING, MigrationRun
-from . import plans
+from . import observe, plans
 from .errors import MigrationError
 
 
-def create_run(source, target, kind, workload, keep_source=False, strategy=None):
-    """Validate and store a pending run; MigrationError says what is wrong."""
+def create_run(source, target, kind, workload, keep_source=False, strategy=None, probe=""):
+    """Validate and store a pending run; MigrationError says what is wrong.
+
+    probe: an optional host:port the controller polls during the run to
+    see the downtime from outside (engine/observe.py).
+    """
     if source.pk == target.pk:
         raise MigrationError("source and target must be different hosts")
     if kind not in plans.KINDS:
@@ -27,8 +31,15 @@ def create_run(source, target, kind, workload, keep_source=False, strategy=None)
         raise MigrationError("name a container or a PID")
     if kind == PROCESS and not workload.isdigit():
         raise MigrationError(f"{workload!r} is not a PID")
+    probe = (probe or "").strip()
+    if probe:
+        try:
+            observe.parse_address(probe)
+        except ValueError as e:
+            raise MigrationError(str(e)) from None
     fields = dict(
-        source=source, target=target, kind=kind, workload=workload, keep_source=keep_source, strategy=strategy
+        source=source, target=target, kind=kind, workload=workload, keep_source=keep_source, strategy=strategy,
+        probe_address=probe,
     )
     busy = MigrationError(f"{workload} on {source.name} is already being migrated")
     for other in MigrationRun.objects.unfinished().filter(source=source, kind=kind, workload=workload):

@@ -29,7 +29,7 @@ from ..models import (
     Phase,
     Stage,
 )
-from . import lifecycle, plans
+from . import lifecycle, observe, plans
 from .errors import MigrationError
 from .plan import Measured, Plan, Step
 
@@ -56,6 +56,7 @@ class Context:
         self.current_timer: _PhaseTimer | None = None  # the phase in progress
         self.seq = run.phases.count() if run.pk else 0  # the next phase's number
         self.recovering = False
+        self.watch = observe.Watch(self)  # the downtime seen from outside
 
     # The stage answers the questions a failure asks.
     @property
@@ -141,6 +142,7 @@ def execute(run, after_phase=None, on_phase=None):
     plan = plans.get(run.kind, run.strategy)
     on_phase = on_phase or (lambda phase: None)
     ctx = Context(run, plan)
+    ctx.watch.start()
     try:
         failure = _run_steps(ctx, plan.steps, after_phase or {}, on_phase)
         if failure is None:
@@ -155,6 +157,7 @@ def execute(run, after_phase=None, on_phase=None):
             _recover(ctx, e, on_phase)
         raise
     finally:
+        ctx.watch.finish()
         ctx.close()
         if run.status == RUNNING:
             run.status = FAILED
@@ -175,6 +178,8 @@ def _run_steps(ctx: Context, steps: tuple[Step, ...], after_phase, on_phase):
         try:
             if step.when and not step.when(ctx):
                 continue
+            if step.freezes:
+                ctx.watch.before_freeze()
             timer = _PhaseTimer(run, ctx.seq, step.name, ctx.host_for(step.side))
             ctx.current_timer = timer
             if step.freezes:
@@ -196,6 +201,10 @@ def _run_steps(ctx: Context, steps: tuple[Step, ...], after_phase, on_phase):
             run.state = dataclasses.asdict(ctx.state)
             run.save(update_fields=["total_bytes", "image_bytes", "downtime_ms", "expected_bytes", "state"])
             on_phase(phase)
+            if step.freezes:
+                ctx.watch.after_freeze()
+            if step.commits:
+                ctx.watch.committed()  # between phases: neither downtime nor a phase's time
             if step.name in after_phase:
                 after_phase[step.name](ctx)
         except Exception as e:  # every failure must reach the rollback

@@ -41,6 +41,9 @@
     status.textContent = run.status.replace("_", " ");
     status.className = `status ${run.status}`;
     $("run-downtime").textContent = fmtMs(run.downtime_ms);
+    $("run-observed").textContent = fmtMs(run.observed_downtime_ms);
+    $("run-observed-method").textContent = run.observed_method || "";
+    $("run-observed-box").hidden = run.observed_downtime_ms == null && !run.observed_method;
     $("run-bytes").textContent = cw.bytes(run.bytes);
     $("run-image").textContent = cw.bytes(run.image_bytes);
     $("run-image-box").hidden = !run.image_bytes;

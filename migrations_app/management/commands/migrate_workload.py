@@ -17,13 +17,17 @@ class Command(BaseCommand):
         what.add_argument("--pid", help="PID of the process tree's root on the source")
         parser.add_argument("--keep-source", action="store_true", help="keep the stopped source container")
         parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
+        parser.add_argument(
+            "--probe", metavar="HOST:PORT", default="",
+            help="poll this address every 10 ms during the run and record the longest outage as observed downtime",
+        )
 
-    def handle(self, source, target, container, pid, keep_source, **options):
+    def handle(self, source, target, container, pid, keep_source, probe, **options):
         as_json = options["json"]
         src, dst = _host(source), _host(target)
         kind, workload = (CONTAINER, container) if container else (PROCESS, pid)
         try:
-            run = engine.create_run(src, dst, kind, workload, keep_source=keep_source)
+            run = engine.create_run(src, dst, kind, workload, keep_source=keep_source, probe=probe)
         except engine.MigrationError as e:
             raise CommandError(str(e))
 
@@ -40,6 +44,10 @@ class Command(BaseCommand):
             self.stdout.write(json.dumps(run.to_dict(), indent=2))
         else:
             downtime = f"{run.downtime_ms:.0f} ms" if run.downtime_ms is not None else "-"
+            if run.observed_downtime_ms is not None:
+                downtime += f" (observed {run.observed_downtime_ms:.0f} ms: {run.observed_method})"
+            elif run.observed_method:
+                downtime += f" (observed: {run.observed_method})"
             self.stdout.write(
                 f"{run.status}: {kind} {workload} {src.name} -> {dst.name}; downtime {downtime}; "
                 f"{run.total_bytes} B moved; now {run.result_workload or '-'}"
