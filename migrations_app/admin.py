@@ -3,7 +3,7 @@ from django.contrib import admin
 
 from . import ssh
 from .forms import HostFieldsMixin, check_host_key
-from .models import Host, MigrationRun, Phase
+from .models import Host, MigrationRun, Phase, TrustedPair
 
 
 class HostAdminForm(HostFieldsMixin, forms.ModelForm):
@@ -48,9 +48,20 @@ class PhaseInline(admin.TabularInline):
 
 @admin.register(MigrationRun)
 class MigrationRunAdmin(admin.ModelAdmin):
-    list_display = ["code", "kind", "workload", "source", "target", "status", "downtime_ms", "created"]
+    list_display = [
+        "code", "kind", "workload", "source", "target", "strategy", "tls", "status", "downtime_ms", "created",
+    ]
     list_filter = ["status", "kind", "strategy"]
     search_fields = ["workload"]
     list_select_related = ["source", "target"]
     readonly_fields = [f.name for f in MigrationRun._meta.fields]
     inlines = [PhaseInline]
+
+
+@admin.register(TrustedPair)
+class TrustedPairAdmin(admin.ModelAdmin):
+    """Host pairs whose network carries CRIU's memory stream without TLS."""
+
+    list_display = ["__str__", "note", "created"]
+    list_select_related = ["host_a", "host_b"]
+    fields = ["host_a", "host_b", "note"]

@@ -286,15 +286,18 @@ def resolve_process(conn, pid):
     return mode, int(inner), comm.strip()
 
 
-def dump_argv(pid, images_dir, inner_pid=None):
-    """criu dump of the tree at pid; from inside its namespaces when it has its own."""
+def dump_argv(pid, images_dir, inner_pid=None, extra=()):
+    """criu dump of the tree at pid; from inside its namespaces when it has its own.
+
+    extra: a strategy's own options (--page-server ..., --lazy-pages ...).
+    """
     if inner_pid is None:
-        return ["criu", "dump", "-t", str(pid), "-D", images_dir, *DUMP_OPTIONS]
+        return ["criu", "dump", "-t", str(pid), "-D", images_dir, *DUMP_OPTIONS, *extra]
     # Like criu-ns: CRIU must see the tree from inside its PID and mount
     # namespaces, where it is an ordinary tree under the holder.
     return [
         "nsenter", "-t", str(pid), "--pid", "--mount", "--",
-        "criu", "dump", "-t", str(inner_pid), "-D", images_dir, *DUMP_OPTIONS,
+        "criu", "dump", "-t", str(inner_pid), "-D", images_dir, *DUMP_OPTIONS, *extra,
     ]
 
 
@@ -365,10 +368,10 @@ print(status, root[0] if root else "-")
 """
 
 
-def restore_argv(images_dir):
-    """criu restore argv, run under the namespace holder."""
+def restore_argv(images_dir, extra=()):
+    """criu restore argv, run under the namespace holder; extra: a strategy's own options."""
     return ["python3", "-c", HOLDER, holder_pidfile(images_dir), "criu", "restore", "-D", images_dir,
-            *RESTORE_OPTIONS]
+            *RESTORE_OPTIONS, *extra]
 
 
 def holder_pidfile(images_dir):
@@ -388,9 +391,9 @@ def kill_restored(conn, images_dir, pid=None):
     conn.sh(KILL_RESTORED, holder_pidfile(images_dir), str(pid or ""))
 
 
-def restore(conn, images_dir, timeout=600):
+def restore(conn, images_dir, timeout=600, extra=()):
     """Restore a dumped tree on a host; return its PID there (root namespace)."""
-    result = conn.run(restore_argv(images_dir), check=False, timeout=timeout)
+    result = conn.run(restore_argv(images_dir, extra), check=False, timeout=timeout)
     parts = result.stdout.split()
     if len(parts) == 2 and parts[0] == "0" and parts[1].isdigit():
         return int(parts[1])
@@ -401,13 +404,14 @@ def restore(conn, images_dir, timeout=600):
     raise CriuError(f"{conn.name}: criu restore failed: {cause} (see restore.log excerpt)", excerpt, definitive)
 
 
-def dump(conn, pid, images_dir, resolved=None):
+def dump(conn, pid, images_dir, resolved=None, extra=()):
     """Dump the process tree at pid into images_dir; the tree is gone afterwards.
 
     resolved: what resolve_process() said of pid, to save a round trip.
+    extra: a strategy's own options (see dump_argv).
     """
     mode, inner, _ = resolved or resolve_process(conn, pid)
-    argv = dump_argv(pid, images_dir, None if mode == "root" else inner)
+    argv = dump_argv(pid, images_dir, None if mode == "root" else inner, extra)
     result = conn.run(argv, check=False, timeout=600)
     if result.rc != 0:
         excerpt = log_excerpt(conn.read_file(f"{images_dir}/dump.log", check=False))
@@ -424,3 +428,75 @@ def read_stats(conn, path):
         return decode_stats(raw)
     except ValueError:
         return {}
+
+
+# -- page server (the page-server strategy) -----------------------------------------
+
+# Start `criu page-server` in the background on a free port of $2 and report
+# "listening <pid> <port>" once it listens, then "exit <status>" when it ends
+# (after one dump). CRIU takes no --port 0, so a free port is asked of the
+# kernel first; the page server binds it a moment later, and a port taken
+# meanwhile only means another try. --status-fd says "listening" for real.
+# $1: images directory; $2: address; the rest: more criu options (TLS).
+PAGE_SERVER_SCRIPT = r"""
+d=$1; addr=$2; shift 2
+FREE_PORT='import socket, sys
+a = sys.argv[1]
+s = socket.socket(socket.AF_INET6 if ":" in a else socket.AF_INET)
+s.bind((a, 0))
+print(s.getsockname()[1])'
+fifo="$d/.page-server-ready"
+for try in 1 2 3 4 5; do
+    port=$(python3 -c "$FREE_PORT" "$addr") || exit 3
+    rm -f "$fifo" && mkfifo -m 600 "$fifo" || exit 3
+    criu page-server -D "$d" --address "$addr" --port "$port" -v4 -o page-server.log --status-fd 9 "$@" \
+        9>"$fifo" </dev/null >/dev/null 2>&1 &
+    pid=$!
+    ready=$(head -c1 "$fifo" | od -An -tx1 | tr -d ' \n')
+    rm -f "$fifo"
+    if [ "$ready" = 00 ]; then
+        echo "listening $pid $port"
+        wait "$pid"
+        echo "exit $?"
+        exit 0
+    fi
+    wait "$pid"
+done
+echo "failed"
+exit 1
+"""
+
+
+class PageServer:
+    """A `criu page-server` running on a host for one dump, on an SSH channel of its own."""
+
+    def __init__(self, conn, images_dir, address, extra=(), timeout=600):
+        self.conn = conn
+        self.images_dir = images_dir
+        self.chan = conn.open_command(["sh", "-c", PAGE_SERVER_SCRIPT, "sh", images_dir, address, *extra],
+                                      idle_timeout=timeout)
+        self.out = self.chan.makefile("r")
+        line = self.out.readline().split()
+        if len(line) != 3 or line[0] != "listening":
+            self.chan.close()
+            raise CriuError(f"{conn.name}: criu page-server did not start: {self.log_cause()}", self.log_tail())
+        self.pid, self.port = int(line[1]), int(line[2])
+
+    def log_tail(self):
+        return log_excerpt(self.conn.read_file(f"{self.images_dir}/page-server.log", check=False))
+
+    def log_cause(self):
+        return first_error(self.log_tail()) or "see page-server.log"
+
+    def wait(self):
+        """The page server's exit status once it has served its dump (-1 if the channel broke)."""
+        try:
+            line = self.out.readline().split()
+        except OSError:
+            line = []
+        finally:
+            self.chan.close()
+        return int(line[1]) if len(line) == 2 and line[0] == "exit" else -1
+
+    def close(self):
+        self.chan.close()

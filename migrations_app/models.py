@@ -29,6 +29,8 @@ KIND_CHOICES = [(CONTAINER, "container"), (PROCESS, "process")]
 # hosts need for it live in the plan registry (engine/plans/__init__.py).
 STOP_AND_COPY = "stop-and-copy"
 ENGINE = "engine"  # containers through Docker's own checkpoint API
+PAGE_SERVER = "page-server"  # memory streamed by CRIU straight into the target's tmpfs
+LAZY = "lazy"  # post-copy: restored at once, memory pulled afterwards
 
 
 class Stage(models.TextChoices):
@@ -107,6 +109,56 @@ class Host(models.Model):
         return plans.strategies_for_host(self, kind)
 
 
+class TrustedPair(models.Model):
+    """Two hosts whose network between them is trusted for migration traffic.
+
+    Between them CRIU streams memory in plain TCP, faster than with its TLS
+    (as QEMU and libvirt allow); any other pair gets TLS. Stored with the
+    lower host id first, so a pair is one row whichever way it is given.
+    """
+
+    host_a = models.ForeignKey(Host, models.CASCADE, related_name="+")
+    host_b = models.ForeignKey(Host, models.CASCADE, related_name="+")
+    note = models.CharField(max_length=200, blank=True, help_text="Why this network is trusted.")
+    created = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        verbose_name = "trusted migration network"
+        constraints = [
+            models.UniqueConstraint(fields=["host_a", "host_b"], name="trusted_pair_once"),
+            models.CheckConstraint(condition=models.Q(host_a__lt=models.F("host_b")), name="trusted_pair_ordered"),
+        ]
+
+    def __str__(self):
+        return f"{self.host_a} <-> {self.host_b}"
+
+    def clean(self):
+        from django.core.exceptions import ValidationError
+
+        if self.host_a_id and self.host_a_id == self.host_b_id:
+            raise ValidationError("A trusted network joins two different hosts.")
+        self._order()
+
+    def save(self, *args, **kwargs):
+        self._order()
+        super().save(*args, **kwargs)
+
+    def _order(self):
+        if self.host_a_id and self.host_b_id and self.host_a_id > self.host_b_id:
+            self.host_a_id, self.host_b_id = self.host_b_id, self.host_a_id
+
+    @classmethod
+    def between(cls, one, other):
+        """Whether the network between two hosts is trusted."""
+        a, b = sorted((one.pk, other.pk))
+        return cls.objects.filter(host_a_id=a, host_b_id=b).exists()
+
+    @classmethod
+    def trust(cls, one, other, note=""):
+        a, b = sorted((one.pk, other.pk))
+        return cls.objects.get_or_create(host_a_id=a, host_b_id=b, defaults={"note": note})[0]
+
+
 class RunQuerySet(models.QuerySet):
     def unfinished(self):
         """Runs a worker may still be working on."""
@@ -130,6 +182,10 @@ class MigrationRun(models.Model):
     # A strategy of the plan registry; no choices here, so that adding a plan
     # needs no schema migration.
     strategy = models.CharField(max_length=32, default=STOP_AND_COPY)
+    # Whether CRIU's TLS protected the memory stream between the hosts;
+    # None where the strategy opens no connection of its own (the memory
+    # goes through the controller's SSH connections).
+    tls = models.BooleanField(null=True, blank=True)
     keep_source = models.BooleanField(default=False)
     status = models.CharField(max_length=16, choices=STATUS_CHOICES, default=PENDING)
     created = models.DateTimeField(default=timezone.now)
@@ -203,6 +259,7 @@ class MigrationRun(models.Model):
             "source": self.source.name,
             "target": self.target.name,
             "strategy": self.strategy,
+            "tls": self.tls,
             "downtime_ms": self.downtime_ms,
             "observed_downtime_ms": self.observed_downtime_ms,
             "observed_method": self.observed_method or None,

@@ -82,3 +82,27 @@ def unsafe_to_resume(ctx, error) -> MigrationError:
         f"{ctx.target.name}: cannot make sure the restored copy is gone ({error}); not resuming on "
         f"{ctx.source.name}, to avoid two copies. Check {ctx.target.name}; the images stay on {ctx.source.name}"
     )
+
+
+# Send signal $1 to every process of the tree rooted at $2 (children first),
+# and print the root's state letter afterwards ("-" once it is gone).
+SIGNAL_TREE_SCRIPT = r"""
+walk() {
+    for c in $(cat /proc/"$1"/task/*/children 2>/dev/null); do walk "$c"; done
+    echo "$1"
+}
+pids=$(walk "$2")
+[ -n "$pids" ] && kill -"$1" $pids 2>/dev/null
+awk '{ sub(/.*\) /, ""); print $1 }' "/proc/$2/stat" 2>/dev/null || echo -
+"""
+
+
+def signal_tree(conn, pid, signal: str) -> str:
+    """Signal a process tree (CONT, KILL...); return its root's state letter now, "-" when gone."""
+    return conn.sh(SIGNAL_TREE_SCRIPT, signal, str(pid)).stdout.strip() or "-"
+
+
+def mem_available(conn) -> int:
+    """Bytes of memory the host can give without swapping (MemAvailable)."""
+    out = conn.run(["awk", "/^MemAvailable:/ {print $2}", "/proc/meminfo"]).stdout.strip()
+    return int(out) * 1024 if out.isdigit() else 0

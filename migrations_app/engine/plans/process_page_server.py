@@ -1,0 +1,284 @@
+"""Process trees, page-server streaming: memory goes host to host at CRIU's speed.
+
+Before the freeze the target mounts a tmpfs for the run and starts
+`criu page-server` on a free port of its own address (with CRIU's TLS and
+certificates made for this run, unless the pair is a trusted migration
+network). The source then dumps with --page-server: the memory pages go
+straight into the target's tmpfs, never through the controller, never to
+a disk. The small images (everything but pages and pagemaps) are written
+on the source and follow through the controller; the restore reads all of
+them from the tmpfs.
+
+The source tree is dumped with --leave-stopped: it stays on the source,
+stopped, until its copy runs verified on the target, and is killed only
+then. Its memory then exists on the source until the move is certain, so
+a rollback is a SIGCONT, and a target that dies after the dump loses
+nothing.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ... import criu, ssh
+from ...models import PAGE_SERVER, PROCESS, MigrationRun, TrustedPair
+from .. import streams, tls
+from ..errors import MigrationError
+from ..hostcheck import (
+    SPACE_MARGIN,
+    connect,
+    criu_ready,
+    mem_available,
+    pid_alive,
+    settle,
+    signal_tree,
+    unsafe_to_resume,
+)
+from ..plan import Measured, Plan, Step
+from . import process_copy
+from .process_copy import TREE_RSS_SCRIPT, ProcessState
+
+if TYPE_CHECKING:
+    from ..runner import Context
+
+PAGE_SIZE = 4096
+# Memory the target keeps for itself beyond the tmpfs the pages fill.
+MEMORY_RESERVE = 128 * 1024 * 1024
+# The small images: everything CRIU wrote on the source but its own log and
+# statistics, which stay there (the dump phase already read them).
+IMAGES_CREATE = ["tar", "--exclude=./dump.log", "--exclude=./stats-dump", "-cf", "-", "-C"]
+IMAGES_EXTRACT = ["tar", "-xf", "-", "-C"]
+
+# Mount a tmpfs of $2 KiB, mode 0700, at $1 for one run's images.
+MOUNT_SCRIPT = 'mkdir -p "$1" && mount -t tmpfs -o "size=$2k,mode=0700" criuweb-run "$1"'
+# Empty and unmount a run's tmpfs; quiet when it is not there. Emptied first:
+# a restored tree's mount namespace may hold a copy of the mount, and an
+# empty tmpfs holds no memory.
+UNMOUNT_SCRIPT = r"""
+[ -d "$1" ] || exit 0
+rm -rf -- "$1"/* "$1"/.[!.]* 2>/dev/null
+if mountpoint -q "$1"; then umount -l "$1" || exit 1; fi
+rmdir -- "$1" 2>/dev/null
+true
+"""
+
+
+@dataclass
+class PageServerState(ProcessState):
+    address: str = ""  # the target's address, where the page server listens
+    port: int = 0
+    page_server_pid: int | None = None
+    tls: bool = True
+    tmpfs: bool = False  # a tmpfs is mounted at dst_images
+    # The dump left the source tree stopped: it must be woken on a rollback
+    # and killed once the target copy is verified.
+    source_stopped: bool = False
+
+
+def _src_tls_dir(s: PageServerState) -> str:
+    # Beside the images, not in them: the images travel to the target.
+    return f"{s.src_images}.tls"
+
+
+def _dst_tls_dir(s: PageServerState) -> str:
+    # In the tmpfs: the target's key never reaches its disk.
+    return f"{s.dst_images}/.tls"
+
+
+def preflight_source(ctx: Context):
+    ctx.src = connect(ctx.source, PROCESS)
+    probe = criu_ready(ctx.src)
+    try:
+        pid = int(ctx.run.workload)
+    except ValueError:
+        raise MigrationError(f"{ctx.run.workload!r} is not a PID") from None
+    mode, inner, comm = criu.resolve_process(ctx.src, pid)
+    rss = sum(int(kib) for kib in ctx.src.sh(TREE_RSS_SCRIPT, str(pid)).stdout.split()) * 1024
+    s = ctx.state
+    s.pid, s.rss, s.resolved = pid, rss, [mode, inner, comm]
+    # Only the small images are written here.
+    s.src_images = ctx.images_dir(ctx.source)
+    ctx.src.run(["mkdir", "-p", s.src_images])
+    s.tls = not TrustedPair.between(ctx.source, ctx.target)
+    ctx.run.tls = s.tls
+    MigrationRun.objects.filter(pk=ctx.run.pk).update(tls=s.tls)
+    ctx.run.expected_bytes = rss
+    where = "in its own PID namespace" if mode == "ns" else "in the host PID namespace"
+    return Measured(detail=f"CRIU {probe['version']}, PID {pid} ({comm}) {where}, ~{rss // 1024} KiB resident")
+
+
+def preflight_target(ctx: Context):
+    ctx.dst = connect(ctx.target, PROCESS)
+    probe = criu_ready(ctx.dst)
+    if ctx.dst.run(["python3", "-c", "pass"], check=False).rc != 0:
+        raise MigrationError(f"{ctx.target.name}: python3 is needed to restore a process and is missing")
+    s = ctx.state
+    avail = mem_available(ctx.dst)
+    room = avail - MEMORY_RESERVE
+    if room < s.rss + SPACE_MARGIN:
+        raise MigrationError(
+            f"{ctx.target.name}: not enough free memory for the process's pages in tmpfs: "
+            f"{avail // 2**20} MiB available, {(s.rss + SPACE_MARGIN + MEMORY_RESERVE) // 2**20} MiB needed"
+        )
+    s.dst_images = ctx.images_dir(ctx.target)
+    try:
+        s.address = str(ipaddress.ip_address(ctx.target.address))
+    except ValueError:
+        # CRIU's --address takes an IP only, and the certificates name it.
+        raise MigrationError(
+            f"{ctx.target.name}: page-server streaming needs the host's address as an IP address, "
+            f"not {ctx.target.address!r}"
+        ) from None
+    ctx.dst.sh(MOUNT_SCRIPT, s.dst_images, str(room // 1024))
+    s.tmpfs = True
+    ctx.save_state()
+    detail = f"CRIU {probe['version']}, tmpfs of {room // 2**20} MiB at {s.dst_images}"
+    if s.tls:
+        server, client = tls.make_pair(s.address, f"criuweb run {ctx.run.code}")
+        tls.install(ctx.dst, _dst_tls_dir(s), server)
+        tls.install(ctx.src, _src_tls_dir(s), client)
+        detail += "; TLS certificates for this run sent to both hosts"
+    else:
+        detail += "; trusted migration network: no TLS"
+    return Measured(detail=detail)
+
+
+def start_page_server(ctx: Context):
+    """Started before the freeze, so its start-up is no downtime."""
+    s = ctx.state
+    extra = tls.criu_args(_dst_tls_dir(s)) if s.tls else []
+    server = criu.PageServer(ctx.dst, s.dst_images, s.address, extra)
+    ctx.page_server = server
+    s.port, s.page_server_pid = server.port, server.pid
+    ctx.save_state()
+    return Measured(detail=f"listening on {s.address}:{s.port}{' with TLS' if s.tls else ''} (PID {server.pid})")
+
+
+def dump(ctx: Context):
+    s = ctx.state
+    extra = ["--leave-stopped", "--page-server", "--address", s.address, "--port", str(s.port)]
+    if s.tls:
+        extra += tls.criu_args(_src_tls_dir(s))
+    try:
+        criu.dump(ctx.src, s.pid, s.src_images, s.resolved, extra)
+    except criu.CriuError as e:
+        # CRIU resumes the tree when a dump fails; the rollback checks.
+        server_log = ctx.page_server.log_tail()
+        if server_log:
+            e.log_excerpt = f"{e.log_excerpt}\n--- {ctx.target.name}: page-server.log ---\n{server_log}"
+        raise
+    s.source_stopped = True
+    ctx.save_state()
+    rc = ctx.page_server.wait()
+    if rc != 0:
+        raise criu.CriuError(
+            f"{ctx.target.name}: criu page-server failed ({'no exit status' if rc == -1 else f'exit status {rc}'}): "
+            f"{ctx.page_server.log_cause()}",
+            ctx.page_server.log_tail(),
+        )
+    s.page_server_pid = None
+    s.dumped = True
+    stats = criu.read_stats(ctx.src, f"{s.src_images}/stats-dump")
+    return Measured(
+        bytes=stats.get("pages_written", 0) * PAGE_SIZE,
+        criu_stats=stats,
+        log=ctx.src.read_file(f"{s.src_images}/dump.log", check=False) or "",
+        detail=f"pages streamed to {s.address}:{s.port}{' over TLS' if s.tls else ''}",
+    )
+
+
+def transfer(ctx: Context):
+    s = ctx.state
+    src = ctx.src_ssh.open_command(IMAGES_CREATE + [s.src_images, "."])
+    dst = ctx.dst_ssh.open_command(IMAGES_EXTRACT + [s.dst_images])
+    return Measured(bytes=streams.pipe(ctx, src, dst, "the small images"), detail="images other than pages")
+
+
+def cleanup(ctx: Context):
+    s = ctx.state
+    signal_tree(ctx.src, s.pid, "KILL")
+    if not _gone(ctx.src, s.pid):
+        raise MigrationError(f"{ctx.source.name}: the stopped source process {s.pid} could not be killed")
+    s.source_stopped = False
+    ctx.save_state()
+    ctx.dst.sh(UNMOUNT_SCRIPT, s.dst_images)
+    ctx.src.run(["rm", "-rf", "--", _src_tls_dir(s)])
+    if ctx.run.keep_source:
+        return Measured(detail=f"stopped source killed; its small images kept in {s.src_images}")
+    ctx.src.run(["rm", "-rf", "--", s.src_images])
+    return Measured(detail="stopped source killed; images and certificates removed on both hosts")
+
+
+def _gone(conn, pid, tries: int = 20) -> bool:
+    # A killed process needs a moment to die and be reaped.
+    for _ in range(tries):
+        if not pid_alive(conn, pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _clear_target(dst, s: PageServerState) -> None:
+    if s.page_server_pid:
+        dst.run(["kill", "-KILL", str(s.page_server_pid)], check=False)
+    dst.sh(UNMOUNT_SCRIPT, s.dst_images)
+
+
+def rollback(ctx: Context):
+    s = ctx.state
+    if s.dst_images:
+        try:
+            with ssh.Connection(ctx.target) as dst:
+                criu.kill_restored(dst, s.dst_images, s.target_pid)
+                _clear_target(dst, s)
+        except ssh.SSHError as e:
+            if ctx.target_may_run:
+                raise unsafe_to_resume(ctx, e) from e
+    with ssh.Connection(ctx.source) as src:
+        if not pid_alive(src, s.pid):
+            raise MigrationError(f"{ctx.source.name}: process {s.pid} is gone; nothing to resume")
+        # Stopped by --leave-stopped, or already resumed by CRIU after a failed dump.
+        state = signal_tree(src, s.pid, "CONT")
+        ctx.resumed_at = time.perf_counter()
+        if state in ("T", "t") or not settle(lambda: pid_alive(src, s.pid)):
+            raise MigrationError(f"{ctx.source.name}: process {s.pid} does not run again after rollback")
+        s.source_stopped = False
+        ctx.run.result_workload = str(s.pid)
+        src.run(["rm", "-rf", "--", s.src_images, _src_tls_dir(s)], check=False)
+    return Measured(detail=f"PID {s.pid} running again on {ctx.source.name}")
+
+
+def abort(ctx: Context):
+    s = ctx.state
+    if ctx.dst is not None and s.dst_images:
+        _clear_target(ctx.dst, s)
+    if ctx.src is not None and s.src_images:
+        ctx.src.run(["rm", "-rf", "--", s.src_images, _src_tls_dir(s)], check=False)
+
+
+PLAN = Plan(
+    kind=PROCESS,
+    strategy=PAGE_SERVER,
+    label="page-server streaming",
+    summary=(
+        "criu page-server on the target, started before the freeze; the dump streams memory straight into "
+        "the target's tmpfs (CRIU's TLS unless the pair is a trusted network); the source stays stopped "
+        "until the target copy is verified."
+    ),
+    state=PageServerState,
+    steps=(
+        Step("pre-flight", "source", preflight_source),
+        Step("pre-flight", "target", preflight_target),
+        Step("page server", "target", start_page_server),
+        Step("dump", "source", dump, freezes=True),
+        Step("transfer", "both", transfer),
+        Step("restore", "target", process_copy.restore, resumes=True),
+        Step("verify", "target", process_copy.verify, commits=True),
+        Step("cleanup", "both", cleanup),
+    ),
+    rollback=rollback,
+    abort=abort,
+)

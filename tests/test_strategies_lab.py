@@ -1,0 +1,223 @@
+"""The memory-streaming strategies end to end on the lab: page-server and lazy."""
+
+import os
+import shlex
+import threading
+import time
+import uuid
+
+import pytest
+from django.conf import settings
+
+from migrations_app import lab, ssh
+from migrations_app.engine import create_run, execute
+from migrations_app.models import PAGE_SERVER, PROCESS, ROLLED_BACK, SUCCEEDED, TrustedPair
+from tests.support import wait_for
+
+pytestmark = pytest.mark.lab
+
+# A process holding MIB MiB of random memory: it writes the memory's SHA-256
+# once, appends 0, 1, 2, ... to a file every 10 ms (opened anew each time, so
+# no file is held open across the move), and writes the checksum again on
+# SIGUSR1: the same checksum after a move means every page arrived intact.
+MEMHOG = r"""
+import hashlib, os, signal, sys, time
+log, sums, mib = sys.argv[1], sys.argv[2], int(sys.argv[3])
+buf = bytearray(os.urandom(mib << 20))
+def checksum(*_):
+    with open(sums, "a") as f:
+        f.write(hashlib.sha256(buf).hexdigest() + "\n")
+checksum()
+signal.signal(signal.SIGUSR1, checksum)
+i = 0
+while True:
+    with open(log, "a") as f:
+        f.write(f"{i}\n")
+    i += 1
+    time.sleep(0.01)
+"""
+
+
+def values(path):
+    return [int(v) for v in path.read_text().split()]
+
+
+def assert_continuous(seq):
+    assert seq and seq[0] == 0, seq[:3]
+    assert seq == list(range(len(seq))), "values skipped or repeated"
+
+
+@pytest.fixture
+def memhog(hosts):
+    """Start a memory-holding counter on lab-1; kill every copy of it at the end."""
+    started = []
+
+    def start(mib=64):
+        tag = uuid.uuid4().hex[:8]
+        log, sums = settings.LAB_ROOT / f"memhog-{tag}.log", settings.LAB_ROOT / f"memhog-{tag}.sum"
+        script = f"exec python3 -c {shlex.quote(MEMHOG)} \"$1\" {shlex.quote(str(sums))} {mib}"
+        with ssh.Connection(hosts[0]) as conn:
+            pid = lab.start_process(conn, script, str(log))
+        proc = {"pid": pid, "log": log, "sums": sums, "pids": [pid]}
+        started.append(proc)
+        wait_for(lambda: log.exists() and len(values(log)) >= 5, 60, "memhog did not start")
+        return proc
+
+    yield start
+    for proc in started:
+        for pid in proc["pids"]:
+            _kill_tree(pid)
+        proc["log"].unlink(missing_ok=True)
+        proc["sums"].unlink(missing_ok=True)
+
+
+def _kill_tree(pid):
+    # A restored tree lives under a namespace holder: kill both.
+    try:
+        ppid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return
+    for p in (pid, ppid):
+        if p > 1:
+            try:
+                os.kill(p, 9)
+            except OSError:
+                pass
+
+
+def state_of(pid):
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
+def checksums(proc):
+    return proc["sums"].read_text().split()
+
+
+def assert_same_memory(proc, pid):
+    before = len(checksums(proc))
+    os.kill(pid, 10)  # SIGUSR1
+    wait_for(lambda: len(checksums(proc)) > before, message="no checksum written")
+    sums = checksums(proc)
+    assert sums[-1] == sums[0], "the process's memory changed"
+
+
+def assert_moved(run, proc, target_name):
+    """The process runs on the target only, with its memory and its counter intact."""
+    new_pid = int(run.result_workload)
+    proc["pids"].append(new_pid)
+    assert lab.host_of_pid(new_pid) == target_name
+    assert state_of(proc["pid"]) in (None, "Z"), "the source copy still exists"
+    count = len(values(proc["log"]))
+    wait_for(lambda: len(values(proc["log"])) >= count + 20, message="the counter stopped")
+    assert_continuous(values(proc["log"]))
+    assert_same_memory(proc, new_pid)
+    return new_pid
+
+
+def migrate(source, target, pid, strategy, **kwargs):
+    return execute(create_run(source, target, PROCESS, pid, strategy=strategy), **kwargs)
+
+
+def mounted(path):
+    return any(line.split()[4] == str(path) for line in open("/proc/self/mountinfo"))
+
+
+@pytest.mark.parametrize("trusted", [False, True], ids=["tls", "plain"])
+def test_page_server_moves_a_process(hosts, memhog, trusted):
+    lab1, lab2 = hosts
+    if trusted:
+        TrustedPair.trust(lab1, lab2)
+    proc = memhog(64)
+    seen = {}
+
+    def look_at_target(ctx):
+        if not ctx.state.dst_images:
+            return  # after the source's pre-flight
+        seen["tmpfs"] = mounted(ctx.state.dst_images)
+        seen["tls_files"] = sorted(os.listdir(f"{ctx.state.dst_images}/.tls")) if not trusted else []
+
+    run = migrate(lab1, lab2, proc["pid"], PAGE_SERVER, after_phase={"pre-flight": look_at_target})
+    assert run.status == SUCCEEDED, run.error
+    assert run.strategy == PAGE_SERVER and run.tls is (not trusted)
+    assert run.to_dict()["tls"] is (not trusted)
+    assert seen["tmpfs"], "the target's images were not on a tmpfs"
+    assert seen["tls_files"] == ([] if trusted else ["cacert.pem", "cert.pem", "key.pem"])
+    assert [p.name for p in run.phases.all()] == [
+        "pre-flight", "pre-flight", "page server", "dump", "transfer", "restore", "verify", "cleanup",
+    ]
+    dump = run.phases.get(name="dump")
+    # The memory went through the page server: 64 MiB of pages at least.
+    assert dump.bytes >= 64 << 20 and dump.criu_stats["pages_written"] * 4096 == dump.bytes
+    assert "TLS handshake completed" in dump.log if not trusted else "TLS" not in dump.log
+    assert 0 < run.phases.get(name="transfer").bytes < 8 << 20  # the small images only
+    assert run.phases.get(name="restore").criu_stats["pages_restored"] >= 64 * 256
+    assert run.total_bytes == sum(p.bytes for p in run.phases.all())
+    assert_moved(run, proc, "lab-2")
+    images = f"{lab2.work_dir}/runs/{run.code}"
+    assert not mounted(images) and not os.path.exists(images)
+    assert not os.path.exists(f"{lab1.work_dir}/runs/{run.code}.tls")
+
+
+def test_page_server_killed_during_dump_rolls_back(hosts, memhog):
+    lab1, lab2 = hosts
+    proc = memhog(256)
+    killed = {}
+
+    def kill_when_pages_flow(ctx):
+        # A real failure in the middle of the dump: the target's page server
+        # dies once pages are arriving.
+        images, pid = ctx.state.dst_images, ctx.state.page_server_pid
+
+        def watch():
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                if any(n.startswith("pages-") and os.path.getsize(f"{images}/{n}") > 0 for n in os.listdir(images)):
+                    os.kill(pid, 9)
+                    killed["at"] = time.monotonic()
+                    return
+                time.sleep(0.002)
+
+        threading.Thread(target=watch, daemon=True).start()
+
+    run = migrate(lab1, lab2, proc["pid"], PAGE_SERVER, after_phase={"page server": kill_when_pages_flow})
+    assert killed, "the page server was not killed during the dump"
+    assert run.status == ROLLED_BACK, (run.status, run.error)
+    assert run.error.startswith("lab-1: criu dump failed"), run.error
+    phases = list(run.phases.all())
+    assert [p.name for p in phases][-2:] == ["dump", "rollback"]
+    assert phases[-2].status == "failed" and phases[-1].status == "ok"
+    # The same process runs on, on the source: never stopped for good, never copied.
+    assert int(run.result_workload) == proc["pid"]
+    assert state_of(proc["pid"]) in ("S", "R")
+    count = len(values(proc["log"]))
+    wait_for(lambda: len(values(proc["log"])) >= count + 20, message="the counter stopped")
+    assert_continuous(values(proc["log"]))
+    assert_same_memory(proc, proc["pid"])
+    images = f"{lab2.work_dir}/runs/{run.code}"
+    assert not mounted(images) and not os.path.exists(images)
+
+
+def test_page_server_restore_failure_wakes_the_stopped_source(hosts, memhog):
+    lab1, lab2 = hosts
+    TrustedPair.trust(lab1, lab2)
+    proc = memhog(16)
+    seen = {}
+
+    def break_images(ctx):
+        # The dump left the source stopped; a real CRIU failure on the target.
+        seen["source"] = state_of(proc["pid"])
+        ctx.dst.sh('rm -f "$1"/pages-*.img', ctx.state.dst_images)
+
+    run = migrate(lab1, lab2, proc["pid"], PAGE_SERVER, after_phase={"transfer": break_images})
+    assert seen["source"] == "T"
+    assert run.status == ROLLED_BACK, run.error
+    assert run.error.startswith("lab-2: criu restore failed"), run.error
+    assert int(run.result_workload) == proc["pid"]
+    assert state_of(proc["pid"]) in ("S", "R")
+    count = len(values(proc["log"]))
+    wait_for(lambda: len(values(proc["log"])) >= count + 20, message="the counter stopped")
+    assert_continuous(values(proc["log"]))
+    assert_same_memory(proc, proc["pid"])
