@@ -221,3 +221,10 @@ def test_page_server_restore_failure_wakes_the_stopped_source(hosts, memhog):
     wait_for(lambda: len(values(proc["log"])) >= count + 20, message="the counter stopped")
     assert_continuous(values(proc["log"]))
     assert_same_memory(proc, proc["pid"])
+
+
+def test_lab_up_marks_its_pair_trusted(hosts):
+    lab1, lab2 = hosts
+    assert not TrustedPair.between(lab1, lab2)  # the test hosts start untrusted
+    lab.up(log=lambda *a: None)
+    assert TrustedPair.between(lab2, lab1)
