@@ -50,7 +50,6 @@ MEMORY_RESERVE = 128 * 1024 * 1024
 # The small images: everything CRIU wrote on the source but its own log and
 # statistics, which stay there (the dump phase already read them).
 IMAGES_CREATE = ["tar", "--exclude=./dump.log", "--exclude=./stats-dump", "-cf", "-", "-C"]
-IMAGES_EXTRACT = ["tar", "-xf", "-", "-C"]
 
 # Mount a tmpfs of $2 KiB, mode 0700, at $1 for one run's images.
 MOUNT_SCRIPT = 'mkdir -p "$1" && mount -t tmpfs -o "size=$2k,mode=0700" criuweb-run "$1"'
@@ -193,7 +192,7 @@ def dump(ctx: Context):
 def transfer(ctx: Context):
     s = ctx.state
     src = ctx.src_ssh.open_command(IMAGES_CREATE + [s.src_images, "."])
-    dst = ctx.dst_ssh.open_command(IMAGES_EXTRACT + [s.dst_images])
+    dst = ctx.dst_ssh.open_command(["sh", "-c", streams.UNPACK_IMAGES, "sh", s.dst_images])
     return Measured(bytes=streams.pipe(ctx, src, dst, "the small images"), detail="images other than pages")
 
 
