@@ -1,7 +1,6 @@
 """The memory-streaming strategies end to end on the lab: page-server and lazy."""
 
 import os
-import shlex
 import threading
 import time
 import uuid
@@ -16,28 +15,6 @@ from tests.support import wait_for
 
 pytestmark = pytest.mark.lab
 
-# A process holding MIB MiB of random memory: it writes the memory's SHA-256
-# once, appends 0, 1, 2, ... to a file every 10 ms (opened anew each time, so
-# no file is held open across the move), and writes the checksum again on
-# SIGUSR1: the same checksum after a move means every page arrived intact.
-MEMHOG = r"""
-import hashlib, os, signal, sys, time
-log, sums, mib = sys.argv[1], sys.argv[2], int(sys.argv[3])
-buf = bytearray(os.urandom(mib << 20))
-def checksum(*_):
-    with open(sums, "a") as f:
-        f.write(hashlib.sha256(buf).hexdigest() + "\n")
-checksum()
-signal.signal(signal.SIGUSR1, checksum)
-i = 0
-while True:
-    with open(log, "a") as f:
-        f.write(f"{i}\n")
-    i += 1
-    time.sleep(0.01)
-"""
-
-
 def values(path):
     return [int(v) for v in path.read_text().split()]
 
@@ -49,18 +26,18 @@ def assert_continuous(seq):
 
 @pytest.fixture
 def memhog(hosts):
-    """Start a memory-holding counter on lab-1; kill every copy of it at the end."""
+    """Start memhog (N MiB of random memory, a counter every 10 ms) on lab-1; kill every copy at the end."""
     started = []
 
     def start(mib=64):
         tag = uuid.uuid4().hex[:8]
         log, sums = settings.LAB_ROOT / f"memhog-{tag}.log", settings.LAB_ROOT / f"memhog-{tag}.sum"
-        script = f"exec python3 -c {shlex.quote(MEMHOG)} \"$1\" {shlex.quote(str(sums))} {mib}"
         with ssh.Connection(hosts[0]) as conn:
-            pid = lab.start_process(conn, script, str(log))
-        proc = {"pid": pid, "log": log, "sums": sums, "pids": [pid]}
+            pid = lab.start_memhog(conn, mib, log, sums)
+            wait_for(lambda: log.exists() and len(values(log)) >= 5, 60, "memhog did not start")
+            checksum = lab.memhog_checksum(conn, pid, sums)
+        proc = {"pid": pid, "log": log, "sums": sums, "pids": [pid], "checksum": checksum}
         started.append(proc)
-        wait_for(lambda: log.exists() and len(values(log)) >= 5, 60, "memhog did not start")
         return proc
 
     yield start
@@ -92,28 +69,21 @@ def state_of(pid):
         return None
 
 
-def checksums(proc):
-    return proc["sums"].read_text().split()
+def assert_same_memory(proc, pid, host):
+    with ssh.Connection(host) as conn:
+        assert lab.memhog_checksum(conn, pid, proc["sums"]) == proc["checksum"], "the process's memory changed"
 
 
-def assert_same_memory(proc, pid):
-    before = len(checksums(proc))
-    os.kill(pid, 10)  # SIGUSR1
-    wait_for(lambda: len(checksums(proc)) > before, message="no checksum written")
-    sums = checksums(proc)
-    assert sums[-1] == sums[0], "the process's memory changed"
-
-
-def assert_moved(run, proc, target_name):
+def assert_moved(run, proc, target):
     """The process runs on the target only, with its memory and its counter intact."""
     new_pid = int(run.result_workload)
     proc["pids"].append(new_pid)
-    assert lab.host_of_pid(new_pid) == target_name
+    assert lab.host_of_pid(new_pid) == target.name
     assert state_of(proc["pid"]) in (None, "Z"), "the source copy still exists"
     count = len(values(proc["log"]))
     wait_for(lambda: len(values(proc["log"])) >= count + 20, message="the counter stopped")
     assert_continuous(values(proc["log"]))
-    assert_same_memory(proc, new_pid)
+    assert_same_memory(proc, new_pid, target)
     return new_pid
 
 
@@ -155,7 +125,7 @@ def test_page_server_moves_a_process(hosts, memhog, trusted):
     assert 0 < run.phases.get(name="transfer").bytes < 8 << 20  # the small images only
     assert run.phases.get(name="restore").criu_stats["pages_restored"] >= 64 * 256
     assert run.total_bytes == sum(p.bytes for p in run.phases.all())
-    assert_moved(run, proc, "lab-2")
+    assert_moved(run, proc, lab2)
     images = f"{lab2.work_dir}/runs/{run.code}"
     assert not mounted(images) and not os.path.exists(images)
     assert not os.path.exists(f"{lab1.work_dir}/runs/{run.code}.tls")
@@ -195,7 +165,7 @@ def test_page_server_killed_during_dump_rolls_back(hosts, memhog):
     count = len(values(proc["log"]))
     wait_for(lambda: len(values(proc["log"])) >= count + 20, message="the counter stopped")
     assert_continuous(values(proc["log"]))
-    assert_same_memory(proc, proc["pid"])
+    assert_same_memory(proc, proc["pid"], lab1)
     images = f"{lab2.work_dir}/runs/{run.code}"
     assert not mounted(images) and not os.path.exists(images)
 
@@ -220,7 +190,7 @@ def test_page_server_restore_failure_wakes_the_stopped_source(hosts, memhog):
     count = len(values(proc["log"]))
     wait_for(lambda: len(values(proc["log"])) >= count + 20, message="the counter stopped")
     assert_continuous(values(proc["log"]))
-    assert_same_memory(proc, proc["pid"])
+    assert_same_memory(proc, proc["pid"], lab1)
 
 
 def test_lab_up_marks_its_pair_trusted(hosts):
