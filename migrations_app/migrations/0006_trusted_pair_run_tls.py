@@ -8,7 +8,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('migrations_app', '0004_run_stage_state'),
+        ('migrations_app', '0005_observed_downtime_benchmark'),
     ]
 
     operations = [
