@@ -19,9 +19,10 @@ def test_migrate_workload_json(hosts, counter_container):
     assert set(result) >= {"id", "status", "downtime_ms", "bytes", "phases", "error"}
     assert result["status"] == "succeeded" and result["error"] is None
     assert result["bytes"] > 0 and result["downtime_ms"] > 0
-    # The counter logs once a second: too coarse to time a sub-second outage, and it says so.
+    # The counter logs once a second: too coarse to time a sub-second outage
+    # (or, this soon after its start, too few lines), and it says so.
     assert result["observed_downtime_ms"] is None
-    assert "too far apart to measure" in result["observed_method"]
+    assert result["observed_method"].startswith("docker logs: ") and result["observed_method"].endswith(" to measure")
     phase = result["phases"][0]
     assert set(phase) >= {"name", "host", "started", "duration_ms", "bytes", "criu_stats"}
     restore = next(p for p in result["phases"] if p["name"] == "restore")
