@@ -9,7 +9,7 @@ from django.utils import timezone
 from . import criu, inventory, ssh, validation
 from .docker_engine import Engine, EngineError
 from .engine import observe, plans
-from .models import CONTAINER, KIND_CHOICES, STATUS_CHOICES, Host
+from .models import CONTAINER, KIND_CHOICES, STATUS_CHOICES, TCP_CHOICES, TCP_CLOSE, Host
 
 # A probe older than this is run again before a migration is accepted.
 PROBE_MAX_AGE = timedelta(minutes=10)
@@ -120,9 +120,23 @@ class MigrationForm(forms.Form):
             except ValueError as e:
                 raise forms.ValidationError(str(e)) from None
         return value
+    tcp = forms.ChoiceField(
+        choices=TCP_CHOICES,
+        initial=TCP_CLOSE,
+        required=False,  # a form posted without it (a script) gets the default
+        widget=forms.RadioSelect,
+        label="Established TCP connections",
+    )
+    shared_storage = forms.BooleanField(
+        required=False,
+        label="The same data is there on the target",
+        help_text="bind-mount sources and volumes of drivers other than local hold the same data on the "
+        "target; without this such a container is refused",
+    )
 
     def clean(self):
         data = super().clean()
+        data["tcp"] = data.get("tcp") or TCP_CLOSE
         source, target, kind = data.get("source"), data.get("target"), data.get("kind")
         if not (source and target and kind):
             return data

@@ -32,6 +32,16 @@ ENGINE = "engine"  # containers through Docker's own checkpoint API
 PAGE_SERVER = "page-server"  # memory streamed by CRIU straight into the target's tmpfs
 LAZY = "lazy"  # post-copy: restored at once, memory pulled afterwards
 
+# What happens to a workload's established TCP connections (CRIU's options
+# of the same names): closed, the peer seeing a reset or end of file, or
+# kept, which only works where the workload's address moves with it.
+TCP_CLOSE = "tcp-close"
+TCP_ESTABLISHED = "tcp-established"
+TCP_CHOICES = [
+    (TCP_CLOSE, "close established TCP connections (the peers see them end)"),
+    (TCP_ESTABLISHED, "keep established TCP connections (only where the workload's address moves with it)"),
+]
+
 
 class Stage(models.TextChoices):
     """Where a run's workload may be, stored before each change so that a
@@ -70,6 +80,16 @@ class Host(models.Model):
         help_text="Directory on the host for checkpoint images.",
     )
     created = models.DateTimeField(default=timezone.now)
+    # Privileged, host-mounting or host-network containers (and those with
+    # extra capabilities, devices or security options) carry the host's
+    # power with them; they move to or from this host only when an admin
+    # said so here.
+    allow_privileged = models.BooleanField(
+        "allow privileged workloads",
+        default=False,
+        help_text="Let containers that are privileged, use the host's network, add capabilities or devices, "
+        "or change security options move from or to this host.",
+    )
     # The last capability probe (see inventory.probe) and when it ran.
     capabilities = models.JSONField(default=dict, blank=True)
     probed = models.DateTimeField(null=True, blank=True)
@@ -176,6 +196,14 @@ class MigrationRun(models.Model):
     kind = models.CharField(max_length=16, choices=KIND_CHOICES)
     # Container name or id, or a PID, as the user gave it.
     workload = models.CharField(max_length=255)
+    # What pre-flight resolved it to on the source (a container's full id,
+    # a PID): one workload named two ways is still one, and the database
+    # refuses a second active run on it (one_active_run_per_workload_id).
+    workload_id = models.CharField(max_length=64, blank=True)
+    tcp = models.CharField("established TCP connections", max_length=16, choices=TCP_CHOICES, default=TCP_CLOSE)
+    # The operator's word that bind-mount sources and non-local volumes hold
+    # the same data on the target, so they are used there as they are.
+    shared_storage = models.BooleanField(default=False)
     # Where the workload runs after the run: container id or PID on the
     # target (succeeded) or on the source (rolled back).
     result_workload = models.CharField(max_length=255, blank=True)
@@ -204,6 +232,8 @@ class MigrationRun(models.Model):
     # Bytes of the image shipped to the target, when it lacked it: moved,
     # but not the workload's state, so kept out of total_bytes.
     image_bytes = models.BigIntegerField(default=0)
+    # Of total_bytes, the data of the container's named volumes.
+    volume_bytes = models.BigIntegerField(default=0)
     # Pre-flight's estimate of the image size, for the progress bar.
     expected_bytes = models.BigIntegerField(default=0)
     error = models.TextField(blank=True)
@@ -226,7 +256,12 @@ class MigrationRun(models.Model):
                 fields=["source", "kind", "workload"],
                 condition=models.Q(status__in=["pending", "running"]),
                 name="one_active_run_per_workload",
-            )
+            ),
+            models.UniqueConstraint(
+                fields=["source", "kind", "workload_id"],
+                condition=models.Q(status__in=["pending", "running"]) & ~models.Q(workload_id=""),
+                name="one_active_run_per_workload_id",
+            ),
         ]
         indexes = [
             # The history list: newest first, filtered by status.
@@ -260,6 +295,8 @@ class MigrationRun(models.Model):
             "target": self.target.name,
             "strategy": self.strategy,
             "tls": self.tls,
+            "tcp": self.tcp,
+            "shared_storage": self.shared_storage,
             "downtime_ms": self.downtime_ms,
             "observed_downtime_ms": self.observed_downtime_ms,
             "observed_method": self.observed_method or None,
@@ -267,6 +304,7 @@ class MigrationRun(models.Model):
             "benchmark": self.benchmark or None,
             "bytes": self.total_bytes,
             "image_bytes": self.image_bytes,
+            "volume_bytes": self.volume_bytes,
             "phases": [p.to_dict() for p in phases],
             "error": self.error or None,
         }

@@ -171,7 +171,8 @@ def migrate(request):
         try:
             run = engine.create_run(
                 data["source"], data["target"], data["kind"], form.workload(),
-                keep_source=data["keep_source"], strategy=data["strategy"], probe=data["probe"],
+                keep_source=data["keep_source"], strategy=data["strategy"], probe=data["probe"], tcp=data["tcp"],
+                shared_storage=data["shared_storage"],
             )
         except engine.MigrationError as e:
             form.add_error(None, str(e))

@@ -36,9 +36,28 @@ def test_migrate_workload_json(hosts, counter_container):
 def test_hostile_container_name_is_only_a_name(hosts, tmp_path):
     marker = tmp_path / "pwned"
     hostile = f"a; touch {marker}; $(touch {marker})"
-    with pytest.raises(CommandError, match=r"^lab-1: no container named 'a; touch "):
+    # Refused as input, before any host is asked.
+    with pytest.raises(CommandError, match=r"^'a; touch .* is not a container name"):
         call("migrate_workload", "--source", "lab-1", "--target", "lab-2", "--container", hostile)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--container", ""], "Name a container"),
+        (["--pid", " 12"], "' 12' is not a PID"),
+        (["--pid", "1"], "PID 1 is the host's init"),
+        (["--container", "web", "--tcp-close", "--tcp-established"], "not allowed with argument"),
+    ],
+)
+def test_edge_case_workloads_get_a_message(db, args, message):
+    from migrations_app.models import Host
+
+    Host.objects.create(name="h-1", address="10.0.0.1", key_path="/k")
+    Host.objects.create(name="h-2", address="10.0.0.2", key_path="/k")
+    with pytest.raises(CommandError, match=message):
+        call("migrate_workload", "--source", "h-1", "--target", "h-2", *args)
 
 
 @pytest.mark.lab

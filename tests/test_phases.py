@@ -207,7 +207,14 @@ def test_one_migration_per_workload(run):
 
 @pytest.mark.parametrize(
     "kind, workload, message",
-    [("container", "  ", "name a container or a PID"), ("process", "12ab", "'12ab' is not a PID")],
+    [
+        ("container", "  ", "'  ' is not a container name"),
+        ("container", "", "Name a container"),
+        ("container", "web\n", "is not a container name"),
+        ("process", "12ab", "'12ab' is not a PID"),
+        ("process", " 12", "' 12' is not a PID"),
+        ("process", "1", "PID 1 is the host's init"),
+    ],
 )
 def test_bad_workloads_are_refused(db, kind, workload, message):
     a = Host.objects.create(name="a", address="10.0.0.1", key_path="/k")
@@ -215,4 +222,4 @@ def test_bad_workloads_are_refused(db, kind, workload, message):
     with pytest.raises(engine.MigrationError, match=message):
         engine.create_run(a, b, kind, workload)
     with pytest.raises(engine.MigrationError, match="different hosts"):
-        engine.create_run(a, a, kind, "1")
+        engine.create_run(a, a, kind, "12")

@@ -9,12 +9,15 @@ import socket
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from ..models import INTERRUPTED, PENDING, PROCESS, RUNNING, MigrationRun
+from .. import validation
+from ..models import CONTAINER, INTERRUPTED, PENDING, RUNNING, TCP_CHOICES, TCP_CLOSE, MigrationRun
 from . import observe, plans
 from .errors import MigrationError
 
 
-def create_run(source, target, kind, workload, keep_source=False, strategy=None, probe=""):
+def create_run(
+    source, target, kind, workload, keep_source=False, strategy=None, probe="", tcp=TCP_CLOSE, shared_storage=False
+):
     """Validate and store a pending run; MigrationError says what is wrong.
 
     probe: an optional host:port the controller polls during the run to
@@ -26,11 +29,15 @@ def create_run(source, target, kind, workload, keep_source=False, strategy=None,
         raise MigrationError(f"unknown workload kind {kind!r}")
     strategy = strategy or plans.default_strategy(kind)
     plans.get(kind, strategy)  # raises MigrationError naming the choices
-    workload = str(workload).strip()
-    if not workload:
-        raise MigrationError("name a container or a PID")
-    if kind == PROCESS and not workload.isdigit():
-        raise MigrationError(f"{workload!r} is not a PID")
+    if tcp not in dict(TCP_CHOICES):
+        known = ", ".join(dict(TCP_CHOICES))
+        raise MigrationError(f"unknown choice for TCP connections {tcp!r} (choose from: {known})")
+    # The same checks as the form and the CLI, and nothing stripped: " 12"
+    # is not PID 12.
+    try:
+        workload = validation.container_ref(workload) if kind == CONTAINER else str(validation.pid(workload))
+    except validation.InputError as e:
+        raise MigrationError(str(e)) from None
     probe = (probe or "").strip()
     if probe:
         try:
@@ -39,10 +46,12 @@ def create_run(source, target, kind, workload, keep_source=False, strategy=None,
             raise MigrationError(str(e)) from None
     fields = dict(
         source=source, target=target, kind=kind, workload=workload, keep_source=keep_source, strategy=strategy,
-        probe_address=probe,
-    )
+        probe_address=probe, tcp=tcp, shared_storage=shared_storage,
+    )  # fmt: skip
     busy = MigrationError(f"{workload} on {source.name} is already being migrated")
-    for other in MigrationRun.objects.unfinished().filter(source=source, kind=kind, workload=workload):
+    for other in MigrationRun.objects.unfinished().filter(source=source, kind=kind):
+        if not _same_workload(kind, workload, other):
+            continue
         # Busy while the process that claimed it lives, or, not yet
         # claimed, while its thread is about to.
         if worker_alive(other.worker) if other.worker else _young(other):
@@ -57,6 +66,37 @@ def create_run(source, target, kind, workload, keep_source=False, strategy=None,
     except IntegrityError:
         # Another request got there between the check and the insert.
         raise busy from None
+
+
+def _same_workload(kind, workload, other):
+    """Whether another run's workload is this one, as far as the names tell.
+
+    A container named by its name in one run and by its id in another is
+    caught here once pre-flight resolved the other's id; when both are still
+    unresolved, claim_workload() catches it at pre-flight, before any freeze.
+    """
+    if other.workload == workload:
+        return True
+    if kind == CONTAINER and other.workload_id:
+        return other.workload_id.startswith(workload) or other.workload_id == workload
+    return other.workload_id == workload
+
+
+def claim_workload(run, workload_id):
+    """Record what a run's workload resolved to; MigrationError when another active run has it.
+
+    The partial unique constraint one_active_run_per_workload_id makes this
+    hold between two controllers too: of two runs naming one container two
+    ways, the second to get here is refused before anything is frozen.
+    """
+    try:
+        with transaction.atomic():
+            MigrationRun.objects.filter(pk=run.pk).update(workload_id=workload_id)
+    except IntegrityError:
+        raise MigrationError(
+            f"{run.workload} on {run.source.name} is already being migrated (by another run, by another name)"
+        ) from None
+    run.workload_id = workload_id
 
 
 def worker_id(pid=None):

@@ -13,12 +13,13 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from django.db.models import Q
 from django.utils import timezone
 
-from ... import criu, ssh
+from ... import criu, ssh, validation
 from ...docker_engine import Engine, EngineError
-from ...models import CONTAINER, ENGINE, FINISHED, ROLLED_BACK, MigrationRun, Stage
-from .. import streams
+from ...models import CONTAINER, ENGINE, FINISHED, PHASE_OK, ROLLED_BACK, MigrationRun, Stage
+from .. import lifecycle, streams
 from ..errors import MigrationError
 from ..hostcheck import SPACE_MARGIN, check_space, connect, criu_ready, rss_bytes, settle, unsafe_to_resume
 from ..plan import Measured, Plan, Step
@@ -68,6 +69,8 @@ def _refuse_second_checkpoint(ctx: Context, container, info):
     if int(info.get("ServerVersion", "0").split(".")[0] or 0) >= 25:
         return
     since = timezone.now() - timezone.timedelta(seconds=SECOND_CHECKPOINT_WAIT)
+    # Only a checkpoint that was taken leaves containerd's blob behind; a
+    # checkpoint that failed (CRIU refused, the container ran on) does not.
     recent = (
         MigrationRun.objects.filter(
             source=ctx.source,
@@ -76,6 +79,8 @@ def _refuse_second_checkpoint(ctx: Context, container, info):
             finished__gte=since,
             result_workload=container["Id"][:12],
         )
+        .filter(Q(state__checkpointed=True) | Q(phases__name="checkpoint", phases__status=PHASE_OK))
+        .distinct()
         .order_by("-finished")
         .first()
     )
@@ -92,9 +97,15 @@ def _refuse_second_checkpoint(ctx: Context, container, info):
 def preflight_source(ctx: Context):
     ctx.src = connect(ctx.source, CONTAINER)
     probe, info = _engine_ready(ctx.src)
-    c = ctx.src.inspect(ctx.run.workload)
+    try:
+        ref = validation.container_ref(ctx.run.workload)
+    except validation.InputError as e:
+        raise MigrationError(str(e)) from None
+    c = ctx.src.inspect(ref)
     if not c["State"]["Running"]:
         raise MigrationError(f"{ctx.source.name}: container {ctx.run.workload!r} is not running")
+    # By its full id: the same container named another way is the same.
+    lifecycle.claim_workload(ctx.run, c["Id"])
     _refuse_second_checkpoint(ctx, c, info)
     top = ctx.src.call("docker top", ctx.src.api.top, c["Id"], ps_args="-eo user,pid")
     rss = rss_bytes(ctx.src.conn, [row[1] for row in top["Processes"]])

@@ -8,12 +8,12 @@ namespaces held by a small init (as criu-ns does).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ... import criu, ssh
-from ...models import PROCESS, STOP_AND_COPY, Stage
-from .. import streams
+from ... import criu, ssh, validation
+from ...models import PROCESS, STOP_AND_COPY, TCP_CLOSE, TCP_ESTABLISHED, Stage
+from .. import lifecycle, streams, tree
 from ..errors import MigrationError
 from ..hostcheck import SPACE_MARGIN, check_space, connect, criu_ready, pid_alive, settle, unsafe_to_resume
 from ..plan import Measured, Plan, Step
@@ -31,6 +31,12 @@ class ProcessState:
     dst_images: str = ""
     dumped: bool = False
     target_pid: int | None = None
+    # CRIU options the run's choices need, on dump and on every restore.
+    criu_opts: list = field(default_factory=list)
+    # Addresses the tree's sockets are bound to: listening ones, and the
+    # local ends of connections kept with --tcp-established.
+    listen_addrs: list = field(default_factory=list)
+    kept_addrs: list = field(default_factory=list)
 
 
 # Resident KiB of every process of the tree rooted at $1, one per line: the
@@ -49,18 +55,36 @@ def preflight_source(ctx: Context):
     ctx.src = connect(ctx.source, PROCESS)
     probe = criu_ready(ctx.src)
     try:
-        pid = int(ctx.run.workload)
-    except ValueError:
-        raise MigrationError(f"{ctx.run.workload!r} is not a PID") from None
+        pid = validation.pid(ctx.run.workload)
+    except validation.InputError as e:
+        raise MigrationError(str(e)) from None
     mode, inner, comm = criu.resolve_process(ctx.src, pid)
+    found = tree.read_tree(ctx.src, pid, ctx.source.ssh_port)
+    why = tree.refusals(found, ctx.source.name, tree.controller_pids(found))
+    if why:
+        raise MigrationError(f"{ctx.source.name}: PID {pid} cannot be moved: {'; '.join(why)}")
+    lifecycle.claim_workload(ctx.run, str(pid))
+    s = ctx.state
+    connected = found.connected()
+    if ctx.run.tcp == TCP_ESTABLISHED:
+        s.criu_opts = ["--tcp-established"]
+        s.kept_addrs = sorted({c.local[0] for c in connected})
+    else:
+        # CRIU dumps them as closed; the source kernel ends them when the
+        # dumped tree is killed, so each peer sees its connection end.
+        s.criu_opts = ["--tcp-close"]
+    s.listen_addrs = sorted({c.local[0] for c in found.listening()})
     rss = sum(int(kib) for kib in ctx.src.sh(TREE_RSS_SCRIPT, str(pid)).stdout.split()) * 1024
     images = ctx.images_dir(ctx.source)
     check_space(ctx.src, images, rss + SPACE_MARGIN, "the process images")
-    s = ctx.state
     s.pid, s.src_images, s.rss, s.resolved = pid, images, rss, [mode, inner, comm]
     ctx.run.expected_bytes = rss
     where = "in its own PID namespace" if mode == "ns" else "in the host PID namespace"
-    return Measured(detail=f"CRIU {probe['version']}, PID {pid} ({comm}) {where}, ~{rss // 1024} KiB resident")
+    tcp = f"; {len(connected)} TCP connection(s), {ctx.run.tcp}" if connected else ""
+    return Measured(
+        detail=f"CRIU {probe['version']}, PID {pid} ({comm}) {where}, {len(found.procs)} process(es), "
+        f"~{rss // 1024} KiB resident; sockets: {found.summary()}{tcp}"
+    )
 
 
 def preflight_target(ctx: Context):
@@ -69,6 +93,27 @@ def preflight_target(ctx: Context):
     # The namespace holder that keeps restored PIDs apart is a Python script.
     if ctx.dst.run(["python3", "-c", "pass"], check=False).rc != 0:
         raise MigrationError(f"{ctx.target.name}: python3 is needed to restore a process and is missing")
+    s = ctx.state
+    if s.listen_addrs or s.kept_addrs:
+        # A process keeps the addresses its sockets are bound to; a host
+        # process never takes its host's address along, so a socket bound
+        # to the source's own address cannot be bound on the target.
+        have = tree.addresses(ctx.dst)
+        missing = [a for a in s.listen_addrs if not tree.bindable(a, have)]
+        if missing:
+            raise MigrationError(
+                f"{ctx.target.name}: the process listens on {', '.join(missing)}, an address {ctx.target.name} "
+                "does not have; it would fail to restore there. A server that should move listens on 0.0.0.0 "
+                "(or ::), or on an address both hosts have"
+            )
+        lost = [a for a in s.kept_addrs if not tree.bindable(a, have)]
+        if lost:
+            raise MigrationError(
+                f"{ctx.target.name}: keeping established TCP connections needs their local address "
+                f"{', '.join(lost)} on {ctx.target.name}, and a host process never takes its host's address "
+                f"along: its peers would talk to an address that is no longer there. Use {TCP_CLOSE} "
+                "(connections on loopback or an address both hosts share can be kept)"
+            )
     images = ctx.images_dir(ctx.target)
     check_space(ctx.dst, images, ctx.state.rss + SPACE_MARGIN, "the process images")
     ctx.state.dst_images = images
@@ -78,7 +123,7 @@ def preflight_target(ctx: Context):
 def dump(ctx: Context):
     s = ctx.state
     try:
-        criu.dump(ctx.src, s.pid, s.src_images, s.resolved)
+        criu.dump(ctx.src, s.pid, s.src_images, s.resolved, s.criu_opts)
     except criu.CriuError:
         # CRIU resumes the tree when a dump fails; nothing to restore then.
         if pid_alive(ctx.src, s.pid):
@@ -100,7 +145,7 @@ def restore(ctx: Context):
     images = ctx.state.dst_images
     ctx.set_stage(Stage.RESTORING)
     try:
-        pid = criu.restore(ctx.dst, images)
+        pid = criu.restore(ctx.dst, images, extra=ctx.state.criu_opts)
         ctx.resumed_at = time.perf_counter()
     except criu.CriuError as e:
         if e.definitive:  # CRIU said it failed: nothing runs there
@@ -149,7 +194,7 @@ def rollback(ctx: Context):
                 return Measured(detail=f"PID {s.pid} still running on {ctx.source.name}")
             if src.run(["test", "-s", f"{s.src_images}/inventory.img"], check=False).rc != 0:
                 raise MigrationError(f"{ctx.source.name}: the process stopped and no images were written")
-        pid = criu.restore(src, s.src_images)
+        pid = criu.restore(src, s.src_images, extra=s.criu_opts)
         ctx.resumed_at = time.perf_counter()
         if not settle(lambda: pid_alive(src, pid)):
             raise MigrationError(f"{ctx.source.name}: the process does not stay running after rollback")

@@ -3,7 +3,7 @@ import json
 from django.core.management.base import BaseCommand, CommandError
 
 from migrations_app import engine
-from migrations_app.models import CONTAINER, PROCESS, SUCCEEDED, Host
+from migrations_app.models import CONTAINER, PROCESS, SUCCEEDED, TCP_CLOSE, TCP_ESTABLISHED, Host
 
 
 class Command(BaseCommand):
@@ -16,6 +16,19 @@ class Command(BaseCommand):
         what.add_argument("--container", help="container name or id on the source")
         what.add_argument("--pid", help="PID of the process tree's root on the source")
         parser.add_argument("--keep-source", action="store_true", help="keep the stopped source container")
+        tcp = parser.add_mutually_exclusive_group()
+        tcp.add_argument(
+            "--tcp-close", dest="tcp", action="store_const", const=TCP_CLOSE, default=TCP_CLOSE,
+            help="close the workload's established TCP connections; their peers see them end (the default)",
+        )  # fmt: skip
+        tcp.add_argument(
+            "--tcp-established", dest="tcp", action="store_const", const=TCP_ESTABLISHED,
+            help="keep established TCP connections; refused unless the workload's address moves with it",
+        )  # fmt: skip
+        parser.add_argument(
+            "--shared-storage", action="store_true",
+            help="bind-mount sources and non-local volumes hold the same data on the target: use them there",
+        )  # fmt: skip
         parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
         parser.add_argument(
             "--probe", metavar="HOST:PORT", default="",
@@ -25,11 +38,17 @@ class Command(BaseCommand):
     def handle(self, source, target, container, pid, keep_source, probe, **options):
         as_json = options["json"]
         src, dst = _host(source), _host(target)
-        kind, workload = (CONTAINER, container) if container else (PROCESS, pid)
+        # `is not None`: --container '' is an empty name, not "no container".
+        kind, workload = (CONTAINER, container) if container is not None else (PROCESS, pid)
         try:
-            run = engine.create_run(src, dst, kind, workload, keep_source=keep_source, probe=probe)
+            run = engine.create_run(
+                src, dst, kind, workload, keep_source=keep_source, probe=probe, tcp=options["tcp"],
+                shared_storage=options["shared_storage"],
+            )  # fmt: skip
         except engine.MigrationError as e:
             raise CommandError(str(e))
+        if not as_json:
+            self.stdout.write(f"established TCP connections: {run.get_tcp_display()}")
 
         def show(phase):
             if not as_json:

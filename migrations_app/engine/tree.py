@@ -1,0 +1,281 @@
+"""What pre-flight reads of a workload's process tree on its host, before
+anything is frozen: its processes, their namespaces, and their sockets.
+
+One SSH command (a small python3 script: hosts need python3 anyway) walks
+the tree from its root through /proc/PID/task/*/children, maps every fd
+that is a socket to its line in /proc/PID/net/{tcp,tcp6,udp,udp6} — read
+through the root's /proc entry, so the tables are those of the tree's own
+network namespace (a container's, not the host's) — and says which
+processes CRIU must never be pointed at.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+from dataclasses import dataclass, field
+
+from ..criu import CriuError
+from .errors import MigrationError
+
+# The kernel's PF_KTHREAD task flag (include/linux/sched.h).
+PF_KTHREAD = 0x00200000
+
+# argv: root PID, the host's SSH port. Prints one JSON object.
+TREE_SCRIPT = r"""
+import json, os, sys
+root, ssh_port = int(sys.argv[1]), int(sys.argv[2])
+TCP_STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2",
+              6: "TIME_WAIT", 7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN", 11: "CLOSING"}
+
+def read(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+def link(path):
+    try:
+        return os.readlink(path)
+    except OSError:
+        return ""
+
+def addr(hexaddr, v6):
+    ip, port = hexaddr.split(":")
+    raw = bytes.fromhex(ip)
+    if v6:
+        # Four 32-bit words, each in host (little-endian) order.
+        raw = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+        import ipaddress
+        return str(ipaddress.IPv6Address(raw)), int(port, 16)
+    return ".".join(str(b) for b in raw[::-1]), int(port, 16)
+
+procs, todo, seen = [], [root], set()
+while todo:
+    pid = todo.pop()
+    if pid in seen:
+        continue
+    seen.add(pid)
+    stat = read("/proc/%d/stat" % pid)
+    if stat is None:
+        continue
+    rest = stat.rsplit(")", 1)[1].split()
+    comm = stat[stat.index("(") + 1:stat.rindex(")")]
+    cmdline = (read("/proc/%d/cmdline" % pid) or "").replace("\0", " ").strip()
+    socks = []
+    try:
+        fds = os.listdir("/proc/%d/fd" % pid)
+    except OSError:
+        fds = []
+    for fd in fds:
+        target = link("/proc/%d/fd/%s" % (pid, fd))
+        if target.startswith("socket:["):
+            socks.append(int(target[8:-1]))
+    procs.append({
+        "pid": pid, "ppid": int(rest[1]), "state": rest[0], "flags": int(rest[6]), "comm": comm,
+        "exe": link("/proc/%d/exe" % pid), "cmdline": cmdline[:300],
+        "ns": {n: link("/proc/%d/ns/%s" % (pid, n)) for n in ("pid", "net", "mnt", "user")},
+        "sockets": socks,
+    })
+    try:
+        tasks = os.listdir("/proc/%d/task" % pid)
+    except OSError:
+        tasks = []
+    for t in tasks:
+        todo.extend(int(c) for c in (read("/proc/%d/task/%s/children" % (pid, t)) or "").split())
+
+table = {}
+for proto in ("tcp", "tcp6", "udp", "udp6"):
+    for line in (read("/proc/%d/net/%s" % (root, proto)) or "").splitlines()[1:]:
+        f = line.split()
+        if len(f) < 10:
+            continue
+        local, remote = addr(f[1], proto.endswith("6")), addr(f[2], proto.endswith("6"))
+        state = int(f[3], 16)
+        if proto.startswith("tcp"):
+            state = TCP_STATES.get(state, str(state))
+        else:
+            state = "UNCONN" if state == 7 else "CONNECTED"
+        table[int(f[9])] = {"proto": proto, "local": local, "remote": remote, "state": state}
+
+sockets = []
+for p in procs:
+    for ino in p.pop("sockets"):
+        if ino in table:
+            sockets.append(dict(table[ino], pid=p["pid"], inode=ino))
+print(json.dumps({
+    "procs": procs,
+    "sockets": sockets,
+    "session_pid": os.getpid(),
+    "session_ns": {n: link("/proc/self/ns/%s" % n) for n in ("pid", "net", "mnt")},
+    "boot_id": (read("/proc/sys/kernel/random/boot_id") or "").strip(),
+    "ssh_port": ssh_port,
+}))
+"""
+
+# Programs that run the host (or criuweb) itself: moving one, or a tree
+# holding one, would take the host's own services away.
+HOST_DAEMONS = ("sshd", "dockerd", "containerd", "runc", "criu", "systemd", "init", "docker-proxy", "tini")
+
+
+@dataclass
+class Socket:
+    proto: str
+    local: tuple[str, int]
+    remote: tuple[str, int]
+    state: str
+    pid: int
+    inode: int
+
+    @property
+    def listening(self) -> bool:
+        return self.state == "LISTEN" or (self.proto.startswith("udp") and self.remote[1] == 0)
+
+    @property
+    def connected_tcp(self) -> bool:
+        return self.proto.startswith("tcp") and self.state not in ("LISTEN", "CLOSE")
+
+    def describe(self) -> str:
+        local = f"{_host(self.local[0])}:{self.local[1]}"
+        if self.listening:
+            return f"{self.proto} {local} listening (PID {self.pid})"
+        return f"{self.proto} {local} -> {_host(self.remote[0])}:{self.remote[1]} {self.state} (PID {self.pid})"
+
+
+@dataclass
+class Tree:
+    procs: list[dict]
+    sockets: list[Socket]
+    session_pid: int
+    session_ns: dict
+    boot_id: str
+    ssh_port: int
+    root_ns: dict = field(default_factory=dict)
+
+    @property
+    def pids(self) -> set[int]:
+        return {p["pid"] for p in self.procs}
+
+    def listening(self) -> list[Socket]:
+        return [s for s in self.sockets if s.listening]
+
+    def connected(self) -> list[Socket]:
+        return [s for s in self.sockets if s.connected_tcp]
+
+    def summary(self) -> str:
+        if not self.sockets:
+            return "no TCP/UDP sockets"
+        return "; ".join(s.describe() for s in self.sockets[:8]) + (
+            f"; and {len(self.sockets) - 8} more" if len(self.sockets) > 8 else ""
+        )
+
+
+def _host(ip: str) -> str:
+    return f"[{ip}]" if ":" in ip else ip
+
+
+def read_tree(conn, pid: int, ssh_port: int) -> Tree:
+    """The tree rooted at pid on the host of conn (an ssh.Connection)."""
+    result = conn.run(["python3", "-c", TREE_SCRIPT, str(pid), str(ssh_port)], check=False)
+    if result.rc != 0:
+        raise MigrationError(f"{conn.name}: cannot read the process tree of PID {pid}: {result.stderr.strip()[-300:]}")
+    data = json.loads(result.stdout)
+    if not data["procs"]:
+        raise CriuError(f"{conn.name}: no process with PID {pid}")
+    sockets = [
+        Socket(s["proto"], tuple(s["local"]), tuple(s["remote"]), s["state"], s["pid"], s["inode"])
+        for s in data.pop("sockets")
+    ]
+    tree = Tree(sockets=sockets, **data)
+    tree.root_ns = tree.procs[0]["ns"]
+    return tree
+
+
+def _exe_name(proc: dict) -> str:
+    return os.path.basename(proc["exe"].removesuffix(" (deleted)"))
+
+
+def refusals(tree: Tree, host_name: str, controller_pids: set[int] | None = None) -> list[str]:
+    """Why CRIU must not be pointed at this tree; empty when nothing forbids it.
+
+    controller_pids: criuweb's own process and its ancestors, when the host
+    is the machine criuweb runs on (same boot and PID namespace).
+    """
+    why = []
+    for p in tree.procs:
+        name = _exe_name(p)
+        what = f"PID {p['pid']} ({p['comm']})"
+        if p["flags"] & PF_KTHREAD or p["pid"] == 2 or p["ppid"] == 2 and not p["exe"]:
+            why.append(f"{what} is a kernel thread")
+        elif p["pid"] == 1 and p["ns"]["pid"] == tree.session_ns.get("pid"):
+            why.append(f"{what} is the host's init")
+        elif name in HOST_DAEMONS or name.startswith(("containerd", "systemd-", "dockerd")):
+            why.append(f"{what} is the host's own {name}")
+        elif "criuweb.wsgi" in p["cmdline"]:
+            why.append(f"{what} is criuweb's own web server")
+        if p["pid"] == tree.session_pid:
+            why.append(f"the tree holds the SSH session criuweb works through ({what})")
+        if controller_pids and p["pid"] in controller_pids:
+            why.append(f"{what} is criuweb's own process (or one it runs under)")
+        for ns in ("pid", "mnt", "net"):
+            if p["ns"][ns] != tree.root_ns[ns]:
+                why.append(f"{what} is in a {ns} namespace of its own, nested in the tree: CRIU cannot dump that")
+                break
+    for s in tree.listening():
+        if s.proto.startswith("tcp") and s.local[1] == tree.ssh_port:
+            why.append(f"the tree listens on the host's SSH port {tree.ssh_port} ({s.describe()}): an SSH server")
+    # One line per cause is enough to act on.
+    return list(dict.fromkeys(why))
+
+
+def local_identity() -> tuple[str, str]:
+    """This machine's boot id and PID namespace, to tell whether a host is this machine."""
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        boot = f.read().strip()
+    return boot, os.readlink("/proc/self/ns/pid")
+
+
+def controller_pids(tree: Tree) -> set[int]:
+    """criuweb's own PID and its ancestors' when the tree's host is this very machine, else nothing."""
+    boot, pidns = local_identity()
+    if tree.boot_id != boot or tree.session_ns.get("pid") != pidns:
+        return set()
+    pids, pid = set(), os.getpid()
+    while pid > 1:
+        pids.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError):
+            break
+    return pids
+
+
+# -- addresses ------------------------------------------------------------------
+
+ADDRESSES_SCRIPT = r"""
+import json, socket, subprocess
+out = subprocess.run(["ip", "-o", "addr", "show"], capture_output=True, text=True).stdout
+print(json.dumps([line.split()[3].split("/")[0] for line in out.splitlines() if len(line.split()) > 3]))
+"""
+
+
+def addresses(conn) -> set[str]:
+    """The IP addresses a host (its SSH session's network namespace) has."""
+    result = conn.run(["python3", "-c", ADDRESSES_SCRIPT], check=False)
+    try:
+        return set(json.loads(result.stdout))
+    except ValueError:
+        raise MigrationError(f"{conn.name}: cannot list its IP addresses (`ip -o addr`)") from None
+
+
+def bindable(ip: str, target_addresses: set[str]) -> bool:
+    """Whether a socket bound to ip can be bound again on a host with these addresses."""
+    a = ipaddress.ip_address(ip)
+    if a.is_unspecified or a.is_loopback:
+        return True
+    if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped:
+        return bindable(str(a.ipv4_mapped), target_addresses)
+    return ip in target_addresses
