@@ -144,3 +144,26 @@ def test_memhog_container(hosts):
             assert values == list(range(len(values)))
         finally:
             engine.remove(name)
+
+
+def test_lab_engines_checkpoint_a_container_with_a_listening_socket(hosts):
+    """The lab's dockerd finds setup's CRIU on its PATH (runc runs `criu`):
+    CRIU 4.1.1 fails this on Linux >= 6.16 ("sockets: Can't get 1:16 opt")."""
+    name = f"httpd-{uuid.uuid4().hex[:8]}"
+    script = "mkdir /www && echo hello-from-httpd > /www/index.html && exec httpd -f -p 8080 -h /www"
+
+    def fetch(engine):
+        exec_id = engine.api.exec_create(name, ["wget", "-q", "-O", "-", "http://127.0.0.1:8080/"])["Id"]
+        return engine.api.exec_start(exec_id).decode()
+
+    with Engine(hosts[0]) as engine:
+        engine.run_container(lab.IMAGE, ["sh", "-c", script], name)
+        try:
+            wait_for(lambda: "hello-from-httpd" in fetch(engine), message="httpd did not answer")
+            engine.checkpoint(name, "cp1")
+            assert not engine.inspect(name)["State"]["Running"]
+            engine.start(name, checkpoint="cp1")
+            assert engine.inspect(name)["State"]["Running"]
+            assert "hello-from-httpd" in fetch(engine)
+        finally:
+            engine.remove(name)
