@@ -232,6 +232,7 @@ def self_test(
     extra_dump_args: Sequence[str] = (),
     extra_restore_args: Sequence[str] = (),
     with_socket: bool = True,
+    mode: str = "local",
     timeout: int = 150,
 ) -> SelfTest:
     """Dump and restore on the host a tiny process the test starts itself.
@@ -239,9 +240,11 @@ def self_test(
     One SSH command. A strategy tests its own CRIU options with
     extra_dump_args / extra_restore_args on the same process; with_socket
     gives that process a listening TCP socket on 127.0.0.1, answered after
-    the restore.
+    the restore. mode: how the pages travel, "local" (images on disk),
+    "page-server" (through `criu page-server`) or "lazy" (post-copy with
+    `criu lazy-pages`), each on 127.0.0.1 of the host.
     """
-    argv = ["python3", "-c", SELFTEST_SOURCE]
+    argv = ["python3", "-c", SELFTEST_SOURCE, f"--mode={mode}"]
     # "--opt=VALUE": argparse would take a bare "--lazy-pages" for its own option.
     argv += [f"--dump-arg={a}" for a in extra_dump_args]
     argv += [f"--restore-arg={a}" for a in extra_restore_args]

@@ -101,7 +101,89 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def run(criu: str, with_socket: bool, dump_args: list[str], restore_args: list[str], work: str) -> dict:
+MODES = ("local", "page-server", "lazy")
+
+
+class _Daemon:
+    """A CRIU run in the background that says when it is ready (--status-fd)."""
+
+    def __init__(self, stage: str, argv: list[str], log_path: str) -> None:
+        self.stage = stage
+        self.log_path = log_path
+        read_end, write_end = os.pipe()
+        try:
+            self.proc = subprocess.Popen(
+                [*argv, "--status-fd", str(write_end)],
+                pass_fds=(write_end,),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        finally:
+            os.close(write_end)
+        try:
+            ready, _, _ = select.select([read_end], [], [], TIMEOUT)
+            said = os.read(read_end, 1) if ready else b""
+        finally:
+            os.close(read_end)
+        if said != b"\0":
+            raise self.failure()
+
+    def failure(self) -> Failed:
+        rc = self.proc.poll()
+        stderr = self.proc.stderr.read() if rc is not None and self.proc.stderr else ""
+        return _criu_failed(self.stage, subprocess.CompletedProcess([], rc, "", stderr), self.log_path)
+
+    def finish(self) -> None:
+        """Wait for the daemon to end; raise unless it ended well."""
+        try:
+            self.proc.wait(TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise Failed(self.stage, f"criu {self.stage} did not end in {TIMEOUT} s")
+        if self.proc.returncode != 0:
+            raise self.failure()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _answers_in(netns_of: int, port: int) -> bool:
+    """Whether the process listening on 127.0.0.1:port in the network namespace of PID netns_of answers."""
+    client = (
+        "import socket, sys\n"
+        "c = socket.create_connection(('127.0.0.1', int(sys.argv[1])), timeout=5)\n"
+        "print(c.recv(16).decode())"
+    )
+    result = subprocess.run(
+        ["nsenter", f"--net=/proc/{netns_of}/ns/net", sys.executable, "-c", client, str(port)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    return result.stdout.strip() == "ok"
+
+
+def run(
+    criu: str, with_socket: bool, dump_args: list[str], restore_args: list[str], work: str, mode: str = "local"
+) -> dict:
+    """Dump and restore a test process on this host, the way mode says.
+
+    local: dump to disk, restore from it. page-server: the pages go through
+    `criu page-server` on 127.0.0.1. lazy: post-copy, as criuweb's lazy
+    strategy does it: the dump serves the pages from the frozen process,
+    `criu lazy-pages` pulls them into the restored one. While pages are
+    pulled the original still holds its address, so a lazy restore gets a
+    network namespace of its own (with lo up) and is asked there.
+    """
     times: dict = {}
     # Every process started, reported so that a test can check they are gone.
     pids: list[int] = []
@@ -120,6 +202,8 @@ def run(criu: str, with_socket: bool, dump_args: list[str], restore_args: list[s
     )
     pids.append(workload.pid)
     holder = None
+    daemons: list[_Daemon] = []
+    own_netns = mode == "lazy"
     try:
         deadline = time.monotonic() + TIMEOUT
         while not os.path.exists(port_file):
@@ -129,49 +213,64 @@ def run(criu: str, with_socket: bool, dump_args: list[str], restore_args: list[s
         with open(port_file) as f:
             port = int(f.read())
 
+        dump_argv = [criu, "dump", "-t", str(workload.pid), "-D", images, "-v4", "-o", "dump.log", *dump_args]
         started = time.monotonic()
-        dump = subprocess.run(
-            [criu, "dump", "-t", str(workload.pid), "-D", images, "-v4", "-o", "dump.log", *dump_args],
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT,
-        )
-        times["dump_s"] = round(time.monotonic() - started, 3)
-        if dump.returncode != 0:
-            raise _criu_failed("dump", dump, os.path.join(images, "dump.log"))
-        # The dumped task is our child: reap it so its port and PID are free.
-        workload.wait(TIMEOUT)
+        if mode == "page-server":
+            pages_port = str(_free_port())
+            server = _Daemon(
+                "page-server",
+                [criu, "page-server", "-D", images, "--address", "127.0.0.1", "--port", pages_port]
+                + ["-v4", "-o", "page-server.log"],
+                os.path.join(images, "page-server.log"),
+            )
+            daemons.append(server)
+            pids.append(server.proc.pid)
+            dump_argv += ["--page-server", "--address", "127.0.0.1", "--port", pages_port]
+        if mode == "lazy":
+            pages_port = str(_free_port())
+            # Ready once the small images are written and its page server listens.
+            dumper = _Daemon(
+                "dump",
+                [*dump_argv, "--lazy-pages", "--address", "127.0.0.1", "--port", pages_port],
+                os.path.join(images, "dump.log"),
+            )
+            daemons.append(dumper)
+            pids.append(dumper.proc.pid)
+            times["dump_s"] = round(time.monotonic() - started, 3)
+            puller = _Daemon(
+                "lazy-pages",
+                [criu, "lazy-pages", "--page-server", "--address", "127.0.0.1", "--port", pages_port]
+                + ["-D", images, "-v4", "-o", "lazy-pages.log"],
+                os.path.join(images, "lazy-pages.log"),
+            )
+            daemons.append(puller)
+            pids.append(puller.proc.pid)
+            restore_args = ["--lazy-pages", *restore_args]
+        else:
+            dump = subprocess.run(dump_argv, capture_output=True, text=True, timeout=TIMEOUT)
+            times["dump_s"] = round(time.monotonic() - started, 3)
+            if dump.returncode != 0:
+                raise _criu_failed("dump", dump, os.path.join(images, "dump.log"))
+            if mode == "page-server":
+                server.finish()
+            # The dumped task is our child: reap it so its port and PID are free.
+            workload.wait(TIMEOUT)
 
         # Restore in new PID and mount namespaces, as criuweb restores trees:
         # the old PID may still be held by a zombie on hosts whose init is
-        # slow to reap ("Can't fork for N: File exists"). The namespace's
-        # init (sh, then sleep) reports CRIU's status and keeps the
-        # namespace alive; --kill-child ends it all when unshare is killed.
+        # slow to reap ("Can't fork for N: File exists"), or by the frozen
+        # original of a lazy dump. The namespace's init (sh, then sleep)
+        # reports CRIU's status and keeps the namespace alive; --kill-child
+        # ends it all if this program dies.
+        unshare = ["unshare", "--pid", "--fork", "--mount-proc", "--propagation", "slave", "--kill-child"]
+        script = 'out=$1; shift; "$@" >"$out" 2>&1; echo "$?"; exec sleep 3600'
+        if own_netns:
+            unshare.append("--net")
+            script = "ip link set lo up && " + script
         started = time.monotonic()
         holder = subprocess.Popen(
-            [
-                "unshare",
-                "--pid",
-                "--fork",
-                "--mount-proc",
-                "--propagation",
-                "slave",
-                "--kill-child",
-                "sh",
-                "-c",
-                'out=$1; shift; "$@" >"$out" 2>&1; echo "$?"; exec sleep 3600',
-                "sh",
-                os.path.join(work, "restore.out"),
-                criu,
-                "restore",
-                "-D",
-                images,
-                "-v4",
-                "-o",
-                "restore.log",
-                "--restore-detached",
-                *restore_args,
-            ],
+            [*unshare, "sh", "-c", script, "sh", os.path.join(work, "restore.out")]
+            + [criu, "restore", "-D", images, "-v4", "-o", "restore.log", "--restore-detached", *restore_args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -193,8 +292,16 @@ def run(criu: str, with_socket: bool, dump_args: list[str], restore_args: list[s
 
         inits = _children(holder.pid)
         pids.extend(inits + [p for init in inits for p in _children(init)])
+        if mode == "lazy":
+            # Every page arrived, and the source side let go of the original.
+            started = time.monotonic()
+            puller.finish()
+            dumper.finish()
+            times["pages_s"] = round(time.monotonic() - started, 3)
+            workload.wait(TIMEOUT)
         if with_socket:
-            if not _answers(port):
+            answered = _answers_in(inits[0], port) if own_netns and inits else _answers(port)
+            if not answered:
                 raise Failed("verify", f"the restored process does not answer on 127.0.0.1:{port}")
         else:
             time.sleep(0.1)
@@ -206,6 +313,8 @@ def run(criu: str, with_socket: bool, dump_args: list[str], restore_args: list[s
     except (OSError, subprocess.SubprocessError, ValueError) as e:
         return {"ok": False, "stage": "runner", "error": str(e), **times, "pids": pids}
     finally:
+        for daemon in daemons:
+            daemon.stop()
         if workload.poll() is None:
             os.killpg(workload.pid, signal.SIGKILL)
             workload.wait()
@@ -225,13 +334,14 @@ def run(criu: str, with_socket: bool, dump_args: list[str], restore_args: list[s
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--criu", default="criu", help="the criu binary to test")
+    parser.add_argument("--mode", choices=MODES, default="local", help="how the pages travel (see run())")
     parser.add_argument("--no-socket", action="store_true", help="a process without a socket")
     parser.add_argument("--dump-arg", action="append", default=[], help="an extra criu dump option")
     parser.add_argument("--restore-arg", action="append", default=[], help="an extra criu restore option")
     args = parser.parse_args(argv)
     work = tempfile.mkdtemp(prefix="criuweb-selftest-")
     try:
-        result = run(args.criu, not args.no_socket, args.dump_arg, args.restore_arg, work)
+        result = run(args.criu, not args.no_socket, args.dump_arg, args.restore_arg, work, args.mode)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result))

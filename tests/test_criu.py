@@ -124,22 +124,32 @@ def test_parse_self_test(line, expected):
 
 
 @pytest.mark.lab
-def test_self_test_on_a_lab_host_with_a_listening_socket(hosts):
+def test_self_test_failure_quotes_criu(hosts):
     from migrations_app import ssh
 
     with ssh.Connection(hosts[1]) as conn:
-        assert criu.self_test(conn) == (True, "")
-        assert criu.self_test(conn, with_socket=False) == (True, "")
         # A real CRIU failure, reported with CRIU's own line: a lazy restore
         # with no lazy-pages daemon to serve it.
         ok, error = criu.self_test(conn, extra_restore_args=["--lazy-pages"])
-        assert not ok
-        assert error.startswith("restore: Error (criu/uffd.c:") and "lazy-pages.socket" in error, error
-        result = conn.run(["python3", "-c", criu.SELFTEST_SOURCE])
-    report = json.loads(result.stdout)
-    # The test process, unshare, the namespace's init and the restored copy;
-    # the lab hosts share this machine's PIDs, so /proc here shows them.
-    assert report["ok"] and len(report["pids"]) == 4
+    assert not ok
+    assert error.startswith("restore: Error (criu/uffd.c:") and "lazy-pages.socket" in error, error
+
+
+@pytest.mark.lab
+@pytest.mark.parametrize("mode, started", [("local", 4), ("page-server", 5), ("lazy", 6)])
+@pytest.mark.parametrize("with_socket", [True, False])
+def test_self_test_on_a_lab_host(hosts, mode, started, with_socket):
+    from migrations_app import ssh
+
+    argv = ["python3", "-c", criu.SELFTEST_SOURCE, f"--mode={mode}"] + ([] if with_socket else ["--no-socket"])
+    with ssh.Connection(hosts[1]) as conn:
+        assert criu.self_test(conn, mode=mode, with_socket=with_socket) == (True, "")
+        report = json.loads(conn.run(argv).stdout)
+    assert report["ok"], report
+    # The test process, the CRIU daemons of the mode, unshare, the
+    # namespace's init and the restored copy. The lab hosts share this
+    # machine's PIDs, so /proc here shows whether they are gone.
+    assert len(report["pids"]) == started
     assert not [pid for pid in report["pids"] if os.path.exists(f"/proc/{pid}")], "the self-test left processes"
 
 
