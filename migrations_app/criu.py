@@ -160,17 +160,35 @@ def first_error(excerpt):
 # hosts need nothing of criuweb installed.
 SELFTEST_SOURCE = (Path(__file__).parent / "criu_selftest.py").read_text()
 
-# $1: the self-test's source; then the features to check. The self-test
-# runs only when criu check passes: it is pointless otherwise.
+# The probe's self-tests, by the name a plan lists in its needs (see
+# Host.passes): "sockets" is a process holding a listening TCP socket moved
+# with images on disk; the others move a socketless process the way that
+# strategy moves memory.
+SELF_TESTS = {
+    "sockets": ["--mode=local"],
+    "page-server": ["--mode=page-server", "--no-socket"],
+    "lazy": ["--mode=lazy", "--no-socket"],
+}
+
+# $1: the self-test's source; $2: how many self-tests follow, each as a
+# name and its options (constant words); then the features to check. The
+# self-tests run only when criu check passes: pointless otherwise.
 PROBE_SCRIPT = r"""
-selftest=$1; shift
+selftest=$1; n=$2; shift 2
+tests=""
+while [ "$n" -gt 0 ]; do tests="$tests$1
+"; shift; n=$((n-1)); done
 v=$(criu --version 2>&1) || { echo "installed 0"; echo ---; echo "$v"; exit 0; }
 echo "installed 1"
 echo "version $(echo "$v" | awk '/Version:/ {print $2}')"
 out=$(criu check 2>&1); rc=$?; echo "check $rc"
 for f in "$@"; do criu check --feature "$f" >/dev/null 2>&1; echo "feature $f $?"; done
 if [ "$rc" = 0 ]; then
-    echo "selftest $(python3 -c "$selftest" 2>&1 | tail -n 1)"
+    echo "$tests" | while read -r name options; do
+        [ -n "$name" ] || continue
+        # $options unquoted on purpose: constant option words from criu.py.
+        echo "selftest $name $(python3 -c "$selftest" $options 2>&1 </dev/null | tail -n 1)"
+    done
 fi
 echo ---
 echo "$out"
@@ -178,25 +196,33 @@ echo "$out"
 
 
 def probe(conn):
-    """CRIU version, `criu check` verdict, strategy features and the socket self-test on a host.
+    """CRIU version, `criu check` verdict, strategy features and self-tests on a host.
 
     One SSH command: each one costs a round trip and a remote shell.
     sockets_ok says whether CRIU dumped and restored a process holding a
     listening TCP socket there; sockets_error is CRIU's error line if not.
+    self_tests: {name: {"ok", "error"}} for each of SELF_TESTS.
     """
-    out = conn.sh(PROBE_SCRIPT, SELFTEST_SOURCE, *FEATURES, timeout=180).stdout
+    tests = [f"{name} {' '.join(options)}" for name, options in SELF_TESTS.items()]
+    out = conn.sh(PROBE_SCRIPT, SELFTEST_SOURCE, str(len(tests)), *tests, *FEATURES, timeout=300).stdout
     head, _, check_output = out.partition("---\n")
+    not_tried = {"ok": False, "error": "not tried: criu check fails"}
     facts = {
         "features": {},
         "version": None,
         "check_ok": False,
         "check_output": check_output.strip()[-2000:],
-        "sockets_ok": False,
-        "sockets_error": "not tried: criu check fails",
+        "self_tests": {name: dict(not_tried) for name in SELF_TESTS},
     }
     for line in head.splitlines():
         key, *rest = line.split(maxsplit=1)
-        rest = rest[0].split() if key != "selftest" and rest else rest
+        if key == "selftest":
+            name, _, report = rest[0].partition(" ") if rest else ("", "", "")
+            if name in SELF_TESTS:
+                result = parse_self_test(report)
+                facts["self_tests"][name] = {"ok": result.ok, "error": result.error}
+            continue
+        rest = rest[0].split() if rest else []
         if key == "installed":
             facts["installed"] = rest == ["1"]
         elif key == "version":
@@ -205,9 +231,8 @@ def probe(conn):
             facts["check_ok"] = rest == ["0"]
         elif key == "feature":
             facts["features"][rest[0]] = rest[1] == "0"
-        elif key == "selftest":
-            result = parse_self_test(rest[0] if rest else "")
-            facts["sockets_ok"], facts["sockets_error"] = result.ok, result.error
+    sockets = facts["self_tests"]["sockets"]
+    facts["sockets_ok"], facts["sockets_error"] = sockets["ok"], sockets["error"]
     return facts
 
 

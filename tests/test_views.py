@@ -837,6 +837,8 @@ def test_probe_on_the_lab(client, hosts, admin_user):
     html = page_text(response)
     assert "ready to migrate" in html and local in html and "stop-and-copy" in html
     assert "passes: CRIU dumped and restored a process holding a listening socket" in html
+    assert lab1.capabilities["self_tests"]["lazy"] == {"ok": True, "error": ""}
+    assert "Self-test: lazy" in html and "Self-test: page-server" in html
 
 
 @pytest.mark.lab
