@@ -160,14 +160,19 @@ class Engine:
 
     # -- actions -------------------------------------------------------------
 
-    def create_like(self, source, name, image, labels=None):
-        """Create (not start) a container with the source's configuration, from image."""
+    def create_like(self, source, name, image, labels=None, runtime=None):
+        """Create (not start) a container with the source's configuration, from image.
+
+        runtime: the OCI runtime the engine runs it with, when not its default.
+        """
         config = {k: source["Config"][k] for k in CONFIG_FIELDS if source["Config"].get(k) is not None}
         config["Labels"] = {**(config.get("Labels") or {}), **(labels or {})}
         config["Image"] = image
         host_config = {
             k: source["HostConfig"][k] for k in HOST_CONFIG_FIELDS if source["HostConfig"].get(k) is not None
         }
+        if runtime:
+            host_config["Runtime"] = runtime
         config["HostConfig"] = host_config
         # Docker's own API: create takes the inspect shape (docker-py's
         # create_container would make us rebuild it field by field).

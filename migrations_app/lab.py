@@ -18,6 +18,7 @@ from pathlib import Path
 from django.conf import settings
 
 from .models import Host, TrustedPair
+from .runc import RUNTIME_NAME
 
 PREFIX = 24
 IMAGE = "criuweb/busybox:latest"
@@ -293,7 +294,10 @@ def _ensure_dockerd(h):
     if _alive(h.dockerd_pid) and _docker_ok(h):
         return
     config = h.root / "daemon.json"
-    config.write_text(json.dumps({"experimental": True}))
+    # criuweb's OCI runtime beside runc, for the fast container path
+    # (migrations_app/runc.py); from this checkout, so it always matches the code.
+    runtimes = {RUNTIME_NAME: {"path": str(settings.BASE_DIR / "scripts" / "criuweb-runtime")}}
+    config.write_text(json.dumps({"experimental": True, "runtimes": runtimes}))
     log = open(h.root / "dockerd.log", "ab")
     env = dict(os.environ, PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
     # setsid --fork: dockerd must not be our child, or it would linger as

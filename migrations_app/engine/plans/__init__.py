@@ -11,12 +11,13 @@ from __future__ import annotations
 from ...models import KIND_CHOICES
 from ..errors import MigrationError
 from ..plan import Plan
-from . import container_engine, process_copy, process_page_server
+from . import container_engine, container_runc, process_copy, process_page_server
 
 PLANS: dict[tuple[str, str], Plan] = {
     plan.key: plan
     for plan in (
         container_engine.PLAN,
+        container_runc.PLAN,
         process_copy.PLAN,
         process_page_server.PLAN,
     )

@@ -164,7 +164,7 @@ def ship_image(ctx: Context):
     return Measured(bytes=total[0], detail=f"image {image[:19]} copied")
 
 
-def prepare_target(ctx: Context):
+def prepare_target(ctx: Context, runtime: str | None = None):
     # Before the freeze, so creating the container is not downtime.
     source = ctx.state.container
     # By its name where the target's tag means the same image, so lists show
@@ -172,7 +172,7 @@ def prepare_target(ctx: Context):
     image = source["Config"]["Image"]
     if ctx.dst.image_id(image) != source["Image"]:
         image = source["Image"]
-    cid = ctx.dst.create_like(source, ctx.state.name, image, {RUN_LABEL: str(ctx.run.code)})
+    cid = ctx.dst.create_like(source, ctx.state.name, image, {RUN_LABEL: str(ctx.run.code)}, runtime=runtime)
     ctx.state.target_id = cid
     ctx.state.target_upper = ctx.dst.inspect(cid)["GraphDriver"]["Data"]["UpperDir"]
     return Measured(detail=f"container {cid[:12]} created")

@@ -3,6 +3,7 @@ import json
 from django.core.management.base import BaseCommand, CommandError
 
 from migrations_app import engine
+from migrations_app.engine import plans
 from migrations_app.models import CONTAINER, PROCESS, SUCCEEDED, TCP_CLOSE, TCP_ESTABLISHED, Host
 
 
@@ -15,6 +16,13 @@ class Command(BaseCommand):
         what = parser.add_mutually_exclusive_group(required=True)
         what.add_argument("--container", help="container name or id on the source")
         what.add_argument("--pid", help="PID of the process tree's root on the source")
+        parser.add_argument(
+            "--strategy",
+            choices=plans.strategies(),
+            help="how to move it (default: the first for its kind: "
+            + ", ".join(f"{k} {plans.default_strategy(k)}" for k in plans.KINDS)
+            + ")",
+        )
         parser.add_argument("--keep-source", action="store_true", help="keep the stopped source container")
         tcp = parser.add_mutually_exclusive_group()
         tcp.add_argument(
@@ -35,7 +43,7 @@ class Command(BaseCommand):
             help="poll this address every 10 ms during the run and record the longest outage as observed downtime",
         )
 
-    def handle(self, source, target, container, pid, keep_source, probe, **options):
+    def handle(self, source, target, container, pid, keep_source, probe, strategy=None, **options):
         as_json = options["json"]
         src, dst = _host(source), _host(target)
         # `is not None`: --container '' is an empty name, not "no container".
@@ -43,7 +51,7 @@ class Command(BaseCommand):
         try:
             run = engine.create_run(
                 src, dst, kind, workload, keep_source=keep_source, probe=probe, tcp=options["tcp"],
-                shared_storage=options["shared_storage"],
+                shared_storage=options["shared_storage"], strategy=strategy,
             )  # fmt: skip
         except engine.MigrationError as e:
             raise CommandError(str(e))

@@ -1,0 +1,362 @@
+"""Containers at CRIU's own speed: runc checkpoint and restore under Docker.
+
+Docker manages the container before and after; only the checkpoint and
+restore bypass containerd's content store (see migrations_app/runc.py).
+Pre-flight, image shipping, the target created before the freeze and
+the restart policy kept off are the engine plan's own steps. Then:
+
+- `runc checkpoint` of the source on its shim's runc state, images in
+  tmpfs when it has room;
+- one tar stream from host to host with the images, the writable layer
+  and the container's json log, each unpacked straight into its place
+  (no staging copy), and the restore marker written last;
+- a plain `docker start` of the target container, created with criuweb's
+  runtime wrapper, which turns it into `runc restore`;
+- the engine plan's verification, then the source removed (or kept stopped).
+
+A rollback restores the source from the same images: through the wrapper
+when the source runs under it, else through Docker's own checkpoint
+restore (slower, but any engine can do it).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ... import criu, runc, ssh
+from ...docker_engine import Engine, EngineError
+from ...models import CONTAINER, STOP_AND_COPY, Stage
+from .. import streams
+from ..errors import MigrationError
+from ..hostcheck import SPACE_MARGIN, check_space, settle, unsafe_to_resume
+from ..plan import Measured, Plan, Step
+from . import container_engine as engine_plan
+from .container_engine import ContainerState
+
+if TYPE_CHECKING:
+    from ..runner import Context
+
+# tmpfs first: images written to memory, not disk, on both hosts.
+TMPFS_DIR = "/dev/shm/criuweb"
+# How long Docker may take to see the checkpointed container exit; its
+# last log lines are flushed by then.
+EXIT_WAIT = 10.0
+# Paths that go into tar --transform expressions: kept to characters that
+# need no escaping there.
+SAFE_PATH = re.compile(r"/[A-Za-z0-9_./-]+")
+
+
+@dataclass
+class RuncContainerState(ContainerState):
+    runc_binary: str = ""
+    runc_root: str = ""
+    src_runtime: str = ""  # the source container's runtime name in Docker
+    src_base: str = ""  # holds images/ and work/ on each side
+    dst_base: str = ""
+    log_path: str = ""  # the source's json log, when it has one
+    dst_log: str = ""
+
+
+def _base_dir(ctx: Context, conn, need: int, side: str) -> str:
+    """Where a host keeps this run's images: tmpfs when it has room, else the work dir.
+
+    Named by side too: two hosts may share one tmpfs (the lab's do).
+    """
+    out = conn.sh('stat -f -c %T "$1" 2>/dev/null; df -P -k "$1" 2>/dev/null | tail -n 1', "/dev/shm",
+                  check=False).stdout.split("\n")  # fmt: skip
+    try:
+        tmpfs = out[0].strip() == "tmpfs" and int(out[1].split()[3]) * 1024 >= need
+    except (IndexError, ValueError):
+        tmpfs = False
+    if tmpfs:
+        return f"{TMPFS_DIR}/{ctx.run.code}/{side}"
+    base = f"{ctx.images_dir(conn.host)}/{side}"
+    check_space(conn, base, need, "the checkpoint images")
+    return base
+
+
+def _remove_dir(conn, base: str) -> None:
+    """Remove a run's images directory, and its parent when that is left empty."""
+    conn.sh('rm -rf -- "$1"; rmdir -- "${1%/*}" 2>/dev/null; true', base, check=False)
+
+
+def _safe(conn, path: str, what: str) -> str:
+    if not SAFE_PATH.fullmatch(path) or ".." in path.split("/"):
+        raise MigrationError(f"{conn.name}: {what} {path!r} has characters the fast path does not handle")
+    return path
+
+
+def preflight_source(ctx: Context):
+    measured = engine_plan.preflight_source(ctx)
+    s = ctx.state
+    c = s.container
+    if c["HostConfig"].get("AutoRemove"):
+        # Docker removes it when the checkpoint stops it: nothing to roll back to.
+        raise MigrationError(f"{ctx.source.name}: the container was started with --rm; the fast path cannot move it")
+    if c["Config"].get("Tty"):
+        raise MigrationError(f"{ctx.source.name}: the container has a terminal (-t); the fast path cannot move it")
+    try:
+        state = runc.runc_state(ctx.src.conn, c["Id"])
+    except runc.RuncError as e:
+        raise MigrationError(str(e)) from e
+    s.runc_binary, s.runc_root = state.binary, state.root
+    s.src_runtime = c["HostConfig"].get("Runtime") or ""
+    if (c["HostConfig"].get("LogConfig") or {}).get("Type") == "json-file" and c.get("LogPath"):
+        s.log_path = _safe(ctx.src.conn, c["LogPath"], "the log file")
+    _safe(ctx.src.conn, c["GraphDriver"]["Data"]["UpperDir"], "the writable layer")
+    s.src_base = _safe(
+        ctx.src.conn, _base_dir(ctx, ctx.src.conn, s.rss + SPACE_MARGIN, "source"), "the images directory"
+    )
+    measured.detail += f"; runc root {state.root}; images in {s.src_base}"
+    return measured
+
+
+def preflight_target(ctx: Context):
+    measured = engine_plan.preflight_target(ctx)
+    s = ctx.state
+    try:
+        runc.runtime_ready(ctx.dst.conn, ctx.dst.info())
+    except runc.RuncError as e:
+        raise MigrationError(str(e)) from e
+    s.dst_base = _safe(
+        ctx.dst.conn, _base_dir(ctx, ctx.dst.conn, s.rss + SPACE_MARGIN, "target"), "the images directory"
+    )
+    _safe(ctx.dst.conn, s.dst_root, "the data root")
+    measured.detail += f"; images to {s.dst_base}"
+    return measured
+
+
+def prepare_target(ctx: Context):
+    measured = engine_plan.prepare_target(ctx, runtime=runc.RUNTIME_NAME)
+    s = ctx.state
+    _safe(ctx.dst.conn, s.target_upper, "the writable layer")
+    # Docker names a json log after the container, in its directory.
+    s.dst_log = f"{s.dst_root}/containers/{s.target_id}/{s.target_id}-json.log"
+    ctx.dst.conn.run(["mkdir", "-p", "--", s.dst_base])
+    return measured
+
+
+def checkpoint(ctx: Context):
+    s = ctx.state
+    cid = s.container["Id"]
+    state = runc.RuncState(s.runc_binary, s.runc_root)
+    t0 = time.perf_counter()
+    try:
+        runc.checkpoint(ctx.src.conn, state, cid, f"{s.src_base}/images", f"{s.src_base}/work")
+    except runc.RuncError as e:
+        # CRIU resumes the container when a dump fails: then nothing stopped.
+        if e.definitive and runc.is_running(ctx.src.conn, state, cid):
+            ctx.set_stage(Stage.PREPARING)
+        raise MigrationError(str(e)) from e
+    s.checkpointed = True
+    # The shim reports the exit to Docker, which then drains the
+    # container's output into its log: wait for that before copying the log.
+    t1 = time.perf_counter()
+    deadline = time.monotonic() + EXIT_WAIT
+    while ctx.src.inspect(cid)["State"]["Running"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    t2 = time.perf_counter()
+    stats = criu.read_stats(ctx.src.conn, f"{s.src_base}/work/stats-dump")
+    dump_log = ctx.src.conn.read_file(f"{s.src_base}/work/dump.log", check=False) or ""
+    return Measured(
+        criu_stats=stats,
+        log=dump_log,
+        detail=f"runc checkpoint {(t1 - t0) * 1000:.0f} ms, Docker saw the exit {(t2 - t1) * 1000:.0f} ms later",
+    )
+
+
+# Unpacks the images, the writable layer and the log, each straight into
+# its place (tar's --transform on names, never on symlink targets), then
+# writes the restore marker. $1 marker path, $2 marker text, then the
+# tar --transform options.
+UNPACK_SCRIPT = r"""
+set -e
+mark=$1 text=$2; shift 2
+tar --numeric-owner --xattrs --xattrs-include='*' --same-owner -xpf - -C / "$@"
+mkdir -p "${mark%/*}"
+chmod 700 "${mark%/*}"
+printf '%s' "$text" >"$mark.new"
+mv -f "$mark.new" "$mark"
+"""
+
+
+def _rename(member: str, dest: str) -> str:
+    return f"--transform=s|^{re.escape(member)}|{dest.lstrip('/')}|S"
+
+
+def transfer(ctx: Context):
+    s = ctx.state
+    c = s.container
+    upper = c["GraphDriver"]["Data"]["UpperDir"]
+    argv = streams.TAR_CREATE + [s.src_base, "images", "-C", upper.rsplit("/", 1)[0], "diff"]
+    transforms = [_rename("images", f"{s.dst_base}/images"), _rename("diff", s.target_upper)]
+    if s.log_path:
+        log_dir, log_name = s.log_path.rsplit("/", 1)
+        argv += ["-C", log_dir, log_name]
+        transforms.append(_rename(log_name, s.dst_log))
+    # Applied in turn to each name: none may start as a later member does.
+    for t in transforms:
+        dest = t.split("|")[2]
+        if dest.startswith(("images", "diff")):
+            raise MigrationError(f"{ctx.target.name}: cannot unpack into {dest!r}")
+    src = ctx.src.conn.open_command(argv)
+    mark = runc.marker_text(f"{s.dst_base}/images", f"{s.dst_base}/work")
+    dst = ctx.dst.conn.open_command(["sh", "-c", UNPACK_SCRIPT, "sh", runc.marker_path(s.target_id), mark,
+                                     *transforms])  # fmt: skip
+    n = streams.pipe(ctx, src, dst, "the images, writable layer and log")
+    return Measured(bytes=n, detail="images, writable layer" + (" and log" if s.log_path else ""))
+
+
+def _restore_failure(ctx: Context, conn, error, work: str) -> Exception:
+    try:
+        excerpt = criu.log_excerpt(conn.read_file(f"{work}/restore.log", check=False))
+    except ssh.SSHError:
+        excerpt = ""  # the connection may be what failed; the error says it
+    cause = criu.first_error(excerpt)
+    message = f"{error}" + (f" (CRIU: {cause}; see restore.log excerpt)" if cause else "")
+    return criu.CriuError(message, excerpt)
+
+
+def restore(ctx: Context):
+    s = ctx.state
+    ctx.set_stage(Stage.RESTORING)
+    try:
+        ctx.dst.start(s.target_id)
+        ctx.resumed_at = time.perf_counter()
+    except EngineError as e:
+        # Docker answered that the start failed: nothing runs there.
+        if e.answered:
+            ctx.set_stage(Stage.FROZEN)
+        raise _restore_failure(ctx, ctx.dst.conn, e, f"{s.dst_base}/work") from e
+    conn = ctx.dst.conn
+    stats = criu.read_stats(conn, f"{s.dst_base}/work/stats-restore")
+    restore_log = conn.read_file(f"{s.dst_base}/work/restore.log", check=False) or ""
+    return Measured(criu_stats=stats, log=restore_log, detail=f"restored by {runc.RUNTIME_NAME} runtime")
+
+
+def cleanup(ctx: Context):
+    s = ctx.state
+    c = s.container
+    if ctx.run.keep_source:
+        # Stopped, restart policy "no" since before the freeze: the engine
+        # never starts it again by itself.
+        detail = "source container kept (stopped, restart policy no)"
+    else:
+        ctx.src.remove(c["Id"])
+        detail = f"source container {c['Id'][:12]} removed"
+    _remove_dir(ctx.src.conn, s.src_base)
+    _remove_dir(ctx.dst.conn, s.dst_base)
+    runc.clear_marks(ctx.dst.conn, s.target_id)
+    return Measured(detail=detail)
+
+
+def _remove_target(ctx: Context) -> str:
+    """Remove the target copy and its images; a note when something stays there."""
+    s = ctx.state
+    if not s.target_id:
+        return ""
+    try:
+        with Engine(ctx.target) as dst:
+            dst.remove(s.target_id)
+            runc.clear_marks(dst.conn, s.target_id)
+            if s.dst_base:
+                _remove_dir(dst.conn, s.dst_base)
+    except (EngineError, ssh.SSHError) as e:
+        if ctx.target_may_run and engine_plan._container_may_run(ctx.target, s.target_id):
+            raise unsafe_to_resume(ctx, e) from e
+        return f"; left a stopped container {s.target_id[:12]} on {ctx.target.name} ({e})"
+    return ""
+
+
+def _restore_source(ctx: Context, src: Engine) -> str:
+    """Start the stopped source container from this run's images; how it was done."""
+    s = ctx.state
+    cid = s.container["Id"]
+    images = f"{s.src_base}/images"
+    if s.src_runtime == runc.RUNTIME_NAME:
+        runc.mark_for_restore(src.conn, cid, images, f"{s.src_base}/rollback-work")
+        try:
+            src.start(cid)
+        except EngineError as e:
+            raise _restore_failure(ctx, src.conn, e, f"{s.src_base}/rollback-work") from e
+        return f"restored by the {runc.RUNTIME_NAME} runtime"
+    # Docker's own checkpoint restore reads a checkpoint from the
+    # container's checkpoints directory; runc wrote the same images.
+    name = f"cw-{ctx.run.code.hex[:12]}"
+    cp_dir = f"{s.src_root}/containers/{cid}/checkpoints"
+    src.conn.run(["sh", "-c", 'mkdir -p "$1" && rm -rf "$1/$3" && mv "$2" "$1/$3"', "sh", cp_dir, images, name])
+    try:
+        src.start(cid, checkpoint=name)
+    finally:
+        try:
+            src.delete_checkpoint(cid, name)
+        except EngineError:
+            pass  # removed with the container later; a failed restore's cause matters more
+    return "restored through Docker's checkpoint restore"
+
+
+def rollback(ctx: Context):
+    s = ctx.state
+    c = s.container
+    note = _remove_target(ctx)
+    with Engine(ctx.source) as src:
+        running = src.inspect(c["Id"])["State"]["Running"]
+        has_images = (
+            bool(s.src_base) and src.conn.run(["test", "-s", f"{s.src_base}/images/inventory.img"], check=False).rc == 0
+        )
+        how = "still running"
+        if not running:
+            if not has_images:
+                # Its state is gone; running it afresh beats running nothing.
+                src.start(c["Id"])
+                engine_plan._restore_restart_policy(src, ctx)
+                ctx.run.result_workload = c["Id"][:12]
+                raise MigrationError(
+                    f"{ctx.source.name}: the container stopped without complete images: its state is lost; "
+                    f"started it again from its image"
+                )
+            how = _restore_source(ctx, src)
+            ctx.resumed_at = time.perf_counter()
+        if not settle(lambda: src.inspect(c["Id"])["State"]["Running"]):
+            raise MigrationError(f"{ctx.source.name}: the container does not stay running after rollback")
+        engine_plan._restore_restart_policy(src, ctx)
+        runc.clear_marks(src.conn, c["Id"])
+        if s.src_base:
+            _remove_dir(src.conn, s.src_base)
+    ctx.run.result_workload = c["Id"][:12]
+    return Measured(detail=f"container {c['Id'][:12]} running again on {ctx.source.name} ({how}){note}")
+
+
+def abort(ctx: Context):
+    """Undo preparation when the run fails before the freeze."""
+    engine_plan.abort(ctx)
+    for conn, path in ((ctx.src, ctx.state.src_base), (ctx.dst, ctx.state.dst_base)):
+        if conn is not None and path:
+            _remove_dir(conn.conn, path)
+
+
+PLAN = Plan(
+    kind=CONTAINER,
+    strategy=STOP_AND_COPY,
+    label="stop and copy (runc)",
+    summary="runc checkpoint under Docker, images in tmpfs streamed host to host, restored by criuweb's runtime "
+    "on a plain docker start: no containerd checkpoint copies.",
+    state=RuncContainerState,
+    steps=(
+        Step("pre-flight", "source", preflight_source),
+        Step("pre-flight", "target", preflight_target),
+        Step("ship image", "both", engine_plan.ship_image, when=engine_plan.image_missing, workload_bytes=False),
+        Step("prepare target", "target", prepare_target),
+        Step("prepare source", "source", engine_plan.prepare_source, when=engine_plan.has_restart_policy),
+        Step("checkpoint", "source", checkpoint, freezes=True),
+        Step("transfer", "both", transfer),
+        Step("restore", "target", restore, resumes=True),
+        Step("verify", "target", engine_plan.verify, commits=True),
+        Step("cleanup", "both", cleanup),
+    ),
+    rollback=rollback,
+    abort=abort,
+)
