@@ -1,0 +1,237 @@
+"""The fast container path end to end on the lab: runc checkpoint under Docker,
+restore through criuweb's runtime wrapper, real engines, real CRIU."""
+
+import os
+import re
+import uuid
+from pathlib import Path
+
+import pytest
+
+from migrations_app import lab, runc
+from migrations_app.docker_engine import Engine
+from migrations_app.engine import create_run, execute
+from migrations_app.models import CONTAINER, ROLLED_BACK, STOP_AND_COPY, SUCCEEDED
+from tests.support import wait_for
+
+pytestmark = pytest.mark.lab
+
+# A counter that also holds random bytes in the shell's own memory (never on
+# any disk) and prints their checksum on SIGUSR1: the memory check. The
+# token in its command line tells its processes apart on the shared lab.
+WORKLOAD = (
+    ": {token}; echo written-before-move > /note.txt; rm /bin/vi; "
+    "x=$(head -c 300000 /dev/urandom | od -An -tx1 | tr -d ' \\n'); "
+    "trap 'echo sum $(echo \"$x\" | md5sum)' USR1; kill -USR1 $$; " + lab.COUNTER_SCRIPT
+)
+
+
+def values(text):
+    return [int(line) for line in text.split("\n") if line.strip().isdigit()]
+
+
+def sums(text):
+    return re.findall(r"^sum ([0-9a-f]{32})", text, re.M)
+
+
+def assert_consecutive(seq):
+    assert seq, "the counter printed nothing"
+    assert seq == list(range(seq[0], seq[0] + len(seq))), f"values skipped or repeated: {seq}"
+
+
+def copies(token):
+    """Live processes on the machine (the lab hosts share its PIDs) running the workload."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if f": {token};".encode() in cmdline and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def one_copy(token):
+    # The checksum handler forks a subshell for a moment; one stays.
+    return wait_for(lambda: len(copies(token)) == 1, message=f"not exactly one copy: {copies(token)}")
+
+
+@pytest.fixture
+def workload(hosts):
+    """The checksum counter on lab-1 (optionally under criuweb's runtime); removed from both hosts."""
+    made = []
+
+    def start(runtime=None):
+        name = f"fast-{uuid.uuid4().hex[:8]}"
+        token = uuid.uuid4().hex
+        with Engine(hosts[0]) as engine:
+            cid = engine.call(
+                "create",
+                engine.api.create_container,
+                lab.IMAGE,
+                ["sh", "-c", WORKLOAD.format(token=token)],
+                name=name,
+                host_config=engine.api.create_host_config(runtime=runtime),
+            )["Id"]
+            engine.api.start(cid)
+            wait_for(lambda: len(values(engine.logs(name))) >= 2 and sums(engine.logs(name)), 20, "no counter")
+            made.append(name)
+        return name, token
+
+    yield start
+    for host in hosts:
+        with Engine(host) as engine:
+            for name in made:
+                if engine.exists(name):
+                    engine.remove(name)
+
+
+def migrate(source, target, name, **kwargs):
+    return execute(create_run(source, target, CONTAINER, name, strategy=STOP_AND_COPY), **kwargs)
+
+
+def checksum_now(engine, name):
+    """Ask the workload for its memory's checksum and return the newest one it logged."""
+    before = len(sums(engine.logs(name)))
+    engine.api.kill(name, signal="SIGUSR1")
+    return wait_for(lambda: sums(engine.logs(name))[before:], 10, "no checksum")[-1]
+
+
+def exec_out(engine, name, cmd):
+    exec_id = engine.api.exec_create(name, ["sh", "-c", cmd])["Id"]
+    return engine.api.exec_start(exec_id).decode()
+
+
+def test_stop_and_copy_there_and_back(hosts, workload):
+    lab1, lab2 = hosts
+    name, token = workload()
+    with Engine(lab1) as engine:
+        first_sum = sums(engine.logs(name))[0]
+    for source, target in ((lab1, lab2), (lab2, lab1)):
+        run = migrate(source, target, name)
+        assert run.status == SUCCEEDED, run.error
+        assert [p.name for p in run.phases.all()] == [
+            "pre-flight", "pre-flight", "prepare target", "checkpoint", "transfer", "restore", "verify", "cleanup",
+        ]  # fmt: skip
+        assert run.strategy == STOP_AND_COPY
+        assert run.downtime_ms > 0 and run.total_bytes > 0
+        assert run.phases.get(name="checkpoint").criu_stats["frozen_time"] > 0
+        restore = run.phases.get(name="restore")
+        assert restore.criu_stats["restore_time"] > 0
+        assert "Restore finished successfully" in restore.log
+        with Engine(target) as engine:
+            c = engine.inspect(name)
+            assert c["State"]["Running"] and c["HostConfig"]["Runtime"] == runc.RUNTIME_NAME
+            assert c["Id"][:12] == run.result_workload
+            # docker logs: the lines from before the move, then the new ones,
+            # with no value skipped or repeated.
+            logged = wait_for(lambda: values(engine.logs(name))[-1] > values(engine.logs(name))[0] + 8 and engine.logs(name))
+            assert values(logged)[0] == 0
+            assert_consecutive(values(logged))
+            assert checksum_now(engine, name) == first_sum
+            out = exec_out(engine, name, "cat /note.txt; ls /bin/vi 2>&1 || true")
+            assert "written-before-move" in out and "No such file" in out
+        with Engine(source) as engine:
+            assert not engine.exists(name), "the source container should be gone"
+        one_copy(token)
+        # Nothing of the run left: images, work files, restore markers.
+        assert not Path(f"/dev/shm/criuweb/{run.code}").exists()
+        assert not list(Path(runc.MARKS_DIR).glob(f"{c['Id']}*"))
+    with Engine(lab1) as engine:
+        # Docker manages it as any container.
+        engine.api.stop(name, timeout=1)
+        assert not engine.inspect(name)["State"]["Running"]
+        assert not copies(token)
+        engine.api.remove_container(name)
+        assert not engine.exists(name)
+
+
+def test_keep_source_leaves_it_stopped(hosts, workload):
+    lab1, lab2 = hosts
+    name, token = workload()
+    run = create_run(lab1, lab2, CONTAINER, name, keep_source=True, strategy=STOP_AND_COPY)
+    run = execute(run)
+    assert run.status == SUCCEEDED, run.error
+    with Engine(lab1) as engine:
+        state = engine.inspect(name)["State"]
+        assert not state["Running"] and state["ExitCode"] == 137
+        engine.remove(name)
+    one_copy(token)
+
+
+def _break_target_images(ctx):
+    # A real CRIU failure on the target: its memory pages are gone.
+    ctx.dst.conn.sh('rm -f "$1"/pages-*.img', f"{ctx.state.dst_base}/images")
+
+
+@pytest.mark.parametrize("runtime", [None, runc.RUNTIME_NAME], ids=["runc-source", "wrapper-source"])
+def test_restore_failure_rolls_back(hosts, workload, runtime):
+    lab1, lab2 = hosts
+    name, token = workload(runtime)
+    seen = {}
+
+    def note_last(ctx):
+        seen["last"] = values(ctx.src.logs(ctx.state.container["Id"]))[-1]
+
+    run = migrate(lab1, lab2, name, after_phase={"checkpoint": note_last, "transfer": _break_target_images})
+    assert run.status == ROLLED_BACK, run.error
+    assert run.error.startswith("lab-2: start container failed"), run.error
+    assert "CRIU:" in run.error and "restore.log" in run.error
+    phases = list(run.phases.all())
+    assert [(p.name, p.status) for p in phases][-2:] == [("restore", "failed"), ("rollback", "ok")]
+    assert "Error" in phases[-2].log_excerpt
+    how = "criuweb runtime" if runtime else "Docker's checkpoint restore"
+    assert how in phases[-1].detail
+    with Engine(lab1) as engine:
+        assert engine.inspect(name)["State"]["Running"]
+        # Resumed from the checkpoint, not afresh: the values go on.
+        logged = wait_for(lambda: values(engine.logs(name))[-1] > seen["last"] + 1 and engine.logs(name))
+    assert_consecutive(values(logged))
+    with Engine(lab2) as engine:
+        assert not engine.exists(name)
+    one_copy(token)
+    assert not list(Path(runc.MARKS_DIR).glob(f"{run.state['target_id']}*"))
+
+
+def test_auto_remove_container_is_refused_before_the_freeze(hosts, workload):
+    lab1, lab2 = hosts
+    name = f"fast-rm-{uuid.uuid4().hex[:8]}"
+    with Engine(lab1) as engine:
+        cid = engine.api.create_container(
+            lab.IMAGE, ["sleep", "60"], name=name, host_config=engine.api.create_host_config(auto_remove=True)
+        )["Id"]
+        engine.api.start(cid)
+    try:
+        run = migrate(lab1, lab2, name)
+        assert run.status == "failed" and run.downtime_ms is None
+        assert "--rm" in run.error, run.error
+        with Engine(lab1) as engine:
+            assert engine.inspect(name)["State"]["Running"]
+        with Engine(lab2) as engine:
+            assert not engine.exists(name)
+    finally:
+        with Engine(lab1) as engine:
+            if engine.exists(name):
+                engine.remove(name)
+
+
+def test_wrapper_passes_other_containers_through(hosts):
+    """A container run under criuweb's runtime with no marker is a plain runc container."""
+    lab1, _ = hosts
+    name = f"plain-{uuid.uuid4().hex[:8]}"
+    with Engine(lab1) as engine:
+        cid = engine.api.create_container(
+            lab.IMAGE, ["sh", "-c", "echo hello; sleep 60"], name=name,
+            host_config=engine.api.create_host_config(runtime=runc.RUNTIME_NAME),
+        )["Id"]  # fmt: skip
+        try:
+            engine.api.start(cid)
+            wait_for(lambda: "hello" in engine.logs(name), message="no output")
+            assert engine.inspect(name)["State"]["Running"]
+            assert not os.path.exists(runc.marker_path(cid))
+        finally:
+            engine.remove(cid)
