@@ -129,7 +129,9 @@ def test_stop_and_copy_there_and_back(hosts, workload):
             assert c["Id"][:12] == run.result_workload
             # docker logs: the lines from before the move, then the new ones,
             # with no value skipped or repeated.
-            logged = wait_for(lambda: values(engine.logs(name))[-1] > values(engine.logs(name))[0] + 8 and engine.logs(name))
+            logged = wait_for(
+                lambda: values(engine.logs(name))[-1] > values(engine.logs(name))[0] + 8 and engine.logs(name)
+            )
             assert values(logged)[0] == 0
             assert_consecutive(values(logged))
             assert checksum_now(engine, name) == first_sum
