@@ -109,3 +109,27 @@ def phase_breakdown(runs, limit=50):
         series = phases.setdefault(name, [0.0] * len(latest))
         series[index[run_id]] += duration or 0.0
     return {"labels": [created.isoformat() for _, created in latest], "phases": phases}
+
+
+def downtime_by_size(runs, limit=1000):
+    """Downtime against the state moved, for the latest successful runs (the baseline's too).
+
+    [{strategy, kind, tls, bytes, downtime_ms, observed_ms}]: one point per
+    run, for a chart with log axes, so runs that moved nothing are left out.
+    """
+    rows = (
+        runs.filter(status=SUCCEEDED, downtime_ms__isnull=False, total_bytes__gt=0)
+        .order_by("-created")
+        .values("strategy", "kind", "tls", "total_bytes", "downtime_ms", "observed_downtime_ms")[:limit]
+    )
+    return [
+        {
+            "strategy": r["strategy"],
+            "kind": r["kind"],
+            "tls": r["tls"],
+            "bytes": r["total_bytes"],
+            "downtime_ms": r["downtime_ms"],
+            "observed_ms": r["observed_downtime_ms"],
+        }
+        for r in rows
+    ]

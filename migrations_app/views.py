@@ -308,6 +308,7 @@ def compare_json(request):
     data = {
         "over_time": reports.runs_over_time(runs),
         "phases": reports.phase_breakdown(runs),
+        "by_size": reports.downtime_by_size(runs),
         "groups": {name: reports.downtime_percentiles(runs, name) for name in ("strategy", "host_pair", "size")},
     }
     return JsonResponse(data)

@@ -145,10 +145,14 @@ def _check_run_page(page, expect):
 def _check_compare_page(page, base_url):
     page.get_by_role("navigation").get_by_role("link", name="Compare").click()
     page.wait_for_url(base_url + "/compare/")
-    page.wait_for_function("window.cwCompareCharts && window.cwCompareCharts.length === 5")
-    # The run just made is a point of "downtime over time" and of the phase breakdown.
+    page.wait_for_function("window.cwCompareCharts && window.cwCompareCharts.length === 6")
+    # The run just made is a point of "downtime over time", of downtime by
+    # size (its series named by kind and strategy) and of the phase breakdown.
     points = page.evaluate("window.cwCompareCharts[0].data.datasets[0].data")
     assert len(points) == 1 and points[0] > 0, points
-    assert page.evaluate("window.cwCompareCharts[1].data.labels.length") == 1
+    by_size = page.evaluate("window.cwCompareCharts[1].data.datasets.map((d) => [d.label, d.data.length])")
+    assert by_size == [["container engine", 1]], by_size
+    assert page.evaluate("window.cwCompareCharts[1].options.scales.x.type") == "logarithmic"
+    assert page.evaluate("window.cwCompareCharts[2].data.labels.length") == 1
     rows = page.locator("#table-host_pair tr").all_inner_texts()
     assert any("lab-1" in r and "lab-2" in r for r in rows), rows

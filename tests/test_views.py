@@ -543,12 +543,13 @@ def test_compare_json_queries_do_not_grow_with_runs(client, viewer, django_asser
     a, b = make_host("a"), make_host("b")
     make_many(n, a, b)
     login(client, viewer)
-    # Session, user; runs over time; latest runs and their phases; one per grouping.
-    with django_assert_num_queries(2 + 1 + 2 + 3):
+    # Session, user; runs over time; downtime by size; latest runs and their phases; one per grouping.
+    with django_assert_num_queries(2 + 1 + 1 + 2 + 3):
         data = client.get("/compare/data.json").json()
     assert len(data["over_time"]) == n
     assert len(data["phases"]["labels"]) == min(n, 50)
     assert data["groups"]["host_pair"][0]["count"] == n
+    assert len(data["by_size"]) == n - 1  # the run that moved 0 bytes has no place on log axes
 
 
 # -- run detail, JSON and logs --------------------------------------------------------------
@@ -776,8 +777,33 @@ def test_compare_json_filters(client, compared, viewer):
     assert data["groups"]["strategy"] == [{"group": STOP_AND_COPY, "count": 4, "median_ms": 20.0, "p95_ms": 40.0}]
     assert len(data["over_time"]) == 4 and len(data["phases"]["labels"]) == 4
     empty = client.get("/compare/data.json?kind=process").json()
-    assert empty == {"over_time": [], "phases": {"labels": [], "phases": {}},
+    assert empty == {"over_time": [], "phases": {"labels": [], "phases": {}}, "by_size": [],
                      "groups": {"strategy": [], "host_pair": [], "size": []}}
+
+
+def test_compare_downtime_by_size(client, viewer, db):
+    a, b = make_host("a"), make_host("b")
+    t0 = timezone.now() - timedelta(hours=1)
+    mib = 1024 * 1024
+    make_run(a, b, kind=PROCESS, strategy=STOP_AND_COPY, downtime_ms=900.0, total_bytes=64 * mib,
+             observed_downtime_ms=880.0, benchmark="bm", created=t0)
+    make_run(a, b, kind=PROCESS, strategy="page-server", tls=True, downtime_ms=400.0, total_bytes=64 * mib,
+             created=t0 + timedelta(minutes=1))
+    # The baseline: CRIU alone on one host, stored as a run from a host to itself.
+    make_run(a, a, kind=PROCESS, strategy="baseline", downtime_ms=170.0, total_bytes=64 * mib, benchmark="bm",
+             created=t0 + timedelta(minutes=2))
+    make_run(a, b, kind=PROCESS, status=FAILED, downtime_ms=5.0, total_bytes=mib, created=t0)  # not a success
+    data = login(client, viewer).get("/compare/data.json").json()
+    assert data["by_size"] == [
+        {"strategy": "baseline", "kind": PROCESS, "tls": None, "bytes": 64 * mib, "downtime_ms": 170.0,
+         "observed_ms": None},
+        {"strategy": "page-server", "kind": PROCESS, "tls": True, "bytes": 64 * mib, "downtime_ms": 400.0,
+         "observed_ms": None},
+        {"strategy": STOP_AND_COPY, "kind": PROCESS, "tls": None, "bytes": 64 * mib, "downtime_ms": 900.0,
+         "observed_ms": 880.0},
+    ]
+    # The baseline is a strategy group of its own in the percentiles too.
+    assert [g["group"] for g in data["groups"]["strategy"]] == ["baseline", "page-server", STOP_AND_COPY]
 
 
 def test_compare_page_passes_its_filters_on(client, compared, viewer):

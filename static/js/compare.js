@@ -20,6 +20,41 @@
     options: { scales: { y: ms, x: { offset: true, ticks: { maxTicksLimit: 8 } } } },
   });
 
+  // One series per kind and strategy (TLS apart), and one more per series
+  // for the observed downtime; the baseline is a strategy of its own.
+  const series = new Map();
+  const seriesFor = (name) => {
+    if (!series.has(name)) series.set(name, { reported: [], observed: [] });
+    return series.get(name);
+  };
+  for (const p of data.by_size) {
+    const s = seriesFor(`${p.kind} ${p.strategy}${p.tls ? " TLS" : ""}`);
+    const mib = p.bytes / 1048576;
+    s.reported.push({ x: mib, y: p.downtime_ms });
+    if (p.observed_ms != null && p.observed_ms > 0) s.observed.push({ x: mib, y: p.observed_ms });
+  }
+  const scatter = [];
+  [...series.entries()].forEach(([name, s], i) => {
+    const color = PALETTE[i % PALETTE.length];
+    scatter.push({ label: name, data: s.reported, backgroundColor: color, borderColor: color, pointRadius: 4 });
+    if (s.observed.length) {
+      scatter.push({ label: `${name} (observed)`, data: s.observed, borderColor: color, backgroundColor: "transparent",
+        pointStyle: "triangle", pointRadius: 6 });
+    }
+  });
+  chart("by-size-scatter", {
+    type: "scatter",
+    data: { datasets: scatter },
+    options: {
+      scales: {
+        x: { type: "logarithmic", title: { display: true, text: "state moved (MiB)" } },
+        y: { type: "logarithmic", title: { display: true, text: "downtime (ms)" } },
+      },
+      plugins: { tooltip: { callbacks: { label: (item) =>
+        `${item.dataset.label}: ${item.raw.y.toFixed(0)} ms at ${item.raw.x.toFixed(1)} MiB` } } },
+    },
+  });
+
   const names = Object.keys(data.phases.phases);
   chart("phase-breakdown", {
     type: "bar",
