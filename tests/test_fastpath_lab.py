@@ -11,10 +11,19 @@ import pytest
 from migrations_app import lab, runc
 from migrations_app.docker_engine import Engine
 from migrations_app.engine import create_run, execute
-from migrations_app.models import CONTAINER, ROLLED_BACK, STOP_AND_COPY, SUCCEEDED
+from migrations_app.models import CONTAINER, PAGE_SERVER, ROLLED_BACK, STOP_AND_COPY, SUCCEEDED, TrustedPair
 from tests.support import wait_for
 
 pytestmark = pytest.mark.lab
+
+STRATEGIES = [STOP_AND_COPY, PAGE_SERVER]
+# The phases each strategy's run goes through when all is well.
+PHASES = {
+    STOP_AND_COPY: ["pre-flight", "pre-flight", "prepare target", "checkpoint", "transfer", "restore", "verify",
+                    "cleanup"],
+    PAGE_SERVER: ["pre-flight", "pre-flight", "prepare target", "page server", "checkpoint", "transfer", "restore",
+                  "verify", "cleanup"],
+}  # fmt: skip
 
 # A counter that also holds random bytes in the shell's own memory (never on
 # any disk) and prints their checksum on SIGUSR1: the memory check. The
@@ -90,8 +99,8 @@ def workload(hosts):
                     engine.remove(name)
 
 
-def migrate(source, target, name, **kwargs):
-    return execute(create_run(source, target, CONTAINER, name, strategy=STOP_AND_COPY), **kwargs)
+def migrate(source, target, name, strategy=STOP_AND_COPY, **kwargs):
+    return execute(create_run(source, target, CONTAINER, name, strategy=strategy), **kwargs)
 
 
 def checksum_now(engine, name):
@@ -106,18 +115,18 @@ def exec_out(engine, name, cmd):
     return engine.api.exec_start(exec_id).decode()
 
 
-def test_stop_and_copy_there_and_back(hosts, workload):
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_there_and_back(hosts, workload, strategy):
     lab1, lab2 = hosts
+    lab.trust_pair()
     name, token = workload()
     with Engine(lab1) as engine:
         first_sum = sums(engine.logs(name))[0]
     for source, target in ((lab1, lab2), (lab2, lab1)):
-        run = migrate(source, target, name)
+        run = migrate(source, target, name, strategy)
         assert run.status == SUCCEEDED, run.error
-        assert [p.name for p in run.phases.all()] == [
-            "pre-flight", "pre-flight", "prepare target", "checkpoint", "transfer", "restore", "verify", "cleanup",
-        ]  # fmt: skip
-        assert run.strategy == STOP_AND_COPY
+        assert [p.name for p in run.phases.all()] == PHASES[strategy]
+        assert run.strategy == strategy
         assert run.downtime_ms > 0 and run.total_bytes > 0
         assert run.phases.get(name="checkpoint").criu_stats["frozen_time"] > 0
         restore = run.phases.get(name="restore")
@@ -152,10 +161,12 @@ def test_stop_and_copy_there_and_back(hosts, workload):
         assert not engine.exists(name)
 
 
-def test_keep_source_leaves_it_stopped(hosts, workload):
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_keep_source_leaves_it_stopped(hosts, workload, strategy):
     lab1, lab2 = hosts
+    lab.trust_pair()
     name, token = workload()
-    run = create_run(lab1, lab2, CONTAINER, name, keep_source=True, strategy=STOP_AND_COPY)
+    run = create_run(lab1, lab2, CONTAINER, name, keep_source=True, strategy=strategy)
     run = execute(run)
     assert run.status == SUCCEEDED, run.error
     with Engine(lab1) as engine:
@@ -170,23 +181,31 @@ def _break_target_images(ctx):
     ctx.dst.conn.sh('rm -f "$1"/pages-*.img', f"{ctx.state.dst_base}/images")
 
 
-@pytest.mark.parametrize("runtime", [None, runc.RUNTIME_NAME], ids=["runc-source", "wrapper-source"])
-def test_restore_failure_rolls_back(hosts, workload, runtime):
+@pytest.mark.parametrize(
+    "strategy, runtime, how",
+    [
+        (STOP_AND_COPY, None, "Docker's checkpoint restore"),
+        (STOP_AND_COPY, runc.RUNTIME_NAME, "criuweb runtime"),
+        (PAGE_SERVER, None, "unpaused"),
+    ],
+    ids=["stop-and-copy-runc-source", "stop-and-copy-wrapper-source", "page-server"],
+)
+def test_restore_failure_rolls_back(hosts, workload, strategy, runtime, how):
     lab1, lab2 = hosts
+    lab.trust_pair()
     name, token = workload(runtime)
     seen = {}
 
     def note_last(ctx):
         seen["last"] = values(ctx.src.logs(ctx.state.container["Id"]))[-1]
 
-    run = migrate(lab1, lab2, name, after_phase={"checkpoint": note_last, "transfer": _break_target_images})
+    run = migrate(lab1, lab2, name, strategy, after_phase={"checkpoint": note_last, "transfer": _break_target_images})
     assert run.status == ROLLED_BACK, run.error
     assert run.error.startswith("lab-2: start container failed"), run.error
     assert "CRIU:" in run.error and "restore.log" in run.error
     phases = list(run.phases.all())
     assert [(p.name, p.status) for p in phases][-2:] == [("restore", "failed"), ("rollback", "ok")]
     assert "Error" in phases[-2].log_excerpt
-    how = "criuweb runtime" if runtime else "Docker's checkpoint restore"
     assert how in phases[-1].detail
     with Engine(lab1) as engine:
         assert engine.inspect(name)["State"]["Running"]
@@ -237,3 +256,17 @@ def test_wrapper_passes_other_containers_through(hosts):
             assert not os.path.exists(runc.marker_path(cid))
         finally:
             engine.remove(cid)
+
+
+def test_page_server_needs_a_trusted_network(hosts, workload):
+    lab1, lab2 = hosts
+    TrustedPair.objects.all().delete()
+    name, token = workload()
+    run = migrate(lab1, lab2, name, PAGE_SERVER)
+    assert run.status == "failed" and run.downtime_ms is None
+    assert "trusted migration network" in run.error and "no TLS" in run.error, run.error
+    with Engine(lab1) as engine:
+        assert engine.inspect(name)["State"]["Running"]
+    with Engine(lab2) as engine:
+        assert not engine.exists(name)
+    one_copy(token)

@@ -1,0 +1,197 @@
+"""Containers with page-server streaming, through runc under Docker.
+
+As the runc stop-and-copy plan (container_runc), except for the memory:
+`criu page-server` runs on the target before the freeze, and the source's
+`runc checkpoint --page-server` sends the pages straight into the target's
+tmpfs, host to host; only the small images, the writable layer and the log
+pass through the controller.
+
+The source is paused (`docker pause`, the cgroup freezer) and checkpointed
+with --leave-running: CRIU finds the cgroup frozen and leaves it frozen, so
+the source stays whole, paused, until its copy runs verified on the target,
+and is killed only then. A rollback is `docker unpause`. (runc has no
+--leave-stopped, and without --leave-running its checkpoint would kill the
+source with its memory already on the target.)
+
+runc passes CRIU no TLS options (its checkpoint has no such flags), so
+this plan runs only between hosts marked as a trusted migration network.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ... import criu, runc, ssh
+from ...docker_engine import Engine, EngineError
+from ...models import CONTAINER, PAGE_SERVER, MigrationRun, TrustedPair
+from ..errors import MigrationError
+from ..hostcheck import settle
+from ..plan import Measured, Plan, Step
+from . import container_engine as engine_plan
+from . import container_runc
+from .container_runc import RuncContainerState
+
+if TYPE_CHECKING:
+    from ..runner import Context
+
+PAGE_SIZE = 4096
+
+
+@dataclass
+class RuncPageServerState(RuncContainerState):
+    address: str = ""  # the target's address, where the page server listens
+    port: int = 0
+    page_server_pid: int | None = None
+    paused: bool = False  # the source is paused by us and must be unpaused or killed
+
+
+def preflight_source(ctx: Context):
+    if not TrustedPair.between(ctx.source, ctx.target):
+        raise MigrationError(
+            f"{ctx.source.name} -> {ctx.target.name}: runc passes no TLS options to CRIU, so container "
+            f"page-server streaming runs only on a trusted migration network; mark the pair trusted or "
+            f"choose stop-and-copy"
+        )
+    ctx.run.tls = False
+    MigrationRun.objects.filter(pk=ctx.run.pk).update(tls=False)
+    return container_runc.preflight_source(ctx)
+
+
+def preflight_target(ctx: Context):
+    measured = container_runc.preflight_target(ctx)
+    try:
+        ctx.state.address = str(ipaddress.ip_address(ctx.target.address))
+    except ValueError:
+        # CRIU's --address takes an IP only.
+        raise MigrationError(
+            f"{ctx.target.name}: page-server streaming needs the host's address as an IP address, "
+            f"not {ctx.target.address!r}"
+        ) from None
+    return measured
+
+
+def start_page_server(ctx: Context):
+    """Started before the freeze, so its start-up is no downtime."""
+    s = ctx.state
+    images = f"{s.dst_base}/images"
+    ctx.dst.conn.run(["mkdir", "-p", "--", images])
+    server = criu.PageServer(ctx.dst.conn, images, s.address)
+    ctx.page_server = server
+    s.port, s.page_server_pid = server.port, server.pid
+    ctx.save_state()
+    return Measured(detail=f"listening on {s.address}:{s.port} (PID {server.pid}), no TLS: trusted network")
+
+
+def checkpoint(ctx: Context):
+    s = ctx.state
+    cid = s.container["Id"]
+    ctx.src.call("docker pause", ctx.src.api.pause, cid)
+    s.paused = True
+    ctx.save_state()
+    state = runc.RuncState(s.runc_binary, s.runc_root)
+    extra = ["--leave-running", "--page-server", f"{s.address}:{s.port}"]
+    try:
+        runc.checkpoint(ctx.src.conn, state, cid, f"{s.src_base}/images", f"{s.src_base}/work", extra)
+    except runc.RuncError as e:
+        server_log = ctx.page_server.log_tail()
+        excerpt = e.log_excerpt + (f"\n--- {ctx.target.name}: page-server.log ---\n{server_log}" if server_log else "")
+        raise criu.CriuError(str(e), excerpt) from e
+    rc = ctx.page_server.wait()
+    s.page_server_pid = None
+    if rc != 0:
+        raise criu.CriuError(
+            f"{ctx.target.name}: criu page-server failed ({'no exit status' if rc == -1 else f'exit status {rc}'}): "
+            f"{ctx.page_server.log_cause()}",
+            ctx.page_server.log_tail(),
+        )
+    s.checkpointed = True
+    stats = criu.read_stats(ctx.src.conn, f"{s.src_base}/work/stats-dump")
+    return Measured(
+        bytes=stats.get("pages_written", 0) * PAGE_SIZE,
+        criu_stats=stats,
+        log=ctx.src.conn.read_file(f"{s.src_base}/work/dump.log", check=False) or "",
+        detail=f"source paused; pages streamed to {s.address}:{s.port}",
+    )
+
+
+def cleanup(ctx: Context):
+    s = ctx.state
+    if ctx.run.keep_source:
+        # Killed while paused: it never runs again (Docker thaws it only to let it die).
+        ctx.src.call("docker kill", ctx.src.api.kill, s.container["Id"])
+    measured = container_runc.cleanup(ctx)
+    s.paused = False
+    return measured
+
+
+def _stop_page_server(conn, s: RuncPageServerState) -> None:
+    if s.page_server_pid:
+        conn.run(["kill", "-KILL", str(s.page_server_pid)], check=False)
+        s.page_server_pid = None
+
+
+def rollback(ctx: Context):
+    s = ctx.state
+    c = s.container
+    if s.page_server_pid:
+        try:
+            with ssh.Connection(ctx.target) as dst:
+                _stop_page_server(dst, s)
+        except ssh.SSHError:
+            pass  # a page server alone runs nothing; the target copy is what matters
+    note = container_runc._remove_target(ctx)
+    with Engine(ctx.source) as src:
+        found = src.inspect(c["Id"])["State"]
+        if found.get("Paused"):
+            src.call("docker unpause", src.api.unpause, c["Id"])
+            ctx.resumed_at = time.perf_counter()
+        elif not found["Running"]:
+            raise MigrationError(f"{ctx.source.name}: the container stopped; nothing to resume")
+        s.paused = False
+        if not settle(lambda: (st := src.inspect(c["Id"])["State"])["Running"] and not st.get("Paused")):
+            raise MigrationError(f"{ctx.source.name}: the container does not run again after rollback")
+        engine_plan._restore_restart_policy(src, ctx)
+        if s.src_base:
+            container_runc._remove_dir(src.conn, s.src_base)
+    ctx.run.result_workload = c["Id"][:12]
+    return Measured(detail=f"container {c['Id'][:12]} unpaused on {ctx.source.name}{note}")
+
+
+def abort(ctx: Context):
+    if ctx.dst is not None:
+        try:
+            _stop_page_server(ctx.dst.conn, ctx.state)
+        except (ssh.SSHError, EngineError):
+            pass
+    container_runc.abort(ctx)
+
+
+PLAN = Plan(
+    kind=CONTAINER,
+    strategy=PAGE_SERVER,
+    label="page-server streaming (runc)",
+    summary=(
+        "criu page-server on the target before the freeze; the source paused and checkpointed by runc with "
+        "its pages streamed straight into the target's tmpfs (trusted networks only: runc passes no TLS); "
+        "the source stays paused until the target copy is verified."
+    ),
+    state=RuncPageServerState,
+    steps=(
+        Step("pre-flight", "source", preflight_source),
+        Step("pre-flight", "target", preflight_target),
+        Step("ship image", "both", engine_plan.ship_image, when=engine_plan.image_missing, workload_bytes=False),
+        Step("prepare target", "target", container_runc.prepare_target),
+        Step("prepare source", "source", engine_plan.prepare_source, when=engine_plan.has_restart_policy),
+        Step("page server", "target", start_page_server),
+        Step("checkpoint", "source", checkpoint, freezes=True),
+        Step("transfer", "both", container_runc.transfer),
+        Step("restore", "target", container_runc.restore, resumes=True),
+        Step("verify", "target", engine_plan.verify, commits=True),
+        Step("cleanup", "both", cleanup),
+    ),
+    rollback=rollback,
+    abort=abort,
+)
