@@ -183,6 +183,14 @@ SSH_KEY_DIRS = [SSH_KEY_DIR, LAB_ROOT / "keys"]
 # Seconds an SSH connect may take before a host counts as unreachable.
 SSH_CONNECT_TIMEOUT = envint("CRIUWEB_SSH_TIMEOUT", "10")
 
+# How long a workload may stay frozen before its run rolls back: a base in
+# seconds plus an allowance per GiB of the workload's memory (a run's
+# --freeze-limit replaces both).
+FREEZE_LIMIT = envint("CRIUWEB_FREEZE_LIMIT", "60")
+FREEZE_LIMIT_PER_GIB = envint("CRIUWEB_FREEZE_LIMIT_PER_GIB", "30")
+# Seconds a host-to-host transfer may move no byte before it fails.
+STREAM_IDLE_TIMEOUT = envint("CRIUWEB_STREAM_IDLE_TIMEOUT", "20")
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

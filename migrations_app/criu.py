@@ -406,17 +406,63 @@ def holder_pidfile(images_dir):
     return f"{images_dir}/holder.pid"
 
 
-# Kill a restored tree: its namespace holder ($1: the holder's PID file) and
-# the tree's root ($2, may be empty). Quiet when they are already gone.
+# Prints the PID of the namespace holder whose PID file is $1, if it still
+# runs: the PID the file names, when that process's argv names this PID
+# file (a PID file that came in the images, or a reused PID, names some
+# other process).
+HOLDER_PID = r"""
+f=$1
+[ -f "$f" ] && [ ! -L "$f" ] || exit 0
+p=$(head -c 20 "$f" | tr -dc 0-9)
+[ -n "$p" ] && [ "$p" -gt 1 ] || exit 0
+tr '\0' '\n' < "/proc/$p/cmdline" 2>/dev/null | grep -qxF "$f" && echo "$p"
+true
+"""
+
+# Stop a restore from images dir $1, whether it has not started, is running
+# or has finished: the directory moves away first (a restore not yet begun
+# then finds no images and no place for its PID file), then its holder (PID
+# 1 of the tree's namespace: killing it ends every process there) and the
+# tree's root ($2, may be empty) are killed, then the moved directory is
+# removed. A directory that cannot move (a mount point) is worked on in
+# place and left for its owner to unmount. Quiet when all is already gone.
 KILL_RESTORED = r"""
-[ -f "$1" ] && kill -KILL "$(cat "$1")" 2>/dev/null
-[ -n "$2" ] && kill -KILL "$2" 2>/dev/null
+d=$1
+gone="$d.cancelled"
+rm -rf -- "$gone"
+here=$d
+if [ -e "$d" ] && mv -- "$d" "$gone" 2>/dev/null; then here=$gone; fi
+f="$here/holder.pid"
+if [ -f "$f" ] && [ ! -L "$f" ]; then
+    p=$(head -c 20 "$f" | tr -dc 0-9)
+    if [ -n "$p" ] && [ "$p" -gt 1 ] && tr '\0' '\n' < "/proc/$p/cmdline" 2>/dev/null | grep -qxF "$d/holder.pid"
+    then kill -KILL "$p"
+    fi
+fi
+case $2 in ''|*[!0-9]*) ;; *) [ "$2" -gt 1 ] && kill -KILL "$2" 2>/dev/null ;; esac
+rm -rf -- "$gone"
 true
 """
 
 
-def kill_restored(conn, images_dir, pid=None):
-    conn.sh(KILL_RESTORED, holder_pidfile(images_dir), str(pid or ""))
+def kill_restored(conn, images_dir, pid=None, timeout=60):
+    """Make sure no restore from images_dir runs or can start on the host; removes images_dir."""
+    conn.sh(KILL_RESTORED, images_dir.rstrip("/"), str(pid or ""), timeout=timeout)
+
+
+def restored_root(conn, images_dir):
+    """The root PID of a tree restored from images_dir that still runs there, or None.
+
+    Found through the namespace holder's PID file, whose path derives from
+    the images directory: how a recovery finds a restore whose answer it
+    never got.
+    """
+    pidfile = holder_pidfile(images_dir.rstrip("/"))
+    holder = conn.sh(HOLDER_PID, pidfile).stdout.strip()
+    if not holder.isdigit():
+        return None
+    out = conn.run(["cat", f"/proc/{holder}/task/{holder}/children"], check=False).stdout.split()
+    return int(out[0]) if out and out[0].isdigit() else None
 
 
 def restore(conn, images_dir, timeout=600, extra=()):
@@ -432,7 +478,7 @@ def restore(conn, images_dir, timeout=600, extra=()):
     raise CriuError(f"{conn.name}: criu restore failed: {cause} (see restore.log excerpt)", excerpt, definitive)
 
 
-def dump(conn, pid, images_dir, resolved=None, extra=()):
+def dump(conn, pid, images_dir, resolved=None, extra=(), timeout=600):
     """Dump the process tree at pid into images_dir; the tree is gone afterwards.
 
     resolved: what resolve_process() said of pid, to save a round trip.
@@ -440,7 +486,7 @@ def dump(conn, pid, images_dir, resolved=None, extra=()):
     """
     mode, inner, _ = resolved or resolve_process(conn, pid)
     argv = dump_argv(pid, images_dir, None if mode == "root" else inner, extra)
-    result = conn.run(argv, check=False, timeout=600)
+    result = conn.run(argv, check=False, timeout=timeout)
     if result.rc != 0:
         excerpt = log_excerpt(conn.read_file(f"{images_dir}/dump.log", check=False))
         cause = first_error(excerpt) or result.stderr.strip()[-300:]

@@ -97,6 +97,10 @@ class Engine:
             self.api = None
         self.conn.close()
 
+    def interrupt(self):
+        """Make a call blocked on this engine fail now, from another thread (see ssh.Connection.interrupt)."""
+        self.conn.interrupt()
+
     def call(self, step, fn, *args, **kwargs):
         """Run a docker-py call, turning its errors into EngineError(step)."""
         try:
@@ -193,7 +197,10 @@ class Engine:
 
         return self.call(f"start container {name!r}", run)
 
-    def checkpoint(self, container_id, checkpoint):
+    # The calls below take a timeout: those made while a workload is frozen
+    # get one sized to their work, not the engine's default.
+
+    def checkpoint(self, container_id, checkpoint, timeout=None):
         """Freeze the container into a checkpoint and stop it."""
         self.call(
             "docker checkpoint",
@@ -201,31 +208,46 @@ class Engine:
                 self.api._post_json(
                     self.api._url("/containers/{0}/checkpoints", container_id),
                     data={"CheckpointID": checkpoint, "Exit": True},
+                    timeout=timeout or self.timeout,
                 )
             ),
         )
 
-    def start(self, container_id, checkpoint=None):
+    def start(self, container_id, checkpoint=None, timeout=None):
         """Start a container, from a checkpoint if one is named."""
         params = {"checkpoint": checkpoint} if checkpoint else {}
         step = "restore from checkpoint" if checkpoint else "start container"
         self.call(
             step,
             lambda: self.api._raise_for_status(
-                self.api._post(self.api._url("/containers/{0}/start", container_id), params=params)
+                self.api._post(
+                    self.api._url("/containers/{0}/start", container_id), params=params,
+                    timeout=timeout or self.timeout,
+                )
             ),
         )
 
-    def delete_checkpoint(self, container_id, checkpoint):
+    def delete_checkpoint(self, container_id, checkpoint, timeout=None):
         self.call(
             "delete checkpoint",
             lambda: self.api._raise_for_status(
-                self.api._delete(self.api._url("/containers/{0}/checkpoints/{1}", container_id, checkpoint))
+                self.api._delete(
+                    self.api._url("/containers/{0}/checkpoints/{1}", container_id, checkpoint),
+                    timeout=timeout or self.timeout,
+                )
             ),
         )
 
-    def remove(self, container_id):
-        self.call("remove container", self.api.remove_container, container_id, force=True)
+    def remove(self, container_id, timeout=None):
+        self.call(
+            "remove container",
+            lambda: self.api._raise_for_status(
+                self.api._delete(
+                    self.api._url("/containers/{0}", container_id), params={"force": True},
+                    timeout=timeout or self.timeout,
+                )
+            ),
+        )
 
     def save_image(self, image_id):
         """The image as a tar stream (chunks)."""

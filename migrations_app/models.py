@@ -51,7 +51,12 @@ class Stage(models.TextChoices):
     FROZEN = "frozen", "frozen (stopped on the source, no copy on the target)"
     RESTORING = "restoring", "restoring (a copy may run on the target)"
     VERIFIED = "verified", "verified (runs on the target)"
+    # Back on the source after a rollback that could not reach the target:
+    # what the run made there (a container, staging or image directories)
+    # is removed by the next recovery.
+    LEFTOVERS = "leftovers", "leftovers (runs on the source; the target still holds the run's files)"
     DONE = "done", "done (nothing left to recover)"
+
 
 # Phase status
 PHASE_OK = "ok"
@@ -244,6 +249,9 @@ class MigrationRun(models.Model):
     # The plan's state (its dataclass as a dict) after the last phase: what a
     # recovery needs to know (checkpoint names, image directories, ids).
     state = models.JSONField(default=dict, blank=True)
+    # Seconds the workload may stay frozen before the run rolls back; null:
+    # the configured default plus an allowance for the workload's size.
+    freeze_limit = models.FloatField(null=True, blank=True)
 
     objects = RunQuerySet.as_manager()
 

@@ -27,7 +27,11 @@ log = logging.getLogger(__name__)
 CHUNK = 256 * 1024
 # No private key file is anywhere near this; a larger file is not one.
 KEY_FILE_MAX = 64 * 1024
-STREAM_IDLE_TIMEOUT = 120
+
+
+def stream_idle_timeout() -> int:
+    """Seconds a stream may move no byte before it fails (CRIUWEB_STREAM_IDLE_TIMEOUT)."""
+    return settings.STREAM_IDLE_TIMEOUT
 
 
 class SSHError(Exception):
@@ -187,6 +191,16 @@ class Connection:
             self.client.close()
             self.client = None
 
+    def interrupt(self):
+        """Close the connection under whatever call is blocked on it, from another thread.
+
+        The blocked call then fails at once (its channel reads EOF, its exit
+        status is -1): how a freeze limit ends a call that never answers.
+        """
+        client = self.client
+        if client:
+            client.close()
+
     def run(self, argv, check=True, timeout=120, input=None):
         """Run argv on the host and return its Result; raise SSHError on rc != 0 if check."""
         command = shlex.join(str(a) for a in argv)
@@ -207,7 +221,13 @@ class Connection:
                 chan.sendall(input if isinstance(input, bytes) else input.encode())
                 chan.shutdown_write()
             stdout, stderr = _drain(chan, timeout, command, self.name)
-            return chan.recv_exit_status(), stdout, stderr
+            rc = chan.recv_exit_status()
+            transport = chan.get_transport()
+            if rc == -1 and (transport is None or not transport.is_active()):
+                # No status because the connection went away (or was
+                # interrupted): the command's outcome is unknown, not a failure.
+                raise SSHError(f"{self.name}: SSH connection lost during `{_short(command)}`")
+            return rc, stdout, stderr
         finally:
             chan.close()
 
@@ -224,14 +244,14 @@ class Connection:
         rc, out, _ = self._exec(["cat", "--", path], 60, None)
         return out if rc == 0 else None
 
-    def open_command(self, argv, idle_timeout=STREAM_IDLE_TIMEOUT):
+    def open_command(self, argv, idle_timeout=None):
         """Start argv and return its channel, for streaming.
 
         A read or write that waits idle_timeout seconds raises: a stalled
         transfer must fail (and roll back) rather than keep a frozen
         workload frozen for ever.
         """
-        chan = self._session(idle_timeout)
+        chan = self._session(idle_timeout or stream_idle_timeout())
         chan.exec_command(shlex.join(str(a) for a in argv))
         return chan
 
@@ -356,10 +376,10 @@ def stream(src_chan, dst_chan, on_progress=None):
         # stderr say why, better than "Socket is closed". The source, now
         # unread, would block for ever: close it.
         src_chan.close()
-        dst_rc = _exit_status(dst_chan, STREAM_IDLE_TIMEOUT)
+        dst_rc = _exit_status(dst_chan)
         return total, -1, dst_rc if dst_rc != -1 else 255, "", _errs_after(threads, errs, "dst")
     # After the last byte the target may still be unpacking (a large layer).
-    src_rc, dst_rc = _exit_status(src_chan), _exit_status(dst_chan, 10 * STREAM_IDLE_TIMEOUT)
+    src_rc, dst_rc = _exit_status(src_chan), _exit_status(dst_chan, 10 * stream_idle_timeout())
     for t in threads:
         t.join(5)
     return total, src_rc, dst_rc, errs["src"].decode(errors="replace"), errs["dst"].decode(errors="replace")
@@ -371,9 +391,9 @@ def _errs_after(threads, errs, key):
     return errs[key].decode(errors="replace")
 
 
-def _exit_status(chan, timeout=STREAM_IDLE_TIMEOUT):
+def _exit_status(chan, timeout=None):
     """A channel's exit status, waiting at most timeout seconds (-1 on time-out)."""
-    if not chan.status_event.wait(timeout):
+    if not chan.status_event.wait(timeout or stream_idle_timeout()):
         return -1
     return chan.recv_exit_status()
 

@@ -10,6 +10,7 @@ from django.views.decorators.http import require_POST
 
 from . import engine, inventory, reports, ssh, worker
 from .docker_engine import EngineError
+from .engine import recovery
 from .forms import HostForm, HostKeyForm, MigrationForm, RunFilterForm
 from .models import FINISHED, Host, MigrationRun
 
@@ -195,7 +196,22 @@ def run_list(request):
 @login_required
 def run_detail(request, code):
     run = _get_run(code)
-    return render(request, "runs/detail.html", {"run": run, "finished": run.status in FINISHED})
+    can_recover = request.user.has_perm(CAN_LAUNCH) and recovery.recoverable(run)
+    return render(request, "runs/detail.html", {"run": run, "finished": run.status in FINISHED,
+                                                "can_recover": can_recover})
+
+
+@require_POST
+@_permission(CAN_LAUNCH)
+def run_recover(request, code):
+    """Recover a run whose worker died or whose rollback failed, from its stored stage."""
+    run = _get_run(code)
+    if not recovery.recoverable(run):
+        messages.error(request, "This run has nothing to recover, or its worker is still at work on it.")
+    else:
+        worker.recover_one(run)
+        messages.success(request, "Recovery started; this page shows its outcome.")
+    return redirect("cw-run", code=run.code)
 
 
 @login_required

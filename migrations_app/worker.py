@@ -5,9 +5,9 @@ import threading
 
 from django.db import close_old_connections, connection
 
-from . import engine, ssh
-from .docker_engine import Engine, EngineError
-from .models import CONTAINER, INTERRUPTED, MigrationRun
+from . import engine
+from .engine import recovery
+from .models import MigrationRun
 
 log = logging.getLogger(__name__)
 
@@ -42,64 +42,30 @@ def _work(run_pk):
 
 
 def mark_interrupted():
-    """Mark runs whose worker is gone as interrupted; return them.
-
-    Called when the app starts: a run in progress when the server stopped
-    would otherwise show "running" for ever.
-    """
-    stale = [
-        run
-        for run in MigrationRun.objects.unfinished().select_related("source", "target")
-        if not engine.worker_alive(run.worker)
-    ]
-    marked = []
-    for run in stale:
-        n = MigrationRun.objects.filter(pk=run.pk, status=run.status).update(status=INTERRUPTED)
-        if n == 1:
-            run.status = INTERRUPTED
-            marked.append(run)
-    return marked
+    """Mark runs whose worker is gone as interrupted, naming that worker; return them."""
+    return recovery.mark_gone()
 
 
-def workload_state(run):
-    """Where the run's workload is now, host by host, as short sentences."""
-    lines = []
-    for host in (run.source, run.target):
-        try:
-            if run.kind == CONTAINER:
-                with Engine(host) as engine:
-                    name = run.workload
-                    found = engine.find_container(name)
-                    if found:
-                        state = found["State"]
-                        lines.append(f"{host.name}: container {name} {state['Status']}")
-                    else:
-                        lines.append(f"{host.name}: no container {name}")
-            else:
-                pid = run.workload if host == run.source else run.result_workload
-                if not pid:
-                    lines.append(f"{host.name}: no restored process recorded")
-                    continue
-                with ssh.Connection(host) as conn:
-                    alive = conn.run(["kill", "-0", pid], check=False).rc == 0
-                lines.append(f"{host.name}: process {pid} {'running' if alive else 'not running'}")
-        except (ssh.SSHError, EngineError) as e:
-            lines.append(f"{host.name}: cannot check ({e})")
-    return lines
-
-
-def check_interrupted(runs):
-    """Record the workload's state on both hosts for each interrupted run."""
+def recover_all():
+    """Recover every interrupted run and clear leftovers (see engine.recovery)."""
+    runs = recovery.recover_all()
     for run in runs:
-        state = "; ".join(workload_state(run))
-        run.error = f"interrupted: the server stopped during the run. Found: {state}"
-        run.save(update_fields=["error"])
+        log.warning("run %s recovered: %s: %s", run.code, run.status, run.error)
+    return runs
 
 
 def recover_on_startup():
-    """Mark stale runs interrupted now and check their workloads in the background."""
+    """Mark stale runs interrupted now, and recover them in the background.
+
+    Called when the web server starts: a run in progress when its worker
+    died would otherwise keep its workload frozen, or leave two halves.
+    """
     runs = mark_interrupted()
     if runs:
-        log.warning("%d run(s) were interrupted by a server stop", len(runs))
-        _thread(check_interrupted, runs)
-    return runs
+        log.warning("%d run(s) were interrupted: their worker is gone", len(runs))
+    return _thread(recover_all, name="recovery", daemon=False)
+
+
+def recover_one(run):
+    """Recover one run (the run page's button) in a thread of this process."""
+    return _thread(recovery.recover, run, name=f"recover-{run.code}", daemon=False)

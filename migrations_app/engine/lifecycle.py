@@ -16,7 +16,8 @@ from .errors import MigrationError
 
 
 def create_run(
-    source, target, kind, workload, keep_source=False, strategy=None, probe="", tcp=TCP_CLOSE, shared_storage=False
+    source, target, kind, workload, keep_source=False, strategy=None, probe="", tcp=TCP_CLOSE, shared_storage=False,
+    freeze_limit=None,
 ):
     """Validate and store a pending run; MigrationError says what is wrong.
 
@@ -44,9 +45,11 @@ def create_run(
             observe.parse_address(probe)
         except ValueError as e:
             raise MigrationError(str(e)) from None
+    if freeze_limit is not None and not 0 < freeze_limit <= 24 * 3600:
+        raise MigrationError(f"the freeze limit must be between 0 and 86400 seconds, not {freeze_limit}")
     fields = dict(
         source=source, target=target, kind=kind, workload=workload, keep_source=keep_source, strategy=strategy,
-        probe_address=probe, tcp=tcp, shared_storage=shared_storage,
+        probe_address=probe, tcp=tcp, shared_storage=shared_storage, freeze_limit=freeze_limit,
     )  # fmt: skip
     busy = MigrationError(f"{workload} on {source.name} is already being migrated")
     for other in MigrationRun.objects.unfinished().filter(source=source, kind=kind):
@@ -58,7 +61,7 @@ def create_run(
             raise busy
         # Its process is gone (a killed CLI, a crashed server): it blocks nothing.
         MigrationRun.objects.filter(pk=other.pk, status=other.status).update(
-            status=INTERRUPTED, error="interrupted: the process running it is gone"
+            status=INTERRUPTED, error=gone_message(other.worker)
         )
     try:
         with transaction.atomic():
@@ -97,6 +100,14 @@ def claim_workload(run, workload_id):
             f"{run.workload} on {run.source.name} is already being migrated (by another run, by another name)"
         ) from None
     run.workload_id = workload_id
+
+
+def gone_message(worker: str) -> str:
+    """What happened to a run whose worker died, naming that worker."""
+    if not worker:
+        return "interrupted: the process that was to run it never started it"
+    host, _, pid, _ = (worker.split(":") + ["", "", "", ""])[:4]
+    return f"interrupted: the worker process that ran it (PID {pid} on {host}, worker {worker}) is gone"
 
 
 def worker_id(pid=None):

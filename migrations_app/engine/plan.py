@@ -45,12 +45,18 @@ class Plan:
     strategy: str
     label: str
     steps: tuple[Step, ...]
-    rollback: Callable[[Context], Measured]
-    abort: Callable[[Context], None]
+    # Each takes a Context that may be built afresh from a stored run (no
+    # connections open): a recovery after the controller died calls them.
+    rollback: Callable[[Context], Measured]  # frozen: bring the workload back on the source
+    abort: Callable[[Context], None]  # it runs on the source: remove what the run made
     state: type
     # Host capabilities (probe self-tests or CRIU features) both hosts need.
     needs: tuple[str, ...] = ()
     summary: str = ""
+    # After a crash in the restore: whether the restored copy runs on the
+    # target (recorded in the context if so), so the run completes forward
+    # instead of losing what that copy did since. None: never adopted.
+    adopt: Callable[[Context], bool] | None = None
 
     @property
     def key(self) -> tuple[str, str]:

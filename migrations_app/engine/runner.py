@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import sys
+import threading
 import time
 
+from django.conf import settings
 from django.utils import timezone
 
 from .. import criu, ssh
@@ -38,6 +42,28 @@ log = logging.getLogger(__name__)
 # Errors that end a run with a message rather than a traceback.
 STEP_ERRORS = (ssh.SSHError, EngineError, criu.CriuError, MigrationError)
 
+# A call made while the workload is frozen (a checkpoint, a restore, a
+# removal) may take this long: a base plus an allowance per GiB of memory.
+# Docker 20.10 needs about 7 s each way for 512 MiB (containerd's copies).
+CALL_TIMEOUT_BASE = 30
+CALL_TIMEOUT_PER_GIB = 30
+
+# Test-only: "<phase>=<seconds>" makes the runner sleep that long right after
+# the phase's action, before it is recorded — how the fault tests kill a CLI
+# at a known point. Unset (the default) it does nothing.
+TEST_PAUSE_ENV = "CRIUWEB_TEST_PAUSE_AFTER"
+
+
+class FreezeLimitError(MigrationError):
+    """The workload stayed frozen longer than its run allows."""
+
+
+def freeze_limit(run: MigrationRun) -> float:
+    """Seconds the run's workload may stay frozen: its own limit, or the configured one for its size."""
+    if run.freeze_limit:
+        return float(run.freeze_limit)
+    return settings.FREEZE_LIMIT + settings.FREEZE_LIMIT_PER_GIB * (run.expected_bytes or 0) / 2**30
+
 
 class Context:
     """What the phases of one run share: connections, the plan's state, the stage."""
@@ -57,11 +83,13 @@ class Context:
         self.seq = run.phases.count() if run.pk else 0  # the next phase's number
         self.recovering = False
         self.watch = observe.Watch(self)  # the downtime seen from outside
+        self.watchdog: _Watchdog | None = None
+        self.leftovers = ""  # what a rollback could not remove from the target
 
     # The stage answers the questions a failure asks.
     @property
     def frozen(self) -> bool:
-        return self.stage != Stage.PREPARING
+        return self.stage in (Stage.FROZEN, Stage.RESTORING)
 
     @property
     def target_may_run(self) -> bool:
@@ -79,7 +107,18 @@ class Context:
 
     def save_state(self) -> None:
         self.run.state = dataclasses.asdict(self.state)
-        MigrationRun.objects.filter(pk=self.run.pk).update(stage=self.run.stage, state=self.run.state)
+        MigrationRun.objects.filter(pk=self.run.pk).update(
+            stage=self.run.stage, state=self.run.state, result_workload=self.run.result_workload
+        )
+
+    def resumed_on_source(self, leftovers: str = "") -> None:
+        """Record that the workload runs on the source again (a rollback's last word).
+
+        From here a recovery must never restore it again, only clear what the
+        run left on the target (leftovers, if any, says what).
+        """
+        self.leftovers = leftovers
+        self.set_stage(Stage.LEFTOVERS)
 
     def host_for(self, side: str) -> str:
         return {"source": self.source.name, "target": self.target.name}.get(
@@ -97,10 +136,65 @@ class Context:
     def images_dir(self, host) -> str:
         return f"{host.work_dir.rstrip('/')}/runs/{self.run.code}"
 
+    def call_timeout(self, base: float = CALL_TIMEOUT_BASE, per_gib: float = CALL_TIMEOUT_PER_GIB) -> float:
+        """Seconds one call may take: sized by the workload, never past the freeze limit."""
+        sized = base + per_gib * (self.run.expected_bytes or 0) / 2**30
+        if self.watchdog is not None and not self.watchdog.stopped.is_set():
+            # One second past the limit: the watchdog, not the call, says why.
+            sized = min(sized, max(1.0, self.watchdog.remaining() + 1))
+        return sized
+
+    def interrupt(self) -> None:
+        """Make whatever call is blocked on the run's connections fail now (from another thread)."""
+        for side in (self.src, self.dst):
+            if side is not None:
+                try:
+                    side.interrupt()
+                except Exception:  # closing must not fail the watchdog
+                    log.exception("run %s: interrupting a connection", self.run.code)
+
     def close(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.stop()
         for side in (self.src, self.dst):
             if side is not None:
                 side.close()
+
+
+class _Watchdog:
+    """Ends the freeze when it lasts longer than the run's limit.
+
+    A call blocked on a host that stopped answering (an engine SIGSTOPped, a
+    network cut) has nothing to notice a deadline with. When the limit
+    passes with the workload still frozen, the watchdog closes the run's
+    connections under it: the blocked call fails at once and the runner
+    rolls back on fresh connections.
+    """
+
+    def __init__(self, ctx: Context, limit: float):
+        self.ctx = ctx
+        self.limit = limit
+        self.deadline = time.monotonic() + limit
+        self.stopped = threading.Event()
+        self.fired = False
+        self.thread = threading.Thread(target=self._watch, name=f"freeze-{ctx.run.code}", daemon=True)
+        self.thread.start()
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+    def _watch(self) -> None:
+        if self.stopped.wait(self.limit):
+            return
+        ctx = self.ctx
+        if ctx.resumed_at is not None or ctx.committed or ctx.recovering:
+            return
+        self.fired = True
+        log.warning("run %s: frozen for %.0f s, its limit: interrupting", ctx.run.code, self.limit)
+        ctx.interrupt()
 
 
 class _PhaseTimer:
@@ -162,6 +256,10 @@ def execute(run, after_phase=None, on_phase=None):
         if run.status == RUNNING:
             run.status = FAILED
             run.error = run.error or "stopped while bringing the workload back; check both hosts"
+        elif run.stage == Stage.VERIFIED and run.status == SUCCEEDED and run.error:
+            pass  # its cleanup failed: a recovery finishes it
+        elif run.stage == Stage.LEFTOVERS:
+            pass  # a recovery removes them
         elif run.status in (SUCCEEDED, ROLLED_BACK) or run.stage == Stage.PREPARING:
             # Nothing is left for a later recovery to do.
             run.stage = Stage.DONE
@@ -187,7 +285,13 @@ def _run_steps(ctx: Context, steps: tuple[Step, ...], after_phase, on_phase):
                 # first, so that a recovery after a crash knows it too.
                 ctx.set_stage(Stage.FROZEN)
                 ctx.freeze_t = time.perf_counter()
+                ctx.watchdog = _Watchdog(ctx, freeze_limit(run))
             measured = step.run(ctx) or Measured()
+            _test_pause(step.name)
+            if ctx.watchdog is not None and ctx.watchdog.fired:
+                raise FreezeLimitError("its connections were closed")
+            if step.resumes and ctx.watchdog is not None:
+                ctx.watchdog.stop()
             if step.commits:
                 ctx.set_stage(Stage.VERIFIED)  # before any bookkeeping that could fail
             phase = timer.finish(measured)
@@ -208,11 +312,28 @@ def _run_steps(ctx: Context, steps: tuple[Step, ...], after_phase, on_phase):
             if step.name in after_phase:
                 after_phase[step.name](ctx)
         except Exception as e:  # every failure must reach the rollback
-            if not isinstance(e, STEP_ERRORS):
+            if ctx.watchdog is not None and ctx.watchdog.fired:
+                # Whatever the interrupted call said, the cause is the limit.
+                e = FreezeLimitError(
+                    f"{step.name} did not end within the freeze limit of {ctx.watchdog.limit:g} s "
+                    f"(the workload stayed frozen that long): {_describe(e)}"
+                )
+            elif not isinstance(e, STEP_ERRORS):
                 log.exception("run %s: phase %s", run.code, step.name)
             _fail_phase(ctx, e, on_phase)
             return e
     return None
+
+
+def _test_pause(phase_name: str) -> None:
+    """The test-only pause of TEST_PAUSE_ENV, when set for this phase."""
+    wanted = os.environ.get(TEST_PAUSE_ENV)
+    if wanted:
+        name, _, seconds = wanted.rpartition("=")
+        if name == phase_name:
+            # The test waits for this line before it kills the process.
+            print(f"criuweb test pause: after {phase_name}", file=sys.stderr, flush=True)
+            time.sleep(float(seconds))
 
 
 def _fail_phase(ctx: Context, error, on_phase):
@@ -233,6 +354,8 @@ def _recover(ctx: Context, failure, on_phase):
     """After a failure: bring the workload back where it was, or say where it is."""
     run = ctx.run
     ctx.recovering = True
+    if ctx.watchdog is not None:
+        ctx.watchdog.stop()
     message = _describe(failure)
     _fail_phase(ctx, failure, on_phase)
     if ctx.committed:
@@ -244,7 +367,8 @@ def _recover(ctx: Context, failure, on_phase):
         try:
             ctx.plan.abort(ctx)
         except Exception as e:
-            message += f" (cleaning up the target also failed: {e})"
+            message += f" (cleaning up the target also failed: {e}; a recovery retries it)"
+            ctx.set_stage(Stage.LEFTOVERS)
         run.status = FAILED
         run.error = message
         return
@@ -261,6 +385,8 @@ def _recover(ctx: Context, failure, on_phase):
         phase = timer.finish(measured)
         run.status = ROLLED_BACK
         run.error = message
+        if ctx.stage != Stage.LEFTOVERS or not ctx.leftovers:
+            ctx.set_stage(Stage.DONE)
         # What the workload saw: stopped from the freeze until it ran again
         # on the source (or, when it never stopped, until the rollback ended).
         if ctx.freeze_t is not None:

@@ -17,7 +17,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from ... import criu, ssh, validation
-from ...docker_engine import Engine, EngineError
+from ...docker_engine import Engine, EngineError, NotFoundError
 from ...models import CONTAINER, ENGINE, FINISHED, PHASE_OK, ROLLED_BACK, MigrationRun, Stage
 from .. import lifecycle, streams
 from ..errors import MigrationError
@@ -194,11 +194,14 @@ def prepare_source(ctx: Context):
 
 def _restore_restart_policy(engine, ctx: Context):
     if ctx.state.restart_policy:
-        engine.set_restart_policy(ctx.state.container["Id"], ctx.state.restart_policy)
+        try:
+            engine.set_restart_policy(ctx.state.container["Id"], ctx.state.restart_policy)
+        except NotFoundError:
+            pass  # the container is gone: there is nothing to restart
 
 
 def checkpoint(ctx: Context):
-    ctx.src.checkpoint(ctx.state.container["Id"], ctx.state.checkpoint)
+    ctx.src.checkpoint(ctx.state.container["Id"], ctx.state.checkpoint, timeout=ctx.call_timeout())
     ctx.state.checkpointed = True
     return Measured(detail=f"checkpoint {ctx.state.checkpoint}")
 
@@ -268,7 +271,7 @@ def restore(ctx: Context):
     cid = ctx.state.target_id
     ctx.set_stage(Stage.RESTORING)
     try:
-        ctx.dst.start(cid, checkpoint=ctx.state.checkpoint)
+        ctx.dst.start(cid, checkpoint=ctx.state.checkpoint, timeout=ctx.call_timeout())
         ctx.resumed_at = time.perf_counter()
     except EngineError as e:
         # Docker answered that the restore failed: nothing runs there. No
@@ -310,12 +313,15 @@ def cleanup(ctx: Context):
     if ctx.run.keep_source:
         # Kept stopped, with restart policy "no" (set before the freeze, or
         # never another one), so the engine never starts it again by itself.
-        ctx.src.delete_checkpoint(c["Id"], s.checkpoint)
+        _delete_checkpoint(ctx.src, c["Id"], s.checkpoint)
         detail = "source container kept (stopped, restart policy no)"
     else:
-        ctx.src.remove(c["Id"])  # removes its checkpoints with it
+        try:
+            ctx.src.remove(c["Id"])  # removes its checkpoints with it
+        except NotFoundError:
+            pass  # a recovery finishing this cleanup after a crash
         detail = f"source container {c['Id'][:12]} removed"
-    ctx.dst.delete_checkpoint(s.target_id, s.checkpoint)
+    _delete_checkpoint(ctx.dst, s.target_id, s.checkpoint)
     return Measured(detail=detail)
 
 
@@ -334,23 +340,57 @@ def _container_may_run(host, container_id):
         return True  # unknown: assume the worst
 
 
+# How long a rollback waits for the target's engine: it may be the very
+# thing that stopped answering, and the workload waits frozen meanwhile.
+TARGET_ENGINE_TIMEOUT = 10
+
+# Makes a prepared target container impossible to start from the run's
+# checkpoint: its checkpoint files and staging directory go, and the check
+# that they are gone is the exit status. A restore the engine queued and
+# never answered then fails ("checkpoint does not exist") instead of
+# starting a second copy later. $1 the container's directory, $2 checkpoint.
+DISARM_SCRIPT = r"""
+rm -rf -- "$1/checkpoints/$2" "$1/criuweb-$2"
+[ ! -e "$1/checkpoints/$2" ]
+"""
+
+
+def _disarm_target(ctx: Context) -> str:
+    """Make sure the target copy neither runs nor can start; return what stays there ("" if nothing)."""
+    s = ctx.state
+    target, short = ctx.target.name, s.target_id[:12]
+    if s.dst_root and s.checkpoint:
+        try:
+            with ssh.Connection(ctx.target) as conn:
+                conn.sh(DISARM_SCRIPT, f"{s.dst_root}/containers/{s.target_id}", s.checkpoint, timeout=30)
+        except ssh.SSHError as e:
+            if ctx.target_may_run:
+                raise unsafe_to_resume(ctx, e) from e
+            # Never started there, and nobody will start it: it never got
+            # an answered restore call. Only a created container is left.
+            return f"container {short} (created, never started) stays on {target} ({e})"
+    try:
+        with Engine(ctx.target, timeout=TARGET_ENGINE_TIMEOUT) as dst:
+            dst.remove(s.target_id, timeout=TARGET_ENGINE_TIMEOUT)
+        return ""
+    except NotFoundError:
+        return ""
+    except (EngineError, ssh.SSHError) as e:
+        if ctx.target_may_run and _container_may_run(ctx.target, s.target_id):
+            raise unsafe_to_resume(ctx, e) from e
+        # Its engine holds it, maybe with a restore call queued: that call
+        # now fails for want of the checkpoint. Removed by its label later.
+        return f"container {short} stays on {target} until its engine answers (its checkpoint is gone: {e})"
+
+
 def rollback(ctx: Context):
+    """Bring the container back on the source; restartable from the stored state alone."""
     s = ctx.state
     c = s.container
-    note = ""
-    if s.target_id:
-        # The target copy goes first, so two never run at once; on a fresh
-        # connection, as the old one may be what failed.
-        try:
-            with Engine(ctx.target) as dst:
-                dst.remove(s.target_id)
-        except (EngineError, ssh.SSHError) as e:
-            if ctx.target_may_run and _container_may_run(ctx.target, s.target_id):
-                raise unsafe_to_resume(ctx, e)
-            # Docker said the restore failed; the next run to this host
-            # clears the stopped leftover by its label.
-            note = f"; left a stopped container {s.target_id[:12]} on {ctx.target.name} ({e})"
-    with Engine(ctx.source) as src:
+    # The target copy goes first, so two never run at once; on fresh
+    # connections, as the old ones may be what failed.
+    leftovers = _disarm_target(ctx) if s.target_id else ""
+    with Engine(ctx.source, timeout=ctx.call_timeout()) as src:
         # Its checkpoint, when the checkpoint call's answer was lost but
         # Docker finished it all the same.
         checkpointed = s.checkpointed or s.checkpoint in src.checkpoints(c["Id"])
@@ -359,8 +399,9 @@ def rollback(ctx: Context):
                 # Its state is gone (the checkpoint failed after CRIU stopped
                 # it); running it afresh beats running nothing.
                 src.start(c["Id"])
-                _restore_restart_policy(src, ctx)
                 ctx.run.result_workload = c["Id"][:12]
+                ctx.resumed_on_source(leftovers)
+                _restore_restart_policy(src, ctx)
                 raise MigrationError(
                     f"{ctx.source.name}: the container stopped without a checkpoint: its state is lost; "
                     f"started it again from its image"
@@ -372,23 +413,64 @@ def rollback(ctx: Context):
             # (moby/moby#42900). A new mtime makes the tar differ.
             cp_dir = f"{s.src_root}/containers/{c['Id']}/checkpoints/{s.checkpoint}"
             src.conn.run(["touch", "-c", f"{cp_dir}/descriptors.json"])
-            src.start(c["Id"], checkpoint=s.checkpoint)
+            src.start(c["Id"], checkpoint=s.checkpoint, timeout=ctx.call_timeout())
             ctx.resumed_at = time.perf_counter()
+        ctx.run.result_workload = c["Id"][:12]
+        ctx.resumed_on_source(leftovers)
         if not settle(lambda: src.inspect(c["Id"])["State"]["Running"]):
             raise MigrationError(f"{ctx.source.name}: the container does not stay running after rollback")
         if checkpointed:
-            src.delete_checkpoint(c["Id"], s.checkpoint)
+            _delete_checkpoint(src, c["Id"], s.checkpoint)
         _restore_restart_policy(src, ctx)
-    ctx.run.result_workload = c["Id"][:12]
+    note = f"; {leftovers}" if leftovers else ""
     return Measured(detail=f"container {c['Id'][:12]} running again on {ctx.source.name}{note}")
 
 
+def _delete_checkpoint(engine, container_id, checkpoint):
+    try:
+        engine.delete_checkpoint(container_id, checkpoint)
+    except NotFoundError:
+        pass  # a recovery after a crash may find it gone already
+
+
+def adopt(ctx: Context) -> bool:
+    """After a crash: whether the container restored on the target runs there (recorded if so)."""
+    s = ctx.state
+    if not s.target_id:
+        return False
+    with Engine(ctx.target, timeout=TARGET_ENGINE_TIMEOUT) as dst:
+
+        def running():
+            found = dst.find_container(s.target_id)
+            st = found["State"] if found else {}
+            return (st["Pid"], st["StartedAt"]) if st.get("Running") and not st.get("Restarting") else None
+
+        if not settle(running):
+            return False
+    ctx.run.result_workload = s.target_id[:12]
+    return True
+
+
 def abort(ctx: Context):
-    """Undo preparation when the run fails before the freeze."""
-    if ctx.state.target_id and ctx.dst is not None:
-        ctx.dst.remove(ctx.state.target_id)
-    if ctx.src is not None:
-        _restore_restart_policy(ctx.src, ctx)
+    """Remove what the run made while the container runs on the source; restartable after a crash."""
+    s = ctx.state
+    if s.target_id:
+        # Anything run from it on the target is a second copy.
+        dst = ctx.dst if ctx.dst is not None else Engine(ctx.target, timeout=TARGET_ENGINE_TIMEOUT).__enter__()
+        try:
+            dst.remove(s.target_id, timeout=TARGET_ENGINE_TIMEOUT)
+        except NotFoundError:
+            pass
+        finally:
+            if dst is not ctx.dst:
+                dst.close()
+    if s.restart_policy and s.container:
+        src = ctx.src if ctx.src is not None else Engine(ctx.source, timeout=TARGET_ENGINE_TIMEOUT).__enter__()
+        try:
+            _restore_restart_policy(src, ctx)
+        finally:
+            if src is not ctx.src:
+                src.close()
 
 
 PLAN = Plan(
@@ -411,4 +493,5 @@ PLAN = Plan(
     ),
     rollback=rollback,
     abort=abort,
+    adopt=adopt,
 )

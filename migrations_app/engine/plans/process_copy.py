@@ -123,7 +123,7 @@ def preflight_target(ctx: Context):
 def dump(ctx: Context):
     s = ctx.state
     try:
-        criu.dump(ctx.src, s.pid, s.src_images, s.resolved, s.criu_opts)
+        criu.dump(ctx.src, s.pid, s.src_images, s.resolved, s.criu_opts, timeout=ctx.call_timeout())
     except criu.CriuError:
         # CRIU resumes the tree when a dump fails; nothing to restore then.
         if pid_alive(ctx.src, s.pid):
@@ -145,7 +145,7 @@ def restore(ctx: Context):
     images = ctx.state.dst_images
     ctx.set_stage(Stage.RESTORING)
     try:
-        pid = criu.restore(ctx.dst, images, extra=ctx.state.criu_opts)
+        pid = criu.restore(ctx.dst, images, timeout=ctx.call_timeout(), extra=ctx.state.criu_opts)
         ctx.resumed_at = time.perf_counter()
     except criu.CriuError as e:
         if e.definitive:  # CRIU said it failed: nothing runs there
@@ -176,37 +176,80 @@ def cleanup(ctx: Context):
 
 
 def rollback(ctx: Context):
+    """Bring the tree back on the source; restartable from the stored state alone."""
     s = ctx.state
+    leftovers = ""
     if s.dst_images:
+        # No restore from these images may run or start on the target once
+        # the source runs again. On a fresh connection: the old one may be
+        # what failed.
         try:
             with ssh.Connection(ctx.target) as dst:
-                criu.kill_restored(dst, s.dst_images, s.target_pid)
-                dst.run(["rm", "-rf", "--", s.dst_images], check=False)
+                criu.kill_restored(dst, s.dst_images, s.target_pid, timeout=30)
         except ssh.SSHError as e:
             if ctx.target_may_run:
                 raise unsafe_to_resume(ctx, e) from e
+            # Never restored there: only files are left.
+            leftovers = f"{s.dst_images} stays on {ctx.target.name} ({e}); `manage.py recover` removes it"
     with ssh.Connection(ctx.source) as src:
         if not s.dumped:
             # The dump's answer was lost: the tree still runs, or CRIU
             # finished and its images are complete (inventory.img is last).
             if pid_alive(src, s.pid):
                 ctx.run.result_workload = str(s.pid)
+                ctx.resumed_on_source(leftovers)
+                src.run(["rm", "-rf", "--", s.src_images], check=False)
                 return Measured(detail=f"PID {s.pid} still running on {ctx.source.name}")
             if src.run(["test", "-s", f"{s.src_images}/inventory.img"], check=False).rc != 0:
                 raise MigrationError(f"{ctx.source.name}: the process stopped and no images were written")
-        pid = criu.restore(src, s.src_images, extra=s.criu_opts)
+        pid = criu.restore(src, s.src_images, timeout=ctx.call_timeout(), extra=s.criu_opts)
         ctx.resumed_at = time.perf_counter()
+        ctx.run.result_workload = str(pid)
+        # Recorded before anything else: a second restore from these images
+        # would be a second copy.
+        ctx.resumed_on_source(leftovers)
         if not settle(lambda: pid_alive(src, pid)):
             raise MigrationError(f"{ctx.source.name}: the process does not stay running after rollback")
-        ctx.run.result_workload = str(pid)
         src.run(["rm", "-rf", "--", s.src_images], check=False)
     return Measured(detail=f"PID {pid} running again on {ctx.source.name}")
 
 
+def adopt(ctx: Context) -> bool:
+    """After a crash: whether a copy restored on the target runs there; if so it is recorded.
+
+    The restore's answer may never have come back; the namespace holder's
+    PID file, beside the images, finds what it restored.
+    """
+    s = ctx.state
+    if not s.dst_images:
+        return False
+    with ssh.Connection(ctx.target) as dst:
+        pid = s.target_pid or criu.restored_root(dst, s.dst_images)
+        if not pid or not settle(lambda: pid_alive(dst, pid)):
+            return False
+    s.target_pid = pid
+    ctx.run.result_workload = str(pid)
+    return True
+
+
 def abort(ctx: Context):
-    for conn, path in ((ctx.src, ctx.state.src_images), (ctx.dst, ctx.state.dst_images)):
-        if conn is not None and path:
-            conn.run(["rm", "-rf", "--", path], check=False)
+    """Remove what the run made on both hosts while the tree runs on the source."""
+    s = ctx.state
+    if s.src_images:
+        # Only files: after a rollback the tree on the source runs under a
+        # holder whose PID file is in this directory, and must live.
+        _on(ctx.src, ctx.source, lambda conn: conn.run(["rm", "-rf", "--", s.src_images], timeout=60))
+    if s.dst_images:
+        # Anything restored on the target from these images is a second copy.
+        _on(ctx.dst, ctx.target, lambda conn: criu.kill_restored(conn, s.dst_images, timeout=30))
+
+
+def _on(conn, host, action):
+    """action(connection to host): the run's own connection, or a fresh one after a crash."""
+    if conn is not None:
+        return action(conn)
+    with ssh.Connection(host) as fresh:
+        return action(fresh)
 
 
 PLAN = Plan(
@@ -226,4 +269,5 @@ PLAN = Plan(
     ),
     rollback=rollback,
     abort=abort,
+    adopt=adopt,
 )

@@ -3,7 +3,7 @@ import json
 from django.core.management.base import BaseCommand, CommandError
 
 from migrations_app import engine
-from migrations_app.engine import plans
+from migrations_app.engine import plans, recovery
 from migrations_app.models import CONTAINER, PROCESS, SUCCEEDED, TCP_CLOSE, TCP_ESTABLISHED, Host
 
 
@@ -42,16 +42,26 @@ class Command(BaseCommand):
             "--probe", metavar="HOST:PORT", default="",
             help="poll this address every 10 ms during the run and record the longest outage as observed downtime",
         )
+        parser.add_argument(
+            "--freeze-limit",
+            type=float,
+            metavar="SECONDS",
+            help="roll back when the workload stays frozen longer than this "
+            "(default: CRIUWEB_FREEZE_LIMIT plus CRIUWEB_FREEZE_LIMIT_PER_GIB per GiB)",
+        )
 
     def handle(self, source, target, container, pid, keep_source, probe, strategy=None, **options):
         as_json = options["json"]
         src, dst = _host(source), _host(target)
         # `is not None`: --container '' is an empty name, not "no container".
         kind, workload = (CONTAINER, container) if container is not None else (PROCESS, pid)
+        # Runs an earlier CLI or server left behind go first: one of them
+        # may hold this very workload frozen.
+        recovery.recover_all(lambda r: self.stderr.write(f"recovered run {r.code}: {r.status}: {r.error}"))
         try:
             run = engine.create_run(
                 src, dst, kind, workload, keep_source=keep_source, probe=probe, tcp=options["tcp"],
-                shared_storage=options["shared_storage"], strategy=strategy,
+                shared_storage=options["shared_storage"], strategy=strategy, freeze_limit=options["freeze_limit"],
             )  # fmt: skip
         except engine.MigrationError as e:
             raise CommandError(str(e))

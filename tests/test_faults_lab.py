@@ -1,0 +1,309 @@
+"""The fault matrix, on the real lab: a controller killed mid-run, a target
+engine that stops answering, a network cut during the transfer.
+
+After each fault, exactly one copy of the workload runs and its counter goes
+on: containers from their checkpointed value, processes with no value lost
+or repeated. Freeze limits are a few seconds here (the per-run option), so
+these tests stay fast.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.core.management import call_command
+
+from migrations_app import lab, ssh
+from migrations_app.docker_engine import Engine
+from migrations_app.engine import create_run, execute
+from migrations_app.engine.runner import TEST_PAUSE_ENV
+from migrations_app.models import CONTAINER, PROCESS, ROLLED_BACK, SUCCEEDED, MigrationRun, Stage
+from tests.support import wait_for
+
+pytestmark = [pytest.mark.lab, pytest.mark.django_db(transaction=True)]
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+# Short enough to keep the tests fast, long enough for a busy 2-core machine.
+FREEZE_LIMIT = 6
+
+
+def values(text):
+    return [int(line) for line in text.split()]
+
+
+def assert_consecutive(seq):
+    assert seq, "the counter printed nothing"
+    assert seq == list(range(seq[0], seq[0] + len(seq))), f"values skipped or repeated: {seq}"
+
+
+def lab_host(name):
+    return next(h for h in lab.HOSTS if h.name == name)
+
+
+def cli(*args, pause_after=None):
+    """`manage.py migrate_workload` in a process of its own, on the test lab and database."""
+    env = dict(os.environ, DJANGO_SETTINGS_MODULE="criuweb.settings_test",
+               DATABASE_URL=f"sqlite:///{settings.DATABASES['default']['NAME']}")
+    if pause_after:
+        env[TEST_PAUSE_ENV] = f"{pause_after}=120"
+    return subprocess.Popen([sys.executable, "manage.py", "migrate_workload", *args], cwd=BASE_DIR, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def kill_when_paused(proc, phase):
+    """SIGKILL the CLI once it says it paused right after `phase`; return what it printed."""
+    lines = []
+    deadline = time.monotonic() + 120
+    for line in proc.stderr:
+        lines.append(line)
+        if f"criuweb test pause: after {phase}" in line:
+            proc.kill()
+            proc.wait()
+            return lines
+        if time.monotonic() > deadline:
+            break
+    proc.kill()
+    raise AssertionError(f"the CLI never reached {phase}: {''.join(lines)}{proc.stdout.read()}")
+
+
+def recover_all():
+    call_command("recover")
+
+
+def running_copies(hosts, name):
+    """The hosts where a container of that name runs."""
+    found = []
+    for host in hosts:
+        with Engine(host) as engine:
+            c = engine.find_container(name)
+            if c and c["State"]["Running"]:
+                found.append(host.name)
+    return found
+
+
+# -- the controller killed ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("phase", ["checkpoint", "transfer", "restore"])
+def test_cli_killed_container(hosts, counter_container, phase):
+    lab1, lab2 = hosts
+    name = counter_container
+    proc = cli("--source", "lab-1", "--target", "lab-2", "--container", name, "--freeze-limit", "300",
+               pause_after=phase)
+    kill_when_paused(proc, phase)
+    run = MigrationRun.objects.get(workload=name)
+    assert run.status == "running" and run.stage in (Stage.FROZEN, Stage.RESTORING)
+    with Engine(lab1) as engine:
+        before = values(engine.logs(name))  # what it printed until the checkpoint froze it
+    recover_all()
+    run.refresh_from_db()
+    assert f"PID {proc.pid} on" in run.error, run.error  # the dead CLI named, not "the server stopped"
+    assert run.stage == Stage.DONE
+    assert running_copies(hosts, name) == (["lab-2"] if run.status == SUCCEEDED else ["lab-1"])
+    if phase == "restore":
+        # Restored on lab-2 before the CLI died: kept there, not thrown away.
+        assert run.status == SUCCEEDED, run.error
+        assert "runs on lab-2" in run.error
+        with Engine(lab2) as engine:
+            after = wait_for(lambda: (v := values(engine.logs(name))) and len(v) >= 2 and v)
+        assert after[0] == before[-1] + 1, (before[-3:], after[:3])
+        assert_consecutive(after)
+        with Engine(lab1) as engine:
+            assert not engine.exists(name)
+    else:
+        assert run.status == ROLLED_BACK, run.error
+        assert "runs on lab-1 again" in run.error and "checkpoint cw-" in run.error, run.error
+        with Engine(lab1) as engine:
+            count = len(before)
+            after = wait_for(lambda: (v := values(engine.logs(name))) and len(v) >= count + 2 and v)
+        # The same container's log: from its first value, through the
+        # checkpoint, on from the checkpointed value with nothing lost.
+        assert_consecutive(after)
+        with Engine(lab2) as engine:
+            assert not engine.exists(name), "the prepared target container stays"
+
+
+@pytest.fixture
+def counter_process(hosts):
+    path = settings.LAB_ROOT / f"counter-{uuid.uuid4().hex[:8]}.log"
+    with ssh.Connection(hosts[0]) as conn:
+        pid = lab.start_process(conn, lab.PROCESS_COUNTER_SCRIPT, str(path))
+    wait_for(lambda: path.exists() and len(values(path.read_text())) >= 2, message="counter did not start")
+    yield path
+    for pid in counter_pids(path):
+        _kill_with_holder(pid)
+    path.unlink(missing_ok=True)
+
+
+def counter_pids(path):
+    """PIDs of the counter processes writing to path, wherever they run."""
+    wanted = ["sh", "-c", lab.PROCESS_COUNTER_SCRIPT, "sh", str(path)]
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = [a.decode() for a in (entry / "cmdline").read_bytes().split(b"\0")[:-1]]
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if argv == wanted and state != "Z":
+            pids.append(int(entry.name))
+    return pids
+
+
+def _kill_with_holder(pid):
+    # A restored tree lives under a namespace holder: kill both.
+    try:
+        ppid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return
+    for p in (pid, ppid):
+        if p > 1:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+@pytest.mark.parametrize("phase", ["dump", "transfer", "restore"])
+def test_cli_killed_process(hosts, counter_process, phase):
+    path = counter_process
+    (pid,) = counter_pids(path)
+    proc = cli("--source", "lab-1", "--target", "lab-2", "--pid", str(pid), "--freeze-limit", "300",
+               pause_after=phase)
+    kill_when_paused(proc, phase)
+    recover_all()
+    run = MigrationRun.objects.get(workload=str(pid))
+    assert run.stage == Stage.DONE, run.error
+    pids = wait_for(lambda: counter_pids(path), message="no counter runs after the recovery")
+    assert len(pids) == 1, f"{len(pids)} copies run"
+    where = lab.host_of_pid(pids[0])
+    if phase == "restore":
+        assert run.status == SUCCEEDED and where == "lab-2", run.error
+    else:
+        assert run.status == ROLLED_BACK and where == "lab-1", run.error
+        assert "restored from the images in" in run.error
+    assert run.result_workload == str(pids[0])
+    count = len(values(path.read_text()))
+    wait_for(lambda: len(values(path.read_text())) >= count + 2, message="the counter stopped")
+    # One file across both hosts: no value lost, none written twice.
+    assert_consecutive(values(path.read_text()))
+    for host in hosts:
+        with ssh.Connection(host) as conn:
+            left = conn.run(["ls", f"{host.work_dir}/runs"], check=False).stdout.split()
+        assert str(run.code) not in " ".join(left), f"images of the run left on {host.name}: {left}"
+
+
+# -- a target engine that stops answering ------------------------------------------------
+
+
+def test_stalled_target_engine_rolls_back_within_the_limit(hosts, counter_container):
+    lab1, lab2 = hosts
+    name = counter_container
+    dockerd = lab._alive(lab_host("lab-2").dockerd_pid)
+    seen = {}
+
+    def stop_engine(ctx):
+        os.kill(dockerd, signal.SIGSTOP)
+        seen["stopped"] = True
+
+    run = create_run(lab1, lab2, CONTAINER, name, freeze_limit=FREEZE_LIMIT)
+    try:
+        execute(run, after_phase={"prepare target": stop_engine})
+        run.refresh_from_db()
+        # Ended by the freeze limit, not by a call's own (10-minute) timeout.
+        assert run.status == ROLLED_BACK, run.error
+        assert run.error.startswith(f"restore did not end within the freeze limit of {FREEZE_LIMIT} s"), run.error
+        assert run.stage == Stage.LEFTOVERS  # the engine never answered: its container waits for a recovery
+        with Engine(lab1) as engine:
+            assert engine.inspect(name)["State"]["Running"]
+        target_id = run.state["target_id"]
+        checkpoint_dir = lab_host("lab-2").data_root / "containers" / target_id / "checkpoints" / run.state["checkpoint"]
+        assert not checkpoint_dir.exists(), "the target copy could still start"
+    finally:
+        if seen:
+            os.kill(dockerd, signal.SIGCONT)
+    # The engine now carries out the restore it queued: it must fail, for
+    # want of the checkpoint, rather than start a second copy.
+    with Engine(lab2) as engine:
+        wait_for(lambda: engine.find_container(target_id) is None
+                 or engine.inspect(target_id)["State"]["Status"] in ("created", "exited"), 30)
+        time.sleep(2)  # time for a late start to show, were it to happen
+    assert running_copies(hosts, name) == ["lab-1"]
+    recover_all()
+    run.refresh_from_db()
+    assert run.stage == Stage.DONE and run.status == ROLLED_BACK, run.error
+    with Engine(lab2) as engine:
+        assert engine.find_container(target_id) is None
+    assert running_copies(hosts, name) == ["lab-1"]
+
+
+# -- a network cut during the transfer ------------------------------------------------------
+
+
+def test_network_cut_during_transfer_rolls_back_and_leftovers_go(hosts, counter_container):
+    lab1, lab2 = hosts
+    name = counter_container
+    veth = lab_host("lab-2").veth
+    cut = {}
+
+    def cut_network(ctx):
+        lab.sh("ip", "link", "set", veth, "down")
+        cut["at"] = time.monotonic()
+
+    run = create_run(lab1, lab2, CONTAINER, name, freeze_limit=FREEZE_LIMIT)
+    try:
+        execute(run, after_phase={"checkpoint": cut_network})
+    finally:
+        lab.sh("ip", "link", "set", veth, "up")
+    run.refresh_from_db()
+    assert run.status == ROLLED_BACK, run.error
+    assert "freeze limit" in run.error, run.error
+    assert run.phases.get(name="transfer").status == "failed"
+    with Engine(lab1) as engine:
+        assert engine.inspect(name)["State"]["Running"]
+        assert values(engine.logs(name))
+    target_id = run.state["target_id"]
+    container_dir = lab_host("lab-2").data_root / "containers" / target_id
+    # lab-2 was out of reach during the rollback: what the run made there
+    # (a created container, its staging directory) waits for a recovery.
+    assert run.stage == Stage.LEFTOVERS, run.stage
+    wait_for(lambda: ssh_ok(lab2), 30, "lab-2 did not come back")
+    recover_all()
+    run.refresh_from_db()
+    assert run.stage == Stage.DONE and run.status == ROLLED_BACK, run.error
+    assert not container_dir.exists()
+    with Engine(lab2) as engine:
+        assert engine.find_container(target_id) is None
+    assert running_copies(hosts, name) == ["lab-1"]
+
+
+def ssh_ok(host):
+    try:
+        with ssh.Connection(host) as conn:
+            return conn.run(["true"]).rc == 0
+    except ssh.SSHError:
+        return False
+
+
+def test_recover_now_button_needs_permission(hosts, client, operator, viewer):
+    lab1, lab2 = hosts
+    run = create_run(lab1, lab2, PROCESS, "999999")
+    MigrationRun.objects.filter(pk=run.pk).update(status="interrupted", stage=Stage.PREPARING)
+    url = f"/runs/{run.code}/recover/"
+    client.force_login(viewer)
+    assert client.post(url).status_code == 403
+    client.force_login(operator)
+    assert b"Recover now" in client.get(f"/runs/{run.code}/").content
+    assert client.get(url).status_code == 405
+    response = client.post(url)
+    assert response.status_code == 302
+    run.refresh_from_db()
+    wait_for(lambda: MigrationRun.objects.get(pk=run.pk).stage == Stage.DONE, 30)

@@ -1,0 +1,202 @@
+"""The recovery's and the freeze limit's own logic, on plans of plain functions.
+
+Nothing here touches a host: what is under test is which plan function a
+stage leads to, what the run says afterwards, and that the watchdog ends a
+blocked phase. tests/test_faults_lab.py makes the same faults happen for
+real (a killed CLI, a stopped engine, a network cut).
+"""
+
+import dataclasses
+import os
+import socket
+import threading
+
+import pytest
+
+from migrations_app import engine
+from migrations_app.engine import Measured, Plan, Step, plans, recovery
+from migrations_app.models import (
+    CONTAINER,
+    ENGINE,
+    FAILED,
+    INTERRUPTED,
+    ROLLED_BACK,
+    RUNNING,
+    SUCCEEDED,
+    Host,
+    MigrationRun,
+    Stage,
+)
+
+
+@dataclasses.dataclass
+class State:
+    checkpoint: str = ""
+    moved: bool = False
+
+
+@pytest.fixture
+def hosts(db):
+    return (Host.objects.create(name="a", address="10.0.0.1", key_path="/k"),
+            Host.objects.create(name="b", address="10.0.0.2", key_path="/k"))
+
+
+def dead_worker():
+    boot = engine.worker_id().split(":")[1]
+    return f"{socket.gethostname()}:{boot}:{2**22 + 4321}:1"
+
+
+class Calls(list):
+    def fn(self, name, result=None, fail=None):
+        def f(ctx):
+            self.append((name, ctx.stage.value, dataclasses.asdict(ctx.state)))
+            if fail:
+                raise engine.MigrationError(fail)
+            return result
+
+        return f
+
+
+def install(monkeypatch, calls, steps=None, adopt=None, rollback_fails=None):
+    steps = steps or (
+        Step("freeze", "source", calls.fn("freeze"), freezes=True),
+        Step("restore", "target", calls.fn("restore"), resumes=True),
+        Step("verify", "target", calls.fn("verify"), commits=True),
+        Step("cleanup", "both", calls.fn("cleanup")),
+    )
+    monkeypatch.setitem(plans.PLANS, (CONTAINER, ENGINE), Plan(
+        kind=CONTAINER, strategy=ENGINE, label="test", steps=tuple(steps), state=State,
+        rollback=calls.fn("rollback", Measured(detail="back"), fail=rollback_fails), abort=calls.fn("abort"),
+        adopt=adopt,
+    ))
+    # Fresh connections are not what is under test here.
+    monkeypatch.setattr(recovery, "connect", lambda host, kind: _NoConnection())
+
+
+class _NoConnection:
+    def close(self):
+        pass
+
+    def interrupt(self):
+        pass
+
+
+def stored_run(hosts, stage, status=RUNNING, worker=None):
+    run = engine.create_run(hosts[0], hosts[1], CONTAINER, "web")
+    MigrationRun.objects.filter(pk=run.pk).update(
+        status=status, stage=stage, worker=worker if worker is not None else dead_worker(),
+        state={"checkpoint": "cw-123", "moved": True},
+    )
+    run.refresh_from_db()
+    return run
+
+
+@pytest.mark.parametrize("stage, called, status, says", [
+    (Stage.PREPARING, "abort", FAILED, "before anything was frozen. the container web runs on a as before"),
+    (Stage.FROZEN, "rollback", ROLLED_BACK, "Recovered: the container web runs on a again ("),
+    (Stage.RESTORING, "rollback", ROLLED_BACK, "restored from checkpoint cw-123"),
+    (Stage.VERIFIED, "cleanup", SUCCEEDED, "runs on b (); the cleanup is finished"),
+    (Stage.LEFTOVERS, "abort", ROLLED_BACK, "what the run left on b is removed"),
+])
+def test_each_stage_leads_to_its_action(hosts, monkeypatch, stage, called, status, says):
+    calls = Calls()
+    install(monkeypatch, calls)
+    run = stored_run(hosts, stage)
+    done = recovery.recover_all()
+    assert [r.pk for r in done] == [run.pk]
+    run.refresh_from_db()
+    assert [c[0] for c in calls] == [called]
+    # The plan function got the stored stage and state back, not defaults.
+    assert calls[0][1] == stage.value and calls[0][2] == {"checkpoint": "cw-123", "moved": True}
+    assert run.status == status and run.stage == Stage.DONE
+    assert run.error.startswith("interrupted: the worker process that ran it (PID 4198625 on "), run.error
+    assert says in run.error, run.error
+    assert run.phases.get(name="recovery").status == "ok"
+
+
+def test_a_copy_found_running_on_the_target_is_kept(hosts, monkeypatch):
+    calls = Calls()
+    install(monkeypatch, calls, adopt=lambda ctx: True)
+    run = stored_run(hosts, Stage.RESTORING)
+    recovery.recover_all()
+    run.refresh_from_db()
+    assert [c[0] for c in calls] == ["cleanup"]
+    assert run.status == SUCCEEDED and "the copy restored on the target was found running and kept" in run.error
+
+
+def test_a_failed_recovery_says_what_to_do(hosts, monkeypatch):
+    calls = Calls()
+    install(monkeypatch, calls, rollback_fails="a: criu restore failed")
+    run = stored_run(hosts, Stage.FROZEN)
+    recovery.recover_all()
+    run.refresh_from_db()
+    assert run.status == FAILED and run.stage == Stage.FROZEN
+    assert "Recovery failed: a: criu restore failed." in run.error, run.error
+    assert run.phases.get(name="recovery").status == "failed"
+    # Left for a person (the run page's button), not retried at every start.
+    assert recovery.recoverable(run)
+    assert list(recovery.pending_recovery()) == []
+
+
+def test_runs_at_work_are_left_alone(hosts, monkeypatch):
+    calls = Calls()
+    install(monkeypatch, calls)
+    alive = engine.worker_id(os.getpid())
+    stored_run(hosts, Stage.FROZEN, worker=alive)  # its worker (this process) still runs it
+    assert recovery.recover_all() == []
+    assert calls == []
+    assert MigrationRun.objects.get().status == RUNNING
+
+
+def test_a_run_is_recovered_once(hosts, monkeypatch):
+    calls = Calls()
+    install(monkeypatch, calls)
+    run = stored_run(hosts, Stage.FROZEN, status=INTERRUPTED)
+    stale = MigrationRun.objects.get(pk=run.pk)
+    assert recovery.recover(run) is not None
+    # Another process that read the run before: its claim fails.
+    assert recovery.recover(stale) is None
+    assert [c[0] for c in calls] == ["rollback"]
+
+
+def test_freeze_limit_ends_a_blocked_phase(hosts, monkeypatch):
+    calls = Calls()
+    unblocked = threading.Event()
+
+    class Conn(_NoConnection):
+        # Stands for a connection to an engine that never answers: the lab
+        # test stops a real dockerd; here the runner's bookkeeping is tested.
+        def interrupt(self):
+            unblocked.set()
+
+    def freeze(ctx):
+        ctx.src = Conn()
+
+    def hang(ctx):
+        if not unblocked.wait(30):
+            raise AssertionError("never interrupted")
+        raise engine.MigrationError("b: connection closed")
+
+    install(monkeypatch, calls, steps=(
+        Step("freeze", "source", freeze, freezes=True),
+        Step("restore", "target", hang, resumes=True),
+    ))
+    run = engine.create_run(hosts[0], hosts[1], CONTAINER, "web", freeze_limit=0.5)
+    engine.execute(run)
+    run.refresh_from_db()
+    assert run.status == ROLLED_BACK
+    assert run.error == ("restore did not end within the freeze limit of 0.5 s (the workload stayed frozen that "
+                         "long): b: connection closed")
+    assert [c[0] for c in calls] == ["rollback"]
+    assert run.stage == Stage.DONE
+
+
+def test_freeze_limit_grows_with_the_workload(hosts, settings):
+    settings.FREEZE_LIMIT, settings.FREEZE_LIMIT_PER_GIB = 60, 30
+    run = engine.create_run(hosts[0], hosts[1], CONTAINER, "web")
+    run.expected_bytes = 2 * 2**30
+    assert engine.runner.freeze_limit(run) == 120
+    run.freeze_limit = 5
+    assert engine.runner.freeze_limit(run) == 5
+    with pytest.raises(engine.MigrationError, match="freeze limit must be between"):
+        engine.create_run(hosts[0], hosts[1], CONTAINER, "other", freeze_limit=-1)
