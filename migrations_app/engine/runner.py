@@ -284,7 +284,9 @@ def _run_steps(ctx: Context, steps: tuple[Step, ...], after_phase, on_phase):
                 # From here a failure must bring the workload back; stored
                 # first, so that a recovery after a crash knows it too.
                 ctx.set_stage(Stage.FROZEN)
-                ctx.freeze_t = time.perf_counter()
+                # Downtime counts from the start of the freezing phase, as
+                # its timer does (the stage write above is part of it).
+                ctx.freeze_t = timer.t0
                 ctx.watchdog = _Watchdog(ctx, freeze_limit(run))
             measured = step.run(ctx) or Measured()
             _test_pause(step.name)
