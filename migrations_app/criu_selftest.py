@@ -11,10 +11,14 @@ passes it on Linux >= 6.16 yet fails to dump any INET socket there
 process holding a listening TCP socket on 127.0.0.1, checked afterwards by
 talking to it.
 
+--mode moves the pages the way a strategy does (local images, through
+`criu page-server`, or lazily with `criu lazy-pages`; see run()), and extra
+dump and restore options let a strategy test its own flags on the same
+process.
+
 It prints one JSON object: {"ok", "stage", "error", "dump_s", "restore_s",
-"pids"} (pids: every process it started, all stopped when it exits);
-"error" is CRIU's first real error line when CRIU failed. Extra dump and
-restore options let a strategy test its own flags on the same process.
+"pages_s" (lazy only), "pids"} (pids: every process it started, all stopped
+when it exits); "error" is CRIU's first real error line when CRIU failed.
 """
 
 from __future__ import annotations
