@@ -174,6 +174,10 @@ def stop(w: Workload) -> None:
     if w.kind == PROCESS:
         for pid in copies(w.argv):
             _kill(pid)
+        # SIGKILL is not instant: a process releasing a GiB takes a moment.
+        deadline = time.monotonic() + 10
+        while copies(w.argv) and time.monotonic() < deadline:
+            time.sleep(0.05)
         return
     for h in lab.HOSTS:
         host = Host.objects.get(name=h.name)

@@ -42,7 +42,8 @@ def test_bench_matrix_tiny(hosts):
         assert rows[variant]["mib"] == 8 and rows[variant]["n"] == 1
         assert rows[variant]["ratio"] == pytest.approx(rows[variant]["downtime_ms"] / rows["baseline"]["downtime_ms"])
     # Every memhog the benchmark started is stopped.
-    assert not [p for p in benchmark.copies_of_benchmark("t-tiny")]
+    left = benchmark.copies_of_benchmark("t-tiny")
+    assert not left, [(open(f"/proc/{p}/cmdline").read(), open(f"/proc/{p}/status").read()[:400]) for p in left]
 
 
 def test_bench_matrix_refuses_bad_input(db):
