@@ -337,7 +337,7 @@ def dump_argv(pid, images_dir, inner_pid=None, extra=()):
 # PID (PID 1 inside) ends every process of the namespace: how a rollback
 # removes a restore whose outcome it never heard.
 HOLDER = r"""
-import ctypes, os, sys
+import ctypes, os, select, sys
 pidfile, argv = sys.argv[1], sys.argv[2:]
 libc = ctypes.CDLL(None, use_errno=True)
 def ok(rc):
@@ -369,11 +369,17 @@ if holder == 0:
             break
     os.write(w, b"%d" % os.waitstatus_to_exitcode(status))
     os.close(w)
+    # Every process of the namespace dies with this one, a `criu dump` that
+    # entered it with nsenter included: that dump kills the tree at its very
+    # end, and the holder, left without children, would take the dump with
+    # it before it finished. So it stays while anything else lives here.
     while True:
         try:
             os.wait()
         except ChildProcessError:
-            break
+            if not [p for p in os.listdir("/proc") if p.isdigit() and p != "1"]:
+                break
+            select.select([], [], [], 0.005)
     sys.exit(0)
 try:
     # O_EXCL|O_NOFOLLOW: the directory came from another host, and a link
