@@ -29,7 +29,7 @@ from . import criu, ssh
 # The name criuweb's runtime wrapper is registered under in daemon.json's
 # "runtimes" (the lab does it; docs/fastpath.md for other hosts).
 RUNTIME_NAME = "criuweb"
-# Where the wrapper looks for restore markers (its CRIUWEB_RUNTIME_MARKS).
+# Where the wrapper looks for restore markers (its MARKS).
 MARKS_DIR = "/run/criuweb-runtime"
 
 
@@ -156,3 +156,94 @@ def runtime_ready(conn: ssh.Connection, info: dict) -> str:
     if conn.run(["test", "-x", path], check=False).rc != 0:
         raise RuncError(f"{conn.name}: the {RUNTIME_NAME!r} runtime's program {path!r} is missing")
     return path
+
+
+def pause(conn: ssh.Connection, state: RuncState, container_id: str) -> None:
+    """Freeze the container's cgroup, as `docker pause` does (quiet when it is frozen already)."""
+    conn.run([state.binary, "--root", state.root, "pause", container_id], check=False)
+
+
+# A lazy checkpoint: runc dumps everything but the memory, then CRIU serves
+# the pages from the frozen container on a port of $6 until a lazy-pages
+# daemon has pulled them all. Prints "ready <runc pid> <port>" when CRIU
+# serves (runc writes a zero byte to --status-fd then), then "exit <status>"
+# when runc ends. A free port is asked of the kernel first (CRIU takes no
+# port 0). $1 runc, $2 root, $3 images, $4 work, $5 container id, $6 address,
+# then more checkpoint options.
+LAZY_CHECKPOINT_SCRIPT = r"""
+runc=$1 root=$2 images=$3 work=$4 id=$5 addr=$6; shift 6
+rm -rf "$images" "$work" && mkdir -p "$images" "$work" || { echo "exit 90"; exit 0; }
+port=$(python3 -c 'import socket, sys
+s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET)
+s.bind((sys.argv[1], 0))
+print(s.getsockname()[1])' "$addr") || { echo "exit 91"; exit 0; }
+fifo="$work/.lazy-ready"
+mkfifo -m 600 "$fifo" || { echo "exit 92"; exit 0; }
+"$runc" --root "$root" checkpoint --image-path "$images" --work-path "$work" --lazy-pages \
+    --page-server "$addr:$port" --status-fd 9 "$@" "$id" 9>"$fifo" </dev/null >"$work/runc.out" 2>&1 &
+pid=$!
+ready=$(head -c1 "$fifo" | od -An -tx1 | tr -d ' \n')
+rm -f "$fifo"
+[ "$ready" = 00 ] && echo "ready $pid $port"
+wait "$pid"
+echo "exit $?"
+"""
+
+
+class LazyCheckpoint:
+    """A `runc checkpoint --lazy-pages` serving a container's memory, on an SSH channel of its own."""
+
+    def __init__(self, conn: ssh.Connection, state: RuncState, container_id: str, images: str, work: str,
+                 address: str, extra: list[str] | None = None, timeout: int = 600):  # fmt: skip
+        self.conn = conn
+        self.work = work
+        self.chan = conn.open_command(
+            ["sh", "-c", LAZY_CHECKPOINT_SCRIPT, "sh", state.binary, state.root, images, work, container_id,
+             address, *(extra or [])],
+            idle_timeout=timeout,
+        )  # fmt: skip
+        self.out = self.chan.makefile("r")
+        line = self.out.readline().split()
+        self.pid: int | None = None
+        self.port = 0
+        if len(line) == 3 and line[0] == "ready":
+            self.pid, self.port = int(line[1]), int(line[2])
+            return
+        self.chan.close()
+        rc = int(line[1]) if len(line) == 2 and line[0] == "exit" else -1
+        raise RuncError(
+            f"{conn.name}: runc checkpoint --lazy-pages failed: {self.cause() or f'exit status {rc}'}",
+            self.log_tail(),
+            definitive=rc != -1,
+        )
+
+    def log_tail(self) -> str:
+        return criu.log_excerpt(self.conn.read_file(f"{self.work}/dump.log", check=False))
+
+    def cause(self) -> str:
+        runc_out = (self.conn.read_file(f"{self.work}/runc.out", check=False) or "").strip()
+        return criu.first_error(self.log_tail()) or runc_out[-300:]
+
+    def wait(self) -> int:
+        """runc's exit status once every page was served (-1 if the channel broke)."""
+        try:
+            line = self.out.readline().split()
+        except OSError:
+            line = []
+        finally:
+            self.chan.close()
+        return int(line[1]) if len(line) == 2 and line[0] == "exit" else -1
+
+
+# Kill a lazy checkpoint that serves no one: CRIU first (runc's child), then
+# runc, by their PIDs. $1: runc's PID.
+STOP_LAZY_SCRIPT = r"""
+[ "$(cat "/proc/$1/comm" 2>/dev/null)" = runc ] || exit 0  # gone, or a reused PID
+kids=$(ps -o pid= --ppid "$1")
+kill -KILL $kids "$1" 2>/dev/null
+true
+"""
+
+
+def stop_lazy(conn: ssh.Connection, runc_pid: int) -> None:
+    conn.sh(STOP_LAZY_SCRIPT, str(runc_pid), check=False)

@@ -150,11 +150,24 @@ build_memhog() {
     log "built $MEMHOG"
 }
 
+# criuweb's OCI runtime wrapper for the fast container path (a Docker engine
+# lists it under "runtimes" in daemon.json; the lab's engines use the
+# checkout's copy). Installed whenever it changed: it is a small script.
+RUNTIME_SRC="$HERE/criuweb-runtime"
+RUNTIME=/usr/local/sbin/criuweb-runtime
+install_runtime() {
+    cmp -s "$RUNTIME_SRC" "$RUNTIME" && return
+    install -m 0755 "$RUNTIME_SRC" "$RUNTIME.new"
+    mv "$RUNTIME.new" "$RUNTIME"
+    log "installed $RUNTIME"
+}
+
 main() {
     if [ "$(id -u)" != 0 ]; then
         echo "setup: must run as root (it installs system packages and runs CRIU)" >&2
         exit 1
     fi
+    install_runtime
     if [ -f "$STAMP" ] && [ -x "$MEMHOG" ] && criu_works; then
         return
     fi

@@ -11,18 +11,20 @@ import pytest
 from migrations_app import lab, runc
 from migrations_app.docker_engine import Engine
 from migrations_app.engine import create_run, execute
-from migrations_app.models import CONTAINER, PAGE_SERVER, ROLLED_BACK, STOP_AND_COPY, SUCCEEDED, TrustedPair
+from migrations_app.models import CONTAINER, LAZY, PAGE_SERVER, ROLLED_BACK, STOP_AND_COPY, SUCCEEDED, TrustedPair
 from tests.support import wait_for
 
 pytestmark = pytest.mark.lab
 
-STRATEGIES = [STOP_AND_COPY, PAGE_SERVER]
+STRATEGIES = [STOP_AND_COPY, PAGE_SERVER, LAZY]
 # The phases each strategy's run goes through when all is well.
 PHASES = {
     STOP_AND_COPY: ["pre-flight", "pre-flight", "prepare target", "checkpoint", "transfer", "restore", "verify",
                     "cleanup"],
     PAGE_SERVER: ["pre-flight", "pre-flight", "prepare target", "page server", "checkpoint", "transfer", "restore",
                   "verify", "cleanup"],
+    LAZY: ["pre-flight", "pre-flight", "prepare target", "checkpoint", "transfer", "restore", "page pull", "verify",
+           "cleanup"],
 }  # fmt: skip
 
 # A counter that also holds random bytes in the shell's own memory (never on
@@ -128,7 +130,10 @@ def test_there_and_back(hosts, workload, strategy):
         assert [p.name for p in run.phases.all()] == PHASES[strategy]
         assert run.strategy == strategy
         assert run.downtime_ms > 0 and run.total_bytes > 0
-        assert run.phases.get(name="checkpoint").criu_stats["frozen_time"] > 0
+        if strategy == LAZY:
+            assert run.phases.get(name="page pull").bytes > 0
+        else:
+            assert run.phases.get(name="checkpoint").criu_stats["frozen_time"] > 0
         restore = run.phases.get(name="restore")
         assert restore.criu_stats["restore_time"] > 0
         assert "Restore finished successfully" in restore.log
@@ -181,16 +186,23 @@ def _break_target_images(ctx):
     ctx.dst.conn.sh('rm -f "$1"/pages-*.img', f"{ctx.state.dst_base}/images")
 
 
+def _kill_lazy_daemon(ctx):
+    # A real CRIU failure on the target: no lazy-pages daemon for the restore.
+    ctx.dst.conn.run(["kill", "-KILL", str(ctx.state.daemon_pid)])
+    wait_for(lambda: ctx.dst.conn.run(["kill", "-0", str(ctx.state.daemon_pid)], check=False).rc != 0)
+
+
 @pytest.mark.parametrize(
-    "strategy, runtime, how",
+    "strategy, runtime, how, breaker",
     [
-        (STOP_AND_COPY, None, "Docker's checkpoint restore"),
-        (STOP_AND_COPY, runc.RUNTIME_NAME, "criuweb runtime"),
-        (PAGE_SERVER, None, "unpaused"),
+        (STOP_AND_COPY, None, "Docker's checkpoint restore", _break_target_images),
+        (STOP_AND_COPY, runc.RUNTIME_NAME, "criuweb runtime", _break_target_images),
+        (PAGE_SERVER, None, "unpaused", _break_target_images),
+        (LAZY, None, "unpaused", _kill_lazy_daemon),
     ],
-    ids=["stop-and-copy-runc-source", "stop-and-copy-wrapper-source", "page-server"],
+    ids=["stop-and-copy-runc-source", "stop-and-copy-wrapper-source", "page-server", "lazy"],
 )
-def test_restore_failure_rolls_back(hosts, workload, strategy, runtime, how):
+def test_restore_failure_rolls_back(hosts, workload, strategy, runtime, how, breaker):
     lab1, lab2 = hosts
     lab.trust_pair()
     name, token = workload(runtime)
@@ -199,7 +211,7 @@ def test_restore_failure_rolls_back(hosts, workload, strategy, runtime, how):
     def note_last(ctx):
         seen["last"] = values(ctx.src.logs(ctx.state.container["Id"]))[-1]
 
-    run = migrate(lab1, lab2, name, strategy, after_phase={"checkpoint": note_last, "transfer": _break_target_images})
+    run = migrate(lab1, lab2, name, strategy, after_phase={"checkpoint": note_last, "transfer": breaker})
     assert run.status == ROLLED_BACK, run.error
     assert run.error.startswith("lab-2: start container failed"), run.error
     assert "CRIU:" in run.error and "restore.log" in run.error
@@ -270,3 +282,42 @@ def test_page_server_needs_a_trusted_network(hosts, workload):
     with Engine(lab2) as engine:
         assert not engine.exists(name)
     one_copy(token)
+
+
+def test_lazy_source_lost_during_the_pull(hosts):
+    """Post-copy's risk, for real: the source's CRIU dies while the target pulls pages."""
+    lab1, lab2 = hosts
+    lab.trust_pair()
+    name = f"lazyhog-{uuid.uuid4().hex[:8]}"
+    with Engine(lab1) as engine:
+        # Large enough that the pull is still going when the restore phase ends.
+        lab.run_memhog_container(engine, name, 512)
+        wait_for(lambda: len(lab.counter_values(engine.logs(name, tail=5))) >= 2, 30, "memhog did not start")
+        before = lab.memhog_container_checksum(engine, name)
+    try:
+        run = migrate(
+            lab1,
+            lab2,
+            name,
+            LAZY,
+            after_phase={"restore": lambda ctx: runc.stop_lazy(ctx.src.conn, ctx.state.runc_pid)},
+        )
+        assert run.status == ROLLED_BACK, run.error
+        phases = list(run.phases.all())
+        assert [(p.name, p.status) for p in phases][-2:] == [("page pull", "failed"), ("rollback", "ok")]
+        assert "lazy" in run.error, run.error
+        with Engine(lab2) as engine:
+            assert not engine.exists(name)  # the target copy, which ran on part of its memory, is gone
+        with Engine(lab1) as engine:
+            state = engine.inspect(name)["State"]
+            assert state["Running"] and not state["Paused"]
+            assert lab.memhog_container_checksum(engine, name) == before
+            seen = lab.counter_values(engine.logs(name, tail=3))[-1]
+            wait_for(lambda: lab.counter_values(engine.logs(name, tail=3))[-1] > seen, message="counter stopped")
+            values_now = lab.counter_values(engine.logs(name))
+        assert_consecutive(values_now)
+    finally:
+        for host in hosts:
+            with Engine(host) as engine:
+                if engine.exists(name):
+                    engine.remove(name)

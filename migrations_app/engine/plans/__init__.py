@@ -11,7 +11,14 @@ from __future__ import annotations
 from ...models import KIND_CHOICES
 from ..errors import MigrationError
 from ..plan import Plan
-from . import container_engine, container_runc, container_runc_pageserver, process_copy, process_page_server
+from . import (
+    container_engine,
+    container_runc,
+    container_runc_lazy,
+    container_runc_pageserver,
+    process_copy,
+    process_page_server,
+)
 
 PLANS: dict[tuple[str, str], Plan] = {
     plan.key: plan
@@ -19,6 +26,7 @@ PLANS: dict[tuple[str, str], Plan] = {
         container_engine.PLAN,
         container_runc.PLAN,
         container_runc_pageserver.PLAN,
+        container_runc_lazy.PLAN,
         process_copy.PLAN,
         process_page_server.PLAN,
     )

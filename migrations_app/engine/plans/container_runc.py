@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from ... import criu, runc, ssh
 from ...docker_engine import Engine, EngineError
-from ...models import CONTAINER, STOP_AND_COPY, Stage
+from ...models import CONTAINER, PHASE_OK, STOP_AND_COPY, Stage
 from .. import streams
 from ..errors import MigrationError
 from ..hostcheck import SPACE_MARGIN, check_space, settle, unsafe_to_resume
@@ -159,11 +159,9 @@ def checkpoint(ctx: Context):
     while ctx.src.inspect(cid)["State"]["Running"] and time.monotonic() < deadline:
         time.sleep(0.02)
     t2 = time.perf_counter()
-    stats = criu.read_stats(ctx.src.conn, f"{s.src_base}/work/stats-dump")
-    dump_log = ctx.src.conn.read_file(f"{s.src_base}/work/dump.log", check=False) or ""
+    # CRIU's statistics and log are read after the restore (record_dump):
+    # two more SSH round trips here would be downtime.
     return Measured(
-        criu_stats=stats,
-        log=dump_log,
         detail=f"runc checkpoint {(t1 - t0) * 1000:.0f} ms, Docker saw the exit {(t2 - t1) * 1000:.0f} ms later",
     )
 
@@ -187,7 +185,7 @@ def _rename(member: str, dest: str) -> str:
     return f"--transform=s|^{re.escape(member)}|{dest.lstrip('/')}|S"
 
 
-def transfer(ctx: Context):
+def transfer(ctx: Context, lazy: bool = False):
     s = ctx.state
     c = s.container
     upper = c["GraphDriver"]["Data"]["UpperDir"]
@@ -203,7 +201,7 @@ def transfer(ctx: Context):
         if dest.startswith(("images", "diff")):
             raise MigrationError(f"{ctx.target.name}: cannot unpack into {dest!r}")
     src = ctx.src.conn.open_command(argv)
-    mark = runc.marker_text(f"{s.dst_base}/images", f"{s.dst_base}/work")
+    mark = runc.marker_text(f"{s.dst_base}/images", f"{s.dst_base}/work", lazy)
     dst = ctx.dst.conn.open_command(["sh", "-c", UNPACK_SCRIPT, "sh", runc.marker_path(s.target_id), mark,
                                      *transforms])  # fmt: skip
     n = streams.pipe(ctx, src, dst, "the images, writable layer and log")
@@ -220,6 +218,17 @@ def _restore_failure(ctx: Context, conn, error, work: str) -> Exception:
     return criu.CriuError(message, excerpt)
 
 
+def record_dump(ctx: Context) -> None:
+    """CRIU's dump statistics and log onto the checkpoint phase, unless it has them."""
+    s = ctx.state
+    phase = ctx.run.phases.filter(name="checkpoint", status=PHASE_OK).first()
+    if phase is None or phase.criu_stats:
+        return
+    phase.criu_stats = criu.read_stats(ctx.src.conn, f"{s.src_base}/work/stats-dump")
+    phase.log = (ctx.src.conn.read_file(f"{s.src_base}/work/dump.log", check=False) or "")[-1_000_000:]
+    phase.save(update_fields=["criu_stats", "log"])
+
+
 def restore(ctx: Context):
     s = ctx.state
     ctx.set_stage(Stage.RESTORING)
@@ -231,6 +240,7 @@ def restore(ctx: Context):
         if e.answered:
             ctx.set_stage(Stage.FROZEN)
         raise _restore_failure(ctx, ctx.dst.conn, e, f"{s.dst_base}/work") from e
+    record_dump(ctx)
     conn = ctx.dst.conn
     stats = criu.read_stats(conn, f"{s.dst_base}/work/stats-restore")
     restore_log = conn.read_file(f"{s.dst_base}/work/restore.log", check=False) or ""
