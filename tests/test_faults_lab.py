@@ -222,6 +222,7 @@ def test_stalled_target_engine_rolls_back_within_the_limit(hosts, counter_contai
         assert run.status == ROLLED_BACK, run.error
         assert run.error.startswith(f"restore did not end within the freeze limit of {FREEZE_LIMIT} s"), run.error
         assert run.stage == Stage.LEFTOVERS  # the engine never answered: its container waits for a recovery
+        print(f"\nfreeze with the target engine stopped, limit {FREEZE_LIMIT} s: {run.downtime_ms:.0f} ms")
         with Engine(lab1) as engine:
             assert engine.inspect(name)["State"]["Running"]
         target_id = run.state["target_id"]
@@ -267,6 +268,7 @@ def test_network_cut_during_transfer_rolls_back_and_leftovers_go(hosts, counter_
     assert run.status == ROLLED_BACK, run.error
     assert "freeze limit" in run.error, run.error
     assert run.phases.get(name="transfer").status == "failed"
+    print(f"\nfreeze with the network cut during the transfer, limit {FREEZE_LIMIT} s: {run.downtime_ms:.0f} ms")
     with Engine(lab1) as engine:
         assert engine.inspect(name)["State"]["Running"]
         assert values(engine.logs(name))
@@ -307,3 +309,64 @@ def test_recover_now_button_needs_permission(hosts, client, operator, viewer):
     assert response.status_code == 302
     run.refresh_from_db()
     wait_for(lambda: MigrationRun.objects.get(pk=run.pk).stage == Stage.DONE, 30)
+
+
+# -- a freeze limit that cuts a call off midway ----------------------------------------------
+
+
+def test_freeze_limit_cutting_a_checkpoint_off_waits_for_it(hosts):
+    """The checkpoint call is cut off while runc still checkpoints: the rollback
+    waits for it and restores from it, rather than finding the container still
+    running and leaving it to stop a moment later."""
+    lab1, lab2 = hosts
+    name = f"memhog-{uuid.uuid4().hex[:8]}"
+    with Engine(lab1) as engine:
+        lab.run_memhog_container(engine, name, 256)
+        wait_for(lambda: len(lab.counter_values(engine.logs(name))) >= 5, 60, "memhog did not start")
+        checksum = lab.memhog_container_checksum(engine, name)
+    try:
+        run = execute(create_run(lab1, lab2, CONTAINER, name, freeze_limit=1))
+        assert run.status == ROLLED_BACK, run.error
+        assert run.error.startswith("checkpoint did not end within the freeze limit of 1 s"), run.error
+        print(f"\nfreeze with a checkpoint cut off at 1 s: {run.downtime_ms:.0f} ms until it ran again on lab-1")
+        assert running_copies(hosts, name) == ["lab-1"]
+        with Engine(lab1) as engine:
+            # Restored from the checkpoint: the same memory, the counter going on.
+            assert lab.memhog_container_checksum(engine, name) == checksum
+            count = len(lab.counter_values(engine.logs(name)))
+            wait_for(lambda: len(lab.counter_values(engine.logs(name))) > count + 5, 30, "the counter stopped")
+            assert_consecutive(lab.counter_values(engine.logs(name)))
+    finally:
+        for host in hosts:
+            with Engine(host) as engine:
+                if engine.exists(name):
+                    engine.remove(name)
+
+
+def test_freeze_limit_cutting_a_dump_off_waits_for_it(hosts):
+    lab1, lab2 = hosts
+    tag = uuid.uuid4().hex[:8]
+    log, sums = settings.LAB_ROOT / f"memhog-{tag}.log", settings.LAB_ROOT / f"memhog-{tag}.sum"
+    with ssh.Connection(lab1) as conn:
+        pid = lab.start_memhog(conn, 256, log, sums)
+        wait_for(lambda: log.exists() and len(lab.counter_values(log.read_text())) >= 5, 60, "memhog did not start")
+        checksum = lab.memhog_checksum(conn, pid, sums)
+    pids = [pid]
+    try:
+        run = execute(create_run(lab1, lab2, PROCESS, str(pid), freeze_limit=0.2))
+        assert run.status == ROLLED_BACK, run.error
+        assert run.error.startswith("dump did not end within the freeze limit of 0.2 s"), run.error
+        print(f"\nfreeze with a dump cut off at 0.2 s: {run.downtime_ms:.0f} ms until it ran again on lab-1")
+        new_pid = int(run.result_workload)
+        pids.append(new_pid)
+        assert lab.host_of_pid(new_pid) == "lab-1"
+        with ssh.Connection(lab1) as conn:
+            assert lab.memhog_checksum(conn, new_pid, sums) == checksum, "the memory changed"
+        count = len(lab.counter_values(log.read_text()))
+        wait_for(lambda: len(lab.counter_values(log.read_text())) > count + 5, 30, "the counter stopped")
+        assert_consecutive(lab.counter_values(log.read_text()))
+    finally:
+        for p in pids:
+            _kill_with_holder(p)
+        log.unlink(missing_ok=True)
+        sums.unlink(missing_ok=True)

@@ -193,7 +193,7 @@ class _Watchdog:
         if ctx.resumed_at is not None or ctx.committed or ctx.recovering:
             return
         self.fired = True
-        log.warning("run %s: frozen for %.0f s, its limit: interrupting", ctx.run.code, self.limit)
+        log.warning("run %s: frozen for %g s, its limit: interrupting", ctx.run.code, self.limit)
         ctx.interrupt()
 
 

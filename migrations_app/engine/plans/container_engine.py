@@ -391,6 +391,9 @@ def rollback(ctx: Context):
     # connections, as the old ones may be what failed.
     leftovers = _disarm_target(ctx) if s.target_id else ""
     with Engine(ctx.source, timeout=ctx.call_timeout()) as src:
+        # A checkpoint whose answer was lost may still be under way; found
+        # running now, it would stop the container after we looked.
+        _await_checkpoint(src, ctx, ctx.call_timeout())
         # Its checkpoint, when the checkpoint call's answer was lost but
         # Docker finished it all the same.
         checkpointed = s.checkpointed or s.checkpoint in src.checkpoints(c["Id"])
@@ -424,6 +427,46 @@ def rollback(ctx: Context):
         _restore_restart_policy(src, ctx)
     note = f"; {leftovers}" if leftovers else ""
     return Measured(detail=f"container {c['Id'][:12]} running again on {ctx.source.name}{note}")
+
+
+# Whether a checkpoint of container $1 into directory $2 is still under
+# way: 0 while runc checkpoints it or a process (dockerd unpacking it from
+# containerd) has a file open in the directory, 2 while the directory is
+# there but empty (containerd still importing it), 1 when quiet. Processes
+# are found from two listings, not one command per process.
+CHECKPOINT_BUSY_SCRIPT = r"""
+for p in $(ls -l /proc/[0-9]*/exe 2>/dev/null | sed -n 's#.*/proc/\([0-9]*\)/exe -> .*runc$#\1#p'); do
+    case $(tr '\0' ' ' < "/proc/$p/cmdline" 2>/dev/null) in *" checkpoint "*"$1"*) exit 0 ;; esac
+done
+ls -l /proc/[0-9]*/fd/ 2>/dev/null | grep -qF -- "-> $2/" && exit 0
+[ -d "$2" ] && [ -z "$(ls -A "$2")" ] && exit 2
+exit 1
+"""
+
+
+def _await_checkpoint(engine, ctx: Context, timeout: float) -> None:
+    """Wait until no checkpoint of the source container is under way.
+
+    A checkpoint call whose answer was lost (the freeze limit cut it off,
+    or the controller died) goes on in the engine: CRIU's dump, then
+    containerd's import, then dockerd unpacking it into the checkpoint
+    directory. Looked at midway, the container may still run (and stop a
+    moment later) or its checkpoint be half written.
+    """
+    s = ctx.state
+    cid = s.container["Id"]
+    cp_dir = f"{s.src_root}/containers/{cid}/checkpoints/{s.checkpoint}"
+    deadline = time.monotonic() + timeout
+    quiet = 0
+    while quiet < 3:  # dockerd closes each file before it opens the next
+        rc = engine.conn.sh(CHECKPOINT_BUSY_SCRIPT, cid, cp_dir, check=False).rc
+        if rc == 2 and engine.inspect(cid)["State"]["Running"]:
+            rc = 1  # CRIU failed and left it running: nothing is coming
+        quiet = quiet + 1 if rc == 1 else 0
+        if quiet < 3:
+            if time.monotonic() > deadline:
+                raise MigrationError(f"{engine.name}: container {cid[:12]} is still being checkpointed")
+            time.sleep(0.2)
 
 
 def _delete_checkpoint(engine, container_id, checkpoint):

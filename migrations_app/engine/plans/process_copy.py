@@ -193,8 +193,12 @@ def rollback(ctx: Context):
             leftovers = f"{s.dst_images} stays on {ctx.target.name} ({e}); `manage.py recover` removes it"
     with ssh.Connection(ctx.source) as src:
         if not s.dumped:
-            # The dump's answer was lost: the tree still runs, or CRIU
-            # finished and its images are complete (inventory.img is last).
+            # The dump's answer was lost (its controller died, or the freeze
+            # limit cut it off): a criu still dumping would kill the tree
+            # after we found it alive, so its end is awaited first. Then the
+            # tree still runs, or CRIU finished and its images are complete
+            # (inventory.img is last).
+            _await_dump(src, s.src_images, ctx.call_timeout())
             if pid_alive(src, s.pid):
                 ctx.run.result_workload = str(s.pid)
                 ctx.resumed_on_source(leftovers)
@@ -212,6 +216,25 @@ def rollback(ctx: Context):
             raise MigrationError(f"{ctx.source.name}: the process does not stay running after rollback")
         src.run(["rm", "-rf", "--", s.src_images], check=False)
     return Measured(detail=f"PID {pid} running again on {ctx.source.name}")
+
+
+# Exit 0 while a criu process works on images dir $1 (its argv holds it).
+# Only criu binaries are looked at: this shell's own argv holds $1 too.
+DUMPING_SCRIPT = r"""
+for d in /proc/[0-9]*; do
+    case $(readlink "$d/exe" 2>/dev/null) in */criu) ;; *) continue ;; esac
+    tr '\0' '\n' < "$d/cmdline" 2>/dev/null | grep -qxF -- "$1" && exit 0
+done
+exit 1
+"""
+
+
+def _await_dump(conn, images: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while conn.sh(DUMPING_SCRIPT, images, check=False).rc == 0:
+        if time.monotonic() > deadline:
+            raise MigrationError(f"{conn.name}: criu is still dumping into {images} after {timeout:.0f} s")
+        time.sleep(0.2)
 
 
 def adopt(ctx: Context) -> bool:
