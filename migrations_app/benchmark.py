@@ -91,7 +91,9 @@ def variants_for(kind: str, wanted: list[str] | None) -> list[str]:
     out = []
     for name in names:
         out.append(name)
-        if name == "page-server":  # TLS unless the pair is trusted: measure both
+        # A process's page server uses CRIU's TLS unless the pair is trusted:
+        # measure both (runc passes no TLS options, so containers go plain).
+        if name == "page-server" and kind == PROCESS:
             out.append(name + TLS_SUFFIX)
     return out
 
@@ -227,7 +229,8 @@ def check(w: Workload, what: str, before: list[int] | None = None) -> None:
     """Nothing lost: one copy, the same memory, the counter on without gap or repeat."""
     running = copies(w.argv)
     if len(running) != 1:
-        raise BenchmarkError(f"{what}: {len(running)} copies of memhog {w.mib} MiB run (PIDs {running}), not one")
+        where = ", ".join(f"{pid} ({_cgroup(pid)})" for pid in running)
+        raise BenchmarkError(f"{what}: {len(running)} copies of memhog {w.mib} MiB run (PIDs {where}), not one")
     if w.kind == CONTAINER:
         hosts = [h for h in Host.objects.filter(name__in=[h.name for h in lab.HOSTS]) if _container_running(h, w.ref)]
         if hosts != [w.host]:
@@ -253,6 +256,13 @@ def check(w: Workload, what: str, before: list[int] | None = None) -> None:
     if checksum != w.checksum:
         raise BenchmarkError(f"{what}: memory checksum {checksum}, {w.checksum} before: the memory changed")
     w.last_value = counter_values(w)[-1]
+
+
+def _cgroup(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cgroup").read_text().strip().rsplit("/", 1)[-1][:40]
+    except OSError:
+        return "gone"
 
 
 def _container_running(host: Host, name: str) -> bool:

@@ -8,6 +8,7 @@ from django.core.management import CommandError, call_command
 
 from migrations_app import benchmark, lab, ssh
 from migrations_app.models import PROCESS, SUCCEEDED, MigrationRun
+from tests.support import wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -68,6 +69,7 @@ def test_checks_fail_loudly(hosts):
         # A second copy with the same command line: the check sees two.
         with ssh.Connection(lab1) as conn:
             lab.start_memhog(conn, 4, w.argv[2], w.argv[3])
+        wait_for(lambda: len(benchmark.copies(w.argv)) == 2, message="the second memhog did not start")
         with pytest.raises(benchmark.BenchmarkError, match="2 copies of memhog 4 MiB run"):
             benchmark.check(w, "two copies")
     finally:
