@@ -196,8 +196,14 @@ class RunFilterForm(forms.Form):
     workload = forms.CharField(required=False, max_length=255,
                                widget=forms.TextInput(attrs={"placeholder": "workload"}))
     kind = forms.ChoiceField(choices=[("", "any kind")] + KIND_CHOICES, required=False)
-    strategy = forms.ChoiceField(choices=lambda: [("", "any strategy")] + plans.choices(), required=False)
+    # The benchmark's baseline runs (CRIU alone on one host) are no plan, but a strategy to compare with.
+    strategy = forms.ChoiceField(
+        choices=lambda: [("", "any strategy")] + plans.choices() + [("baseline", "baseline (CRIU alone)")],
+        required=False,
+    )
     status = forms.ChoiceField(choices=[("", "any status")] + STATUS_CHOICES, required=False)
+    benchmark = forms.CharField(required=False, max_length=64,
+                                widget=forms.TextInput(attrs={"placeholder": "benchmark", "size": 14}))
 
     def filter(self, runs):
         data = self.cleaned_data
@@ -205,7 +211,7 @@ class RunFilterForm(forms.Form):
             runs = runs.for_host(data["host"])
         if data.get("workload"):
             runs = runs.filter(workload__icontains=data["workload"])
-        for field in ("kind", "strategy", "status"):
+        for field in ("kind", "strategy", "status", "benchmark"):
             if data.get(field):
                 runs = runs.filter(**{field: data[field]})
         return runs

@@ -806,6 +806,21 @@ def test_compare_downtime_by_size(client, viewer, db):
     assert [g["group"] for g in data["groups"]["strategy"]] == ["baseline", "page-server", STOP_AND_COPY]
 
 
+def test_compare_json_filters_by_benchmark(client, viewer, db):
+    a, b = make_host("a"), make_host("b")
+    mine = make_run(a, b, downtime_ms=10.0, total_bytes=1024, benchmark="bm-1")
+    make_run(a, a, downtime_ms=5.0, total_bytes=1024, benchmark="bm-1", strategy="baseline")
+    make_run(a, b, downtime_ms=20.0, total_bytes=1024, benchmark="bm-2")
+    make_run(a, b, downtime_ms=30.0, total_bytes=1024)
+    login(client, viewer)
+    data = client.get("/compare/data.json?benchmark=bm-1").json()
+    assert sorted(p["downtime_ms"] for p in data["by_size"]) == [5.0, 10.0]
+    data = client.get("/compare/data.json?benchmark=bm-1&strategy=baseline").json()
+    assert [p["downtime_ms"] for p in data["by_size"]] == [5.0]
+    listed_codes = [r["id"] for r in client.get("/runs/export.json?benchmark=bm-1&strategy=" + mine.strategy).json()["runs"]]
+    assert listed_codes == [str(mine.code)]
+
+
 def test_compare_page_passes_its_filters_on(client, compared, viewer):
     html = page_text(login(client, viewer).get("/compare/?host=c&kind=container"))
     assert 'data-url="/compare/data.json?host=c&amp;kind=container"' in html
