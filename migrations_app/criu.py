@@ -580,3 +580,75 @@ class PageServer:
 
     def close(self):
         self.chan.close()
+
+
+# -- criu in the background (post-copy) -------------------------------------------
+
+# Run "$@" (a criu command given --status-fd 9) in the background; print
+# "ready <pid>" once CRIU says it is ready on its status fd, or "failed <pid>"
+# when it ends without saying so; then "exit <status>" when it ends.
+# $1: a path for the status fifo.
+BACKGROUND_SCRIPT = r"""
+fifo=$1; shift
+rm -f "$fifo" && mkfifo -m 600 "$fifo" || exit 3
+"$@" 9>"$fifo" </dev/null >/dev/null 2>&1 &
+pid=$!
+ready=$(head -c1 "$fifo" | od -An -tx1 | tr -d ' \n')
+rm -f "$fifo"
+if [ "$ready" = 00 ]; then echo "ready $pid"; else echo "failed $pid"; fi
+wait "$pid"
+echo "exit $?"
+"""
+
+
+class Background:
+    """A criu command running on a host past its readiness, on an SSH channel of its own.
+
+    The lazy dump is ready once its images are written and its page server
+    listens; `criu lazy-pages` once its socket for the restore listens.
+    Either then runs until every page has moved.
+    """
+
+    def __init__(self, conn, argv, fifo, log_path, what, timeout=3600):
+        self.conn, self.log_path, self.what = conn, log_path, what
+        self.chan = conn.open_command(["sh", "-c", BACKGROUND_SCRIPT, "sh", fifo, *argv, "--status-fd", "9"],
+                                      idle_timeout=timeout)
+        self.out = self.chan.makefile("r")
+        line = self.out.readline().split()
+        self.pid = int(line[1]) if len(line) == 2 and line[1].isdigit() else None
+        self.status = None
+        if not line or line[0] != "ready":
+            rc = self.wait()
+            raise CriuError(f"{conn.name}: {what} failed: {self.cause(rc)}", self.log_tail())
+
+    def log_tail(self):
+        return log_excerpt(self.conn.read_file(self.log_path, check=False))
+
+    def cause(self, rc=None):
+        said = first_error(self.log_tail())
+        if rc in (None, -1):
+            how = "no exit status"
+        elif rc > 128:  # sh reports a death by signal N as 128 + N
+            how = f"killed by signal {rc - 128}"
+        else:
+            how = f"exit status {rc}"
+        return f"{said} ({how})" if said else how
+
+    def done(self) -> bool:
+        """Whether it has ended (its exit line is there); never blocks."""
+        return self.status is not None or self.chan.exit_status_ready()
+
+    def wait(self) -> int:
+        """Its exit status once it ends; -1 when the channel broke first."""
+        if self.status is None:
+            try:
+                line = self.out.readline().split()
+            except OSError:
+                line = []
+            finally:
+                self.chan.close()
+            self.status = int(line[1]) if len(line) == 2 and line[0] == "exit" else -1
+        return self.status
+
+    def close(self):
+        self.chan.close()

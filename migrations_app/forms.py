@@ -104,7 +104,13 @@ class MigrationForm(forms.Form):
     container = forms.CharField(required=False, strip=False, max_length=255, help_text="name or id on the source")
     pid = forms.CharField(required=False, strip=False, max_length=20, label="PID")
     target = forms.ModelChoiceField(Host.objects.all(), to_field_name="name", empty_label=None)
-    strategy = forms.ChoiceField(choices=plans.choices)
+    strategy = forms.ChoiceField(
+        choices=plans.choices,
+        help_text="Only strategies both hosts passed in their probe are offered. Post-copy (lazy) restores at "
+        "once and pulls the memory afterwards: until the last page arrives the workload depends on both hosts, "
+        "and if either fails then, the copy on the target (which may already have acted) is killed and the "
+        "source goes on from its state at the freeze; the run then ends failed.",
+    )
     keep_source = forms.BooleanField(required=False, help_text="keep the stopped source container")
     probe = forms.CharField(
         required=False, max_length=255, label="Probe address",

@@ -10,7 +10,7 @@ from django.views.decorators.http import require_POST
 
 from . import engine, inventory, reports, ssh, worker
 from .docker_engine import EngineError
-from .engine import recovery
+from .engine import plans, recovery
 from .forms import HostForm, HostKeyForm, MigrationForm, RunFilterForm
 from .models import FINISHED, Host, MigrationRun
 
@@ -180,7 +180,8 @@ def migrate(request):
         else:
             worker.start(run)
             return redirect("cw-run", code=run.code)
-    return render(request, "migrate.html", {"form": form})
+    table = plans.offer_table(Host.objects.all())
+    return render(request, "migrate.html", {"form": form, "strategy_table": table})
 
 
 @login_required

@@ -1,16 +1,19 @@
 """The memory-streaming strategies end to end on the lab: page-server and lazy."""
 
+import json
 import os
 import threading
 import time
 import uuid
+from io import StringIO
 
 import pytest
 from django.conf import settings
+from django.core.management import CommandError, call_command
 
 from migrations_app import lab, ssh
 from migrations_app.engine import create_run, execute
-from migrations_app.models import PAGE_SERVER, PROCESS, ROLLED_BACK, SUCCEEDED, TrustedPair
+from migrations_app.models import LAZY, PAGE_SERVER, PROCESS, ROLLED_BACK, SUCCEEDED, TrustedPair
 from tests.support import wait_for
 
 pytestmark = pytest.mark.lab
@@ -198,3 +201,74 @@ def test_lab_up_marks_its_pair_trusted(hosts):
     assert not TrustedPair.between(lab1, lab2)  # the test hosts start untrusted
     lab.up(log=lambda *a: None)
     assert TrustedPair.between(lab2, lab1)
+
+
+@pytest.mark.parametrize("trusted", [False, True], ids=["tls", "plain"])
+def test_lazy_moves_a_process(hosts, memhog, trusted):
+    lab1, lab2 = hosts
+    if trusted:
+        TrustedPair.trust(lab1, lab2)
+    proc = memhog(64)
+    run = migrate(lab1, lab2, proc["pid"], LAZY)
+    assert run.status == SUCCEEDED, run.error
+    assert run.strategy == LAZY and run.tls is (not trusted)
+    assert [p.name for p in run.phases.all()] == [
+        "pre-flight", "pre-flight", "dump", "transfer", "lazy-pages", "restore", "page pull", "verify", "cleanup",
+    ]
+    pull = run.phases.get(name="page pull")
+    # The memory came after the restore, in the pull: 64 MiB at least.
+    assert pull.bytes >= 64 << 20 and pull.criu_stats["uffd_pages_copied"] * 4096 == pull.bytes
+    assert ("TLS handshake completed" in pull.log) is (not trusted)
+    restore = run.phases.get(name="restore")
+    # The downtime ended with the restore, before the pull.
+    assert run.downtime_ms is not None and restore.ended <= pull.started
+    assert run.total_bytes == sum(p.bytes for p in run.phases.all())
+    assert_moved(run, proc, lab2)
+    assert not os.path.exists(f"{lab2.work_dir}/runs/{run.code}")
+    assert not os.path.exists(f"{lab1.work_dir}/runs/{run.code}.tls")
+
+
+def test_lazy_source_killed_during_page_pull(hosts, memhog):
+    lab1, lab2 = hosts
+    TrustedPair.trust(lab1, lab2)
+    proc = memhog(512)
+    seen = {}
+
+    def kill_source_criu(ctx):
+        # A real failure between the restore and the last page: the source's
+        # CRIU, which serves the pages, dies.
+        seen["target_pid"] = ctx.state.target_pid
+        try:
+            os.kill(ctx.state.dump_pid, 9)
+        except ProcessLookupError:
+            pytest.fail("every page had arrived before the source's CRIU could be killed")
+
+    run = migrate(lab1, lab2, proc["pid"], LAZY, after_phase={"restore": kill_source_criu})
+    assert run.status == "failed", (run.status, run.error)
+    assert "lab-1: criu dump serving the pages ended: killed by signal 9" in run.error, run.error
+    assert "post-copy failed after the restore" in run.error and "was killed" in run.error, run.error
+    phases = list(run.phases.all())
+    assert [(p.name, p.status) for p in phases][-2:] == [("page pull", "failed"), ("rollback", "ok")]
+    # As the docs say: the target copy is gone, the source runs from its state at the freeze.
+    assert state_of(seen["target_pid"]) in (None, "Z")
+    assert int(run.result_workload) == proc["pid"]
+    assert state_of(proc["pid"]) in ("S", "R")
+    count = len(values(proc["log"]))
+    wait_for(lambda: len(values(proc["log"])) >= count + 20, message="the counter stopped")
+    assert_same_memory(proc, proc["pid"], lab1)
+    assert not os.path.exists(f"{lab2.work_dir}/runs/{run.code}")
+
+
+def test_migrate_workload_strategy_option(hosts, memhog):
+    proc = memhog(16)
+    out = StringIO()
+    call_command("migrate_workload", "--source", "lab-1", "--target", "lab-2", "--pid", str(proc["pid"]),
+                 "--strategy", PAGE_SERVER, "--json", stdout=out)
+    result = json.loads(out.getvalue())
+    proc["pids"].append(int(result["result_workload"]))
+    assert result["status"] == SUCCEEDED and result["strategy"] == PAGE_SERVER and result["tls"] is True
+    assert [p["name"] for p in result["phases"]][2:4] == ["page server", "dump"]
+    # A strategy the kind lacks gets a message, before anything moves.
+    with pytest.raises(CommandError, match="no strategy 'lazy' for a container"):
+        call_command("migrate_workload", "--source", "lab-1", "--target", "lab-2", "--container", "x",
+                     "--strategy", LAZY, stdout=StringIO())

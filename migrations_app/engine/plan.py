@@ -18,6 +18,10 @@ class Measured:
     criu_stats: dict = field(default_factory=dict)
     detail: str = ""
     log: str = ""
+    # Set by a rollback that did all it could yet cannot call the run rolled
+    # back (post-copy: the target copy ran, and may have acted, before it
+    # was killed): what happened, and the run ends failed with it.
+    failed: str = ""
 
 
 @dataclass(frozen=True)

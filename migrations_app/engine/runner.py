@@ -82,6 +82,8 @@ class Context:
         self.current_timer: _PhaseTimer | None = None  # the phase in progress
         self.seq = run.phases.count() if run.pk else 0  # the next phase's number
         self.recovering = False
+        # callable(phase name, bytes so far, bytes expected) while bytes move.
+        self.on_progress = None
         self.watch = observe.Watch(self)  # the downtime seen from outside
         self.watchdog: _Watchdog | None = None
         self.leftovers = ""  # what a rollback could not remove from the target
@@ -223,19 +225,22 @@ def _describe(error):
     return str(error) or error.__class__.__name__
 
 
-def execute(run, after_phase=None, on_phase=None):
+def execute(run, after_phase=None, on_phase=None, on_progress=None):
     """Claim a pending run and run it to its end; return the run.
 
     after_phase: optional {phase name: callable(ctx)} called after a phase
     succeeds — how tests make a real failure happen at a chosen point.
     on_phase: optional callable(phase) for each phase that ends (the CLI
     prints them).
+    on_progress: optional callable(phase name, bytes so far, bytes expected)
+    called while a transfer or a page pull runs, a few times a second.
     """
     if not lifecycle.claim(run):
         raise MigrationError(f"run {run.code} was already started")
     plan = plans.get(run.kind, run.strategy)
     on_phase = on_phase or (lambda phase: None)
     ctx = Context(run, plan)
+    ctx.on_progress = on_progress
     ctx.watch.start()
     try:
         failure = _run_steps(ctx, plan.steps, after_phase or {}, on_phase)
@@ -385,12 +390,17 @@ def _recover(ctx: Context, failure, on_phase):
         log.error("run %s: %s", run.code, run.error)
     else:
         phase = timer.finish(measured)
-        run.status = ROLLED_BACK
-        run.error = message
+        if measured.failed:
+            # The workload ran on the target before this: not a rollback.
+            run.status = FAILED
+            run.error = f"{message}; {measured.failed}"
+        else:
+            run.status = ROLLED_BACK
+            run.error = message
+            # What the workload saw: stopped from the freeze until it ran again
+            # on the source (or, when it never stopped, until the rollback ended).
+            if ctx.freeze_t is not None:
+                run.downtime_ms = ((ctx.resumed_at or time.perf_counter()) - ctx.freeze_t) * 1000
         if ctx.stage != Stage.LEFTOVERS or not ctx.leftovers:
             ctx.set_stage(Stage.DONE)
-        # What the workload saw: stopped from the freeze until it ran again
-        # on the source (or, when it never stopped, until the rollback ended).
-        if ctx.freeze_t is not None:
-            run.downtime_ms = ((ctx.resumed_at or time.perf_counter()) - ctx.freeze_t) * 1000
     on_phase(phase)

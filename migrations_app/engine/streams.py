@@ -31,6 +31,8 @@ def pipe(ctx: Context, src, dst, what: str) -> int:
         if now - last[0] >= PROGRESS_INTERVAL and ctx.current_timer is not None:
             last[0] = now
             Phase.objects.filter(pk=ctx.current_timer.phase.pk).update(bytes=n)
+            if ctx.on_progress:
+                ctx.on_progress(ctx.current_timer.phase.name, n, ctx.run.expected_bytes)
 
     try:
         total, src_rc, dst_rc, src_err, dst_err = ssh.stream(src, dst, progress)

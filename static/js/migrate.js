@@ -34,6 +34,39 @@
     }
   };
 
+  // Only the strategies of the chosen kind that both hosts passed in their
+  // probe; the others are listed with what each host lacks.
+  const table = JSON.parse(document.getElementById("strategy-table").textContent);
+  const strategy = form.elements.strategy;
+  const summary = document.getElementById("strategy-summary");
+  const missingList = document.getElementById("strategy-missing");
+  const showSummary = () => {
+    const kind = form.querySelector("input[name=kind]:checked")?.value || "container";
+    const row = (table.strategies[kind] || []).find(([name]) => name === strategy.value);
+    summary.textContent = row ? row[2] : "";
+  };
+  const offer = () => {
+    const kind = form.querySelector("input[name=kind]:checked")?.value || "container";
+    const wanted = strategy.value;
+    const why = [];
+    const offered = [];
+    for (const [name, label] of table.strategies[kind] || []) {
+      const lacks = [form.elements.source.value, form.elements.target.value]
+        .flatMap((host) => ((table.missing[host] || {})[`${kind}/${name}`] || []).map((m) => `${host}: ${m}`));
+      if (lacks.length) why.push(`${label}: not offered (${lacks.join("; ")})`);
+      else offered.push(cw.el("option", { value: name, text: label }));
+    }
+    strategy.replaceChildren(...offered);
+    if (offered.some((o) => o.value === wanted)) strategy.value = wanted;
+    missingList.replaceChildren(...why.map((text) => cw.el("li", { text })));
+    showSummary();
+  };
+  for (const radio of form.querySelectorAll("input[name=kind]")) radio.addEventListener("change", offer);
+  form.elements.target.addEventListener("change", offer);
+  source.addEventListener("change", offer);
+  strategy.addEventListener("change", showSummary);
+  offer();
+
   containerChoices.addEventListener("change", () => { if (containerChoices.value) form.elements.container.value = containerChoices.value; });
   processChoices.addEventListener("change", () => { if (processChoices.value) form.elements.pid.value = processChoices.value; });
   for (const radio of form.querySelectorAll("input[name=kind]")) radio.addEventListener("change", showKind);

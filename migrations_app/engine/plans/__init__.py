@@ -17,6 +17,7 @@ from . import (
     container_runc_lazy,
     container_runc_pageserver,
     process_copy,
+    process_lazy,
     process_page_server,
 )
 
@@ -29,6 +30,7 @@ PLANS: dict[tuple[str, str], Plan] = {
         container_runc_lazy.PLAN,
         process_copy.PLAN,
         process_page_server.PLAN,
+        process_lazy.PLAN,
     )
 }
 
@@ -73,7 +75,15 @@ def missing(plan: Plan, host) -> list[str]:
     """What a host lacks for a plan, by its last probe; empty when it can serve."""
     if not host.probe_ok():
         return ["its probe fails" if host.probed else "it has not been probed"]
-    return [need for need in plan.needs if not host.passes(need)]
+    return [_why(host, need) for need in plan.needs if not host.passes(need)]
+
+
+def _why(host, need: str) -> str:
+    """A missing need in words, with CRIU's own error where a self-test failed."""
+    test = host.capabilities.get("self_tests", {}).get(need)
+    if test is None:
+        return f"no {need} support found"
+    return f"its {need} self-test fails ({test.get('error') or 'no error recorded'})"
 
 
 def strategies_for_host(host, kind: str | None = None) -> list[str]:
@@ -91,3 +101,20 @@ def available(kind: str, source, target) -> list[tuple[str, str, str]]:
         why = [f"{host.name}: {', '.join(m)}" for host in (source, target) if (m := missing(plan, host))]
         rows.append((plan.strategy, plan.label, "; ".join(why)))
     return rows
+
+
+def offer_table(hosts) -> dict:
+    """What the migration form's script needs to offer only what can work.
+
+    strategies: per kind, [name, label, summary] in registry order, the
+    default first; missing: per host name, per "kind/strategy", what that
+    host lacks (empty lists left out). A strategy is offered for a pair
+    when neither host lacks anything for it.
+    """
+    table: dict = {"strategies": {}, "missing": {}}
+    for plan in PLANS.values():
+        table["strategies"].setdefault(plan.kind, []).append([plan.strategy, plan.label, plan.summary])
+    for host in hosts:
+        lacks = {f"{p.kind}/{p.strategy}": m for p in PLANS.values() if (m := missing(p, host))}
+        table["missing"][host.name] = lacks
+    return table

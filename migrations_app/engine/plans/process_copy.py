@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from ... import criu, ssh, validation
 from ...models import PROCESS, STOP_AND_COPY, TCP_CLOSE, TCP_ESTABLISHED, Stage
@@ -24,6 +24,11 @@ if TYPE_CHECKING:
 
 @dataclass
 class ProcessState:
+    # Whether the memory pages are written to the images directories (on
+    # disk); strategies that stream them elsewhere need room for the small
+    # images only.
+    pages_in_images: ClassVar[bool] = True
+
     pid: int = 0
     resolved: list | None = None  # criu.resolve_process(): mode, PID inside, comm
     rss: int = 0
@@ -76,7 +81,7 @@ def preflight_source(ctx: Context):
     s.listen_addrs = sorted({c.local[0] for c in found.listening()})
     rss = sum(int(kib) for kib in ctx.src.sh(TREE_RSS_SCRIPT, str(pid)).stdout.split()) * 1024
     images = ctx.images_dir(ctx.source)
-    check_space(ctx.src, images, rss + SPACE_MARGIN, "the process images")
+    check_space(ctx.src, images, (rss if s.pages_in_images else 0) + SPACE_MARGIN, "the process images")
     s.pid, s.src_images, s.rss, s.resolved = pid, images, rss, [mode, inner, comm]
     ctx.run.expected_bytes = rss
     where = "in its own PID namespace" if mode == "ns" else "in the host PID namespace"
@@ -115,7 +120,7 @@ def preflight_target(ctx: Context):
                 "(connections on loopback or an address both hosts share can be kept)"
             )
     images = ctx.images_dir(ctx.target)
-    check_space(ctx.dst, images, ctx.state.rss + SPACE_MARGIN, "the process images")
+    check_space(ctx.dst, images, (s.rss if s.pages_in_images else 0) + SPACE_MARGIN, "the process images")
     ctx.state.dst_images = images
     return Measured(detail=f"CRIU {probe['version']}")
 
@@ -141,11 +146,12 @@ def transfer(ctx: Context):
     return Measured(bytes=streams.copy_dir(ctx, ctx.state.src_images, ctx.state.dst_images))
 
 
-def restore(ctx: Context):
+def restore(ctx: Context, extra: tuple[str, ...] | list[str] = ()):
+    """extra: a strategy's own restore options (post-copy: --lazy-pages)."""
     images = ctx.state.dst_images
     ctx.set_stage(Stage.RESTORING)
     try:
-        pid = criu.restore(ctx.dst, images, timeout=ctx.call_timeout(), extra=ctx.state.criu_opts)
+        pid = criu.restore(ctx.dst, images, timeout=ctx.call_timeout(), extra=[*ctx.state.criu_opts, *extra])
         ctx.resumed_at = time.perf_counter()
     except criu.CriuError as e:
         if e.definitive:  # CRIU said it failed: nothing runs there

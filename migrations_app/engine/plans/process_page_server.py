@@ -24,13 +24,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ... import criu, ssh
-from ...models import PAGE_SERVER, PROCESS, MigrationRun, TrustedPair
+from ...models import PAGE_SERVER, PROCESS, TCP_CLOSE, MigrationRun, TrustedPair
 from .. import streams, tls
 from ..errors import MigrationError
 from ..hostcheck import (
     SPACE_MARGIN,
-    connect,
-    criu_ready,
     mem_available,
     pid_alive,
     settle,
@@ -39,7 +37,7 @@ from ..hostcheck import (
 )
 from ..plan import Measured, Plan, Step
 from . import process_copy
-from .process_copy import TREE_RSS_SCRIPT, ProcessState
+from .process_copy import ProcessState
 
 if TYPE_CHECKING:
     from ..runner import Context
@@ -67,6 +65,8 @@ true
 
 @dataclass
 class PageServerState(ProcessState):
+    pages_in_images = False
+
     address: str = ""  # the target's address, where the page server listens
     port: int = 0
     page_server_pid: int | None = None
@@ -87,33 +87,32 @@ def _dst_tls_dir(s: PageServerState) -> str:
     return f"{s.dst_images}/.tls"
 
 
+def record_tls(ctx: Context) -> None:
+    """TLS unless the pair is a trusted migration network; stored with the run at once."""
+    ctx.state.tls = not TrustedPair.between(ctx.source, ctx.target)
+    ctx.run.tls = ctx.state.tls
+    MigrationRun.objects.filter(pk=ctx.run.pk).update(tls=ctx.state.tls)
+
+
+def refuse_kept_connections(ctx: Context, strategy: str) -> None:
+    # The source tree stays stopped until the end; a rollback wakes it, but
+    # CRIU keeps the network locked for connections it dumped to keep.
+    if ctx.state.kept_addrs:
+        raise MigrationError(
+            f"{ctx.source.name}: keeping established TCP connections needs stop-and-copy; {strategy} leaves "
+            f"the source stopped and could not give them back on a rollback. Use {TCP_CLOSE} or stop-and-copy"
+        )
+
+
 def preflight_source(ctx: Context):
-    ctx.src = connect(ctx.source, PROCESS)
-    probe = criu_ready(ctx.src)
-    try:
-        pid = int(ctx.run.workload)
-    except ValueError:
-        raise MigrationError(f"{ctx.run.workload!r} is not a PID") from None
-    mode, inner, comm = criu.resolve_process(ctx.src, pid)
-    rss = sum(int(kib) for kib in ctx.src.sh(TREE_RSS_SCRIPT, str(pid)).stdout.split()) * 1024
-    s = ctx.state
-    s.pid, s.rss, s.resolved = pid, rss, [mode, inner, comm]
-    # Only the small images are written here.
-    s.src_images = ctx.images_dir(ctx.source)
-    ctx.src.run(["mkdir", "-p", s.src_images])
-    s.tls = not TrustedPair.between(ctx.source, ctx.target)
-    ctx.run.tls = s.tls
-    MigrationRun.objects.filter(pk=ctx.run.pk).update(tls=s.tls)
-    ctx.run.expected_bytes = rss
-    where = "in its own PID namespace" if mode == "ns" else "in the host PID namespace"
-    return Measured(detail=f"CRIU {probe['version']}, PID {pid} ({comm}) {where}, ~{rss // 1024} KiB resident")
+    measured = process_copy.preflight_source(ctx)
+    refuse_kept_connections(ctx, "page-server")
+    record_tls(ctx)
+    return measured
 
 
 def preflight_target(ctx: Context):
-    ctx.dst = connect(ctx.target, PROCESS)
-    probe = criu_ready(ctx.dst)
-    if ctx.dst.run(["python3", "-c", "pass"], check=False).rc != 0:
-        raise MigrationError(f"{ctx.target.name}: python3 is needed to restore a process and is missing")
+    measured = process_copy.preflight_target(ctx)
     s = ctx.state
     avail = mem_available(ctx.dst)
     room = avail - MEMORY_RESERVE
@@ -134,7 +133,7 @@ def preflight_target(ctx: Context):
     ctx.dst.sh(MOUNT_SCRIPT, s.dst_images, str(room // 1024))
     s.tmpfs = True
     ctx.save_state()
-    detail = f"CRIU {probe['version']}, tmpfs of {room // 2**20} MiB at {s.dst_images}"
+    detail = f"{measured.detail}, tmpfs of {room // 2**20} MiB at {s.dst_images}"
     if s.tls:
         server, client = tls.make_pair(s.address, f"criuweb run {ctx.run.code}")
         tls.install(ctx.dst, _dst_tls_dir(s), server)
@@ -158,7 +157,7 @@ def start_page_server(ctx: Context):
 
 def dump(ctx: Context):
     s = ctx.state
-    extra = ["--leave-stopped", "--page-server", "--address", s.address, "--port", str(s.port)]
+    extra = [*s.criu_opts, "--leave-stopped", "--page-server", "--address", s.address, "--port", str(s.port)]
     if s.tls:
         extra += tls.criu_args(_src_tls_dir(s))
     try:
@@ -228,14 +227,18 @@ def _clear_target(dst, s: PageServerState) -> None:
 
 def rollback(ctx: Context):
     s = ctx.state
+    leftovers = ""
     if s.dst_images:
+        # On a fresh connection: the run's own may be what failed.
         try:
             with ssh.Connection(ctx.target) as dst:
-                criu.kill_restored(dst, s.dst_images, s.target_pid)
+                criu.kill_restored(dst, s.dst_images, s.target_pid, timeout=30)
                 _clear_target(dst, s)
         except ssh.SSHError as e:
             if ctx.target_may_run:
                 raise unsafe_to_resume(ctx, e) from e
+            # Never restored there: only the run's tmpfs and page server are left.
+            leftovers = f"{s.dst_images} (a tmpfs) stays on {ctx.target.name} ({e})"
     with ssh.Connection(ctx.source) as src:
         if not pid_alive(src, s.pid):
             raise MigrationError(f"{ctx.source.name}: process {s.pid} is gone; nothing to resume")
@@ -246,16 +249,21 @@ def rollback(ctx: Context):
             raise MigrationError(f"{ctx.source.name}: process {s.pid} does not run again after rollback")
         s.source_stopped = False
         ctx.run.result_workload = str(s.pid)
+        # Recorded at once: from here a recovery must never wake or kill it again.
+        ctx.resumed_on_source(leftovers)
         src.run(["rm", "-rf", "--", s.src_images, _src_tls_dir(s)], check=False)
     return Measured(detail=f"PID {s.pid} running again on {ctx.source.name}")
 
 
 def abort(ctx: Context):
+    """Remove what the run made on both hosts while the tree runs on the source."""
     s = ctx.state
-    if ctx.dst is not None and s.dst_images:
-        _clear_target(ctx.dst, s)
-    if ctx.src is not None and s.src_images:
-        ctx.src.run(["rm", "-rf", "--", s.src_images, _src_tls_dir(s)], check=False)
+    if s.dst_images:
+        process_copy._on(ctx.dst, ctx.target, lambda conn: _clear_target(conn, s))
+    if s.src_images:
+        process_copy._on(
+            ctx.src, ctx.source, lambda conn: conn.run(["rm", "-rf", "--", s.src_images, _src_tls_dir(s)], timeout=60)
+        )
 
 
 PLAN = Plan(
@@ -268,6 +276,7 @@ PLAN = Plan(
         "until the target copy is verified."
     ),
     state=PageServerState,
+    needs=("page-server",),  # the probe's self-test: a real dump through criu page-server
     steps=(
         Step("pre-flight", "source", preflight_source),
         Step("pre-flight", "target", preflight_target),

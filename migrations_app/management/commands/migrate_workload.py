@@ -2,7 +2,7 @@ import json
 
 from django.core.management.base import BaseCommand, CommandError
 
-from migrations_app import engine
+from migrations_app import engine, progress
 from migrations_app.engine import plans, recovery
 from migrations_app.models import CONTAINER, PROCESS, SUCCEEDED, TCP_CLOSE, TCP_ESTABLISHED, Host
 
@@ -66,6 +66,7 @@ class Command(BaseCommand):
         except engine.MigrationError as e:
             raise CommandError(str(e))
         if not as_json:
+            self.stdout.write(f"strategy: {run.strategy} ({run.get_strategy_display()})")
             self.stdout.write(f"established TCP connections: {run.get_tcp_display()}")
 
         def show(phase):
@@ -76,7 +77,9 @@ class Command(BaseCommand):
                     f"  {phase.status}{': ' + phase.detail if phase.detail else ''}"
                 )
 
-        run = engine.execute(run, on_phase=show)
+        # Bytes, rate and time left while a transfer or a page pull runs.
+        on_progress = None if as_json else progress.Printer(self.stdout.write)
+        run = engine.execute(run, on_phase=show, on_progress=on_progress)
         if as_json:
             self.stdout.write(json.dumps(run.to_dict(), indent=2))
         else:

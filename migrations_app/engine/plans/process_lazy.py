@@ -1,0 +1,358 @@
+"""Process trees, post-copy ("lazy"): restored at once, memory pulled afterwards.
+
+The source dumps with --lazy-pages: CRIU writes the small images and then
+serves the memory of the frozen tree from a page server of its own on the
+source's address (with CRIU's TLS unless the pair is a trusted migration
+network). The small images go to the target; there `criu lazy-pages`
+connects to the source, and `criu restore --lazy-pages` (under the
+namespace holder) returns as soon as the tree is rebuilt: the downtime
+ends there. The pages then come over in the background, each one pulled
+when the process touches it or pushed in order; that pull is its own phase.
+
+Between the restore and the last page the workload depends on both hosts.
+The source tree is dumped with --leave-stopped, so that it is killed only
+once every page has arrived and both CRIUs exited 0. If the pull fails
+before that, the target copy, which already ran and may have acted (written
+files, answered requests), is killed, and the source tree goes on from its
+state at the freeze: CRIU resumes it when its page server fails; when the
+source's CRIU itself dies, the kernel lets it run again. The run then ends
+failed and says so. (Without --leave-stopped, a lazy-pages daemon that
+dies would look to the source's CRIU, in plain TCP, like a finished
+transfer, and it would kill the source: page_server_serve takes a closed
+connection for the end.)
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ... import criu, ssh
+from ...models import LAZY, PROCESS, Phase
+from .. import streams, tls
+from ..errors import MigrationError
+from ..hostcheck import (
+    pid_alive,
+    settle,
+    signal_tree,
+    unsafe_to_resume,
+)
+from ..plan import Measured, Plan, Step
+from . import process_copy
+from .process_copy import TREE_RSS_SCRIPT, ProcessState
+from .process_page_server import record_tls, refuse_kept_connections
+
+if TYPE_CHECKING:
+    from ..runner import Context
+
+PAGE_SIZE = 4096
+# The small images: everything but the dump's log, which CRIU is still
+# writing while it serves the pages.
+IMAGES_CREATE = ["tar", "--exclude=./dump.log", "-cf", "-", "-C"]
+# How often the page pull's progress is looked at and stored.
+PULL_POLL_SECONDS = 0.5
+# A free TCP port on $1, asked of the kernel.
+FREE_PORT = r"""
+import socket, sys
+a = sys.argv[1]
+s = socket.socket(socket.AF_INET6 if ":" in a else socket.AF_INET)
+s.bind((a, 0))
+print(s.getsockname()[1])
+"""
+# Resident KiB of the tree at $1 (what has arrived of its memory), or "-" once it is gone.
+TREE_RSS_NOW = '[ -d "/proc/$1" ] || { echo -; exit 0; }\n' + TREE_RSS_SCRIPT
+
+
+@dataclass
+class LazyState(ProcessState):
+    pages_in_images = False
+
+    address: str = ""  # the source's address, where the lazy dump serves pages
+    port: int = 0
+    tls: bool = True
+    dump_pid: int | None = None  # the source's criu dump, serving pages
+    lazy_pid: int | None = None  # the target's criu lazy-pages
+    # The dump left the source tree stopped (--leave-stopped, or still frozen
+    # while it serves): woken on failure, killed once every page arrived.
+    source_stopped: bool = False
+    pulled: bool = False  # every page arrived and both CRIUs exited 0
+
+
+def _src_tls_dir(s: LazyState) -> str:
+    return f"{s.src_images}.tls"
+
+
+def _dst_tls_dir(s: LazyState) -> str:
+    # Beside the images: the images directory is unpacked from the source.
+    return f"{s.dst_images}.tls"
+
+
+def preflight_source(ctx: Context):
+    measured = process_copy.preflight_source(ctx)
+    refuse_kept_connections(ctx, "post-copy")
+    s = ctx.state
+    try:
+        s.address = str(ipaddress.ip_address(ctx.source.address))
+    except ValueError:
+        # CRIU's --address takes an IP only, and the certificates name it.
+        raise MigrationError(
+            f"{ctx.source.name}: post-copy needs the host's address as an IP address, not {ctx.source.address!r}"
+        ) from None
+    # Picked before the freeze; a port taken meanwhile fails the dump, which
+    # CRIU then undoes (it resumes the tree).
+    s.port = int(ctx.src.run(["python3", "-c", FREE_PORT, s.address]).stdout.strip())
+    record_tls(ctx)
+    return measured
+
+
+def preflight_target(ctx: Context):
+    measured = process_copy.preflight_target(ctx)
+    s = ctx.state
+    detail = measured.detail
+    if s.tls:
+        server, client = tls.make_pair(s.address, f"criuweb run {ctx.run.code}")
+        tls.install(ctx.src, _src_tls_dir(s), server)
+        tls.install(ctx.dst, _dst_tls_dir(s), client)
+        detail += "; TLS certificates for this run sent to both hosts"
+    else:
+        detail += "; trusted migration network: no TLS"
+    return Measured(detail=detail)
+
+
+def dump(ctx: Context):
+    """Ends once the small images are written and the source serves its pages."""
+    s = ctx.state
+    extra = [*s.criu_opts, "--leave-stopped", "--lazy-pages", "--address", s.address, "--port", str(s.port)]
+    if s.tls:
+        extra += tls.criu_args(_src_tls_dir(s))
+    mode, inner, _ = s.resolved
+    argv = criu.dump_argv(s.pid, s.src_images, None if mode == "root" else inner, extra)
+    # Written down before it starts: from here the tree may be frozen.
+    s.source_stopped = True
+    ctx.save_state()
+    # When the dump fails CRIU resumes the tree; the rollback checks.
+    server = criu.Background(
+        ctx.src, argv, f"{s.src_images}.ready", f"{s.src_images}/dump.log", "criu dump --lazy-pages"
+    )
+    ctx.lazy_dump = server
+    s.dump_pid = server.pid
+    ctx.save_state()
+    return Measured(
+        detail=f"small images written; PID {server.pid} serves the memory on {s.address}:{s.port}"
+        f"{' over TLS' if s.tls else ''}",
+    )
+
+
+def transfer(ctx: Context):
+    s = ctx.state
+    src = ctx.src_ssh.open_command(IMAGES_CREATE + [s.src_images, "."])
+    dst = ctx.dst_ssh.open_command(["sh", "-c", streams.UNPACK_IMAGES, "sh", s.dst_images])
+    return Measured(bytes=streams.pipe(ctx, src, dst, "the small images"), detail="images other than pages")
+
+
+def start_lazy_pages(ctx: Context):
+    s = ctx.state
+    argv = [
+        "criu",
+        "lazy-pages",
+        "--page-server",
+        "--address",
+        s.address,
+        "--port",
+        str(s.port),
+        "-D",
+        s.dst_images,
+        "-v4",
+        "-o",
+        "lazy-pages.log",
+    ]
+    if s.tls:
+        argv += tls.criu_args(_dst_tls_dir(s))
+    daemon = criu.Background(
+        ctx.dst, argv, f"{s.dst_images}.ready", f"{s.dst_images}/lazy-pages.log", "criu lazy-pages"
+    )
+    ctx.lazy_pages = daemon
+    s.lazy_pid = daemon.pid
+    ctx.save_state()
+    return Measured(detail=f"PID {daemon.pid}, connected to {s.address}:{s.port} once the restore starts")
+
+
+def restore(ctx: Context):
+    """criu restore --lazy-pages: returns with the tree running, before its memory is all there."""
+    return process_copy.restore(ctx, extra=["--lazy-pages"])
+
+
+def page_pull(ctx: Context):
+    """Wait until every page has arrived: both CRIUs exit, 0 both, and the copy still runs."""
+    s = ctx.state
+    server, daemon = ctx.lazy_dump, ctx.lazy_pages
+    last = 0.0
+    while not (server.done() and daemon.done()):
+        # A CRIU that failed ends the wait; one that succeeded waits for the other.
+        if (server.done() and server.wait() != 0) or (daemon.done() and daemon.wait() != 0):
+            break
+        now = time.monotonic()
+        if now - last >= PULL_POLL_SECONDS:
+            last = now
+            out = ctx.dst.sh(TREE_RSS_NOW, str(s.target_pid), check=False).stdout.split()
+            if "-" in out:
+                raise MigrationError(
+                    f"{ctx.target.name}: the restored process {s.target_pid} ended during the page pull"
+                )
+            arrived = sum(int(kib) for kib in out if kib.isdigit()) * 1024
+            if ctx.current_timer is not None:
+                Phase.objects.filter(pk=ctx.current_timer.phase.pk).update(bytes=arrived)
+            if ctx.on_progress:
+                ctx.on_progress("page pull", arrived, ctx.run.expected_bytes)
+        time.sleep(0.05)
+    dump_rc = server.wait() if server.done() else None
+    lazy_rc = daemon.wait() if daemon.done() else None
+    if dump_rc != 0 or lazy_rc != 0:
+        causes = []
+        if dump_rc not in (0, None):
+            causes.append(f"{ctx.source.name}: criu dump serving the pages ended: {server.cause(dump_rc)}")
+        if lazy_rc not in (0, None):
+            causes.append(f"{ctx.target.name}: criu lazy-pages failed: {daemon.cause(lazy_rc)}")
+        server.close()
+        daemon.close()
+        log = "\n".join(
+            f"--- {w} ---\n{t}"
+            for w, t in (("dump.log", server.log_tail()), ("lazy-pages.log", daemon.log_tail()))
+            if t
+        )
+        raise criu.CriuError("; ".join(causes), log)
+    s.pulled = True
+    s.dump_pid = s.lazy_pid = None
+    ctx.save_state()
+    # CRIU's stats-dump is no help here: its page server starts the dump
+    # statistics afresh (cr_page_server calls init_stats), so they come out
+    # zero. lazy-pages logs its own count per process instead.
+    counts = ctx.dst.run(
+        ["grep", "-o", r"UFFD transferred pages: ([0-9]*/[0-9]*)", daemon.log_path], check=False
+    ).stdout
+    copied = total = 0
+    for found in re.finditer(r"\((\d+)/(\d+)\)", counts):
+        copied, total = copied + int(found[1]), total + int(found[2])
+    return Measured(
+        bytes=copied * PAGE_SIZE,
+        criu_stats={"uffd_pages_copied": copied, "uffd_pages_total": total},
+        log=ctx.src.read_file(f"{s.src_images}/dump.log", check=False) or "",
+        detail=f"{copied} of {total} pages pulled from {s.address}:{s.port}{' over TLS' if s.tls else ''}",
+    )
+
+
+def cleanup(ctx: Context):
+    s = ctx.state
+    signal_tree(ctx.src, s.pid, "KILL")
+    if not _gone(ctx.src, s.pid):
+        raise MigrationError(f"{ctx.source.name}: the stopped source process {s.pid} could not be killed")
+    s.source_stopped = False
+    ctx.save_state()
+    ctx.dst.run(["rm", "-rf", "--", s.dst_images, _dst_tls_dir(s)])
+    ctx.src.run(["rm", "-rf", "--", _src_tls_dir(s)])
+    if ctx.run.keep_source:
+        return Measured(detail=f"stopped source killed; its small images kept in {s.src_images}")
+    ctx.src.run(["rm", "-rf", "--", s.src_images])
+    return Measured(detail="stopped source killed; images and certificates removed on both hosts")
+
+
+def _gone(conn, pid, tries: int = 20) -> bool:
+    # A killed process needs a moment to die and be reaped.
+    for _ in range(tries):
+        if not pid_alive(conn, pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def rollback(ctx: Context):
+    s = ctx.state
+    # Whether the copy on the target ran: then this is no clean rollback.
+    ran = s.target_pid is not None
+    leftovers = ""
+    if s.dst_images:
+        # On a fresh connection: the run's own may be what failed.
+        try:
+            with ssh.Connection(ctx.target) as dst:
+                criu.kill_restored(dst, s.dst_images, s.target_pid, timeout=30)
+                if s.lazy_pid:
+                    dst.run(["kill", "-KILL", str(s.lazy_pid)], check=False)
+                dst.run(["rm", "-rf", "--", s.dst_images, _dst_tls_dir(s)], check=False)
+        except ssh.SSHError as e:
+            if ctx.target_may_run:
+                raise unsafe_to_resume(ctx, e) from e
+            leftovers = f"{s.dst_images} stays on {ctx.target.name} ({e})"
+    with ssh.Connection(ctx.source) as src:
+        if s.dump_pid and pid_alive(src, s.dump_pid):
+            # Still serving (or waiting for a connection): ending it makes
+            # CRIU's page server fail, and the kernel lets the tree run on.
+            src.run(["kill", "-KILL", str(s.dump_pid)], check=False)
+            _gone(src, s.dump_pid)
+        if not pid_alive(src, s.pid):
+            raise MigrationError(
+                f"{ctx.source.name}: process {s.pid} is gone"
+                + (f" and its copy on {ctx.target.name} was killed: the workload is lost" if ran else "")
+            )
+        # Stopped by --leave-stopped, or already running again.
+        state = signal_tree(src, s.pid, "CONT")
+        ctx.resumed_at = time.perf_counter()
+        if state in ("T", "t") or not settle(lambda: pid_alive(src, s.pid)):
+            raise MigrationError(f"{ctx.source.name}: process {s.pid} does not run again after rollback")
+        s.source_stopped = False
+        ctx.run.result_workload = str(s.pid)
+        # Recorded at once: from here a recovery must never wake or kill it again.
+        ctx.resumed_on_source(leftovers)
+        src.run(["rm", "-rf", "--", s.src_images, _src_tls_dir(s)], check=False)
+    if ran:
+        return Measured(
+            detail=f"copy on {ctx.target.name} killed; PID {s.pid} running again on {ctx.source.name}",
+            failed=(
+                f"post-copy failed after the restore: the copy on {ctx.target.name} ran without all its memory "
+                f"and was killed (what it did meanwhile may be lost or done again); PID {s.pid} runs on "
+                f"{ctx.source.name} from its state at the freeze"
+            ),
+        )
+    return Measured(detail=f"PID {s.pid} running again on {ctx.source.name}")
+
+
+def abort(ctx: Context):
+    """Remove what the run made on both hosts while the tree runs on the source."""
+    s = ctx.state
+    if s.dst_images:
+        process_copy._on(
+            ctx.dst, ctx.target, lambda conn: conn.run(["rm", "-rf", "--", s.dst_images, _dst_tls_dir(s)], timeout=60)
+        )
+    if s.src_images:
+        process_copy._on(
+            ctx.src, ctx.source, lambda conn: conn.run(["rm", "-rf", "--", s.src_images, _src_tls_dir(s)], timeout=60)
+        )
+
+
+PLAN = Plan(
+    kind=PROCESS,
+    strategy=LAZY,
+    label="post-copy (lazy pages)",
+    summary=(
+        "restored on the target at once, its memory pulled afterwards from the frozen source; until the last "
+        "page arrives the workload depends on both hosts, and a failure then kills the target copy (which may "
+        "have acted) and resumes the source from the freeze."
+    ),
+    state=LazyState,
+    needs=("lazy",),  # the probe's self-test: a real lazy dump and restore (pipe limits, userfaultfd)
+    steps=(
+        Step("pre-flight", "source", preflight_source),
+        Step("pre-flight", "target", preflight_target),
+        Step("dump", "source", dump, freezes=True),
+        Step("transfer", "both", transfer),
+        Step("lazy-pages", "target", start_lazy_pages),
+        Step("restore", "target", restore, resumes=True),
+        Step("page pull", "both", page_pull),
+        Step("verify", "target", process_copy.verify, commits=True),
+        Step("cleanup", "both", cleanup),
+    ),
+    rollback=rollback,
+    abort=abort,
+)
