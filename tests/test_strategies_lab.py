@@ -269,6 +269,6 @@ def test_migrate_workload_strategy_option(hosts, memhog):
     assert result["status"] == SUCCEEDED and result["strategy"] == PAGE_SERVER and result["tls"] is True
     assert [p["name"] for p in result["phases"]][2:4] == ["page server", "dump"]
     # A strategy the kind lacks gets a message, before anything moves.
-    with pytest.raises(CommandError, match="no strategy 'lazy' for a container"):
-        call_command("migrate_workload", "--source", "lab-1", "--target", "lab-2", "--container", "x",
-                     "--strategy", LAZY, stdout=StringIO())
+    with pytest.raises(CommandError, match="no strategy 'engine' for a process"):
+        call_command("migrate_workload", "--source", "lab-1", "--target", "lab-2", "--pid", str(proc["pid"]),
+                     "--strategy", "engine", stdout=StringIO())
