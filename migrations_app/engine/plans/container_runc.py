@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ... import criu, runc, ssh
-from ...docker_engine import Engine, EngineError
+from ...docker_engine import Engine, EngineError, NotFoundError
 from ...models import CONTAINER, PHASE_OK, STOP_AND_COPY, Stage
 from .. import streams
 from ..errors import MigrationError
@@ -78,7 +78,7 @@ def _base_dir(ctx: Context, conn, need: int, side: str) -> str:
     return base
 
 
-def _remove_dir(conn, base: str) -> None:
+def remove_dir(conn, base: str) -> None:
     """Remove a run's images directory, and its parent when that is left empty."""
     conn.sh('rm -rf -- "$1"; rmdir -- "${1%/*}" 2>/dev/null; true', base, check=False)
 
@@ -103,6 +103,7 @@ def preflight_source(ctx: Context):
     except runc.RuncError as e:
         raise MigrationError(str(e)) from e
     s.runc_binary, s.runc_root = state.binary, state.root
+    s.checkpoint = ""  # no Docker checkpoint: the images are in src_base
     s.src_runtime = c["HostConfig"].get("Runtime") or ""
     if (c["HostConfig"].get("LogConfig") or {}).get("Type") == "json-file" and c.get("LogPath"):
         s.log_path = _safe(ctx.src.conn, c["LogPath"], "the log file")
@@ -257,28 +258,53 @@ def cleanup(ctx: Context):
     else:
         ctx.src.remove(c["Id"])
         detail = f"source container {c['Id'][:12]} removed"
-    _remove_dir(ctx.src.conn, s.src_base)
-    _remove_dir(ctx.dst.conn, s.dst_base)
+    remove_dir(ctx.src.conn, s.src_base)
+    remove_dir(ctx.dst.conn, s.dst_base)
     runc.clear_marks(ctx.dst.conn, s.target_id)
     return Measured(detail=detail)
 
 
-def _remove_target(ctx: Context) -> str:
-    """Remove the target copy and its images; a note when something stays there."""
+# Makes the prepared target container impossible to restore from this
+# run: its images go, and its marker stays, naming them, so a start its
+# engine queued and never answered fails in the wrapper ("no CRIU images")
+# rather than starting a copy (without a marker it would start afresh).
+# The exit status says the images are gone. $1 marker path, $2 the run's
+# directory there, $3 the marker's text.
+DISARM_SCRIPT = r"""
+rm -rf -- "$2"
+mkdir -p "${1%/*}" && printf '%s' "$3" >"$1.new" && mv -f "$1.new" "$1"
+[ ! -e "$2" ]
+"""
+
+
+def disarm_target(ctx: Context) -> str:
+    """Make sure the target copy neither runs nor can start; return what stays there ("" if nothing)."""
     s = ctx.state
     if not s.target_id:
         return ""
+    target, short = ctx.target.name, s.target_id[:12]
+    if s.dst_base:
+        mark = runc.marker_text(f"{s.dst_base}/images", f"{s.dst_base}/work")
+        try:
+            with ssh.Connection(ctx.target) as conn:
+                conn.sh(DISARM_SCRIPT, runc.marker_path(s.target_id), s.dst_base, mark, timeout=30)
+        except ssh.SSHError as e:
+            if ctx.target_may_run:
+                raise unsafe_to_resume(ctx, e) from e
+            return f"container {short} (created, never started) stays on {target} ({e})"
+    timeout = engine_plan.TARGET_ENGINE_TIMEOUT
     try:
-        with Engine(ctx.target) as dst:
-            dst.remove(s.target_id)
+        with Engine(ctx.target, timeout=timeout) as dst:
+            try:
+                dst.remove(s.target_id, timeout=timeout)
+            except NotFoundError:
+                pass
             runc.clear_marks(dst.conn, s.target_id)
-            if s.dst_base:
-                _remove_dir(dst.conn, s.dst_base)
+        return ""
     except (EngineError, ssh.SSHError) as e:
         if ctx.target_may_run and engine_plan._container_may_run(ctx.target, s.target_id):
             raise unsafe_to_resume(ctx, e) from e
-        return f"; left a stopped container {s.target_id[:12]} on {ctx.target.name} ({e})"
-    return ""
+        return f"container {short} stays on {target} until its engine answers (its images are gone: {e})"
 
 
 def _restore_source(ctx: Context, src: Engine) -> str:
@@ -299,7 +325,7 @@ def _restore_source(ctx: Context, src: Engine) -> str:
     cp_dir = f"{s.src_root}/containers/{cid}/checkpoints"
     src.conn.run(["sh", "-c", 'mkdir -p "$1" && rm -rf "$1/$3" && mv "$2" "$1/$3"', "sh", cp_dir, images, name])
     try:
-        src.start(cid, checkpoint=name)
+        src.start(cid, checkpoint=name, timeout=ctx.call_timeout())
     finally:
         try:
             src.delete_checkpoint(cid, name)
@@ -309,10 +335,11 @@ def _restore_source(ctx: Context, src: Engine) -> str:
 
 
 def rollback(ctx: Context):
+    """Bring the container back on the source; restartable from the stored state alone."""
     s = ctx.state
     c = s.container
-    note = _remove_target(ctx)
-    with Engine(ctx.source) as src:
+    leftovers = disarm_target(ctx)
+    with Engine(ctx.source, timeout=ctx.call_timeout()) as src:
         running = src.inspect(c["Id"])["State"]["Running"]
         has_images = (
             bool(s.src_base) and src.conn.run(["test", "-s", f"{s.src_base}/images/inventory.img"], check=False).rc == 0
@@ -322,21 +349,24 @@ def rollback(ctx: Context):
             if not has_images:
                 # Its state is gone; running it afresh beats running nothing.
                 src.start(c["Id"])
-                engine_plan._restore_restart_policy(src, ctx)
                 ctx.run.result_workload = c["Id"][:12]
+                ctx.resumed_on_source(leftovers)
+                engine_plan._restore_restart_policy(src, ctx)
                 raise MigrationError(
                     f"{ctx.source.name}: the container stopped without complete images: its state is lost; "
                     f"started it again from its image"
                 )
             how = _restore_source(ctx, src)
             ctx.resumed_at = time.perf_counter()
+        ctx.run.result_workload = c["Id"][:12]
+        ctx.resumed_on_source(leftovers)
         if not settle(lambda: src.inspect(c["Id"])["State"]["Running"]):
             raise MigrationError(f"{ctx.source.name}: the container does not stay running after rollback")
         engine_plan._restore_restart_policy(src, ctx)
         runc.clear_marks(src.conn, c["Id"])
         if s.src_base:
-            _remove_dir(src.conn, s.src_base)
-    ctx.run.result_workload = c["Id"][:12]
+            remove_dir(src.conn, s.src_base)
+    note = f"; {leftovers}" if leftovers else ""
     return Measured(detail=f"container {c['Id'][:12]} running again on {ctx.source.name} ({how}){note}")
 
 
@@ -345,7 +375,7 @@ def abort(ctx: Context):
     engine_plan.abort(ctx)
     for conn, path in ((ctx.src, ctx.state.src_base), (ctx.dst, ctx.state.dst_base)):
         if conn is not None and path:
-            _remove_dir(conn.conn, path)
+            remove_dir(conn.conn, path)
 
 
 PLAN = Plan(
@@ -369,4 +399,5 @@ PLAN = Plan(
     ),
     rollback=rollback,
     abort=abort,
+    adopt=engine_plan.adopt,
 )

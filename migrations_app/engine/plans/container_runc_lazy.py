@@ -206,8 +206,8 @@ def rollback(ctx: Context):
                 dst.run(["kill", "-KILL", str(s.daemon_pid)], check=False)
         except ssh.SSHError:
             pass  # the container's removal below decides
-    note = container_runc._remove_target(ctx)
-    with Engine(ctx.source) as src:
+    leftovers = container_runc.disarm_target(ctx)
+    with Engine(ctx.source, timeout=ctx.call_timeout()) as src:
         if s.runc_pid:
             # CRIU still serves (or waits for) the pages: stopped, the tasks it held run again.
             runc.stop_lazy(src.conn, s.runc_pid)
@@ -221,12 +221,14 @@ def rollback(ctx: Context):
             src.call("docker unpause", src.api.unpause, c["Id"])
             ctx.resumed_at = time.perf_counter()
         s.paused = False
+        ctx.run.result_workload = c["Id"][:12]
+        ctx.resumed_on_source(leftovers)
         if not settle(lambda: (st := src.inspect(c["Id"])["State"])["Running"] and not st.get("Paused")):
             raise MigrationError(f"{ctx.source.name}: the container does not run again after rollback")
         engine_plan._restore_restart_policy(src, ctx)
         if s.src_base:
-            container_runc._remove_dir(src.conn, s.src_base)
-    ctx.run.result_workload = c["Id"][:12]
+            container_runc.remove_dir(src.conn, s.src_base)
+    note = f"; {leftovers}" if leftovers else ""
     return Measured(detail=f"container {c['Id'][:12]} unpaused on {ctx.source.name}{note}")
 
 
@@ -261,4 +263,5 @@ PLAN = Plan(
     ),
     rollback=rollback,
     abort=abort,
+    adopt=engine_plan.adopt,
 )

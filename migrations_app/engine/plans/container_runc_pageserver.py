@@ -142,8 +142,8 @@ def rollback(ctx: Context):
                 _stop_page_server(dst, s)
         except ssh.SSHError:
             pass  # a page server alone runs nothing; the target copy is what matters
-    note = container_runc._remove_target(ctx)
-    with Engine(ctx.source) as src:
+    leftovers = container_runc.disarm_target(ctx)
+    with Engine(ctx.source, timeout=ctx.call_timeout()) as src:
         found = src.inspect(c["Id"])["State"]
         if found.get("Paused"):
             src.call("docker unpause", src.api.unpause, c["Id"])
@@ -151,12 +151,14 @@ def rollback(ctx: Context):
         elif not found["Running"]:
             raise MigrationError(f"{ctx.source.name}: the container stopped; nothing to resume")
         s.paused = False
+        ctx.run.result_workload = c["Id"][:12]
+        ctx.resumed_on_source(leftovers)
         if not settle(lambda: (st := src.inspect(c["Id"])["State"])["Running"] and not st.get("Paused")):
             raise MigrationError(f"{ctx.source.name}: the container does not run again after rollback")
         engine_plan._restore_restart_policy(src, ctx)
         if s.src_base:
-            container_runc._remove_dir(src.conn, s.src_base)
-    ctx.run.result_workload = c["Id"][:12]
+            container_runc.remove_dir(src.conn, s.src_base)
+    note = f"; {leftovers}" if leftovers else ""
     return Measured(detail=f"container {c['Id'][:12]} unpaused on {ctx.source.name}{note}")
 
 
@@ -194,4 +196,5 @@ PLAN = Plan(
     ),
     rollback=rollback,
     abort=abort,
+    adopt=engine_plan.adopt,
 )
