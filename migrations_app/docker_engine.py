@@ -27,7 +27,8 @@ HOST_CONFIG_FIELDS = [
     "MemoryReservation", "NanoCpus", "CpuShares", "CpuQuota", "CpuPeriod", "CpusetCpus",
     "CapAdd", "CapDrop", "Privileged", "SecurityOpt", "Tmpfs", "Ulimits", "ShmSize",
     "PidsLimit", "ReadonlyRootfs", "Dns", "DnsOptions", "DnsSearch", "ExtraHosts",
-    "LogConfig", "Sysctls",
+    "LogConfig", "Sysctls", "Mounts", "Devices", "GroupAdd", "IpcMode", "PidMode", "UTSMode", "Init",
+    "OomScoreAdj", "OomKillDisable", "CgroupnsMode", "BlkioWeight", "CpuRealtimePeriod", "CpuRealtimeRuntime",
 ]
 
 
@@ -168,6 +169,8 @@ class Engine:
         """Create (not start) a container with the source's configuration, from image.
 
         runtime: the OCI runtime the engine runs it with, when not its default.
+        Its networks too, with the same fixed addresses and aliases: the
+        first in the create call, the others connected before it starts.
         """
         config = {k: source["Config"][k] for k in CONFIG_FIELDS if source["Config"].get(k) is not None}
         config["Labels"] = {**(config.get("Labels") or {}), **(labels or {})}
@@ -178,6 +181,11 @@ class Engine:
         if runtime:
             host_config["Runtime"] = runtime
         config["HostConfig"] = host_config
+        endpoints = _endpoints(source)
+        mode = host_config.get("NetworkMode") or "default"
+        first = mode if mode in endpoints else next(iter(endpoints), None)
+        if first:
+            config["NetworkingConfig"] = {"EndpointsConfig": {first: endpoints[first]}}
         # Docker's own API: create takes the inspect shape (docker-py's
         # create_container would make us rebuild it field by field).
         res = self.call(
@@ -187,7 +195,60 @@ class Engine:
                 True,
             ),
         )
+        for net, endpoint in endpoints.items():
+            if net != first:
+                self.call(
+                    f"connect to network {net}",
+                    lambda net=net, endpoint=endpoint: self.api._raise_for_status(
+                        self.api._post_json(
+                            self.api._url("/networks/{0}/connect", net),
+                            data={"Container": res["Id"], "EndpointConfig": endpoint},
+                        )
+                    ),
+                )
         return res["Id"]
+
+    def volume(self, name):
+        """A volume's inspect data, or None."""
+        return self._find("volume", self.api.inspect_volume, name)
+
+    def create_volume(self, name, labels=None):
+        return self.call(f"create volume {name!r}", self.api.create_volume, name, driver="local", labels=labels)
+
+    def remove_volume(self, name):
+        self.call(f"remove volume {name!r}", self.api.remove_volume, name)
+
+    def volume_users(self, name):
+        """Ids of the containers (running or not) that mount a volume."""
+        rows = self.call("list containers", self.api.containers, all=True, filters={"volume": name})
+        return [c["Id"] for c in rows]
+
+    def network(self, name):
+        """A network's inspect data, or None."""
+        return self._find("network", self.api.inspect_network, name)
+
+    def create_network_like(self, source):
+        """A network like the source host's: driver, subnets, options, labels."""
+        ipam = source.get("IPAM") or {}
+        config = {
+            "Name": source["Name"],
+            "Driver": source.get("Driver") or "bridge",
+            "IPAM": {"Driver": ipam.get("Driver") or "default", "Config": ipam.get("Config") or [],
+                     "Options": ipam.get("Options") or {}},
+            "Options": source.get("Options") or {},
+            "Labels": source.get("Labels") or {},
+            "Internal": bool(source.get("Internal")),
+            "Attachable": bool(source.get("Attachable")),
+            "EnableIPv6": bool(source.get("EnableIPv6")),
+            "CheckDuplicate": True,
+        }  # fmt: skip
+        return self.call(
+            f"create network {source['Name']!r}",
+            lambda: self.api._result(self.api._post_json(self.api._url("/networks/create"), data=config), True),
+        )
+
+    def remove_network(self, name):
+        self.call(f"remove network {name!r}", self.api.remove_network, name)
 
     def run_container(self, image, command, name):
         def run():
@@ -277,6 +338,28 @@ class Engine:
     def logs(self, container_id, tail="all", timestamps=False):
         raw = self.call("container logs", self.api.logs, container_id, tail=tail, timestamps=timestamps)
         return raw.decode(errors="replace")
+
+
+def _endpoints(source):
+    """The source container's networks as create/connect endpoint configs.
+
+    Only what the user chose: fixed addresses (IPAMConfig), aliases (but the
+    container-id alias Docker adds itself), links and driver options.
+    """
+    short = source["Id"][:12]
+    endpoints = {}
+    for net, ep in (source["NetworkSettings"].get("Networks") or {}).items():
+        config = {}
+        if ep.get("IPAMConfig"):
+            config["IPAMConfig"] = {k: v for k, v in ep["IPAMConfig"].items() if v}
+        aliases = [a for a in ep.get("Aliases") or [] if a != short]
+        if aliases:
+            config["Aliases"] = aliases
+        for key in ("Links", "DriverOpts"):
+            if ep.get(key):
+                config[key] = ep[key]
+        endpoints[net] = config
+    return endpoints
 
 
 def _api_client(client, timeout):

@@ -7,11 +7,23 @@ import urllib.request
 import uuid
 
 import pytest
+from django.utils import timezone
 
 from migrations_app import lab, ssh
+from migrations_app.criu import CriuError
 from migrations_app.docker_engine import Engine
-from migrations_app.engine import MigrationError, create_run, execute
-from migrations_app.models import CONTAINER, FAILED, PROCESS, SUCCEEDED, TCP_ESTABLISHED
+from migrations_app.engine import Context, MigrationError, create_run, execute, plans
+from migrations_app.engine.plans import container_engine
+from migrations_app.models import (
+    CONTAINER,
+    ENGINE,
+    FAILED,
+    PROCESS,
+    ROLLED_BACK,
+    SUCCEEDED,
+    TCP_ESTABLISHED,
+    MigrationRun,
+)
 from tests.support import wait_for
 
 pytestmark = pytest.mark.lab
@@ -249,3 +261,235 @@ def test_one_container_by_name_and_by_id_is_one_workload(hosts, counter_containe
     assert run.status == SUCCEEDED, run.error
     with Engine(lab2) as engine:
         assert engine.inspect(name)["State"]["Running"]
+
+
+# -- containers -------------------------------------------------------------------
+
+
+def _lacks_cap_sys_resource():
+    # The lab hosts are this machine's namespaces: their root is ours.
+    for line in open("/proc/self/status"):
+        if line.startswith("CapEff:"):
+            return not int(line.split()[1], 16) & (1 << 24)
+    return True
+
+
+@pytest.fixture
+def containers(hosts):
+    """Start containers on lab-1 with run(name_suffix, command, **create kwargs); removed from both hosts."""
+    made, networks, volumes = [], [], []
+
+    def run(command, host_config=None, networking_config=None, **kwargs):
+        name = f"fid-{uuid.uuid4().hex[:8]}"
+        with Engine(hosts[0]) as engine:
+            cid = engine.api.create_container(
+                lab.IMAGE, command, name=name, host_config=engine.api.create_host_config(**(host_config or {})),
+                networking_config=networking_config, **kwargs,
+            )["Id"]  # fmt: skip
+            engine.api.start(cid)
+            wait_for(lambda: engine.inspect(cid)["State"]["Running"], message="container did not start")
+        made.append(name)
+        return name
+
+    yield run, networks, volumes
+    for host in hosts:
+        with Engine(host) as engine:
+            for name in made:
+                if engine.exists(name):
+                    engine.remove(name)
+            for v in volumes:
+                if engine.volume(v):
+                    engine.remove_volume(v)
+            for n in networks:
+                if engine.network(n):
+                    engine.remove_network(n)
+
+
+def _exec(host, name, command):
+    with Engine(host) as engine:
+        exec_id = engine.api.exec_create(engine.inspect(name)["Id"], command)["Id"]
+        out = engine.api.exec_start(exec_id).decode()
+        return out, engine.api.exec_inspect(exec_id)["ExitCode"]
+
+
+HTTPD = "mkdir -p /www && echo hello-from-the-container > /www/index.html && exec httpd -f -p 8080 -h /www"
+
+
+def test_container_with_a_published_port_moves_and_serves_there(hosts, containers):
+    lab1, lab2 = hosts
+    run_container, _, _ = containers
+    port = _free_port()
+    name = run_container(["sh", "-c", HTTPD], host_config={"port_bindings": {8080: port}}, ports=[8080])
+    url = f"http://{lab.HOSTS[0].address}:{port}/"
+    wait_for(lambda: _connects(lab.HOSTS[0].address, port), message="httpd did not start")
+    assert b"hello-from-the-container" in urllib.request.urlopen(url, timeout=5).read()
+
+    run = execute(create_run(lab1, lab2, CONTAINER, name))
+    assert run.status == SUCCEEDED, run.error
+    assert ":8080 listening" in run.phases.first().detail
+    body = urllib.request.urlopen(f"http://{lab.HOSTS[1].address}:{port}/", timeout=5).read()
+    assert b"hello-from-the-container" in body
+
+
+def test_container_established_tcp_closed_and_the_client_told(hosts, containers):
+    lab1, lab2 = hosts
+    run_container, _, _ = containers
+    port = _free_port()
+    # nc -ll: listens again after each client; -e cat: echoes.
+    name = run_container(["nc", "-ll", "-p", "8080", "-e", "cat"], host_config={"port_bindings": {8080: port}},
+                         ports=[8080])  # fmt: skip
+    wait_for(lambda: _connects(lab.HOSTS[0].address, port), message="nc did not start")
+    client = socket.create_connection((lab.HOSTS[0].address, port), timeout=10)
+    assert _echo(client) == b"ping\n"
+
+    run = execute(create_run(lab1, lab2, CONTAINER, name))
+    assert run.status == SUCCEEDED, run.error
+    assert "established TCP connections will be closed" in run.phases.first().detail
+    try:
+        client.sendall(b"after\n")
+        answer = client.recv(100)
+    except OSError as e:
+        answer = e
+    assert answer == b"" or isinstance(answer, ConnectionResetError | BrokenPipeError), answer
+    client.close()
+    with socket.create_connection((lab.HOSTS[1].address, port), timeout=10) as again:
+        assert _echo(again) == b"ping\n"
+
+
+def test_named_volume_moves_with_its_data(hosts, containers):
+    lab1, lab2 = hosts
+    run_container, _, volumes = containers
+    volume = f"fidvol-{uuid.uuid4().hex[:8]}"
+    volumes.append(volume)
+    name = run_container(
+        ["sh", "-c", "echo kept-in-the-volume > /data/note; " + lab.COUNTER_SCRIPT],
+        host_config={"binds": [f"{volume}:/data"]},
+        volumes=["/data"],
+    )
+    wait_for(lambda: _exec(lab1, name, ["cat", "/data/note"])[0].strip() == "kept-in-the-volume")
+
+    run = execute(create_run(lab1, lab2, CONTAINER, name))
+    assert run.status == SUCCEEDED, run.error
+    out, code = _exec(lab2, name, ["cat", "/data/note"])
+    assert (out.strip(), code) == ("kept-in-the-volume", 0)
+    assert run.volume_bytes > 0 and run.volume_bytes < run.total_bytes
+    assert volume in run.phases.get(name="transfer").detail
+    with Engine(lab1) as engine:
+        assert engine.volume(volume) is None, "the source's copy of the volume should be gone"
+
+
+def test_bind_mount_refused_before_the_freeze(hosts, containers, tmp_path):
+    lab1, lab2 = hosts
+    run_container, _, _ = containers
+    name = run_container(["sh", "-c", lab.COUNTER_SCRIPT], host_config={"binds": [f"{tmp_path}:/data"]},
+                         volumes=["/data"])  # fmt: skip
+    run = execute(create_run(lab1, lab2, CONTAINER, name))
+    assert run.status == FAILED
+    assert f"bind mount {tmp_path} -> /data" in run.error, run.error
+    assert "checkpoint" not in _phase_names(run)
+    with Engine(lab1) as engine:
+        assert engine.inspect(name)["State"]["Running"]
+    with Engine(lab2) as engine:
+        assert not engine.exists(name)
+
+
+def test_privileged_container_refused_unless_both_hosts_allow_it(hosts, containers):
+    lab1, lab2 = hosts
+    run_container, _, _ = containers
+    name = run_container(["sh", "-c", lab.COUNTER_SCRIPT], host_config={"cap_add": ["NET_ADMIN"]})
+    lab1.allow_privileged = True
+    lab1.save()
+    run = execute(create_run(lab1, lab2, CONTAINER, name))
+    assert run.status == FAILED
+    assert "it adds capabilities NET_ADMIN" in run.error and "'allow privileged workloads' on lab-2" in run.error, run.error
+    assert "checkpoint" not in _phase_names(run)
+    with Engine(lab1) as engine:
+        assert engine.inspect(name)["State"]["Running"]
+
+
+def test_read_only_root_and_fixed_ip_on_a_new_network_arrive_as_they_were(hosts, containers):
+    lab1, lab2 = hosts
+    run_container, networks, _ = containers
+    net = f"fidnet-{uuid.uuid4().hex[:6]}"
+    third = 100 + uuid.uuid4().int % 100
+    networks.append(net)
+    with Engine(lab1) as engine:
+        ipam = {"Config": [{"Subnet": f"172.31.{third}.0/24"}]}
+        engine.api.create_network(net, driver="bridge", ipam=ipam)
+        endpoint = engine.api.create_networking_config(
+            {net: engine.api.create_endpoint_config(ipv4_address=f"172.31.{third}.50")}
+        )
+    name = run_container(["sh", "-c", lab.COUNTER_SCRIPT], host_config={"read_only": True, "network_mode": net},
+                         networking_config=endpoint)  # fmt: skip
+    _, code = _exec(lab1, name, ["touch", "/probe"])
+    assert code != 0, "the source's root should be read-only"
+
+    run = execute(create_run(lab1, lab2, CONTAINER, name))
+    assert run.status == SUCCEEDED, run.error
+    with Engine(lab2) as engine:
+        c = engine.inspect(name)
+        assert c["NetworkSettings"]["Networks"][net]["IPAddress"] == f"172.31.{third}.50"
+        pid = c["State"]["Pid"]
+    out, code = _exec(lab2, name, ["touch", "/probe"])
+    assert code != 0 and "Read-only file system" in out, out
+    root = [line.split() for line in open(f"/proc/{pid}/mountinfo") if line.split()[4] == "/"][-1]
+    assert "ro" in root[5].split(",")
+    assert "configuration as on the source" in run.phases.get(name="verify").detail
+
+
+def test_user_container_refused_before_the_freeze_where_criu_cannot_dump_it(hosts, containers):
+    lab1, lab2 = hosts
+    run_container, _, _ = containers
+    if not _lacks_cap_sys_resource():
+        pytest.skip("root here has CAP_SYS_RESOURCE: CRIU can dump another user's tasks")
+    name = run_container(["sh", "-c", lab.COUNTER_SCRIPT], user="1000:1000")
+    run = execute(create_run(lab1, lab2, CONTAINER, name))
+    assert run.status == FAILED
+    assert "runs as user/group 1000" in run.error and "CAP_SYS_RESOURCE" in run.error, run.error
+    assert "checkpoint" not in _phase_names(run)
+
+
+def test_a_failed_docker_checkpoint_quotes_criu_s_log(hosts, containers):
+    """Calls the checkpoint phase directly, past pre-flight, on a container
+    pre-flight would refuse: a real CRIU failure inside Docker's checkpoint."""
+    lab1, lab2 = hosts
+    run_container, _, _ = containers
+    if not _lacks_cap_sys_resource():
+        pytest.skip("needs a host where CRIU cannot dump another user's tasks")
+    name = run_container(["sh", "-c", lab.COUNTER_SCRIPT], user="1000:1000")
+    plan = plans.get(CONTAINER, ENGINE)
+    ctx = Context(create_run(lab1, lab2, CONTAINER, name), plan)
+    try:
+        ctx.src = Engine(lab1).__enter__()
+        ctx.state.container = ctx.src.inspect(name)
+        ctx.state.checkpoint = "cw-direct"
+        with pytest.raises(CriuError, match=r"docker checkpoint failed: .*Can't get rlimit") as failed:
+            container_engine.checkpoint(ctx)
+        assert "Dumping FAILED" in failed.value.log_excerpt or "Error" in failed.value.log_excerpt
+        assert ctx.src.inspect(name)["State"]["Running"]  # CRIU let it run on
+    finally:
+        ctx.close()
+
+
+def test_containerd_lockout_only_after_a_checkpoint_was_taken(hosts, containers):
+    lab1, lab2 = hosts
+    run_container, _, _ = containers
+    name = run_container(["sh", "-c", lab.COUNTER_SCRIPT])
+    with Engine(lab1) as engine:
+        cid = engine.inspect(name)["Id"]
+    # A run that failed at its checkpoint and rolled back: no checkpoint was taken.
+    failed = MigrationRun.objects.create(
+        source=lab1, target=lab2, kind=CONTAINER, workload=name, strategy=ENGINE, status=ROLLED_BACK,
+        finished=timezone.now(), result_workload=cid[:12], state={"checkpointed": False},
+    )  # fmt: skip
+    run = execute(create_run(lab1, lab2, CONTAINER, name))
+    assert run.status == SUCCEEDED, run.error
+    # Back on lab-1 later, after a run that did take one there: refused.
+    run = execute(create_run(lab2, lab1, CONTAINER, name))
+    assert run.status == SUCCEEDED, run.error
+    with Engine(lab1) as engine:
+        cid = engine.inspect(name)["Id"]
+    failed.result_workload, failed.state = cid[:12], {"checkpointed": True}
+    failed.save()
+    run = execute(create_run(lab1, lab2, CONTAINER, name))
+    assert run.status == FAILED and "containerd#8401" in run.error, run.error

@@ -63,6 +63,12 @@ while todo:
         continue
     rest = stat.rsplit(")", 1)[1].split()
     comm = stat[stat.index("(") + 1:stat.rindex(")")]
+    ids = {}
+    for line in (read("/proc/%d/status" % pid) or "").splitlines():
+        if line.startswith(("Uid:", "Gid:")):
+            ids[line[:3].lower()] = sorted(set(int(x) for x in line.split()[1:]))
+        elif line.startswith("CapEff:"):
+            ids["capeff"] = line.split()[1]
     cmdline = (read("/proc/%d/cmdline" % pid) or "").replace("\0", " ").strip()
     socks = []
     try:
@@ -76,6 +82,7 @@ while todo:
     procs.append({
         "pid": pid, "ppid": int(rest[1]), "state": rest[0], "flags": int(rest[6]), "comm": comm,
         "exe": link("/proc/%d/exe" % pid), "cmdline": cmdline[:300],
+        "uids": ids.get("uid", []), "gids": ids.get("gid", []), "capeff": ids.get("capeff", ""),
         "ns": {n: link("/proc/%d/ns/%s" % (pid, n)) for n in ("pid", "net", "mnt", "user")},
         "sockets": socks,
     })
@@ -111,6 +118,8 @@ print(json.dumps({
     "session_pid": os.getpid(),
     "session_ns": {n: link("/proc/self/ns/%s" % n) for n in ("pid", "net", "mnt")},
     "boot_id": (read("/proc/sys/kernel/random/boot_id") or "").strip(),
+    "cap_eff": int(next((l.split()[1] for l in (read("/proc/self/status") or "").splitlines()
+                         if l.startswith("CapEff:")), "0"), 16),
     "ssh_port": ssh_port,
 }))
 """
@@ -152,6 +161,7 @@ class Tree:
     session_ns: dict
     boot_id: str
     ssh_port: int
+    cap_eff: int = 0  # the SSH session's effective capabilities: what CRIU will have
     root_ns: dict = field(default_factory=dict)
 
     @property
@@ -197,13 +207,31 @@ def _exe_name(proc: dict) -> str:
     return os.path.basename(proc["exe"].removesuffix(" (deleted)"))
 
 
-def refusals(tree: Tree, host_name: str, controller_pids: set[int] | None = None) -> list[str]:
+# capability(7) numbers.
+CAP_SYS_RESOURCE = 24
+
+
+def refusals(
+    tree: Tree, host_name: str, controller_pids: set[int] | None = None, host_daemons: bool = True
+) -> list[str]:
     """Why CRIU must not be pointed at this tree; empty when nothing forbids it.
 
     controller_pids: criuweb's own process and its ancestors, when the host
     is the machine criuweb runs on (same boot and PID namespace).
+    host_daemons: refuse programs that run the host (sshd, dockerd, ...);
+    off for a container, whose sshd is its own.
     """
     why = []
+    if not tree.cap_eff & (1 << CAP_SYS_RESOURCE):
+        others = sorted({i for p in tree.procs for i in p.get("uids", []) + p.get("gids", []) if i != 0})
+        if others:
+            # CRIU reads every task's resource limits with prlimit(), which
+            # for a task of another user needs CAP_SYS_RESOURCE; without it
+            # the dump fails ("Can't get rlimit 0: Operation not permitted").
+            why.append(
+                f"it runs as user/group {', '.join(map(str, others[:4]))}, not root, and root on {host_name} "
+                "lacks CAP_SYS_RESOURCE, which CRIU needs to read another user's resource limits"
+            )
     for p in tree.procs:
         name = _exe_name(p)
         what = f"PID {p['pid']} ({p['comm']})"
@@ -211,9 +239,9 @@ def refusals(tree: Tree, host_name: str, controller_pids: set[int] | None = None
             why.append(f"{what} is a kernel thread")
         elif p["pid"] == 1 and p["ns"]["pid"] == tree.session_ns.get("pid"):
             why.append(f"{what} is the host's init")
-        elif name in HOST_DAEMONS or name.startswith(("containerd", "systemd-", "dockerd")):
+        elif host_daemons and (name in HOST_DAEMONS or name.startswith(("containerd", "systemd-", "dockerd"))):
             why.append(f"{what} is the host's own {name}")
-        elif "criuweb.wsgi" in p["cmdline"]:
+        elif host_daemons and "criuweb.wsgi" in p["cmdline"]:
             why.append(f"{what} is criuweb's own web server")
         if p["pid"] == tree.session_pid:
             why.append(f"the tree holds the SSH session criuweb works through ({what})")

@@ -19,7 +19,7 @@ from django.utils import timezone
 from ... import criu, ssh, validation
 from ...docker_engine import Engine, EngineError, NotFoundError
 from ...models import CONTAINER, ENGINE, FINISHED, PHASE_OK, ROLLED_BACK, MigrationRun, Stage
-from .. import lifecycle, streams
+from .. import container_checks, lifecycle, streams
 from ..errors import MigrationError
 from ..hostcheck import SPACE_MARGIN, check_space, connect, criu_ready, rss_bytes, settle, unsafe_to_resume
 from ..plan import Measured, Plan, Step
@@ -43,6 +43,11 @@ class ContainerState:
     target_upper: str = ""
     restart_policy: dict | None = None  # the source's, while it is off
     checkpointed: bool = False
+    facts: dict = field(default_factory=dict)  # container_checks.check_source()
+    networks_to_create: list = field(default_factory=list)
+    created_networks: list = field(default_factory=list)  # on the target, by this run
+    volumes: list = field(default_factory=list)  # named local volumes, with their target mountpoints
+    tmp_added: bool = False
 
 
 def _engine_ready(engine):
@@ -107,16 +112,25 @@ def preflight_source(ctx: Context):
     # By its full id: the same container named another way is the same.
     lifecycle.claim_workload(ctx.run, c["Id"])
     _refuse_second_checkpoint(ctx, c, info)
+    facts = container_checks.check_source(ctx, c)
     top = ctx.src.call("docker top", ctx.src.api.top, c["Id"], ps_args="-eo user,pid")
     rss = rss_bytes(ctx.src.conn, [row[1] for row in top["Processes"]])
     root = info["DockerRootDir"]
     check_space(ctx.src.conn, root, rss + SPACE_MARGIN, "the checkpoint")
     s = ctx.state
     s.container, s.src_root, s.rss, s.checkpoint = c, root, rss, f"cw-{ctx.run.code.hex[:12]}"
+    s.facts = facts
     ctx.run.expected_bytes = rss
+    # Last: it changes the container, and only once nothing refused it.
+    if container_checks.needs_tmp(c):
+        s.tmp_added = container_checks.ensure_tmp(ctx.src.conn, c)
+    volumes = f"; volumes {', '.join(v['name'] for v in facts['volumes'])} move with it" if facts["volumes"] else ""
+    tcp = "; its established TCP connections will be closed" if facts["close_tcp"] else ""
+    if s.tmp_added:
+        tcp += "; read-only root: an empty /tmp added to its writable layer, which CRIU needs to restore it"
     return Measured(
         detail=f"CRIU {probe['version']}, Docker {info['ServerVersion']}, container {c['Name'].lstrip('/')} "
-        f"({c['Id'][:12]}), ~{rss // 1024} KiB resident"
+        f"({c['Id'][:12]}), ~{rss // 1024} KiB resident; sockets: {facts['sockets']}{volumes}{tcp}"
     )
 
 
@@ -139,10 +153,15 @@ def preflight_target(ctx: Context):
         if not leftover:
             raise MigrationError(f"{ctx.target.name}: a container named {name!r} already exists there")
         ctx.dst.remove(other["Id"])
+    ctx.state.networks_to_create = container_checks.check_target(ctx, ctx.state.facts)
     root = info["DockerRootDir"]
     check_space(ctx.dst.conn, root, ctx.state.rss + SPACE_MARGIN, "the checkpoint")
     ctx.state.dst_root, ctx.state.name = root, name
-    return Measured(detail=f"CRIU {probe['version']}, Docker {info['ServerVersion']}")
+    made = ctx.state.networks_to_create
+    return Measured(
+        detail=f"CRIU {probe['version']}, Docker {info['ServerVersion']}"
+        + (f"; networks {', '.join(made)} will be created here" if made else "")
+    )
 
 
 def image_missing(ctx: Context):
@@ -172,10 +191,23 @@ def prepare_target(ctx: Context, runtime: str | None = None):
     image = source["Config"]["Image"]
     if ctx.dst.image_id(image) != source["Image"]:
         image = source["Image"]
-    cid = ctx.dst.create_like(source, ctx.state.name, image, {RUN_LABEL: str(ctx.run.code)}, runtime=runtime)
-    ctx.state.target_id = cid
-    ctx.state.target_upper = ctx.dst.inspect(cid)["GraphDriver"]["Data"]["UpperDir"]
-    return Measured(detail=f"container {cid[:12]} created")
+    s = ctx.state
+    # Networks and volumes first, stored as made, so that an abort removes them.
+    for name in s.networks_to_create:
+        container_checks.create_networks(ctx, [name])
+        s.created_networks.append(name)
+        ctx.save_state()
+    s.volumes = container_checks.create_volumes(ctx, s.facts)
+    ctx.save_state()
+    cid = ctx.dst.create_like(source, s.name, image, {RUN_LABEL: str(ctx.run.code)}, runtime=runtime)
+    s.target_id = cid
+    s.target_upper = ctx.dst.inspect(cid)["GraphDriver"]["Data"]["UpperDir"]
+    extra = "".join(
+        [f"; network {n} created" for n in s.created_networks]
+        + [f"; volume {v['name']} {'created' if v['created'] else 'found empty'}" for v in s.volumes]
+    )
+    return Measured(detail=f"container {cid[:12]} created{extra}")
+
 
 
 def has_restart_policy(ctx: Context):
@@ -201,7 +233,17 @@ def _restore_restart_policy(engine, ctx: Context):
 
 
 def checkpoint(ctx: Context):
-    ctx.src.checkpoint(ctx.state.container["Id"], ctx.state.checkpoint, timeout=ctx.call_timeout())
+    c = ctx.state.container
+    if ctx.state.facts.get("close_tcp"):
+        container_checks.close_tcp(ctx.src.conn, c["State"]["Pid"])
+    try:
+        ctx.src.checkpoint(c["Id"], ctx.state.checkpoint, timeout=ctx.call_timeout())
+    except EngineError as e:
+        # Docker names only the path of CRIU's log; its cause is in there.
+        quoted = container_checks.checkpoint_error(ctx.src.conn, e) if e.answered else None
+        if quoted:
+            raise quoted from e
+        raise
     ctx.state.checkpointed = True
     return Measured(detail=f"checkpoint {ctx.state.checkpoint}")
 
@@ -235,19 +277,32 @@ def transfer(ctx: Context):
     s = ctx.state
     c = s.container
     src_upper = c["GraphDriver"]["Data"]["UpperDir"]
-    # One stream, two directories: every SSH command here is downtime.
+    # One stream, two directories (and the named volumes' data): every SSH
+    # command here is downtime.
     src = ctx.src_ssh.open_command(
         streams.TAR_CREATE
         + [f"{s.src_root}/containers/{c['Id']}/checkpoints", s.checkpoint]
         + ["-C", src_upper.rsplit("/", 1)[0], src_upper.rsplit("/", 1)[1]]
+        + container_checks.volume_tar_args(s.volumes)
     )
     dst_containers = f"{s.dst_root}/containers/{s.target_id}"
-    dst = ctx.dst_ssh.open_command(
-        ["sh", "-c", UNPACK_CONTAINER, "sh", f"{dst_containers}/criuweb-{s.checkpoint}",
-         f"{dst_containers}/checkpoints", s.checkpoint, s.target_upper]
-    )  # fmt: skip
+    stage = f"{dst_containers}/criuweb-{s.checkpoint}"
+    if s.volumes:
+        pairs = [x for v in s.volumes for x in (v["name"], v["target_mountpoint"])]
+        dst = ctx.dst_ssh.open_command(
+            ["sh", "-c", container_checks.UNPACK_WITH_VOLUMES, "sh", stage, f"{dst_containers}/checkpoints",
+             s.checkpoint, s.target_upper, f"{dst_containers}/criuweb-volume-bytes", *pairs]
+        )  # fmt: skip
+    else:
+        dst = ctx.dst_ssh.open_command(
+            ["sh", "-c", UNPACK_CONTAINER, "sh", stage, f"{dst_containers}/checkpoints", s.checkpoint,
+             s.target_upper]
+        )  # fmt: skip
     n = streams.pipe(ctx, src, dst, "the checkpoint and writable layer")
-    return Measured(bytes=n, detail="checkpoint and writable layer")
+    what = "checkpoint and writable layer"
+    if s.volumes:
+        what += f", volumes {', '.join(v['name'] for v in s.volumes)}"
+    return Measured(bytes=n, detail=what)
 
 
 # Where containerd keeps a task's CRIU work files (restore.log,
@@ -302,8 +357,19 @@ def verify(ctx: Context):
         raise MigrationError(
             f"{ctx.target.name}: the restored container is not running (status {s['Status']}, exit {s['ExitCode']})"
         )
+    fidelity = container_checks.verify_fidelity(
+        ctx, ctx.state.container, ctx.state.restart_policy, ctx.state.facts.get("inside"), RUN_LABEL
+    )
+    volumes = ""
+    if ctx.state.volumes:
+        count = ctx.dst.conn.read_file(
+            f"{ctx.state.dst_root}/containers/{cid}/criuweb-volume-bytes", check=False
+        )
+        ctx.run.volume_bytes = int(count) if count and count.strip().isdigit() else 0
+        MigrationRun.objects.filter(pk=ctx.run.pk).update(volume_bytes=ctx.run.volume_bytes)
+        volumes = f"; volumes {ctx.run.volume_bytes} B"
     ctx.run.result_workload = cid[:12]
-    return Measured(detail=f"container {cid[:12]} running")
+    return Measured(detail=f"container {cid[:12]} running; {fidelity}{volumes}")
 
 
 def cleanup(ctx: Context):
@@ -321,6 +387,7 @@ def cleanup(ctx: Context):
         except NotFoundError:
             pass  # a recovery finishing this cleanup after a crash
         detail = f"source container {c['Id'][:12]} removed"
+        detail += container_checks.remove_source_volumes(ctx.src, s.volumes)
     _delete_checkpoint(ctx.dst, s.target_id, s.checkpoint)
     return Measured(detail=detail)
 
@@ -372,6 +439,8 @@ def _disarm_target(ctx: Context) -> str:
     try:
         with Engine(ctx.target, timeout=TARGET_ENGINE_TIMEOUT) as dst:
             dst.remove(s.target_id, timeout=TARGET_ENGINE_TIMEOUT)
+            # The networks and volumes this run made there, volume data and all.
+            container_checks.remove_created(dst, s.created_networks, s.volumes)
         return ""
     except NotFoundError:
         return ""
@@ -497,13 +566,16 @@ def adopt(ctx: Context) -> bool:
 def abort(ctx: Context):
     """Remove what the run made while the container runs on the source; restartable after a crash."""
     s = ctx.state
-    if s.target_id:
-        # Anything run from it on the target is a second copy.
+    if s.target_id or s.created_networks or s.volumes:
         dst = ctx.dst if ctx.dst is not None else Engine(ctx.target, timeout=TARGET_ENGINE_TIMEOUT).__enter__()
         try:
-            dst.remove(s.target_id, timeout=TARGET_ENGINE_TIMEOUT)
-        except NotFoundError:
-            pass
+            if s.target_id:
+                # Anything run from it on the target is a second copy.
+                try:
+                    dst.remove(s.target_id, timeout=TARGET_ENGINE_TIMEOUT)
+                except NotFoundError:
+                    pass
+            container_checks.remove_created(dst, s.created_networks, s.volumes)
         finally:
             if dst is not ctx.dst:
                 dst.close()

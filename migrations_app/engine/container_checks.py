@@ -1,0 +1,486 @@
+"""What a container needs on the target, found before the freeze; and what
+criuweb does so that it arrives as it was.
+
+Pre-flight refuses, with the cause, what would otherwise fail only after
+the container was frozen: privilege the hosts did not agree to, mounts
+whose data would not be there, networks and fixed addresses the target
+cannot give, sockets bound to addresses the container would lose, and
+processes CRIU cannot dump on the source. The rest is prepared before the
+freeze: missing networks and named volumes created on the target.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from typing import TYPE_CHECKING
+
+from .. import criu, ssh
+from ..docker_engine import EngineError
+from ..models import ENGINE, TCP_ESTABLISHED
+from . import tree
+from .errors import MigrationError
+
+if TYPE_CHECKING:
+    from .runner import Context
+
+# Networks every engine has; a container on one of them finds it anywhere.
+BUILTIN_NETWORKS = ("bridge", "none", "default")
+
+
+def privilege(c: dict) -> list[str]:
+    """What in a container's configuration carries its host's power with it."""
+    hc = c["HostConfig"]
+    found = []
+    if hc.get("Privileged"):
+        found.append("it is privileged")
+    # Not CgroupnsMode: "host" is the engine's own default on some hosts (cgroup v1, Docker 20.10).
+    for mode in ("NetworkMode", "PidMode", "IpcMode", "UTSMode", "UsernsMode"):
+        if hc.get(mode) == "host":
+            found.append(f"{mode} is host")
+    if hc.get("CapAdd"):
+        found.append(f"it adds capabilities {', '.join(hc['CapAdd'])}")
+    if hc.get("Devices"):
+        found.append(f"it has host devices {', '.join(d.get('PathOnHost', '?') for d in hc['Devices'])}")
+    if hc.get("SecurityOpt"):
+        found.append(f"it changes security options {', '.join(hc['SecurityOpt'])}")
+    binds = [m for m in c.get("Mounts") or [] if m.get("Type") == "bind"]
+    if binds:
+        found.append(f"it mounts host paths {', '.join(m['Source'] for m in binds)}")
+    return found
+
+
+def _is_plain_local(volume: dict | None) -> bool:
+    """A local-driver volume holding its own data (not a local mount of something else)."""
+    if not volume or volume.get("Driver") != "local":
+        return False
+    options = volume.get("Options") or {}
+    return not (options.get("device") or options.get("type"))
+
+
+def check_source(ctx: Context, c: dict) -> dict:
+    """Refuse before the freeze what cannot move; return the facts later steps need.
+
+    Raises MigrationError naming every cause at once.
+    """
+    run, source, target = ctx.run, ctx.source, ctx.target
+    why: list[str] = []
+    facts: dict = {"volumes": [], "binds": [], "other_volumes": [], "networks": {}, "close_tcp": False}
+
+    # Privilege: both hosts' admins must have said yes.
+    power = privilege(c)
+    if power:
+        refusing = [h.name for h in (source, target) if not h.allow_privileged]
+        if refusing:
+            why.append(
+                f"{'; '.join(power)}: moving it needs 'allow privileged workloads' on "
+                f"{' and '.join(refusing)} (Hosts, in the admin)"
+            )
+    mode = c["HostConfig"].get("NetworkMode") or ""
+    if mode.startswith("container:"):
+        why.append(f"it shares the network of container {mode.split(':', 1)[1][:12]}, which does not move with it")
+
+    # Mounts: named local volumes move with it; anything else needs the
+    # operator's word that the same data is on the target.
+    for m in c.get("Mounts") or []:
+        kind, dest = m.get("Type"), m.get("Destination")
+        if kind == "tmpfs":
+            continue  # CRIU carries a tmpfs's files in the checkpoint
+        if kind == "bind":
+            facts["binds"].append({"source": m["Source"], "destination": dest})
+            if not run.shared_storage:
+                why.append(
+                    f"bind mount {m['Source']} -> {dest}: its data would not be on {target.name}; tick "
+                    "'the same data is there on the target' (--shared-storage) if it is"
+                )
+        elif kind == "volume":
+            volume = ctx.src.volume(m["Name"])
+            if _is_plain_local(volume):
+                facts["volumes"].append(
+                    {"name": m["Name"], "destination": dest, "mountpoint": volume["Mountpoint"],
+                     "labels": volume.get("Labels") or {}}
+                )  # fmt: skip
+            else:
+                driver = (volume or {}).get("Driver", "?")
+                facts["other_volumes"].append({"name": m["Name"], "driver": driver, "destination": dest})
+                if not run.shared_storage:
+                    why.append(
+                        f"volume {m['Name']} (driver {driver}, not plain local data) -> {dest}: criuweb moves only "
+                        f"local volumes' data; tick 'the same data is there on the target' if {target.name} "
+                        "has it"
+                    )
+        else:
+            why.append(f"{kind} mount -> {dest} is not supported")
+
+    # Networks, and the fixed addresses on them.
+    for name, ep in (c["NetworkSettings"].get("Networks") or {}).items():
+        if name == "host":
+            continue  # refused above unless allowed; nothing to prepare
+        fixed = (ep.get("IPAMConfig") or {}).get("IPv4Address") or ""
+        facts["networks"][name] = {"fixed_ip": fixed, "ip": ep.get("IPAddress") or ""}
+
+    # The processes and sockets, read in the container's own namespaces.
+    found = tree.read_tree(ctx.src.conn, c["State"]["Pid"], source.ssh_port)
+    why += tree.refusals(found, source.name, host_daemons=False)
+    kept_ips = {n["fixed_ip"] for n in facts["networks"].values() if n["fixed_ip"]}
+    for s in found.listening():
+        ip = s.local[0]
+        if not tree.bindable(ip, kept_ips):
+            why.append(
+                f"it listens on {ip}, an address it keeps only with a fixed IP (--ip) on its network; on "
+                f"{target.name} its address may differ and the socket could not be restored"
+            )
+    if facts["volumes"] and ctx.plan.strategy != ENGINE:
+        why.append(
+            f"the {ctx.plan.strategy} strategy does not move named volumes' data yet "
+            f"({', '.join(v['name'] for v in facts['volumes'])}); the engine strategy does"
+        )
+    connected = found.connected()
+    if connected:
+        if run.tcp == TCP_ESTABLISHED and ctx.plan.strategy != ENGINE:
+            why.append(f"keeping established TCP connections is not offered by the {ctx.plan.strategy} strategy yet")
+        elif run.tcp == TCP_ESTABLISHED:
+            # Docker's checkpoint API takes no CRIU options; runc would read
+            # --tcp-established only from the host-wide /etc/criu/runc.conf
+            # (changing every checkpoint on that host) or from an
+            # org.criu.config annotation, which Docker 20.10 cannot set.
+            why.append(
+                f"keeping its {len(connected)} established TCP connection(s) is not possible through Docker's "
+                "checkpoint API, which passes no CRIU options (runc reads --tcp-established only from the "
+                "host-wide /etc/criu/runc.conf); use tcp-close"
+            )
+        else:
+            facts["close_tcp"] = True
+    facts["sockets"] = found.summary()
+    facts["inside"] = inside(ctx.src.conn, c["State"]["Pid"])
+    if why:
+        raise MigrationError(f"{source.name}: container {c['Name'].lstrip('/')} cannot move: {'; '.join(why)}")
+    return facts
+
+
+def _subnets(network: dict) -> list:
+    return [ipaddress.ip_network(cfg["Subnet"]) for cfg in (network.get("IPAM") or {}).get("Config") or []
+            if cfg.get("Subnet")]  # fmt: skip
+
+
+def check_target(ctx: Context, facts: dict) -> list[str]:
+    """Refuse what the target lacks; return the networks to create there before the freeze."""
+    target = ctx.target
+    why: list[str] = []
+    create = []
+    for name, want in facts["networks"].items():
+        if name in BUILTIN_NETWORKS:
+            continue
+        there = ctx.dst.network(name)
+        src_net = ctx.src.network(name)
+        if there is None:
+            driver = (src_net or {}).get("Driver")
+            if driver != "bridge":
+                why.append(f"network {name} (driver {driver}) does not exist on {target.name}; create it there")
+            else:
+                create.append(name)  # the same bridge network, made before the freeze
+            continue
+        ip = want["fixed_ip"]
+        if ip and not any(ipaddress.ip_address(ip) in net for net in _subnets(there)):
+            why.append(f"its fixed IP {ip} is outside network {name}'s subnets on {target.name}")
+    for b in facts["binds"]:
+        if ctx.dst.conn.run(["test", "-e", b["source"]], check=False).rc != 0:
+            why.append(f"bind mount source {b['source']} (-> {b['destination']}) does not exist on {target.name}")
+    for v in facts["other_volumes"]:
+        if ctx.dst.volume(v["name"]) is None:
+            why.append(f"volume {v['name']} (driver {v['driver']}) does not exist on {target.name}")
+    for v in facts["volumes"]:
+        there = ctx.dst.volume(v["name"])
+        if there is None:
+            continue
+        if not _is_plain_local(there):
+            why.append(f"{target.name} has a volume {v['name']} that is not plain local data")
+        elif ctx.dst.conn.sh('[ -z "$(ls -A "$1" 2>/dev/null)" ]', there["Mountpoint"], check=False).rc != 0:
+            why.append(f"{target.name} already has a volume {v['name']} holding data; criuweb will not mix the two")
+    if why:
+        raise MigrationError(f"{target.name}: the container cannot move here: {'; '.join(why)}")
+    return create
+
+
+def create_networks(ctx: Context, names: list[str]) -> list[str]:
+    """Create on the target the bridge networks the container needs, as the source has them."""
+    made = []
+    for name in names:
+        src_net = ctx.src.network(name)
+        ctx.dst.create_network_like(src_net)
+        made.append(name)
+    return made
+
+
+def create_volumes(ctx: Context, facts: dict) -> list[dict]:
+    """Named local volumes on the target, same names, before the freeze; their mountpoints there."""
+    made = []
+    for v in facts["volumes"]:
+        there = ctx.dst.volume(v["name"])
+        created = there is None
+        if created:
+            there = ctx.dst.create_volume(v["name"], v["labels"])
+        made.append({**v, "target_mountpoint": there["Mountpoint"], "created": created})
+    return made
+
+
+def remove_created(engine, networks: list[str], volumes: list[dict]) -> None:
+    """Undo create_networks/create_volumes on the target (abort, rollback); best effort."""
+    for v in volumes:
+        if v.get("created"):
+            try:
+                engine.remove_volume(v["name"])
+            except EngineError:
+                pass  # in use by another container meanwhile: not ours to remove then
+    for name in networks:
+        try:
+            engine.remove_network(name)
+        except EngineError:
+            pass
+
+
+# Ends every established TCP connection in the container's network
+# namespace ($1: a PID in it) with a reset to the peer: the same as CRIU's
+# --tcp-close, which Docker's checkpoint API cannot pass. sock_destroy
+# (CONFIG_INET_DIAG_DESTROY); the application sees ECONNABORTED.
+CLOSE_TCP = r"""
+nsenter -t "$1" -n ss -K state established >/dev/null
+"""
+
+
+def close_tcp(conn, pid: int) -> None:
+    result = conn.sh(CLOSE_TCP, str(pid), check=False)
+    if result.rc != 0:
+        raise MigrationError(f"{conn.name}: could not close the container's TCP connections: {result.stderr[-200:]}")
+
+
+# A read-only root without /tmp: CRIU 4.2 restores the root mount read-only
+# (criu#2632, fixed by 88cb552f6) and then pivot_root()s into it, making a
+# temporary directory at the root when /tmp is missing (criu/mount.c
+# cr_pivot_root) — on a read-only root that fails, and the container could
+# be restored neither on the target nor back on the source. An empty /tmp
+# in its writable layer, made before the freeze, is what CRIU needs.
+# $1: the container's merged root, $2: its upper dir.
+ADD_TMP = r"""
+[ -d "$1/tmp" ] && { echo present; exit 0; }
+mkdir -m 1777 "$2/tmp" && echo added
+"""
+
+
+def ensure_tmp(conn, c: dict) -> bool:
+    """Make sure a read-only container's root has /tmp; True when criuweb added it."""
+    data = c["GraphDriver"]["Data"]
+    out = conn.sh(ADD_TMP, data["MergedDir"], data["UpperDir"]).stdout.strip()
+    return out == "added"
+
+
+def needs_tmp(c: dict) -> bool:
+    return bool(c["HostConfig"].get("ReadonlyRootfs"))
+
+
+def checkpoint_error(conn, error: EngineError) -> criu.CriuError | None:
+    """The first real line of CRIU's dump log, read on the host, for a failed Docker checkpoint.
+
+    Docker's own message names only the log's path ("criu failed: type
+    NOTIFY errno 0 path= .../criu-dump.log"); the cause is in that file, which
+    containerd keeps while the container still runs.
+    """
+    m = re.search(r"(/\S+/(?:criu-dump|dump)\.log)", str(error))
+    if not m:
+        return None
+    try:
+        text = conn.read_file(m.group(1), check=False)
+    except ssh.SSHError:
+        return None
+    excerpt = criu.log_excerpt(text)
+    cause = criu.first_error(excerpt)
+    if not cause:
+        return None
+    return criu.CriuError(f"{conn.name}: docker checkpoint failed: {cause} (see criu-dump.log excerpt)", excerpt)
+
+
+# -- volumes in the transfer stream ------------------------------------------------
+
+# As the plan's UNPACK_CONTAINER (same checks on the checkpoint and the
+# writable layer), then each named volume's data into the target's volume
+# of that name, and its byte count left for the run ($5: the file to write
+# it to). $1 staging dir, $2 the container's checkpoints dir, $3 checkpoint
+# name, $4 its upper dir; then pairs of volume name and target mountpoint.
+UNPACK_WITH_VOLUMES = r"""
+set -e
+stage=$1 cps=$2 cp=$3 upper=$4 count=$5
+shift 5
+mkdir -p "$stage" "$cps"
+tar --numeric-owner --xattrs --xattrs-include='*' --same-owner -xpf - -C "$stage"
+for d in "$stage/$cp" "$stage/diff" "$stage/volumes"; do
+    if [ -L "$d" ] || [ ! -d "$d" ]; then
+        echo "refusing the stream: $d is not a directory" >&2; rm -rf -- "$stage"; exit 3
+    fi
+done
+odd=$(find "$stage/$cp" ! -type f ! -type d -print -quit)
+if [ -n "$odd" ]; then echo "refusing the checkpoint: $odd is not a regular file" >&2; rm -rf -- "$stage"; exit 3; fi
+du -sb --apparent-size "$stage/volumes" | cut -f1 > "$count"
+while [ $# -ge 2 ]; do
+    data="$stage/volumes/$1/_data"
+    if [ -L "$stage/volumes/$1" ] || [ -L "$data" ] || [ ! -d "$data" ]; then
+        echo "refusing the stream: volume $1 is not a directory" >&2; rm -rf -- "$stage"; exit 3
+    fi
+    cp -a "$data/." "$2/"
+    shift 2
+done
+mv "$stage/$cp" "$cps/"
+if rmdir "$upper" 2>/dev/null; then mv "$stage/diff" "$upper"; else cp -a "$stage/diff/." "$upper/"; fi
+rm -rf "$stage"
+"""
+
+
+def volume_tar_args(volumes: list[dict]) -> list[str]:
+    """tar arguments adding each volume's data as volumes/NAME/_data to the stream."""
+    args: list[str] = []
+    for v in volumes:
+        base, name, data = v["mountpoint"].rsplit("/", 2)
+        if name != v["name"] or data != "_data":
+            raise MigrationError(f"volume {v['name']}: unexpected mountpoint {v['mountpoint']}")
+        args += ["-C", base.rsplit("/", 1)[0], f"volumes/{name}/_data"]
+    return args
+
+
+# -- what the target really runs ------------------------------------------------------
+
+# What a container's init ($1: its PID on this host) really runs with, read
+# from the kernel rather than from `docker inspect`: its ids and effective
+# capabilities, whether its root is mounted read-only, its hostname, and the
+# limits of its cgroup (v2). One JSON object.
+INSIDE_SCRIPT = r"""
+import json, subprocess, sys
+pid = sys.argv[1]
+out = {}
+for line in open("/proc/%s/status" % pid):
+    if line.startswith(("Uid:", "Gid:")):
+        out[line[:3].lower()] = line.split()[1:]
+    elif line.startswith("CapEff:"):
+        out["capeff"] = line.split()[1]
+root = [l.split() for l in open("/proc/%s/mountinfo" % pid) if l.split()[4] == "/"]
+out["root_ro"] = bool(root) and "ro" in root[-1][5].split(",")
+out["hostname"] = subprocess.run(["nsenter", "-t", pid, "-u", "cat", "/proc/sys/kernel/hostname"],
+                                 capture_output=True, text=True).stdout.strip()
+limits = {}
+for line in open("/proc/%s/cgroup" % pid):
+    if line.startswith("0::"):
+        base = "/sys/fs/cgroup" + line.strip()[3:]
+        for name in ("memory.max", "pids.max", "cpu.max", "cpu.weight"):
+            try:
+                limits[name] = open(base + "/" + name).read().strip()
+            except OSError:
+                pass
+out["limits"] = limits
+print(json.dumps(out))
+"""
+
+# Remounts a container's root read-only from inside its mount namespace, as
+# runc does when it creates one ($1: its PID). CRIU before 4.2 restored the
+# root mount without its flags (criu#2632), so a --read-only container came
+# back writable although `docker inspect` still said ReadonlyRootfs.
+REMOUNT_RO = r"""
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+fd = os.open("/proc/%s/ns/mnt" % sys.argv[1], os.O_RDONLY)
+if libc.setns(fd, 0x00020000) != 0:  # CLONE_NEWNS
+    raise OSError(ctypes.get_errno(), "setns")
+os.chdir("/")
+keep = os.statvfs("/").f_flag & (2 | 4 | 8 | 1024 | 2048 | 4096)  # nosuid nodev noexec noatime nodiratime relatime
+if libc.mount(None, b"/", None, 32 | 4096 | 1 | keep, None) != 0:  # MS_REMOUNT | MS_BIND | MS_RDONLY
+    raise OSError(ctypes.get_errno(), "remount")
+"""
+
+
+def inside(conn, pid: int) -> dict:
+    result = conn.run(["python3", "-c", INSIDE_SCRIPT, str(pid)], check=False)
+    if result.rc != 0:
+        raise MigrationError(f"{conn.name}: cannot read what the restored container runs with: {result.stderr[-300:]}")
+    return json.loads(result.stdout)
+
+
+def _cgroup_expect(hc: dict) -> dict:
+    """The cgroup v2 values Docker writes for a HostConfig's limits."""
+    want = {"memory.max": str(hc["Memory"]) if hc.get("Memory") else "max"}
+    want["pids.max"] = str(hc["PidsLimit"]) if hc.get("PidsLimit") and hc["PidsLimit"] > 0 else "max"
+    if hc.get("NanoCpus"):
+        want["cpu.max"] = f"{hc['NanoCpus'] * 100000 // 10**9} 100000"
+    elif hc.get("CpuQuota"):
+        want["cpu.max"] = f"{hc['CpuQuota']} {hc.get('CpuPeriod') or 100000}"
+    return want
+
+
+def verify_fidelity(
+    ctx: Context, source: dict, restart_policy: dict | None, source_inside: dict | None, own_label: str = ""
+) -> str:
+    """Check that the target runs the source's configuration; fix what can be fixed.
+
+    Raises MigrationError naming each field that differs (the run then rolls
+    back). Returns a line saying what was checked and fixed.
+    """
+    t = ctx.dst.inspect(ctx.state.target_id)
+    sc, tc, sh, th = source["Config"], t["Config"], source["HostConfig"], t["HostConfig"]
+    wrong, fixed = [], []
+    for key in ("User", "WorkingDir", "Hostname", "Domainname", "Entrypoint", "Cmd"):
+        if (sc.get(key) or None) != (tc.get(key) or None):
+            wrong.append(f"{key} {tc.get(key)!r} (source {sc.get(key)!r})")
+    if set(sc.get("Env") or []) != set(tc.get("Env") or []):
+        wrong.append("environment")
+    labels = tc.get("Labels") or {}
+    # Not criuweb's own run label, which names this run on the target.
+    if any(labels.get(k) != v for k, v in (sc.get("Labels") or {}).items() if k != own_label):
+        wrong.append("labels")
+    for key in ("ReadonlyRootfs", "Memory", "MemorySwap", "NanoCpus", "CpuShares", "CpuQuota", "CpuPeriod",
+                "CpusetCpus", "PidsLimit", "CapAdd", "CapDrop", "Privileged", "SecurityOpt", "Ulimits",
+                "ShmSize", "Sysctls", "PortBindings"):  # fmt: skip
+        if (sh.get(key) or None) != (th.get(key) or None):
+            wrong.append(f"{key} {th.get(key)!r} (source {sh.get(key)!r})")
+    want_policy = (restart_policy or sh.get("RestartPolicy") or {}).get("Name") or "no"
+    if ((th.get("RestartPolicy") or {}).get("Name") or "no") != want_policy:
+        wrong.append(f"restart policy (source {want_policy})")
+    for net, ep in (source["NetworkSettings"].get("Networks") or {}).items():
+        fixed_ip = (ep.get("IPAMConfig") or {}).get("IPv4Address")
+        got = ((t["NetworkSettings"].get("Networks") or {}).get(net) or {}).get("IPAddress")
+        if fixed_ip and got != fixed_ip:
+            wrong.append(f"IP address on {net}: {got} (fixed {fixed_ip})")
+    pid = t["State"]["Pid"]
+    now = inside(ctx.dst.conn, pid)
+    if sh.get("ReadonlyRootfs") and not now["root_ro"]:
+        result = ctx.dst.conn.run(["python3", "-c", REMOUNT_RO, str(pid)], check=False)
+        now = inside(ctx.dst.conn, pid)
+        if now["root_ro"]:
+            fixed.append("root remounted read-only")
+        else:
+            wrong.append(f"root file system writable although read-only ({result.stderr.strip()[-200:]})")
+    if source_inside:
+        for key, name in (("uid", "user id"), ("gid", "group id"), ("capeff", "capabilities")):
+            if source_inside.get(key) != now.get(key):
+                wrong.append(f"{name} {now.get(key)} (source {source_inside.get(key)})")
+        if source_inside.get("hostname") != now.get("hostname"):
+            wrong.append(f"hostname {now.get('hostname')!r} (source {source_inside.get('hostname')!r})")
+    for name, value in _cgroup_expect(th).items():
+        got = now["limits"].get(name)
+        if got is not None and got != value:
+            wrong.append(f"cgroup {name} {got} (expected {value})")
+    if wrong:
+        raise MigrationError(f"{ctx.target.name}: the restored container differs from the source: {'; '.join(wrong)}")
+    return "configuration as on the source (user, capabilities, limits, root mount, network)" + (
+        f"; {', '.join(fixed)}" if fixed else ""
+    )
+
+
+def remove_source_volumes(engine, volumes: list[dict]) -> str:
+    """After a move without --keep-source: the source's copies of the moved volumes, unless others use them."""
+    notes = []
+    for v in volumes:
+        users = engine.volume_users(v["name"])
+        if users:
+            others = ", ".join(u[:12] for u in users)
+            notes.append(f"volume {v['name']} kept on {engine.name}: containers {others} use it")
+            continue
+        engine.remove_volume(v["name"])
+        notes.append(f"volume {v['name']} removed from {engine.name}")
+    return "".join(f"; {n}" for n in notes)
