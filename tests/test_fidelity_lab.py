@@ -7,6 +7,7 @@ import urllib.request
 import uuid
 
 import pytest
+from django.conf import settings
 from django.utils import timezone
 
 from migrations_app import lab, ssh
@@ -493,3 +494,50 @@ def test_containerd_lockout_only_after_a_checkpoint_was_taken(hosts, containers)
     failed.save()
     run = execute(create_run(lab1, lab2, CONTAINER, name))
     assert run.status == FAILED and "containerd#8401" in run.error, run.error
+
+
+# A tree talking to itself over loopback: the parent serves, its child
+# sends 0, 1, 2, ... and writes each echoed value to $2. The connection's
+# both ends move together, and 127.0.0.1 exists on every host.
+LOOPBACK_PAIR = r"""
+import os, socket, sys, time
+port, path = int(sys.argv[1]), sys.argv[2]
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", port))
+srv.listen()
+if os.fork() == 0:
+    c = socket.create_connection(("127.0.0.1", port))
+    i = 0
+    while True:
+        c.sendall(b"%d\n" % i)
+        got = c.recv(100)
+        with open(path, "a") as f:
+            f.write(got.decode())
+        i += 1
+        time.sleep(0.2)
+conn, _ = srv.accept()
+while True:
+    d = conn.recv(100)
+    if not d:
+        break
+    conn.sendall(d)
+"""
+
+
+def test_loopback_tcp_inside_a_tree_is_kept_with_tcp_established(hosts, started, tmp_path):
+    lab1, lab2 = hosts
+    start, pids = started
+    path = settings.LAB_ROOT / f"pair-{uuid.uuid4().hex[:8]}.log"
+    pid = start(["python3", "-c", LOOPBACK_PAIR], _free_port(), path)
+    try:
+        wait_for(lambda: path.exists() and len(path.read_text().split()) >= 3, message="the pair did not talk")
+        run = execute(create_run(lab1, lab2, PROCESS, pid, tcp=TCP_ESTABLISHED))
+        assert run.status == SUCCEEDED, run.error
+        pids.append(int(run.result_workload))
+        before = len(path.read_text().split())
+        wait_for(lambda: len(path.read_text().split()) >= before + 3, message="the connection did not survive")
+        seen = [int(v) for v in path.read_text().split()]
+        assert seen == list(range(len(seen))), f"values skipped or repeated: {seen}"
+    finally:
+        path.unlink(missing_ok=True)
