@@ -321,3 +321,47 @@ def test_lazy_source_lost_during_the_pull(hosts):
             with Engine(host) as engine:
                 if engine.exists(name):
                     engine.remove(name)
+
+
+def test_restart_policy_works_on_the_target(hosts):
+    """Docker restarts the moved container by its policy: the wrapper's next create is a plain one."""
+    lab1, lab2 = hosts
+    name = f"fast-always-{uuid.uuid4().hex[:8]}"
+    with Engine(lab1) as engine:
+        cid = engine.api.create_container(
+            lab.IMAGE, ["sh", "-c", lab.COUNTER_SCRIPT], name=name,
+            host_config=engine.api.create_host_config(restart_policy={"Name": "always"}),
+        )["Id"]  # fmt: skip
+        engine.api.start(cid)
+        wait_for(lambda: len(values(engine.logs(name))) >= 2, message="no counter")
+    try:
+        run = migrate(lab1, lab2, name)
+        assert run.status == SUCCEEDED, run.error
+        with Engine(lab1) as engine:
+            assert not engine.exists(name)
+        with Engine(lab2) as engine:
+            c = engine.inspect(name)
+            assert c["HostConfig"]["RestartPolicy"]["Name"] == "always" and c["RestartCount"] == 0
+            moved_pid = c["State"]["Pid"]
+            # Its process dies on its own (`docker kill` would count as a
+            # manual stop, which no policy restarts); the lab shares its PIDs.
+            os.kill(moved_pid, 9)
+            # Docker starts it again by itself, from its image this time.
+            again = wait_for(
+                lambda: (s := engine.inspect(name))["RestartCount"] >= 1 and s["State"]["Running"] and s,
+                30,
+                "not restarted",
+            )
+            assert again["State"]["Pid"] != moved_pid
+
+            def counted_again_from_zero():
+                v = values(engine.logs(name))
+                resets = [i for i in range(1, len(v)) if v[i] <= v[i - 1]]
+                return resets and v[resets[-1]] == 0
+
+            wait_for(counted_again_from_zero, 20, "the restarted copy did not count from 0")
+    finally:
+        for host in hosts:
+            with Engine(host) as engine:
+                if engine.exists(name):
+                    engine.remove(name)
