@@ -174,13 +174,16 @@ def fetch_host_key(address, port, timeout=None):
 class Connection:
     """One SSH connection to a host; use as a context manager."""
 
-    def __init__(self, host):
+    def __init__(self, host, connect_timeout=None):
         self.host = host
         self.name = host.name
         self.client = None
+        # A rollback reaching a host that may be what failed waits less
+        # than the configured connect timeout.
+        self.connect_timeout = connect_timeout
 
     def __enter__(self):
-        self.client = open_client(self.host)
+        self.client = open_client(self.host, self.connect_timeout)
         return self
 
     def __exit__(self, *exc):

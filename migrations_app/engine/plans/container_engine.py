@@ -407,9 +407,11 @@ def _container_may_run(host, container_id):
         return True  # unknown: assume the worst
 
 
-# How long a rollback waits for the target's engine: it may be the very
-# thing that stopped answering, and the workload waits frozen meanwhile.
-TARGET_ENGINE_TIMEOUT = 10
+# How long a rollback waits for the target's engine and SSH server: they
+# may be the very thing that stopped answering, and when the restore call
+# was sent the workload waits frozen meanwhile.
+TARGET_ENGINE_TIMEOUT = 3
+TARGET_CONNECT_TIMEOUT = 5
 
 # Makes a prepared target container impossible to start from the run's
 # checkpoint: its checkpoint files and staging directory go, and the check
@@ -422,19 +424,23 @@ rm -rf -- "$1/checkpoints/$2" "$1/criuweb-$2"
 """
 
 
-def _disarm_target(ctx: Context) -> str:
-    """Make sure the target copy neither runs nor can start; return what stays there ("" if nothing)."""
+def _disarm_target(ctx: Context, may_run: bool) -> str:
+    """Make sure the target copy neither runs nor can start; return what stays there ("" if nothing).
+
+    may_run: a restore call was sent there (its answer lost), so a copy may
+    run or start; then a target that cannot be made safe raises
+    unsafe_to_resume. Otherwise the container was only created, never
+    started, and what cannot be removed now is a leftover for a recovery.
+    """
     s = ctx.state
     target, short = ctx.target.name, s.target_id[:12]
     if s.dst_root and s.checkpoint:
         try:
-            with ssh.Connection(ctx.target) as conn:
+            with ssh.Connection(ctx.target, connect_timeout=TARGET_CONNECT_TIMEOUT) as conn:
                 conn.sh(DISARM_SCRIPT, f"{s.dst_root}/containers/{s.target_id}", s.checkpoint, timeout=30)
         except ssh.SSHError as e:
-            if ctx.target_may_run:
+            if may_run:
                 raise unsafe_to_resume(ctx, e) from e
-            # Never started there, and nobody will start it: it never got
-            # an answered restore call. Only a created container is left.
             return f"container {short} (created, never started) stays on {target} ({e})"
     try:
         with Engine(ctx.target, timeout=TARGET_ENGINE_TIMEOUT) as dst:
@@ -445,10 +451,10 @@ def _disarm_target(ctx: Context) -> str:
     except NotFoundError:
         return ""
     except (EngineError, ssh.SSHError) as e:
-        if ctx.target_may_run and _container_may_run(ctx.target, s.target_id):
+        if may_run and _container_may_run(ctx.target, s.target_id):
             raise unsafe_to_resume(ctx, e) from e
         # Its engine holds it, maybe with a restore call queued: that call
-        # now fails for want of the checkpoint. Removed by its label later.
+        # now fails for want of the checkpoint. A recovery removes it.
         return f"container {short} stays on {target} until its engine answers (its checkpoint is gone: {e})"
 
 
@@ -456,9 +462,12 @@ def rollback(ctx: Context):
     """Bring the container back on the source; restartable from the stored state alone."""
     s = ctx.state
     c = s.container
-    # The target copy goes first, so two never run at once; on fresh
-    # connections, as the old ones may be what failed.
-    leftovers = _disarm_target(ctx) if s.target_id else ""
+    # A restore call was sent (its answer lost): the target copy is made
+    # unable to run before the source resumes, so two never run at once.
+    # Otherwise nothing can start there, and the source resumes first: the
+    # target may be what failed, and the workload waits frozen meanwhile.
+    may_run = ctx.target_may_run
+    leftovers = _disarm_target(ctx, may_run) if s.target_id and may_run else ""
     with Engine(ctx.source, timeout=ctx.call_timeout()) as src:
         # A checkpoint whose answer was lost may still be under way; found
         # running now, it would stop the container after we looked.
@@ -494,6 +503,10 @@ def rollback(ctx: Context):
         if checkpointed:
             _delete_checkpoint(src, c["Id"], s.checkpoint)
         _restore_restart_policy(src, ctx)
+    if s.target_id and not may_run:
+        leftovers = _disarm_target(ctx, may_run=False)
+        if leftovers:
+            ctx.resumed_on_source(leftovers)
     note = f"; {leftovers}" if leftovers else ""
     return Measured(detail=f"container {c['Id'][:12]} running again on {ctx.source.name}{note}")
 

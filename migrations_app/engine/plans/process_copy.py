@@ -181,22 +181,32 @@ def cleanup(ctx: Context):
     return Measured(detail="images removed on both hosts")
 
 
+# How long a rollback waits to reach the target: it may be what failed.
+TARGET_CONNECT_TIMEOUT = 5
+
+
+def _clear_target(ctx: Context, may_run: bool) -> str:
+    """Make sure no restore from the run's images runs or can start on the target; return what stays."""
+    s = ctx.state
+    try:
+        with ssh.Connection(ctx.target, connect_timeout=TARGET_CONNECT_TIMEOUT) as dst:
+            criu.kill_restored(dst, s.dst_images, s.target_pid, timeout=30)
+    except ssh.SSHError as e:
+        if may_run:
+            raise unsafe_to_resume(ctx, e) from e
+        # Never restored there: only files are left.
+        return f"{s.dst_images} stays on {ctx.target.name} ({e}); `manage.py recover` removes it"
+    return ""
+
+
 def rollback(ctx: Context):
     """Bring the tree back on the source; restartable from the stored state alone."""
     s = ctx.state
-    leftovers = ""
-    if s.dst_images:
-        # No restore from these images may run or start on the target once
-        # the source runs again. On a fresh connection: the old one may be
-        # what failed.
-        try:
-            with ssh.Connection(ctx.target) as dst:
-                criu.kill_restored(dst, s.dst_images, s.target_pid, timeout=30)
-        except ssh.SSHError as e:
-            if ctx.target_may_run:
-                raise unsafe_to_resume(ctx, e) from e
-            # Never restored there: only files are left.
-            leftovers = f"{s.dst_images} stays on {ctx.target.name} ({e}); `manage.py recover` removes it"
+    # A restore was started there (its answer lost): it is stopped before
+    # the source resumes, so two never run at once. Otherwise nothing runs
+    # there, and the source resumes first: the target may be what failed.
+    may_run = ctx.target_may_run
+    leftovers = _clear_target(ctx, may_run) if s.dst_images and may_run else ""
     with ssh.Connection(ctx.source) as src:
         if not s.dumped:
             # The dump's answer was lost (its controller died, or the freeze
@@ -205,15 +215,15 @@ def rollback(ctx: Context):
             # tree still runs, or CRIU finished and its images are complete
             # (inventory.img is last).
             _await_dump(src, s.src_images, ctx.call_timeout())
-            if pid_alive(src, s.pid):
-                ctx.run.result_workload = str(s.pid)
-                ctx.resumed_on_source(leftovers)
-                src.run(["rm", "-rf", "--", s.src_images], check=False)
-                return Measured(detail=f"PID {s.pid} still running on {ctx.source.name}")
+        if not s.dumped and pid_alive(src, s.pid):
+            pid = s.pid
+            how = "still running"
+        else:
             if src.run(["test", "-s", f"{s.src_images}/inventory.img"], check=False).rc != 0:
                 raise MigrationError(f"{ctx.source.name}: the process stopped and no images were written")
-        pid = criu.restore(src, s.src_images, timeout=ctx.call_timeout(), extra=s.criu_opts)
-        ctx.resumed_at = time.perf_counter()
+            pid = criu.restore(src, s.src_images, timeout=ctx.call_timeout(), extra=s.criu_opts)
+            ctx.resumed_at = time.perf_counter()
+            how = "running again"
         ctx.run.result_workload = str(pid)
         # Recorded before anything else: a second restore from these images
         # would be a second copy.
@@ -221,7 +231,12 @@ def rollback(ctx: Context):
         if not settle(lambda: pid_alive(src, pid)):
             raise MigrationError(f"{ctx.source.name}: the process does not stay running after rollback")
         src.run(["rm", "-rf", "--", s.src_images], check=False)
-    return Measured(detail=f"PID {pid} running again on {ctx.source.name}")
+    if s.dst_images and not may_run:
+        leftovers = _clear_target(ctx, may_run=False)
+        if leftovers:
+            ctx.resumed_on_source(leftovers)
+    note = f"; {leftovers}" if leftovers else ""
+    return Measured(detail=f"PID {pid} {how} on {ctx.source.name}{note}")
 
 
 # Exit 0 while a criu process works on images dir $1 (its argv holds it).
