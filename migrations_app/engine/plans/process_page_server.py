@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ... import criu, ssh
-from ...models import PAGE_SERVER, PROCESS, TCP_CLOSE, MigrationRun, TrustedPair
+from ...models import PAGE_SERVER, PROCESS, TCP_CLOSE, MigrationRun, Phase, TrustedPair
 from .. import streams, tls
 from ..errors import MigrationError
 from ..hostcheck import (
@@ -179,13 +179,19 @@ def dump(ctx: Context):
         )
     s.page_server_pid = None
     s.dumped = True
+    # Its statistics and log are read after the restore (cleanup): each read
+    # is an SSH round trip that would fall in the downtime here.
+    return Measured(detail=f"pages streamed to {s.address}:{s.port}{' over TLS' if s.tls else ''}")
+
+
+def _record_dump(ctx: Context) -> None:
+    """Give the dump phase its statistics, log and bytes, now that the workload runs again."""
+    s = ctx.state
     stats = criu.read_stats(ctx.src, f"{s.src_images}/stats-dump")
-    return Measured(
-        bytes=stats.get("pages_written", 0) * PAGE_SIZE,
-        criu_stats=stats,
-        log=ctx.src.read_file(f"{s.src_images}/dump.log", check=False) or "",
-        detail=f"pages streamed to {s.address}:{s.port}{' over TLS' if s.tls else ''}",
-    )
+    log = ctx.src.read_file(f"{s.src_images}/dump.log", check=False) or ""
+    moved = stats.get("pages_written", 0) * PAGE_SIZE
+    Phase.objects.filter(run=ctx.run, name="dump").update(criu_stats=stats, log=log[-1_000_000:], bytes=moved)
+    ctx.run.total_bytes += moved
 
 
 def transfer(ctx: Context):
@@ -197,6 +203,7 @@ def transfer(ctx: Context):
 
 def cleanup(ctx: Context):
     s = ctx.state
+    _record_dump(ctx)
     signal_tree(ctx.src, s.pid, "KILL")
     if not _gone(ctx.src, s.pid):
         raise MigrationError(f"{ctx.source.name}: the stopped source process {s.pid} could not be killed")
