@@ -125,6 +125,8 @@ def test_cli_killed_container(hosts, counter_container, phase):
         # The same container's log: from its first value, through the
         # checkpoint, on from the checkpointed value with nothing lost.
         assert_consecutive(after)
+        with Engine(lab1) as engine:
+            assert engine.checkpoints(name) == [], "the checkpoint stays on lab-1"
         with Engine(lab2) as engine:
             assert not engine.exists(name), "the prepared target container stays"
 

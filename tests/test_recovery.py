@@ -200,3 +200,30 @@ def test_freeze_limit_grows_with_the_workload(hosts, settings):
     assert engine.runner.freeze_limit(run) == 5
     with pytest.raises(engine.MigrationError, match="freeze limit must be between"):
         engine.create_run(hosts[0], hosts[1], CONTAINER, "other", freeze_limit=-1)
+
+
+def test_recover_command_takes_one_run_or_all(hosts, monkeypatch):
+    from io import StringIO
+
+    from django.core.management import CommandError, call_command
+
+    calls = Calls()
+    install(monkeypatch, calls, rollback_fails="a: criu restore failed")
+    run = stored_run(hosts, Stage.FROZEN)
+    out = StringIO()
+    with pytest.raises(CommandError, match="1 run\\(s\\) could not be recovered"):
+        call_command("recover", stdout=out)
+    assert f"run {run.code} (container web, a -> b): failed: " in out.getvalue()
+    # A failed recovery is not taken again by the automatic one...
+    out = StringIO()
+    call_command("recover", stdout=out)
+    assert out.getvalue() == "nothing to recover\n"
+    # ... but is by name, once the cause is fixed.
+    install(monkeypatch, calls)
+    call_command("recover", "--run", str(run.code), stdout=StringIO())
+    run.refresh_from_db()
+    assert run.status == ROLLED_BACK and run.stage == Stage.DONE
+    with pytest.raises(CommandError, match="has nothing to recover"):
+        call_command("recover", "--run", str(run.code))
+    with pytest.raises(CommandError, match="'nope' is not a run id"):
+        call_command("recover", "--run", "nope")
