@@ -186,7 +186,7 @@ def test_freeze_limit_ends_a_blocked_phase(hosts, monkeypatch):
     run.refresh_from_db()
     assert run.status == ROLLED_BACK
     assert run.error == ("restore did not end within the freeze limit of 0.5 s (the workload stayed frozen that "
-                         "long): b: connection closed")
+                         "long; its connections were closed): b: connection closed")
     assert [c[0] for c in calls] == ["rollback"]
     assert run.stage == Stage.DONE
 
@@ -227,3 +227,19 @@ def test_recover_command_takes_one_run_or_all(hosts, monkeypatch):
         call_command("recover", "--run", str(run.code))
     with pytest.raises(CommandError, match="'nope' is not a run id"):
         call_command("recover", "--run", "nope")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_web_server_recovers_at_start(monkeypatch):
+    from migrations_app import worker
+
+    a = Host.objects.create(name="a", address="10.0.0.1", key_path="/k")
+    b = Host.objects.create(name="b", address="10.0.0.2", key_path="/k")
+    calls = Calls()
+    install(monkeypatch, calls)
+    run = stored_run((a, b), Stage.FROZEN)
+    worker.recover_on_startup().join(30)
+    run.refresh_from_db()
+    assert [c[0] for c in calls] == ["rollback"]
+    assert run.status == ROLLED_BACK and run.stage == Stage.DONE
+    assert "runs on a again" in run.error

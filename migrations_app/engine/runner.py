@@ -323,7 +323,8 @@ def _run_steps(ctx: Context, steps: tuple[Step, ...], after_phase, on_phase):
                 # Whatever the interrupted call said, the cause is the limit.
                 e = FreezeLimitError(
                     f"{step.name} did not end within the freeze limit of {ctx.watchdog.limit:g} s "
-                    f"(the workload stayed frozen that long): {_describe(e)}"
+                    f"(the workload stayed frozen that long; its connections were closed): "
+                    f"{str(e) or 'no answer'}"
                 )
             elif not isinstance(e, STEP_ERRORS):
                 log.exception("run %s: phase %s", run.code, step.name)
