@@ -420,8 +420,14 @@ def test_read_only_root_and_fixed_ip_on_a_new_network_arrive_as_they_were(hosts,
         endpoint = engine.api.create_networking_config(
             {net: engine.api.create_endpoint_config(ipv4_address=f"172.31.{third}.50")}
         )
-    name = run_container(["sh", "-c", lab.COUNTER_SCRIPT], host_config={"read_only": True, "network_mode": net},
-                         networking_config=endpoint)  # fmt: skip
+    name = run_container(
+        ["sh", "-c", lab.COUNTER_SCRIPT],
+        host_config={"read_only": True, "network_mode": net, "mem_limit": "96m", "pids_limit": 50,
+                     "nano_cpus": 500_000_000, "restart_policy": {"Name": "on-failure", "MaximumRetryCount": 3},
+                     "cap_drop": ["NET_RAW"]},
+        networking_config=endpoint, environment={"FID": "yes"}, labels={"fid.label": "kept"},
+        working_dir="/bin", hostname="fid-host",
+    )  # fmt: skip
     _, code = _exec(lab1, name, ["touch", "/probe"])
     assert code != 0, "the source's root should be read-only"
 
@@ -436,6 +442,23 @@ def test_read_only_root_and_fixed_ip_on_a_new_network_arrive_as_they_were(hosts,
     root = [line.split() for line in open(f"/proc/{pid}/mountinfo") if line.split()[4] == "/"][-1]
     assert "ro" in root[5].split(",")
     assert "configuration as on the source" in run.phases.get(name="verify").detail
+    # From inside, not from `docker inspect`: what the kernel holds for it.
+    out, _ = _exec(lab2, name, ["sh", "-c", "echo $FID; pwd; hostname; grep CapEff /proc/self/status"])
+    fid, cwd, hostname, capeff = out.split("\n")[:4]
+    assert (fid, cwd, hostname) == ("yes", "/bin", "fid-host")
+    assert not int(capeff.split()[1], 16) & (1 << 13), "NET_RAW (13) was dropped on the source"
+    cgroups = dict(line.strip().split(":", 2)[1:] for line in open(f"/proc/{pid}/cgroup"))
+    if "memory" in cgroups:  # cgroup v1, as on these machines
+        memory = open(f"/sys/fs/cgroup/memory{cgroups['memory']}/memory.limit_in_bytes").read().strip()
+        assert memory == str(96 * 1024 * 1024)
+        assert open(f"/sys/fs/cgroup/pids{cgroups['pids']}/pids.max").read().strip() == "50"
+    else:
+        path = cgroups[""]
+        assert open(f"/sys/fs/cgroup{path}/memory.max").read().strip() == str(96 * 1024 * 1024)
+    with Engine(lab2) as engine:
+        c = engine.inspect(name)
+        assert c["HostConfig"]["RestartPolicy"] == {"Name": "on-failure", "MaximumRetryCount": 3}
+        assert c["Config"]["Labels"]["fid.label"] == "kept"
 
 
 def test_user_container_refused_before_the_freeze_where_criu_cannot_dump_it(hosts, containers):
@@ -541,3 +564,55 @@ def test_loopback_tcp_inside_a_tree_is_kept_with_tcp_established(hosts, started,
         assert seen == list(range(len(seen))), f"values skipped or repeated: {seen}"
     finally:
         path.unlink(missing_ok=True)
+
+
+def test_bind_mount_moves_when_the_same_data_is_on_the_target(hosts, containers, tmp_path):
+    # The lab's hosts share this machine's file system: the bind source is on both.
+    lab1, lab2 = hosts
+    run_container, _, _ = containers
+    (tmp_path / "shared.txt").write_text("same on both hosts\n")
+    name = run_container(["sh", "-c", lab.COUNTER_SCRIPT], host_config={"binds": [f"{tmp_path}:/data"]},
+                         volumes=["/data"])  # fmt: skip
+    for host in hosts:
+        host.allow_privileged = True
+        host.save()
+    run = execute(create_run(lab1, lab2, CONTAINER, name, shared_storage=True))
+    assert run.status == SUCCEEDED, run.error
+    assert run.shared_storage
+    out, code = _exec(lab2, name, ["cat", "/data/shared.txt"])
+    assert (out, code) == ("same on both hosts\n", 0)
+
+
+def test_keep_source_keeps_the_source_volume(hosts, containers):
+    lab1, lab2 = hosts
+    run_container, _, volumes = containers
+    volume = f"fidvol-{uuid.uuid4().hex[:8]}"
+    volumes.append(volume)
+    name = run_container(["sh", "-c", "echo v1 > /data/note; " + lab.COUNTER_SCRIPT],
+                         host_config={"binds": [f"{volume}:/data"]}, volumes=["/data"])  # fmt: skip
+    wait_for(lambda: _exec(lab1, name, ["cat", "/data/note"])[0].strip() == "v1")
+    run = execute(create_run(lab1, lab2, CONTAINER, name, keep_source=True))
+    assert run.status == SUCCEEDED, run.error
+    assert _exec(lab2, name, ["cat", "/data/note"])[0].strip() == "v1"
+    with Engine(lab1) as engine:
+        kept = engine.volume(volume)
+        assert kept is not None
+    assert open(f"{kept['Mountpoint']}/note").read().strip() == "v1"
+
+
+def test_a_volume_with_data_on_the_target_is_refused_before_the_freeze(hosts, containers):
+    lab1, lab2 = hosts
+    run_container, _, volumes = containers
+    volume = f"fidvol-{uuid.uuid4().hex[:8]}"
+    volumes.append(volume)
+    with Engine(lab2) as engine:
+        there = engine.create_volume(volume)
+    with open(f"{there['Mountpoint']}/other.txt", "w") as f:
+        f.write("lab-2's own data\n")
+    name = run_container(["sh", "-c", lab.COUNTER_SCRIPT], host_config={"binds": [f"{volume}:/data"]},
+                         volumes=["/data"])  # fmt: skip
+    run = execute(create_run(lab1, lab2, CONTAINER, name))
+    assert run.status == FAILED
+    assert f"already has a volume {volume} holding data" in run.error, run.error
+    assert "checkpoint" not in _phase_names(run)
+    assert open(f"{there['Mountpoint']}/other.txt").read() == "lab-2's own data\n"

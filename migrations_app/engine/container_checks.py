@@ -366,14 +366,20 @@ out["root_ro"] = bool(root) and "ro" in root[-1][5].split(",")
 out["hostname"] = subprocess.run(["nsenter", "-t", pid, "-u", "cat", "/proc/sys/kernel/hostname"],
                                  capture_output=True, text=True).stdout.strip()
 limits = {}
+V1 = {"memory": ["memory.limit_in_bytes"], "pids": ["pids.max"], "cpu": ["cpu.cfs_quota_us", "cpu.cfs_period_us"]}
+def grab(base, names):
+    for name in names:
+        try:
+            limits[name] = open(base + "/" + name).read().strip()
+        except OSError:
+            pass
 for line in open("/proc/%s/cgroup" % pid):
-    if line.startswith("0::"):
-        base = "/sys/fs/cgroup" + line.strip()[3:]
-        for name in ("memory.max", "pids.max", "cpu.max", "cpu.weight"):
-            try:
-                limits[name] = open(base + "/" + name).read().strip()
-            except OSError:
-                pass
+    _, controllers, path = line.strip().split(":", 2)
+    if controllers == "":
+        grab("/sys/fs/cgroup" + path, ("memory.max", "pids.max", "cpu.max"))
+    for c in controllers.split(","):
+        if c in V1:
+            grab("/sys/fs/cgroup/%s%s" % (controllers, path), V1[c])
 out["limits"] = limits
 print(json.dumps(out))
 """
@@ -403,13 +409,19 @@ def inside(conn, pid: int) -> dict:
 
 
 def _cgroup_expect(hc: dict) -> dict:
-    """The cgroup v2 values Docker writes for a HostConfig's limits."""
+    """The cgroup values (v2 and v1 file names) Docker writes for a HostConfig's limits."""
     want = {"memory.max": str(hc["Memory"]) if hc.get("Memory") else "max"}
+    if hc.get("Memory"):
+        want["memory.limit_in_bytes"] = str(hc["Memory"])
     want["pids.max"] = str(hc["PidsLimit"]) if hc.get("PidsLimit") and hc["PidsLimit"] > 0 else "max"
+    quota, period = None, None
     if hc.get("NanoCpus"):
-        want["cpu.max"] = f"{hc['NanoCpus'] * 100000 // 10**9} 100000"
+        quota, period = hc["NanoCpus"] * 100000 // 10**9, 100000
     elif hc.get("CpuQuota"):
-        want["cpu.max"] = f"{hc['CpuQuota']} {hc.get('CpuPeriod') or 100000}"
+        quota, period = hc["CpuQuota"], hc.get("CpuPeriod") or 100000
+    if quota:
+        want["cpu.max"] = f"{quota} {period}"
+        want["cpu.cfs_quota_us"], want["cpu.cfs_period_us"] = str(quota), str(period)
     return want
 
 
