@@ -42,6 +42,7 @@ class ProcessState:
     # local ends of connections kept with --tcp-established.
     listen_addrs: list = field(default_factory=list)
     kept_addrs: list = field(default_factory=list)
+    kept_ports: list = field(default_factory=list)  # [local port, remote port] of each kept connection
 
 
 # Resident KiB of every process of the tree rooted at $1, one per line: the
@@ -74,6 +75,7 @@ def preflight_source(ctx: Context):
     if ctx.run.tcp == TCP_ESTABLISHED:
         s.criu_opts = ["--tcp-established"]
         s.kept_addrs = sorted({c.local[0] for c in connected})
+        s.kept_ports = [[c.local[1], c.remote[1]] for c in connected]
     else:
         # CRIU dumps them as closed; the source kernel ends them when the
         # dumped tree is killed, so each peer sees its connection end.
@@ -173,7 +175,33 @@ def verify(ctx: Context):
     return Measured(detail=f"PID {pid} running")
 
 
+# CRIU keeps the network locked on the source after dumping established
+# connections (--tcp-established): iptables rules dropping their packets
+# unless marked 0xc114 (SOCCR_MARK), left so that the source's kernel never
+# resets them; only a restore there unlocks them. Once the tree runs on the
+# target they only block those ports on the source: removed here. argv:
+# "local-port:remote-port" pairs.
+UNLOCK_SCRIPT = r"""
+import shlex, shutil, subprocess, sys
+pairs = set(sys.argv[1:])
+for tool in ("iptables", "ip6tables"):
+    if not shutil.which(tool):
+        continue
+    rules = subprocess.run([tool, "-w", "-S"], capture_output=True, text=True).stdout.splitlines()
+    for rule in rules:
+        words = shlex.split(rule)
+        if words[:1] != ["-A"] or "0xc114" not in words:
+            continue
+        ports = {words[i + 1] for i, w in enumerate(words[:-1]) if w in ("--sport", "--dport")}
+        if any(set(p.split(":")) <= ports for p in pairs):
+            subprocess.run([tool, "-w", "-D", *words[1:]], check=True)
+"""
+
+
 def cleanup(ctx: Context):
+    if ctx.state.kept_ports:
+        pairs = [f"{a}:{b}" for a, b in ctx.state.kept_ports]
+        ctx.src.run(["python3", "-c", UNLOCK_SCRIPT, *pairs])
     ctx.dst.run(["rm", "-rf", "--", ctx.state.dst_images])
     if ctx.run.keep_source:
         return Measured(detail=f"images kept in {ctx.state.src_images}")
