@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 from django.conf import settings
-from django.core.management import call_command
 
 from migrations_app import lab, ssh
 from migrations_app.docker_engine import Engine
@@ -46,10 +45,15 @@ def lab_host(name):
     return next(h for h in lab.HOSTS if h.name == name)
 
 
+def _env():
+    # The test settings (this session's lab) and the test database.
+    return dict(os.environ, DJANGO_SETTINGS_MODULE="criuweb.settings_test",
+                DATABASE_URL=f"sqlite:///{settings.DATABASES['default']['NAME']}")
+
+
 def cli(*args, pause_after=None):
     """`manage.py migrate_workload` in a process of its own, on the test lab and database."""
-    env = dict(os.environ, DJANGO_SETTINGS_MODULE="criuweb.settings_test",
-               DATABASE_URL=f"sqlite:///{settings.DATABASES['default']['NAME']}")
+    env = _env()
     if pause_after:
         env[TEST_PAUSE_ENV] = f"{pause_after}=120"
     return subprocess.Popen([sys.executable, "manage.py", "migrate_workload", *args], cwd=BASE_DIR, env=env,
@@ -73,7 +77,11 @@ def kill_when_paused(proc, phase):
 
 
 def recover_all():
-    call_command("recover")
+    """`manage.py recover`, in a process of its own as a person would run it."""
+    done = subprocess.run([sys.executable, "manage.py", "recover"], cwd=BASE_DIR, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
 
 
 def running_copies(hosts, name):
