@@ -36,14 +36,13 @@ from .. import streams, tls
 from ..errors import MigrationError
 from ..hostcheck import (
     pid_alive,
-    settle,
     signal_tree,
     unsafe_to_resume,
 )
 from ..plan import Measured, Plan, Step
 from . import process_copy
 from .process_copy import TREE_RSS_SCRIPT, ProcessState
-from .process_page_server import record_tls, refuse_kept_connections
+from .process_page_server import KILL_DUMP_SCRIPT, record_tls, refuse_kept_connections, wake_source
 
 if TYPE_CHECKING:
     from ..runner import Context
@@ -270,52 +269,58 @@ def _gone(conn, pid, tries: int = 20) -> bool:
 
 def rollback(ctx: Context):
     s = ctx.state
-    # Whether the copy on the target ran: then this is no clean rollback.
-    ran = s.target_pid is not None
-    leftovers = ""
-    if s.dst_images:
-        # On a fresh connection: the run's own may be what failed.
-        try:
-            with ssh.Connection(ctx.target) as dst:
-                criu.kill_restored(dst, s.dst_images, s.target_pid, timeout=30)
-                if s.lazy_pid:
-                    dst.run(["kill", "-KILL", str(s.lazy_pid)], check=False)
-                dst.run(["rm", "-rf", "--", s.dst_images, _dst_tls_dir(s)], check=False)
-        except ssh.SSHError as e:
-            if ctx.target_may_run:
-                raise unsafe_to_resume(ctx, e) from e
-            leftovers = f"{s.dst_images} stays on {ctx.target.name} ({e})"
+    # A restore was started there: it is killed before the source wakes, so
+    # two never run at once. Otherwise nothing can run there, and the source
+    # wakes first: the target may be what failed.
+    may_run = ctx.target_may_run
+    # Whether a copy on the target ran: then this is no clean rollback.
+    ran = may_run or s.target_pid is not None
+    leftovers = _clear_target_of(ctx, may_run) if s.dst_images and may_run else ""
     with ssh.Connection(ctx.source) as src:
-        if s.dump_pid and pid_alive(src, s.dump_pid):
-            # Still serving (or waiting for a connection): ending it makes
-            # CRIU's page server fail, and the kernel lets the tree run on.
-            src.run(["kill", "-KILL", str(s.dump_pid)], check=False)
-            _gone(src, s.dump_pid)
-        if not pid_alive(src, s.pid):
+        # The lazy dump serves pages until every one is taken: ended, its
+        # page server fails and the tree runs on (CRIU resumes it, or the
+        # kernel does when CRIU itself dies).
+        src.sh(KILL_DUMP_SCRIPT, s.src_images)
+        process_copy._await_dump(src, s.src_images, 10)
+        if not pid_alive(src, s.pid) and ran:
             raise MigrationError(
-                f"{ctx.source.name}: process {s.pid} is gone"
-                + (f" and its copy on {ctx.target.name} was killed: the workload is lost" if ran else "")
+                f"{ctx.source.name}: process {s.pid} is gone and its copy on {ctx.target.name} was killed: "
+                "the workload is lost"
             )
-        # Stopped by --leave-stopped, or already running again.
-        state = signal_tree(src, s.pid, "CONT")
-        ctx.resumed_at = time.perf_counter()
-        if state in ("T", "t") or not settle(lambda: pid_alive(src, s.pid)):
-            raise MigrationError(f"{ctx.source.name}: process {s.pid} does not run again after rollback")
-        s.source_stopped = False
-        ctx.run.result_workload = str(s.pid)
-        # Recorded at once: from here a recovery must never wake or kill it again.
-        ctx.resumed_on_source(leftovers)
+        wake_source(ctx, src, leftovers)
         src.run(["rm", "-rf", "--", s.src_images, _src_tls_dir(s)], check=False)
+    if s.dst_images and not may_run:
+        leftovers = _clear_target_of(ctx, may_run=False)
+        if leftovers:
+            ctx.resumed_on_source(leftovers)
+    note = f"; {leftovers}" if leftovers else ""
     if ran:
         return Measured(
-            detail=f"copy on {ctx.target.name} killed; PID {s.pid} running again on {ctx.source.name}",
+            detail=f"copy on {ctx.target.name} killed; PID {s.pid} running again on {ctx.source.name}{note}",
             failed=(
                 f"post-copy failed after the restore: the copy on {ctx.target.name} ran without all its memory "
                 f"and was killed (what it did meanwhile may be lost or done again); PID {s.pid} runs on "
                 f"{ctx.source.name} from its state at the freeze"
             ),
         )
-    return Measured(detail=f"PID {s.pid} running again on {ctx.source.name}")
+    return Measured(detail=f"PID {s.pid} running again on {ctx.source.name}{note}")
+
+
+def _clear_target_of(ctx: Context, may_run: bool) -> str:
+    """Kill what the run started on the target and remove its files; what is left there, if anything."""
+    s = ctx.state
+    try:
+        # On a fresh connection: the run's own may be what failed.
+        with ssh.Connection(ctx.target) as dst:
+            criu.kill_restored(dst, s.dst_images, s.target_pid, timeout=30)
+            if s.lazy_pid:
+                dst.run(["kill", "-KILL", str(s.lazy_pid)], check=False)
+            dst.run(["rm", "-rf", "--", s.dst_images, _dst_tls_dir(s)], check=False)
+    except ssh.SSHError as e:
+        if may_run:
+            raise unsafe_to_resume(ctx, e) from e
+        return f"{s.dst_images} stays on {ctx.target.name} ({e})"
+    return ""
 
 
 def abort(ctx: Context):

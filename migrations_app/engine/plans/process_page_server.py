@@ -232,34 +232,83 @@ def _clear_target(dst, s: PageServerState) -> None:
     dst.sh(UNMOUNT_SCRIPT, s.dst_images)
 
 
+# Kill every criu process working on images dir $1 (its argv holds it).
+# Only criu binaries are looked at: this shell's own argv holds $1 too.
+KILL_DUMP_SCRIPT = r"""
+for d in /proc/[0-9]*; do
+    case $(readlink "$d/exe" 2>/dev/null) in */criu) ;; *) continue ;; esac
+    tr '\0' '\n' < "$d/cmdline" 2>/dev/null | grep -qxF -- "$1" && kill -KILL "${d#/proc/}" 2>/dev/null
+done
+true
+"""
+# How long a rollback lets a dump whose answer was lost finish on its own.
+DUMP_GRACE_SECONDS = 5.0
+
+
+def stop_dump(src, images: str, grace: float) -> None:
+    """Make sure no criu dump works on images any more: awaited for grace seconds, then killed.
+
+    A dump still at work would stop or kill the tree after the rollback
+    woke it. One blocked on a target that stopped answering may never end:
+    killed, the kernel lets the tree run on (its parasite is gone by then:
+    CRIU removes it before it sends the pages).
+    """
+    try:
+        process_copy._await_dump(src, images, grace)
+    except MigrationError:
+        src.sh(KILL_DUMP_SCRIPT, images)
+        process_copy._await_dump(src, images, 10)
+
+
+def wake_source(ctx: Context, src, leftovers: str) -> None:
+    """Let the stopped source tree run again and record that it does."""
+    s = ctx.state
+    if not pid_alive(src, s.pid):
+        raise MigrationError(f"{ctx.source.name}: process {s.pid} is gone; nothing to resume")
+    # Stopped by --leave-stopped, or already resumed by CRIU after a failed dump.
+    state = signal_tree(src, s.pid, "CONT")
+    ctx.resumed_at = time.perf_counter()
+    ctx.run.result_workload = str(s.pid)
+    s.source_stopped = False
+    # Recorded at once: from here a recovery must never wake or kill it again.
+    ctx.resumed_on_source(leftovers)
+    if state in ("T", "t") or not settle(lambda: pid_alive(src, s.pid)):
+        raise MigrationError(f"{ctx.source.name}: process {s.pid} does not run again after rollback")
+
+
 def rollback(ctx: Context):
     s = ctx.state
-    leftovers = ""
-    if s.dst_images:
-        # On a fresh connection: the run's own may be what failed.
-        try:
-            with ssh.Connection(ctx.target) as dst:
-                criu.kill_restored(dst, s.dst_images, s.target_pid, timeout=30)
-                _clear_target(dst, s)
-        except ssh.SSHError as e:
-            if ctx.target_may_run:
-                raise unsafe_to_resume(ctx, e) from e
-            # Never restored there: only the run's tmpfs and page server are left.
-            leftovers = f"{s.dst_images} (a tmpfs) stays on {ctx.target.name} ({e})"
+    # A restore was started there: it is stopped before the source wakes, so
+    # two never run at once. Otherwise nothing can run there, and the source
+    # wakes first: the target may be what failed.
+    may_run = ctx.target_may_run
+    leftovers = _clear_target_of(ctx, may_run) if s.dst_images and may_run else ""
     with ssh.Connection(ctx.source) as src:
-        if not pid_alive(src, s.pid):
-            raise MigrationError(f"{ctx.source.name}: process {s.pid} is gone; nothing to resume")
-        # Stopped by --leave-stopped, or already resumed by CRIU after a failed dump.
-        state = signal_tree(src, s.pid, "CONT")
-        ctx.resumed_at = time.perf_counter()
-        if state in ("T", "t") or not settle(lambda: pid_alive(src, s.pid)):
-            raise MigrationError(f"{ctx.source.name}: process {s.pid} does not run again after rollback")
-        s.source_stopped = False
-        ctx.run.result_workload = str(s.pid)
-        # Recorded at once: from here a recovery must never wake or kill it again.
-        ctx.resumed_on_source(leftovers)
+        if not s.dumped:
+            stop_dump(src, s.src_images, min(DUMP_GRACE_SECONDS, ctx.call_timeout()))
+        wake_source(ctx, src, leftovers)
         src.run(["rm", "-rf", "--", s.src_images, _src_tls_dir(s)], check=False)
-    return Measured(detail=f"PID {s.pid} running again on {ctx.source.name}")
+    if s.dst_images and not may_run:
+        leftovers = _clear_target_of(ctx, may_run=False)
+        if leftovers:
+            ctx.resumed_on_source(leftovers)
+    note = f"; {leftovers}" if leftovers else ""
+    return Measured(detail=f"PID {s.pid} running again on {ctx.source.name}{note}")
+
+
+def _clear_target_of(ctx: Context, may_run: bool) -> str:
+    """Kill what the run started on the target and remove its tmpfs; what is left there, if anything."""
+    s = ctx.state
+    try:
+        # On a fresh connection: the run's own may be what failed.
+        with ssh.Connection(ctx.target) as dst:
+            criu.kill_restored(dst, s.dst_images, s.target_pid, timeout=30)
+            _clear_target(dst, s)
+    except ssh.SSHError as e:
+        if may_run:
+            raise unsafe_to_resume(ctx, e) from e
+        return f"{s.dst_images} (a tmpfs) and its page server stay on {ctx.target.name} ({e})"
+    return ""
 
 
 def abort(ctx: Context):
