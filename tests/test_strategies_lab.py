@@ -272,3 +272,57 @@ def test_migrate_workload_strategy_option(hosts, memhog):
     with pytest.raises(CommandError, match="no strategy 'engine' for a process"):
         call_command("migrate_workload", "--source", "lab-1", "--target", "lab-2", "--pid", str(proc["pid"]),
                      "--strategy", "engine", stdout=StringIO())
+
+
+def test_page_server_target_cut_off_during_dump_rolls_back(hosts, memhog):
+    lab1, lab2 = hosts
+    TrustedPair.trust(lab1, lab2)
+    proc = memhog(512)
+    veth = next(h for h in lab.HOSTS if h.name == "lab-2").veth
+    cut = {}
+
+    def cut_when_pages_flow(ctx):
+        # A real failure: lab-2 drops off the network while the pages flow to it.
+        images = ctx.state.dst_images
+
+        def watch():
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                if any(n.startswith("pages-") and os.path.getsize(f"{images}/{n}") > 0 for n in os.listdir(images)):
+                    lab.sh("ip", "link", "set", veth, "down")
+                    cut["images"] = images
+                    return
+                time.sleep(0.002)
+
+        threading.Thread(target=watch, daemon=True).start()
+
+    run = create_run(lab1, lab2, PROCESS, proc["pid"], strategy=PAGE_SERVER, freeze_limit=6)
+    try:
+        execute(run, after_phase={"page server": cut_when_pages_flow})
+    finally:
+        lab.sh("ip", "link", "set", veth, "up")
+    run.refresh_from_db()
+    assert cut, "the network was not cut during the dump"
+    assert run.status == ROLLED_BACK, run.error
+    # The same process runs on, on the source, memory and counter intact.
+    assert int(run.result_workload) == proc["pid"]
+    assert state_of(proc["pid"]) in ("S", "R")
+    count = len(values(proc["log"]))
+    wait_for(lambda: len(values(proc["log"])) >= count + 20, message="the counter stopped")
+    assert_continuous(values(proc["log"]))
+    assert_same_memory(proc, proc["pid"], lab1)
+    # lab-2 was out of reach in the rollback: its tmpfs waits for a recovery.
+    assert run.stage == "leftovers" and "a tmpfs" in run.phases.get(name="rollback").detail
+    wait_for(lambda: _ssh_ok(lab2), 30, "lab-2 did not come back")
+    call_command("recover", stdout=StringIO())
+    run.refresh_from_db()
+    assert run.stage == "done" and run.status == ROLLED_BACK
+    assert not mounted(cut["images"]) and not os.path.exists(cut["images"])
+
+
+def _ssh_ok(host):
+    try:
+        with ssh.Connection(host) as conn:
+            return conn.run(["true"]).rc == 0
+    except ssh.SSHError:
+        return False
