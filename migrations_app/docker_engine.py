@@ -261,14 +261,14 @@ class Engine:
     # The calls below take a timeout: those made while a workload is frozen
     # get one sized to their work, not the engine's default.
 
-    def checkpoint(self, container_id, checkpoint, timeout=None):
-        """Freeze the container into a checkpoint and stop it."""
+    def checkpoint(self, container_id, checkpoint, timeout=None, exit=True):
+        """Freeze the container into a checkpoint and stop it (exit=False: leave it running)."""
         self.call(
             "docker checkpoint",
             lambda: self.api._raise_for_status(
                 self.api._post_json(
                     self.api._url("/containers/{0}/checkpoints", container_id),
-                    data={"CheckpointID": checkpoint, "Exit": True},
+                    data={"CheckpointID": checkpoint, "Exit": exit},
                     timeout=timeout or self.timeout,
                 )
             ),
@@ -298,6 +298,9 @@ class Engine:
                 )
             ),
         )
+
+    def rename(self, container_id, name):
+        self.call("rename container", self.api.rename, container_id, name)
 
     def remove(self, container_id, timeout=None):
         self.call(

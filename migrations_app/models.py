@@ -42,6 +42,25 @@ TCP_CHOICES = [
     (TCP_ESTABLISHED, "keep established TCP connections (only where the workload's address moves with it)"),
 ]
 
+# What a run does. Migrations choose a strategy from the plan registry; the
+# other operations have one plan per workload kind (engine/plans/__init__.py
+# OPERATIONS), and store the operation's name as their strategy, so the
+# history and comparison pages group them apart from the migrations.
+MIGRATE = "migrate"
+CHECKPOINT = "checkpoint"
+RESTORE = "restore"
+CLONE = "clone"
+EXPORT = "export"
+IMPORT = "import"
+OPERATION_CHOICES = [
+    (MIGRATE, "migrate"),
+    (CHECKPOINT, "checkpoint"),
+    (RESTORE, "restore"),
+    (CLONE, "clone"),
+    (EXPORT, "export"),
+    (IMPORT, "import"),
+]
+
 
 class Stage(models.TextChoices):
     """Where a run's workload may be, stored before each change so that a
@@ -98,6 +117,9 @@ class Host(models.Model):
     # The last capability probe (see inventory.probe) and when it ran.
     capabilities = models.JSONField(default=dict, blank=True)
     probed = models.DateTimeField(null=True, blank=True)
+    # Kept checkpoints per workload on this host; older ones are deleted
+    # (files and record) after each new checkpoint. 0 keeps them all.
+    checkpoint_retention = models.PositiveIntegerField(default=0)
 
     class Meta:
         ordering = ["name"]
@@ -252,6 +274,12 @@ class MigrationRun(models.Model):
     # Seconds the workload may stay frozen before the run rolls back; null:
     # the configured default plus an allowance for the workload's size.
     freeze_limit = models.FloatField(null=True, blank=True)
+    operation = models.CharField(max_length=16, choices=OPERATION_CHOICES, default=MIGRATE)
+    # The kept checkpoint a restore, clone, export or import works on, or
+    # that a checkpoint run made.
+    checkpoint = models.ForeignKey("Checkpoint", models.SET_NULL, null=True, blank=True, related_name="runs")
+    # Who asked for it (the web's user; none from the command line).
+    created_by = models.ForeignKey("auth.User", models.SET_NULL, null=True, blank=True, related_name="+")
 
     objects = RunQuerySet.as_manager()
 
@@ -283,6 +311,9 @@ class MigrationRun(models.Model):
         ]
 
     def __str__(self):
+        if self.operation != MIGRATE:
+            where = self.source.name if self.source_id == self.target_id else f"{self.source} -> {self.target}"
+            return f"{self.operation} {self.kind} {self.workload}: {where}"
         return f"{self.kind} {self.workload}: {self.source} -> {self.target}"
 
     def get_strategy_display(self):
@@ -296,6 +327,7 @@ class MigrationRun(models.Model):
         return {
             "id": str(self.code),
             "status": self.status,
+            "operation": self.operation,
             "kind": self.kind,
             "workload": self.workload,
             "result_workload": self.result_workload,
@@ -315,6 +347,80 @@ class MigrationRun(models.Model):
             "volume_bytes": self.volume_bytes,
             "phases": [p.to_dict() for p in phases],
             "error": self.error or None,
+        }
+
+
+class CheckpointQuerySet(models.QuerySet):
+    def of_workload(self, host, kind, workload):
+        """A workload's checkpoints on a host, newest first (what retention counts)."""
+        return self.filter(host=host, kind=kind, workload=workload).order_by("-created", "-pk")
+
+
+class Checkpoint(models.Model):
+    """A checkpoint kept on a host: CRIU's images (and a container's writable layer) in one directory.
+
+    Its directory on the host holds `checkpoint/` (the images) and, for a
+    container, `diff/` (its writable layer); with the container's inspect
+    and image id stored here, that is all a restore or a clone needs, even
+    after the container itself is gone.
+    """
+
+    code = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    # Docker's grammar for checkpoint names (also a directory name on the host).
+    name = models.CharField(max_length=64, unique=True)
+    host = models.ForeignKey(Host, models.PROTECT, related_name="checkpoints")
+    kind = models.CharField(max_length=16, choices=KIND_CHOICES)
+    # The container name or PID as given, and what it resolved to: the
+    # container's full id, or "PID:start time" of the tree's root.
+    workload = models.CharField(max_length=255)
+    workload_id = models.CharField(max_length=100, blank=True)
+    leave_running = models.BooleanField(default=False)
+    path = models.CharField(max_length=500)
+    size = models.BigIntegerField(default=0)
+    criu_stats = models.JSONField(default=dict, blank=True)
+    # How long the workload was frozen, where it could be measured.
+    freeze_ms = models.FloatField(null=True, blank=True)
+    # The container's inspect (what create_like needs) and its image.
+    config = models.JSONField(default=dict, blank=True)
+    image_id = models.CharField(max_length=100, blank=True)
+    image = models.CharField(max_length=255, blank=True)
+    # What made it: a restore on an older CRIU or kernel is refused.
+    criu_version = models.CharField(max_length=32, blank=True)
+    kernel = models.CharField(max_length=100, blank=True)
+    imported = models.BooleanField(default=False)
+    created = models.DateTimeField(default=timezone.now)
+    created_by = models.ForeignKey("auth.User", models.SET_NULL, null=True, blank=True, related_name="+")
+
+    objects = CheckpointQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created"]
+        indexes = [
+            # Retention: a workload's checkpoints on a host, newest first.
+            models.Index(fields=["host", "kind", "workload", "-created"], name="checkpoint_workload"),
+        ]
+
+    def __str__(self):
+        return self.name
+
+    def to_dict(self):
+        return {
+            "name": self.name,
+            "host": self.host.name,
+            "kind": self.kind,
+            "workload": self.workload,
+            "workload_id": self.workload_id,
+            "leave_running": self.leave_running,
+            "path": self.path,
+            "size": self.size,
+            "freeze_ms": self.freeze_ms,
+            "criu_stats": self.criu_stats or None,
+            "image": self.image or None,
+            "image_id": self.image_id or None,
+            "criu_version": self.criu_version,
+            "kernel": self.kernel,
+            "imported": self.imported,
+            "created": self.created.isoformat(),
         }
 
 

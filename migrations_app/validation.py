@@ -38,6 +38,26 @@ def container_ref(value: object) -> str:
     return value
 
 
+# Docker's grammar for checkpoint names (daemon/checkpoint.go): a kept
+# checkpoint's name is also the name of its directory on the host.
+CHECKPOINT_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")
+CHECKPOINT_NAME_MAX = 64
+
+
+def checkpoint_name(value: object) -> str:
+    """A checkpoint name as Docker would accept it, returned unchanged."""
+    if not isinstance(value, str) or not value:
+        raise InputError("Name the checkpoint.")
+    if len(value) > CHECKPOINT_NAME_MAX:
+        raise InputError(f"A checkpoint name has at most {CHECKPOINT_NAME_MAX} characters.")
+    if not CHECKPOINT_NAME.fullmatch(value):
+        raise InputError(
+            f"{value!r} is not a checkpoint name: a name starts with a letter or digit and holds only "
+            "letters, digits, '_', '.' and '-'."
+        )
+    return value
+
+
 def pid(value: object) -> int:
     """A PID given as a plain positive integer (or its decimal digits), never PID 1.
 

@@ -61,6 +61,9 @@ class Plan:
     # target (recorded in the context if so), so the run completes forward
     # instead of losing what that copy did since. None: never adopted.
     adopt: Callable[[Context], bool] | None = None
+    # "migrate", or the operation on kept checkpoints this plan does
+    # (models.OPERATION_CHOICES); those are keyed by (operation, kind).
+    operation: str = "migrate"
 
     @property
     def key(self) -> tuple[str, str]:

@@ -237,7 +237,7 @@ def execute(run, after_phase=None, on_phase=None, on_progress=None):
     """
     if not lifecycle.claim(run):
         raise MigrationError(f"run {run.code} was already started")
-    plan = plans.get(run.kind, run.strategy)
+    plan = plans.for_run(run)
     on_phase = on_phase or (lambda phase: None)
     ctx = Context(run, plan)
     ctx.on_progress = on_progress

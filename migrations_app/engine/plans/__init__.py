@@ -8,7 +8,7 @@ and one line in PLANS.
 
 from __future__ import annotations
 
-from ...models import KIND_CHOICES
+from ...models import KIND_CHOICES, MIGRATE
 from ..errors import MigrationError
 from ..plan import Plan
 from . import (
@@ -16,6 +16,9 @@ from . import (
     container_runc,
     container_runc_lazy,
     container_runc_pageserver,
+    keep_archive,
+    keep_container,
+    keep_process,
     process_copy,
     process_lazy,
     process_page_server,
@@ -35,6 +38,24 @@ PLANS: dict[tuple[str, str], Plan] = {
 }
 
 KINDS = [kind for kind, _ in KIND_CHOICES]
+
+# The operations on kept checkpoints (checkpoint, restore, clone, export,
+# import): one plan per (operation, workload kind), beside the migrations and
+# out of their choices. A run stores the operation's name as its strategy.
+OPERATIONS: dict[tuple[str, str], Plan] = {
+    (plan.operation, plan.kind): plan
+    for plan in (*keep_container.PLANS, *keep_process.PLANS, *keep_archive.PLANS)
+}
+
+
+def for_run(run) -> Plan:
+    """The plan a run executes: a migration strategy, or an operation's plan."""
+    if run.operation == MIGRATE:
+        return get(run.kind, run.strategy)
+    try:
+        return OPERATIONS[(run.operation, run.kind)]
+    except KeyError:
+        raise MigrationError(f"no {run.operation} for a {run.kind}") from None
 
 
 def get(kind: str, strategy: str) -> Plan:
@@ -56,7 +77,7 @@ def default_strategy(kind: str) -> str:
 
 
 def label(kind: str, strategy: str) -> str:
-    plan = PLANS.get((kind, strategy))
+    plan = PLANS.get((kind, strategy)) or OPERATIONS.get((strategy, kind))
     if plan:
         return plan.label
     return next((p.label for p in PLANS.values() if p.strategy == strategy), strategy)

@@ -18,7 +18,18 @@ from django.utils import timezone
 
 from ... import criu, ssh, validation
 from ...docker_engine import Engine, EngineError, NotFoundError
-from ...models import CONTAINER, ENGINE, FINISHED, PHASE_OK, ROLLED_BACK, MigrationRun, Stage
+from ...models import (
+    CHECKPOINT,
+    CLONE,
+    CONTAINER,
+    ENGINE,
+    FINISHED,
+    MIGRATE,
+    PHASE_OK,
+    ROLLED_BACK,
+    MigrationRun,
+    Stage,
+)
 from .. import container_checks, lifecycle, streams
 from ..errors import MigrationError
 from ..hostcheck import SPACE_MARGIN, check_space, connect, criu_ready, rss_bytes, settle, unsafe_to_resume
@@ -48,6 +59,11 @@ class ContainerState:
     created_networks: list = field(default_factory=list)  # on the target, by this run
     volumes: list = field(default_factory=list)  # named local volumes, with their target mountpoints
     tmp_added: bool = False
+    leave_running: bool = False  # checkpoint without stopping the source (a clone, a kept checkpoint)
+    # Where transfer reads the checkpoint and writable layer, when not from
+    # the source container (a kept checkpoint's directory).
+    src_checkpoints: str = ""
+    src_upper: str = ""
 
 
 def _engine_ready(engine):
@@ -66,7 +82,8 @@ def _engine_ready(engine):
 # with "content ...: already exists" until it has collected the first one —
 # after CRIU has already stopped the container, so its state is lost
 # (containerd/containerd#8401). A container we checkpointed and then rolled
-# back on the same engine is in that window for a while.
+# back on the same engine is in that window for a while, and so is one
+# checkpointed to keep or to clone.
 SECOND_CHECKPOINT_WAIT = 10 * 60
 
 
@@ -77,12 +94,10 @@ def _refuse_second_checkpoint(ctx: Context, container, info):
     # Only a checkpoint that was taken leaves containerd's blob behind; a
     # checkpoint that failed (CRIU refused, the container ran on) does not.
     recent = (
-        MigrationRun.objects.filter(
-            source=ctx.source,
-            kind=CONTAINER,
-            status=ROLLED_BACK,
-            finished__gte=since,
-            result_workload=container["Id"][:12],
+        MigrationRun.objects.filter(source=ctx.source, kind=CONTAINER, finished__gte=since)
+        .filter(
+            Q(operation=MIGRATE, status=ROLLED_BACK, result_workload=container["Id"][:12])
+            | Q(operation__in=(CHECKPOINT, CLONE), state__checkpointed=True, state__container__Id=container["Id"])
         )
         .filter(Q(state__checkpointed=True) | Q(phases__name="checkpoint", phases__status=PHASE_OK))
         .distinct()
@@ -91,8 +106,9 @@ def _refuse_second_checkpoint(ctx: Context, container, info):
     )
     if recent:
         wait = SECOND_CHECKPOINT_WAIT - (timezone.now() - recent.finished).total_seconds()
+        what = {MIGRATE: "and rolled back", CHECKPOINT: "to keep", CLONE: "to clone it"}[recent.operation]
         raise MigrationError(
-            f"{ctx.source.name}: this container was checkpointed and rolled back here "
+            f"{ctx.source.name}: this container was checkpointed {what} here "
             f"{(timezone.now() - recent.finished).seconds} s ago; Docker {info['ServerVersion']}'s containerd "
             f"could fail a second checkpoint now and lose its state (containerd#8401). Try again in "
             f"{int(wait // 60) + 1} min"
@@ -135,9 +151,9 @@ def preflight_source(ctx: Context):
 
 
 def preflight_target(ctx: Context):
-    ctx.dst = connect(ctx.target, CONTAINER)
+    ctx.dst = ctx.dst or connect(ctx.target, CONTAINER)
     probe, info = _engine_ready(ctx.dst)
-    name = ctx.state.container["Name"].lstrip("/")
+    name = ctx.state.name or ctx.state.container["Name"].lstrip("/")
     other = ctx.dst.find_container(name)
     if other:
         # A container we prepared for a run that has ended and that never
@@ -234,10 +250,12 @@ def _restore_restart_policy(engine, ctx: Context):
 
 def checkpoint(ctx: Context):
     c = ctx.state.container
-    if ctx.state.facts.get("close_tcp"):
+    # A checkpoint that leaves the container running keeps its connections
+    # (pre-flight refused one holding any: Docker's API cannot keep them).
+    if ctx.state.facts.get("close_tcp") and not ctx.state.leave_running:
         container_checks.close_tcp(ctx.src.conn, c["State"]["Pid"])
     try:
-        ctx.src.checkpoint(c["Id"], ctx.state.checkpoint, timeout=ctx.call_timeout())
+        ctx.src.checkpoint(c["Id"], ctx.state.checkpoint, timeout=ctx.call_timeout(), exit=not ctx.state.leave_running)
     except EngineError as e:
         # Docker names only the path of CRIU's log; its cause is in there.
         quoted = container_checks.checkpoint_error(ctx.src.conn, e) if e.answered else None
@@ -276,12 +294,12 @@ rm -rf "$1"
 def transfer(ctx: Context):
     s = ctx.state
     c = s.container
-    src_upper = c["GraphDriver"]["Data"]["UpperDir"]
+    src_upper = s.src_upper or c["GraphDriver"]["Data"]["UpperDir"]
     # One stream, two directories (and the named volumes' data): every SSH
     # command here is downtime.
     src = ctx.src_ssh.open_command(
         streams.TAR_CREATE
-        + [f"{s.src_root}/containers/{c['Id']}/checkpoints", s.checkpoint]
+        + [s.src_checkpoints or f"{s.src_root}/containers/{c['Id']}/checkpoints", s.checkpoint]
         + ["-C", src_upper.rsplit("/", 1)[0], src_upper.rsplit("/", 1)[1]]
         + container_checks.volume_tar_args(s.volumes)
     )

@@ -43,6 +43,7 @@ class ProcessState:
     listen_addrs: list = field(default_factory=list)
     kept_addrs: list = field(default_factory=list)
     kept_ports: list = field(default_factory=list)  # [local port, remote port] of each kept connection
+    leave_running: bool = False  # dump without stopping the tree (a clone, a kept checkpoint)
 
 
 # Resident KiB of every process of the tree rooted at $1, one per line: the
@@ -95,7 +96,7 @@ def preflight_source(ctx: Context):
 
 
 def preflight_target(ctx: Context):
-    ctx.dst = connect(ctx.target, PROCESS)
+    ctx.dst = ctx.dst or connect(ctx.target, PROCESS)
     probe = criu_ready(ctx.dst)
     # The namespace holder that keeps restored PIDs apart is a Python script.
     if ctx.dst.run(["python3", "-c", "pass"], check=False).rc != 0:
@@ -130,7 +131,8 @@ def preflight_target(ctx: Context):
 def dump(ctx: Context):
     s = ctx.state
     try:
-        criu.dump(ctx.src, s.pid, s.src_images, s.resolved, s.criu_opts, timeout=ctx.call_timeout())
+        leave = ["--leave-running"] if s.leave_running else []
+        criu.dump(ctx.src, s.pid, s.src_images, s.resolved, [*s.criu_opts, *leave], timeout=ctx.call_timeout())
     except criu.CriuError:
         # CRIU resumes the tree when a dump fails; nothing to restore then.
         if pid_alive(ctx.src, s.pid):

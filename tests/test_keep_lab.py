@@ -1,0 +1,312 @@
+"""Kept checkpoints end to end on the lab: checkpoint, restore, clone, export and import.
+
+The lab report's own sequence first: checkpoint the counter, restore it in
+place, clone it as cr-clone on the same host and on the other one; then
+each copy counts on by itself from the checkpointed value.
+"""
+
+import json
+import os
+from io import StringIO
+
+import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
+
+from migrations_app import ssh
+from migrations_app.docker_engine import Engine
+from migrations_app.models import CHECKPOINT, CLONE, CONTAINER, PROCESS, RESTORE, SUCCEEDED, Checkpoint, MigrationRun
+from tests.support import wait_for
+from tests.test_migration_lab import _kill_tree, assert_consecutive, counter_process, values  # noqa: F401
+
+pytestmark = pytest.mark.lab
+
+
+def cli(*args):
+    """Run a command with --json; its JSON object (CommandError propagates)."""
+    out = StringIO()
+    call_command(*args, "--json", stdout=out)
+    return json.loads(out.getvalue())
+
+
+def logged(engine, name, at_least=2):
+    return wait_for(
+        lambda: (v := values(engine.logs(name))) and len(v) >= at_least and v,
+        timeout=15,
+        message=f"{engine.name}: {name} printed fewer than {at_least} values",
+    )
+
+
+@pytest.fixture
+def clones(hosts):
+    """Names of containers a test makes; removed from both hosts at the end."""
+    names = []
+    yield names
+    for host in hosts:
+        with Engine(host) as engine:
+            for name in names:
+                if engine.exists(name):
+                    engine.remove(name)
+
+
+def files_exist(host, path):
+    with ssh.Connection(host) as conn:
+        return conn.run(["test", "-d", path], check=False).rc == 0
+
+
+def test_report_sequence(hosts, counter_container, clones):
+    lab1, lab2 = hosts
+    name = counter_container
+    clones.append("cr-clone")
+
+    # 1. Checkpoint: without --leave-running the counter stops, as in the report.
+    made = cli("checkpoint", "--host", "lab-1", "--container", name, "--name", f"{name}-cp1")
+    assert made["status"] == SUCCEEDED, made["error"]
+    assert made["operation"] == CHECKPOINT and made["checkpoint"] == f"{name}-cp1"
+    cp = Checkpoint.objects.get(name=f"{name}-cp1")
+    assert cp.host == lab1 and cp.kind == CONTAINER and cp.size > 0 and cp.image_id.startswith("sha256:")
+    assert cp.criu_version and cp.kernel and cp.config["Name"] == f"/{name}"
+    assert files_exist(lab1, f"{cp.path}/checkpoint") and files_exist(lab1, f"{cp.path}/diff")
+    with Engine(lab1) as engine:
+        original = engine.inspect(name)
+        assert not original["State"]["Running"]
+        last = values(engine.logs(name))[-1]
+        # Docker's own copy is gone: the kept directory is what stays.
+        assert engine.checkpoints(original["Id"]) == []
+
+    # 2. Restore in place: the stopped original is replaced by one counting on.
+    restored = cli("restore", "--checkpoint", cp.name)
+    assert restored["status"] == SUCCEEDED, restored["error"]
+    assert [p["name"] for p in restored["phases"]] == [
+        "pre-flight", "pre-flight", "prepare target", "transfer", "stage", "restore", "verify", "finish",
+    ]
+    with Engine(lab1) as engine:
+        now = engine.inspect(name)
+        assert now["State"]["Running"] and now["Id"] != original["Id"]
+        assert now["Id"].startswith(restored["result_workload"])
+        after = logged(engine, name)
+        assert after[0] == last + 1, (last, after[:5])
+        assert_consecutive(after)
+
+    # 3. Clone it as cr-clone on the same host, then on the other one.
+    for target in (lab1, lab2):
+        with Engine(lab1) as engine:
+            before = engine.inspect(name)
+        run = cli("clone", "--checkpoint", cp.name, "--as", "cr-clone", "--target", target.name)
+        assert run["status"] == SUCCEEDED, run["error"]
+        assert run["operation"] == CLONE
+        with Engine(target) as engine:
+            clone = logged(engine, "cr-clone", 3)
+        # 4. The clone counts on from the checkpointed value...
+        assert clone[0] == last + 1, (last, clone[:5])
+        assert_consecutive(clone)
+        # ... and the restored original was not touched: same container, same
+        # process, counting on without a gap.
+        with Engine(lab1) as engine:
+            still = engine.inspect(name)
+            assert still["Id"] == before["Id"] and still["State"]["Pid"] == before["State"]["Pid"]
+            assert still["State"]["StartedAt"] == before["State"]["StartedAt"]
+            mine = logged(engine, name)
+        assert_consecutive(mine)
+        assert mine[-1] > clone[-1], "the original should be ahead of its clone"
+        if target == lab1:
+            with Engine(lab1) as engine:
+                engine.remove("cr-clone")
+    # The kept checkpoint is still there for the next restore.
+    assert files_exist(lab1, f"{cp.path}/checkpoint")
+
+
+def test_clone_of_a_running_container_leaves_it_alone(hosts, counter_container, clones):
+    lab1, lab2 = hosts
+    name = counter_container
+    clones.append(f"{name}-twin")
+    with Engine(lab1) as engine:
+        before = engine.inspect(name)
+    run = cli("clone", "--host", "lab-1", "--container", name, "--as", f"{name}-twin", "--target", "lab-2")
+    assert run["status"] == SUCCEEDED, run["error"]
+    # Only its leave-running checkpoint paused it, and that pause is measured.
+    assert run["downtime_ms"] > 0
+    assert [p["name"] for p in run["phases"]][:5] == [
+        "pre-flight", "pre-flight", "prepare target", "checkpoint", "transfer",
+    ]
+    with Engine(lab1) as engine:
+        still = engine.inspect(name)
+        assert still["State"]["Running"] and still["Id"] == before["Id"]
+        assert still["State"]["Pid"] == before["State"]["Pid"]
+        assert engine.checkpoints(still["Id"]) == []
+        mine = logged(engine, name, 4)
+    assert mine[0] == 0
+    assert_consecutive(mine)
+    with Engine(lab2) as engine:
+        twin = logged(engine, f"{name}-twin", 2)
+    assert_consecutive(twin)
+    assert 0 < twin[0] <= mine[-1]
+
+    # A second Docker-API checkpoint of the same container now could lose it
+    # under Docker 20.10 (containerd#8401): refused before anything is done.
+    with pytest.raises(CommandError, match="containerd#8401"):
+        cli("checkpoint", "--host", "lab-1", "--container", name, "--leave-running")
+    with Engine(lab1) as engine:
+        assert engine.inspect(name)["State"]["Running"]
+
+
+def test_restore_refuses_a_running_original_and_hostile_names(hosts, counter_container):
+    lab1, _ = hosts
+    name = counter_container
+    made = cli("checkpoint", "--host", "lab-1", "--container", name, "--leave-running")
+    assert made["status"] == SUCCEEDED, made["error"]
+    cp = Checkpoint.objects.get(name=made["checkpoint"])
+    assert cp.leave_running and cp.freeze_ms and cp.freeze_ms > 0
+    assert made["downtime_ms"] == pytest.approx(cp.freeze_ms)
+    with Engine(lab1) as engine:
+        running = engine.inspect(name)
+        assert running["State"]["Running"]
+    with pytest.raises(CommandError, match="lab-1: container .* is running; stop it"):
+        cli("restore", "--checkpoint", cp.name)
+    with Engine(lab1) as engine:
+        assert engine.inspect(name)["State"]["Pid"] == running["State"]["Pid"]
+    for bad in ("../etc", "a b", "x;rm -rf /", "-rf"):
+        with pytest.raises(CommandError, match="not a (container|checkpoint) name"):
+            cli("clone", "--checkpoint", cp.name, f"--as={bad}")
+        with pytest.raises(CommandError, match="not a checkpoint name"):
+            cli("checkpoint", "--host", "lab-1", "--container", name, f"--name={bad}")
+    assert not MigrationRun.objects.filter(operation=CLONE).exists()
+
+
+def test_process_checkpoint_and_clones(hosts, counter_process):
+    lab1, lab2 = hosts
+    pid = counter_process["pid"]
+    path = counter_process["path"]
+    start = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[19]
+    made = cli("checkpoint", "--host", "lab-1", "--pid", str(pid), "--leave-running")
+    assert made["status"] == SUCCEEDED, made["error"]
+    cp = Checkpoint.objects.get(name=made["checkpoint"])
+    assert cp.kind == PROCESS and cp.leave_running
+    # CRIU's own measure of the freeze, no longer than the dump phase.
+    assert 0 < cp.freeze_ms <= made["downtime_ms"]
+    assert cp.criu_stats["frozen_time"] > 0
+    assert open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[19] == start
+    checkpointed = max(values(path.read_text()))
+
+    started = []
+    try:
+        # From the kept checkpoint on the other host, then from the live tree here.
+        for args in (["--checkpoint", cp.name, "--target", "lab-2"], ["--host", "lab-1", "--pid", str(pid)]):
+            run = cli("clone", *args)
+            assert run["status"] == SUCCEEDED, run["error"]
+            clone = int(run["result_workload"])
+            started.append(clone)
+            assert clone != pid
+            # Its own PID namespace: its PIDs collide with nobody's.
+            assert os.readlink(f"/proc/{clone}/ns/pid") != os.readlink(f"/proc/{pid}/ns/pid")
+        # The original goes on as the same process; each clone counts on from
+        # its checkpoint into the same file, so values repeat there.
+        assert open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[19] == start
+        wait_for(lambda: values(path.read_text()).count(checkpointed + 2) >= 2, 15, "the clone does not count")
+        for p in started:
+            assert os.path.exists(f"/proc/{p}")
+        runs = MigrationRun.objects.filter(operation=CLONE, kind=PROCESS)
+        assert runs.count() == 2 and all(r.status == SUCCEEDED for r in runs)
+    finally:
+        for p in started:
+            _kill_tree(p)
+
+    # Restored in place while the original runs would make two: refused.
+    with pytest.raises(CommandError, match="still runs there"):
+        cli("restore", "--checkpoint", cp.name)
+    assert not MigrationRun.objects.filter(operation=RESTORE, status=SUCCEEDED).exists()
+
+
+def host_listing(host):
+    """What a host holds that an import could change: kept checkpoints and containers."""
+    with ssh.Connection(host) as conn:
+        kept = conn.run(["ls", "-a", f"{host.work_dir}/checkpoints"], check=False).stdout
+    with Engine(host) as engine:
+        containers = sorted(c["id"] for c in engine.containers())
+    return kept, containers, Checkpoint.objects.filter(host=host).count()
+
+
+def resealed(src, dst, change):
+    """A copy of an archive with its manifest changed and its checksums made anew, as a forger would."""
+    import io
+    import tarfile
+
+    import zstandard
+
+    from migrations_app import archive
+
+    raw = zstandard.ZstdDecompressor().stream_reader(open(src, "rb")).read()
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+        manifest = json.loads(tar.extractfile("manifest.json").read())
+        data = tar.extractfile("payload.tar").read()
+    change(manifest)
+    archive._seal(manifest)
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        for name, content in (("manifest.json", json.dumps(manifest).encode()), ("payload.tar", data)):
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+    dst.write_bytes(zstandard.ZstdCompressor(write_checksum=True).compress(out.getvalue()))
+
+
+def test_export_import_restore(hosts, counter_container, tmp_path):
+    lab1, lab2 = hosts
+    name = counter_container
+    made = cli("checkpoint", "--host", "lab-1", "--container", name, "--name", f"{name}-ex")
+    assert made["status"] == SUCCEEDED, made["error"]
+    with Engine(lab1) as engine:
+        last = values(engine.logs(name))[-1]
+        engine.remove(name)  # only the archive will carry it on
+    out = tmp_path / "cp.tar.zst"
+    exported = cli("export", "--checkpoint", f"{name}-ex", "--output", str(out))
+    assert exported["status"] == SUCCEEDED, exported["error"]
+    assert out.stat().st_size > 0 and exported["output"] == str(out)
+
+    # Damaged, truncated, or made by a newer CRIU: refused, and lab-2 unchanged.
+    before = host_listing(lab2)
+    raw = out.read_bytes()
+    flipped = tmp_path / "flipped.tar.zst"
+    flipped.write_bytes(raw[:5000] + bytes([raw[5000] ^ 0x10]) + raw[5001:])
+    truncated = tmp_path / "truncated.tar.zst"
+    truncated.write_bytes(raw[: len(raw) * 2 // 3])
+    newer = tmp_path / "newer.tar.zst"
+    resealed(out, newer, lambda m: m["checkpoint"].update(criu_version="999.0"))
+    for bad, message in (
+        (flipped, "damaged|checksum|changed"),
+        (truncated, "damaged|truncated|checksum"),
+        (newer, "lab-2: CRIU .* is older than the CRIU 999.0 that made this checkpoint"),
+    ):
+        with pytest.raises(CommandError, match=message):
+            cli("import", "--host", "lab-2", "--input", str(bad))
+        assert host_listing(lab2) == before
+
+    imported = cli("import", "--host", "lab-2", "--input", str(out))
+    assert imported["status"] == SUCCEEDED, imported["error"]
+    cp = Checkpoint.objects.get(name=imported["checkpoint"])
+    assert cp.host == lab2 and cp.imported and cp.name != f"{name}-ex"
+    assert files_exist(lab2, f"{cp.path}/checkpoint") and files_exist(lab2, f"{cp.path}/diff")
+
+    restored = cli("restore", "--checkpoint", cp.name)
+    assert restored["status"] == SUCCEEDED, restored["error"]
+    try:
+        with Engine(lab2) as engine:
+            after = logged(engine, name)
+        assert after[0] == last + 1, (last, after[:5])
+        assert_consecutive(after)
+    finally:
+        with Engine(lab2) as engine:
+            engine.remove(name)
+
+
+def test_import_refuses_a_missing_image(hosts, counter_container, tmp_path):
+    lab1, lab2 = hosts
+    made = cli("checkpoint", "--host", "lab-1", "--container", counter_container, "--leave-running")
+    out = tmp_path / "cp.tar.zst"
+    cli("export", "--checkpoint", made["checkpoint"], "--output", str(out))
+    missing = tmp_path / "missing.tar.zst"
+    resealed(out, missing, lambda m: m["checkpoint"].update(image_id="sha256:" + "0" * 64, image="gone:1"))
+    before = host_listing(lab2)
+    with pytest.raises(CommandError, match="lab-2: the checkpoint's image gone:1 .* is missing there"):
+        cli("import", "--host", "lab-2", "--input", str(missing))
+    assert host_listing(lab2) == before
