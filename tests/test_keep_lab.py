@@ -78,7 +78,14 @@ def test_report_sequence(hosts, counter_container, clones):
     restored = cli("restore", "--checkpoint", cp.name)
     assert restored["status"] == SUCCEEDED, restored["error"]
     assert [p["name"] for p in restored["phases"]] == [
-        "pre-flight", "pre-flight", "prepare target", "transfer", "stage", "restore", "verify", "finish",
+        "pre-flight",
+        "pre-flight",
+        "prepare target",
+        "transfer",
+        "stage",
+        "restore",
+        "verify",
+        "finish",
     ]
     with Engine(lab1) as engine:
         now = engine.inspect(name)
@@ -127,7 +134,11 @@ def test_clone_of_a_running_container_leaves_it_alone(hosts, counter_container, 
     # Only its leave-running checkpoint paused it, and that pause is measured.
     assert run["downtime_ms"] > 0
     assert [p["name"] for p in run["phases"]][:5] == [
-        "pre-flight", "pre-flight", "prepare target", "checkpoint", "transfer",
+        "pre-flight",
+        "pre-flight",
+        "prepare target",
+        "checkpoint",
+        "transfer",
     ]
     with Engine(lab1) as engine:
         still = engine.inspect(name)

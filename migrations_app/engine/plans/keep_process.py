@@ -70,7 +70,8 @@ def keep_images(ctx: Context):
     try:
         cp = keep.record(
             ctx, s.kept, int(out), workload=ctx.run.workload, workload_id=f"{s.pid}:{s.start}",
-            leave_running=s.leave_running, criu_stats=stats, freeze_ms=frozen, config={"comm": s.resolved[2], "criu_opts": s.criu_opts},
+            leave_running=s.leave_running, criu_stats=stats, freeze_ms=frozen,
+            config={"comm": s.resolved[2], "criu_opts": s.criu_opts},
             criu_version=s.criu_version, kernel=s.kernel,
         )  # fmt: skip
     except Exception:

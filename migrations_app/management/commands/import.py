@@ -8,7 +8,7 @@ from . import _operations as op
 
 
 class Command(BaseCommand):
-    help = "Check an exported checkpoint archive and keep it on a host (printed as \"checkpoint\")."
+    help = 'Check an exported checkpoint archive and keep it on a host (printed as "checkpoint").'
 
     def add_arguments(self, parser):
         parser.add_argument("--host", required=True, help="the host to keep it on")
