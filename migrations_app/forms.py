@@ -9,7 +9,7 @@ from django.utils import timezone
 from . import criu, inventory, ssh, validation
 from .docker_engine import Engine, EngineError
 from .engine import observe, plans
-from .models import CONTAINER, KIND_CHOICES, STATUS_CHOICES, TCP_CHOICES, TCP_CLOSE, Host
+from .models import CONTAINER, KIND_CHOICES, OPERATION_CHOICES, STATUS_CHOICES, TCP_CHOICES, TCP_CLOSE, Host
 
 # A probe older than this is run again before a migration is accepted.
 PROBE_MAX_AGE = timedelta(minutes=10)
@@ -210,6 +210,7 @@ class RunFilterForm(forms.Form):
     status = forms.ChoiceField(choices=[("", "any status")] + STATUS_CHOICES, required=False)
     benchmark = forms.CharField(required=False, max_length=64,
                                 widget=forms.TextInput(attrs={"placeholder": "benchmark", "size": 14}))
+    operation = forms.ChoiceField(choices=[("", "any operation")] + OPERATION_CHOICES, required=False)
 
     def filter(self, runs):
         data = self.cleaned_data
@@ -217,7 +218,76 @@ class RunFilterForm(forms.Form):
             runs = runs.for_host(data["host"])
         if data.get("workload"):
             runs = runs.filter(workload__icontains=data["workload"])
-        for field in ("kind", "strategy", "status", "benchmark"):
+        for field in ("kind", "strategy", "status", "benchmark", "operation"):
             if data.get(field):
                 runs = runs.filter(**{field: data[field]})
         return runs
+
+
+class CheckpointForm(forms.Form):
+    """Take a kept checkpoint of a workload on one host (the host page)."""
+
+    kind = forms.ChoiceField(choices=KIND_CHOICES, initial=CONTAINER, widget=forms.RadioSelect)
+    container = forms.CharField(required=False, strip=False, max_length=255, help_text="name or id")
+    pid = forms.CharField(required=False, strip=False, max_length=20, label="PID")
+    name = forms.CharField(required=False, strip=False, max_length=64, help_text="unique; empty: workload and time")
+    leave_running = forms.BooleanField(
+        required=False, initial=True, help_text="run on after the freeze (else it stops, as `docker checkpoint` does)"
+    )
+
+    def clean(self):
+        data = super().clean()
+        field, check = ("container", validation.container_ref)
+        if data.get("kind") != CONTAINER:
+            field, check = ("pid", validation.pid)
+        try:
+            data[field] = check(data.get(field))
+        except validation.InputError as e:
+            self.add_error(field, str(e))
+        if data.get("name"):
+            try:
+                validation.checkpoint_name(data["name"])
+            except validation.InputError as e:
+                self.add_error("name", str(e))
+        return data
+
+    def workload(self):
+        data = self.cleaned_data
+        return data["container"] if data["kind"] == CONTAINER else str(data["pid"])
+
+
+class RestoreForm(forms.Form):
+    """Restore or clone a kept checkpoint."""
+
+    target = forms.ModelChoiceField(Host.objects.all(), to_field_name="name", required=False,
+                                    empty_label="its own host")  # fmt: skip
+    new_name = forms.CharField(required=False, strip=False, max_length=255, label="as")
+
+    def clean_new_name(self):
+        value = self.cleaned_data["new_name"]
+        if value:
+            try:
+                validation.container_ref(value)
+            except validation.InputError as e:
+                raise forms.ValidationError(str(e))
+        return value or None
+
+
+class ImportForm(forms.Form):
+    host = forms.ModelChoiceField(Host.objects.all(), to_field_name="name", empty_label=None)
+    archive = forms.FileField(help_text="a .tar.zst written by Export")
+    name = forms.CharField(required=False, strip=False, max_length=64, help_text="empty: the archive's, if free")
+
+    def clean_name(self):
+        value = self.cleaned_data["name"]
+        if value:
+            try:
+                validation.checkpoint_name(value)
+            except validation.InputError as e:
+                raise forms.ValidationError(str(e))
+        return value or None
+
+
+class RetentionForm(forms.Form):
+    keep = forms.IntegerField(min_value=0, max_value=1000, label="keep the last",
+                              help_text="checkpoints per workload on this host; 0 keeps them all")  # fmt: skip

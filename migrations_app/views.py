@@ -1,18 +1,32 @@
 import csv
+import os
+import shutil
+import tempfile
+from pathlib import Path
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required, permission_required
 from django.core.paginator import Paginator
 from django.db.models import BooleanField, ExpressionWrapper, F, Q
-from django.http import Http404, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http import FileResponse, Http404, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
 from . import engine, inventory, reports, ssh, worker
 from .docker_engine import EngineError
-from .engine import plans, recovery
-from .forms import HostForm, HostKeyForm, MigrationForm, RunFilterForm
-from .models import FINISHED, Host, MigrationRun
+from .engine import keep, plans, recovery
+from .forms import (
+    CheckpointForm,
+    HostForm,
+    HostKeyForm,
+    ImportForm,
+    MigrationForm,
+    RestoreForm,
+    RetentionForm,
+    RunFilterForm,
+)
+from .models import CLONE, FINISHED, RESTORE, SUCCEEDED, Checkpoint, Host, MigrationRun
 
 RUNS_PER_PAGE = 50
 CAN_LAUNCH = "migrations_app.launch_migration"
@@ -73,6 +87,7 @@ def host_detail(request, name):
         "can_launch": request.user.has_perm(CAN_LAUNCH),
         "can_manage": request.user.has_perm(CAN_MANAGE_HOSTS),
         "runs": MigrationRun.objects.for_host(host).select_related("source", "target")[:10],
+        "checkpoint_form": CheckpointForm(),
     }
     return render(request, "hosts/detail.html", ctx)
 
@@ -330,3 +345,146 @@ def compare_json(request):
     }
     return JsonResponse(data)
 
+
+
+# -- kept checkpoints ----------------------------------------------------------------------
+
+
+def _get_checkpoint(name):
+    return get_object_or_404(Checkpoint.objects.select_related("host", "created_by"), name=name)
+
+
+def _start(request, factory, *args, **kwargs):
+    """Create an operation's run and start it in the background; redirect to it, or back with the error."""
+    try:
+        run = factory(*args, user=request.user, **kwargs)
+    except engine.MigrationError as e:
+        messages.error(request, str(e))
+        return None
+    worker.start(run)
+    return redirect("cw-run", code=run.code)
+
+
+@login_required
+def checkpoint_list(request, name=None):
+    host = _get_host(name) if name else None
+    checkpoints = Checkpoint.objects.select_related("host", "created_by")
+    if host:
+        checkpoints = checkpoints.filter(host=host)
+    ctx = {
+        "host": host,
+        "checkpoints": checkpoints,
+        "hosts": Host.objects.all(),
+        "can_launch": request.user.has_perm(CAN_LAUNCH),
+        "can_manage": request.user.has_perm(CAN_MANAGE_HOSTS),
+        "retention_form": RetentionForm(initial={"keep": host.checkpoint_retention}) if host else None,
+        "import_form": ImportForm(initial={"host": host.name} if host else None),
+        "restore_form": RestoreForm(),
+    }
+    return render(request, "checkpoints/list.html", ctx)
+
+
+@require_POST
+@_permission(CAN_LAUNCH)
+def host_checkpoint(request, name):
+    """Take a checkpoint of a workload on this host (the form on the host page)."""
+    host = _get_host(name)
+    form = CheckpointForm(request.POST)
+    if form.is_valid():
+        data = form.cleaned_data
+        response = _start(request, keep.create_checkpoint_run, host, data["kind"], form.workload(),
+                          data["name"] or None, data["leave_running"])  # fmt: skip
+        if response:
+            return response
+    else:
+        for field, errors in form.errors.items():
+            messages.error(request, f"{field}: {' '.join(errors)}")
+    return redirect("cw-host", name=host.name)
+
+
+@require_POST
+@_permission(CAN_LAUNCH)
+def checkpoint_restore(request, name, operation):
+    cp = _get_checkpoint(name)
+    form = RestoreForm(request.POST)
+    if form.is_valid():
+        data = form.cleaned_data
+        response = _start(request, keep.create_restore_run, cp, data["target"], data["new_name"],
+                          operation=CLONE if operation == "clone" else RESTORE)  # fmt: skip
+        if response:
+            return response
+    else:
+        for field, errors in form.errors.items():
+            messages.error(request, f"{field}: {' '.join(errors)}")
+    return redirect("cw-checkpoints")
+
+
+@require_POST
+@_permission(CAN_LAUNCH)
+def checkpoint_delete(request, name):
+    cp = _get_checkpoint(name)
+    try:
+        keep.delete(cp)
+    except (engine.MigrationError, ssh.SSHError) as e:
+        messages.error(request, f"{cp.name} not deleted: {e}")
+    else:
+        messages.success(request, f"Checkpoint {name} and its files on {cp.host.name} deleted.")
+    return redirect("cw-checkpoints")
+
+
+@require_POST
+@_permission(CAN_LAUNCH)
+def checkpoint_export(request, name):
+    """Export in this request (timed and stored as a run), then send the archive."""
+    cp = _get_checkpoint(name)
+    tmp = Path(tempfile.mkdtemp(dir=settings.VAR_DIR))
+    path = tmp / f"{cp.name}.tar.zst"
+    try:
+        run = engine.execute(keep.create_export_run(cp, str(path), user=request.user))
+    except engine.MigrationError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        messages.error(request, str(e))
+        return redirect("cw-checkpoints")
+    if run.status != SUCCEEDED:
+        shutil.rmtree(tmp, ignore_errors=True)
+        messages.error(request, f"Export of {cp.name} failed: {run.error}")
+        return redirect("cw-run", code=run.code)
+    f = open(path, "rb")
+    path.unlink()  # the open file stays readable; nothing is left behind
+    tmp.rmdir()
+    return FileResponse(f, as_attachment=True, filename=f"{cp.name}.tar.zst", content_type="application/zstd")
+
+
+@require_POST
+@_permission(CAN_LAUNCH)
+def checkpoint_import(request):
+    form = ImportForm(request.POST, request.FILES)
+    if not form.is_valid():
+        for field, errors in form.errors.items():
+            messages.error(request, f"{field}: {' '.join(errors)}")
+        return redirect("cw-checkpoints")
+    uploads = Path(settings.VAR_DIR) / "uploads"
+    uploads.mkdir(mode=0o700, exist_ok=True)
+    fd, path = tempfile.mkstemp(dir=uploads, suffix=".tar.zst")
+    with os.fdopen(fd, "wb") as out:
+        for chunk in form.cleaned_data["archive"].chunks():
+            out.write(chunk)
+    data = form.cleaned_data
+    response = _start(request, keep.create_import_run, data["host"], path, data["name"], remove_archive=True)
+    if response is None:
+        os.unlink(path)
+        return redirect("cw-checkpoints")
+    return response
+
+
+@require_POST
+@_permission(CAN_MANAGE_HOSTS)
+def host_retention(request, name):
+    host = _get_host(name)
+    form = RetentionForm(request.POST)
+    if form.is_valid():
+        host.checkpoint_retention = form.cleaned_data["keep"]
+        host.save(update_fields=["checkpoint_retention"])
+        kept = host.checkpoint_retention or "all"
+        messages.success(request, f"{host.name} keeps the last {kept} checkpoints per workload.")
+    return redirect("cw-host-checkpoints", name=host.name)

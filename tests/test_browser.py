@@ -156,3 +156,90 @@ def _check_compare_page(page, base_url):
     assert page.evaluate("window.cwCompareCharts[2].data.labels.length") == 1
     rows = page.locator("#table-host_pair tr").all_inner_texts()
     assert any("lab-1" in r and "lab-2" in r for r in rows), rows
+
+
+def _wait_run_finished(page, expect):
+    page.wait_for_function(
+        "finished => finished.includes(document.getElementById('run-status').textContent.trim())",
+        arg=[s.replace("_", " ") for s in FINISHED],
+        timeout=RUN_TIMEOUT_S * 1000,
+    )
+    assert page.locator("#run-status").inner_text().strip() == "succeeded", page.locator("#run-error").inner_text()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_checkpoint_then_clone_in_browser(live_server, hosts, operator):
+    """Take a checkpoint from the host page, then clone it onto lab-2 from the checkpoints page."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from migrations_app.models import CHECKPOINT, CLONE, Checkpoint
+
+    lab1, lab2 = hosts
+    name = f"browser-{uuid.uuid4().hex[:8]}"
+    clone = f"{name}-clone"
+    RESULTS.mkdir(exist_ok=True)
+    with Engine(lab1) as engine:
+        engine.run_container(lab.IMAGE, ["sh", "-c", lab.COUNTER_SCRIPT], name)
+        wait_for(lambda: len(counter_values(engine, name)) >= 2, message="counter did not start")
+        original = engine.inspect(name)
+    errors = []
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            with browser:
+                context = browser.new_context(viewport={"width": 1280, "height": 900})
+                with context:
+                    page = context.new_page()
+                    page.set_default_timeout(30_000)
+                    page.on("console", lambda msg: msg.type == "error" and errors.append(f"console: {msg.text}"))
+                    page.on("pageerror", lambda exc: errors.append(f"pageerror: {exc}"))
+                    base = live_server.url
+                    page.goto(base + "/login/")
+                    page.fill("#id_username", "operator")
+                    page.fill("#id_password", "pw")
+                    page.get_by_role("button", name="Log in").click()
+                    page.wait_for_url(base + "/")
+
+                    page.goto(base + "/hosts/lab-1/")
+                    form = page.locator("#take-checkpoint form")
+                    form.locator("input[name=kind][value=container]").check()
+                    form.locator("input[name=container]").fill(name)
+                    form.locator("input[name=name]").fill(f"{name}-cp")
+                    expect(form.locator("input[name=leave_running]")).to_be_checked()
+                    with page.expect_navigation():
+                        form.get_by_role("button", name="Take a checkpoint").click()
+                    _wait_run_finished(page, expect)
+                    page.screenshot(path=str(RESULTS / "checkpoint-run.png"), full_page=True)
+
+                    page.get_by_role("navigation").get_by_role("link", name="Checkpoints").click()
+                    row = page.locator(f'tr[data-checkpoint="{name}-cp"]')
+                    expect(row).to_contain_text("left running, frozen")
+                    page.screenshot(path=str(RESULTS / "checkpoints-page.png"), full_page=True)
+                    clone_form = row.locator("form.clone-form")
+                    clone_form.locator("select[name=target]").select_option("lab-2")
+                    clone_form.locator("input[name=new_name]").fill(clone)
+                    with page.expect_navigation():
+                        clone_form.get_by_role("button", name="Clone").click()
+                    _wait_run_finished(page, expect)
+                    page.screenshot(path=str(RESULTS / "clone-run.png"), full_page=True)
+        assert not errors, "JavaScript errors in the browser:\n" + "\n".join(errors)
+
+        cp = Checkpoint.objects.get(name=f"{name}-cp")
+        assert cp.host == lab1 and cp.leave_running and cp.created_by.username == "operator"
+        assert cp.runs.filter(operation=CHECKPOINT).count() == 1 and cp.runs.filter(operation=CLONE).count() == 1
+        with Engine(lab2) as engine:
+            assert engine.inspect(clone)["State"]["Running"]
+            copied = wait_for(lambda: len(v := counter_values(engine, clone)) >= 2 and v)
+        with Engine(lab1) as engine:
+            still = engine.inspect(name)
+            mine = counter_values(engine, name)
+        # The original ran on, untouched; the clone counts from the checkpoint.
+        assert still["Id"] == original["Id"] and still["State"]["Pid"] == original["State"]["Pid"]
+        assert mine == list(range(len(mine)))
+        assert copied == list(range(copied[0], copied[0] + len(copied))) and copied[0] > 0
+    finally:
+        for host in hosts:
+            with Engine(host) as engine:
+                for c in (name, clone):
+                    if engine.exists(c):
+                        engine.remove(c)

@@ -321,3 +321,23 @@ def test_import_refuses_a_missing_image(hosts, counter_container, tmp_path):
     with pytest.raises(CommandError, match="lab-2: the checkpoint's image gone:1 .* is missing there"):
         cli("import", "--host", "lab-2", "--input", str(missing))
     assert host_listing(lab2) == before
+
+
+def test_retention_and_delete(hosts, counter_process):
+    lab1, _ = hosts
+    from migrations_app.engine import keep
+
+    lab1.checkpoint_retention = 1
+    lab1.save()
+    pid = str(counter_process["pid"])
+    first = cli("checkpoint", "--host", "lab-1", "--pid", pid, "--leave-running", "--name", f"p{pid}-a")
+    first_path = Checkpoint.objects.get(name=first["checkpoint"]).path
+    second = cli("checkpoint", "--host", "lab-1", "--pid", pid, "--leave-running", "--name", f"p{pid}-b")
+    assert second["status"] == SUCCEEDED, second["error"]
+    assert "retention removed " + first["checkpoint"] in second["phases"][-1]["detail"]
+    assert list(Checkpoint.objects.filter(host=lab1, workload=pid).values_list("name", flat=True)) == [f"p{pid}-b"]
+    assert not files_exist(lab1, first_path)
+    cp = Checkpoint.objects.get(name=f"p{pid}-b")
+    keep.delete(cp)
+    assert not files_exist(lab1, cp.path) and not Checkpoint.objects.filter(name=cp.name).exists()
+    assert os.path.exists(f"/proc/{pid}")
