@@ -3,7 +3,7 @@ from django.contrib import admin
 
 from . import ssh
 from .forms import HostFieldsMixin, check_host_key
-from .models import Host, MigrationRun, Phase, TrustedPair
+from .models import Checkpoint, Host, MigrationRun, Phase, TrustedPair
 
 
 class HostAdminForm(HostFieldsMixin, forms.ModelForm):
@@ -13,9 +13,17 @@ class HostAdminForm(HostFieldsMixin, forms.ModelForm):
         model = Host
         fields = "__all__"
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Left empty: keep every checkpoint, as a new host does.
+        self.fields["checkpoint_retention"].required = False
+
     def clean_host_key(self):
         key = self.cleaned_data["host_key"].strip()
         return check_host_key(key) if key else key
+
+    def clean_checkpoint_retention(self):
+        return self.cleaned_data.get("checkpoint_retention") or 0
 
 
 @admin.register(Host)
@@ -65,3 +73,16 @@ class TrustedPairAdmin(admin.ModelAdmin):
     list_display = ["__str__", "note", "created"]
     list_select_related = ["host_a", "host_b"]
     fields = ["host_a", "host_b", "note"]
+
+
+@admin.register(Checkpoint)
+class CheckpointAdmin(admin.ModelAdmin):
+    list_display = ["name", "host", "kind", "workload", "size", "leave_running", "imported", "created"]
+    list_filter = ["host", "kind", "imported"]
+    search_fields = ["name", "workload"]
+    list_select_related = ["host"]
+    # Its files live on the host: deleting goes through the checkpoints page, which removes them too.
+    readonly_fields = [f.name for f in Checkpoint._meta.fields]
+
+    def has_delete_permission(self, request, obj=None):
+        return False
