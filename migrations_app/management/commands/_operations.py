@@ -9,7 +9,7 @@ import json
 from django.core.management.base import BaseCommand, CommandError
 
 from migrations_app import engine
-from migrations_app.models import SUCCEEDED, Checkpoint, Host
+from migrations_app.models import PHASE_FAILED, SUCCEEDED, Checkpoint, Host
 
 
 def host(name: str) -> Host:
@@ -61,5 +61,7 @@ def execute(command: BaseCommand, run, as_json: bool, extra=None):
             f"checkpoint {result['checkpoint'] or '-'}; now {run.result_workload or '-'}"
         )
     if run.status != SUCCEEDED:
-        raise CommandError(run.error or run.status)
+        failed = run.phases.filter(status=PHASE_FAILED).first()
+        step = f"{run.operation} failed at {failed.name} ({failed.host}): " if failed else f"{run.operation} failed: "
+        raise CommandError(step + (run.error or run.status))
     return run
