@@ -129,7 +129,7 @@ def recover(run: MigrationRun) -> MigrationRun | None:
         return None
     run = MigrationRun.objects.select_related("source", "target").get(pk=run.pk)
     cause = run.error or "interrupted"
-    plan = plans.get(run.kind, run.strategy)
+    plan = plans.for_run(run)
     ctx = Context(run, plan)
     ctx.recovering = True
     stage = ctx.stage
