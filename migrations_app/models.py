@@ -382,6 +382,9 @@ class Checkpoint(models.Model):
     freeze_ms = models.FloatField(null=True, blank=True)
     # The container's inspect (what create_like needs) and its image.
     config = models.JSONField(default=dict, blank=True)
+    # What the pre-flight found (container_checks.check_source): networks
+    # and fixed addresses to prepare on a target, what a restore is checked against.
+    facts = models.JSONField(default=dict, blank=True)
     image_id = models.CharField(max_length=100, blank=True)
     image = models.CharField(max_length=255, blank=True)
     # What made it: a restore on an older CRIU or kernel is refused.

@@ -67,7 +67,7 @@ def export(ctx: Context):
     cp = ctx.run.checkpoint
     parts = [keep.IMAGES] + ([keep.LAYER] if cp.kind == CONTAINER else [])
     chan = ctx.src.open_command(streams.TAR_CREATE + [cp.path, *parts])
-    described = {**cp.to_dict(), "config": cp.config}
+    described = {**cp.to_dict(), "config": cp.config, "facts": cp.facts}
     manifest = archive.write(ctx.state.output, described, _recv_all(chan, f"{ctx.source.name}: reading {cp.path}"))
     size = os.path.getsize(ctx.state.output)
     ctx.state.manifest = {"sha256": manifest["sha256"], "payload_size": manifest["payload"]["size"]}
@@ -193,7 +193,8 @@ def import_keep(ctx: Context):
     cp = keep.record(
         ctx, s.kept, int(size), workload=d.get("workload", ""), workload_id=d.get("workload_id", ""),
         leave_running=bool(d.get("leave_running")), criu_stats=d.get("criu_stats") or {},
-        freeze_ms=d.get("freeze_ms"), config=d.get("config") or {}, image_id=d.get("image_id") or "",
+        freeze_ms=d.get("freeze_ms"), config=d.get("config") or {}, facts=d.get("facts") or {},
+        image_id=d.get("image_id") or "",
         image=d.get("image") or "", criu_version=d.get("criu_version", ""), kernel=d.get("kernel", ""),
         imported=True,
     )  # fmt: skip

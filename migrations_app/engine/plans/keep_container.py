@@ -50,8 +50,19 @@ def stopping(ctx: Context) -> bool:
 # -- checkpoint ---------------------------------------------------------------------
 
 
+def _refuse_what_stays_behind(ctx: Context) -> None:
+    """What a kept checkpoint or a clone cannot carry, refused before anything is frozen."""
+    s = ctx.state
+    if s.leave_running and s.facts.get("close_tcp"):
+        raise MigrationError(
+            f"{ctx.source.name}: container {s.container['Name'].lstrip('/')} holds established TCP connections; "
+            "Docker's checkpoint API cannot keep them, and a checkpoint that leaves it running must not close them"
+        )
+
+
 def checkpoint_preflight(ctx: Context):
     measured = ce.preflight_source(ctx)
+    _refuse_what_stays_behind(ctx)
     s = ctx.state
     keep.name_free(s.keep_name)
     s.kept = keep.kept_dir(ctx.source, s.keep_name)
@@ -92,7 +103,7 @@ def keep_checkpoint(ctx: Context):
     freeze = stats["frozen_time"] / 1000 if stats.get("frozen_time") else ctx.run.downtime_ms
     cp = keep.record(
         ctx, s.kept, size, workload=ctx.run.workload, workload_id=c["Id"], leave_running=s.leave_running,
-        criu_stats=stats, freeze_ms=freeze if s.leave_running else None, config=c, image_id=c["Image"],
+        criu_stats=stats, freeze_ms=freeze if s.leave_running else None, config=c, facts=s.facts, image_id=c["Image"],
         image=c["Config"]["Image"], criu_version=s.criu_version, kernel=s.kernel,
     )  # fmt: skip
     how = f"left running, frozen at most {freeze:.0f} ms" if s.leave_running else "stopped"
@@ -148,6 +159,9 @@ def restore_preflight_source(ctx: Context):
     ctx.src = connect(ctx.source, CONTAINER)
     s = ctx.state
     s.container, s.kept, s.rss = cp.config, cp.path, cp.size
+    # No volumes nor binds (a checkpoint of a container with any is refused);
+    # networks and fixed addresses to prepare, and what verify compares.
+    s.facts = {"volumes": [], "binds": [], "other_volumes": [], "networks": {}, **(cp.facts or {})}
     s.checkpoint, s.src_checkpoints, s.src_upper = keep.IMAGES, cp.path, f"{cp.path}/{keep.LAYER}"
     for sub in (keep.IMAGES, keep.LAYER):
         if ctx.src.conn.run(["test", "-d", f"{cp.path}/{sub}"], check=False).rc != 0:
@@ -251,7 +265,9 @@ RESTORE_PLAN = Plan(
 def clone_preflight_source(ctx: Context):
     if ctx.run.checkpoint_id:
         return restore_preflight_source(ctx)
-    return ce.preflight_source(ctx)
+    measured = ce.preflight_source(ctx)
+    _refuse_what_stays_behind(ctx)
+    return measured
 
 
 def clone_preflight_target(ctx: Context):
