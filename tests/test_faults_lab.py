@@ -305,22 +305,6 @@ def ssh_ok(host):
         return False
 
 
-def test_recover_now_button_needs_permission(hosts, client, operator, viewer):
-    lab1, lab2 = hosts
-    run = create_run(lab1, lab2, PROCESS, "999999")
-    MigrationRun.objects.filter(pk=run.pk).update(status="interrupted", stage=Stage.PREPARING)
-    url = f"/runs/{run.code}/recover/"
-    client.force_login(viewer)
-    assert client.post(url).status_code == 403
-    client.force_login(operator)
-    assert b"Recover now" in client.get(f"/runs/{run.code}/").content
-    assert client.get(url).status_code == 405
-    response = client.post(url)
-    assert response.status_code == 302
-    run.refresh_from_db()
-    wait_for(lambda: MigrationRun.objects.get(pk=run.pk).stage == Stage.DONE, 30)
-
-
 # -- a freeze limit that cuts a call off midway ----------------------------------------------
 
 

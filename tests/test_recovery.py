@@ -243,3 +243,30 @@ def test_the_web_server_recovers_at_start(monkeypatch):
     assert [c[0] for c in calls] == ["rollback"]
     assert run.status == ROLLED_BACK and run.stage == Stage.DONE
     assert "runs on a again" in run.error
+
+
+@pytest.mark.django_db(transaction=True)
+def test_recover_now_button(client, operator, viewer):
+    from django.test import Client
+
+    from tests.support import wait_for
+
+    a = Host.objects.create(name="a", address="10.0.0.1", key_path="/k")
+    b = Host.objects.create(name="b", address="10.0.0.2", key_path="/k")
+    # Never frozen, nothing prepared yet: its recovery touches no host.
+    run = engine.create_run(a, b, "process", "4242")
+    MigrationRun.objects.filter(pk=run.pk).update(status=INTERRUPTED, stage=Stage.PREPARING, worker=dead_worker())
+    url = f"/runs/{run.code}/recover/"
+    client.force_login(viewer)
+    assert b"Recover now" not in client.get(f"/runs/{run.code}/").content
+    assert client.post(url).status_code == 403
+    strict = Client(enforce_csrf_checks=True)
+    strict.force_login(operator)
+    assert strict.post(url).status_code == 403  # no CSRF token
+    client.force_login(operator)
+    assert b"Recover now" in client.get(f"/runs/{run.code}/").content
+    assert client.get(url).status_code == 405
+    assert client.post(url).status_code == 302
+    run = wait_for(lambda: (r := MigrationRun.objects.get(pk=run.pk)).stage == Stage.DONE and r, 30)
+    assert run.status == FAILED and "before anything was frozen" in run.error
+    assert b"Recover now" not in client.get(f"/runs/{run.code}/").content
