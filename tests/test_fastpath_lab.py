@@ -365,3 +365,34 @@ def test_restart_policy_works_on_the_target(hosts):
             with Engine(host) as engine:
                 if engine.exists(name):
                     engine.remove(name)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_named_volume_moves_with_its_data(hosts, strategy):
+    lab1, lab2 = hosts
+    lab.trust_pair()
+    name, volume = f"fast-vol-{uuid.uuid4().hex[:8]}", f"fastvol-{uuid.uuid4().hex[:8]}"
+    with Engine(lab1) as engine:
+        cid = engine.api.create_container(
+            lab.IMAGE, ["sh", "-c", "echo kept-in-the-volume > /data/note; " + lab.COUNTER_SCRIPT], name=name,
+            volumes=["/data"], host_config=engine.api.create_host_config(binds=[f"{volume}:/data"]),
+        )["Id"]  # fmt: skip
+        engine.api.start(cid)
+        wait_for(lambda: len(values(engine.logs(name))) >= 2, message="no counter")
+    try:
+        run = migrate(lab1, lab2, name, strategy)
+        assert run.status == SUCCEEDED, run.error
+        assert volume in run.phases.get(name="transfer").detail
+        assert run.volume_bytes > 0
+        with Engine(lab2) as engine:
+            assert exec_out(engine, name, "cat /data/note").strip() == "kept-in-the-volume"
+            assert_consecutive(values(engine.logs(name)))
+        with Engine(lab1) as engine:
+            assert engine.volume(volume) is None, "the source's copy of the volume should be gone"
+    finally:
+        for host in hosts:
+            with Engine(host) as engine:
+                if engine.exists(name):
+                    engine.remove(name)
+                if engine.volume(volume):
+                    engine.remove_volume(volume)

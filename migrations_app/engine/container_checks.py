@@ -131,7 +131,7 @@ def check_source(ctx: Context, c: dict) -> dict:
                 f"it listens on {ip}, an address it keeps only with a fixed IP (--ip) on its network; on "
                 f"{target.name} its address may differ and the socket could not be restored"
             )
-    if facts["volumes"] and ctx.plan.strategy != ENGINE:
+    if facts["volumes"] and not ctx.plan.moves_volumes:
         why.append(
             f"the {ctx.plan.strategy} strategy does not move named volumes' data yet "
             f"({', '.join(v['name'] for v in facts['volumes'])}); the engine strategy does"

@@ -56,6 +56,8 @@ class Plan:
     state: type
     # Host capabilities (probe self-tests or CRIU features) both hosts need.
     needs: tuple[str, ...] = ()
+    # Containers: it carries named local volumes' data to the target.
+    moves_volumes: bool = False
     summary: str = ""
     # After a crash in the restore: whether the restored copy runs on the
     # target (recorded in the context if so), so the run completes forward

@@ -639,5 +639,6 @@ PLAN = Plan(
     ),
     rollback=rollback,
     abort=abort,
+    moves_volumes=True,
     adopt=adopt,
 )

@@ -7,9 +7,10 @@ the restart policy kept off are the engine plan's own steps. Then:
 
 - `runc checkpoint` of the source on its shim's runc state, images in
   tmpfs when it has room;
-- one tar stream from host to host with the images, the writable layer
-  and the container's json log, each unpacked straight into its place
-  (no staging copy), and the restore marker written last;
+- one tar stream from host to host with the images, the writable layer,
+  the container's json log and its named volumes' data, unpacked beside
+  the images, checked, then each part put in its place, and the restore
+  marker written last;
 - a plain `docker start` of the target container, created with criuweb's
   runtime wrapper, which turns it into `runc restore`;
 - the engine plan's verification, then the source removed (or kept stopped).
@@ -21,7 +22,6 @@ restore (slower, but any engine can do it).
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 from ... import criu, runc, ssh
 from ...docker_engine import Engine, EngineError, NotFoundError
 from ...models import CONTAINER, PHASE_OK, STOP_AND_COPY, Stage
-from .. import streams
+from .. import container_checks, streams
 from ..errors import MigrationError
 from ..hostcheck import SPACE_MARGIN, check_space, settle, unsafe_to_resume
 from ..plan import Measured, Plan, Step
@@ -44,9 +44,6 @@ TMPFS_DIR = "/dev/shm/criuweb"
 # How long Docker may take to see the checkpointed container exit; its
 # last log lines are flushed by then.
 EXIT_WAIT = 10.0
-# Paths that go into tar --transform expressions: kept to characters that
-# need no escaping there.
-SAFE_PATH = re.compile(r"/[A-Za-z0-9_./-]+")
 
 
 @dataclass
@@ -83,12 +80,6 @@ def remove_dir(conn, base: str) -> None:
     conn.sh('rm -rf -- "$1"; rmdir -- "${1%/*}" 2>/dev/null; true', base, check=False)
 
 
-def _safe(conn, path: str, what: str) -> str:
-    if not SAFE_PATH.fullmatch(path) or ".." in path.split("/"):
-        raise MigrationError(f"{conn.name}: {what} {path!r} has characters the fast path does not handle")
-    return path
-
-
 def preflight_source(ctx: Context):
     measured = engine_plan.preflight_source(ctx)
     s = ctx.state
@@ -106,11 +97,8 @@ def preflight_source(ctx: Context):
     s.checkpoint = ""  # no Docker checkpoint: the images are in src_base
     s.src_runtime = c["HostConfig"].get("Runtime") or ""
     if (c["HostConfig"].get("LogConfig") or {}).get("Type") == "json-file" and c.get("LogPath"):
-        s.log_path = _safe(ctx.src.conn, c["LogPath"], "the log file")
-    _safe(ctx.src.conn, c["GraphDriver"]["Data"]["UpperDir"], "the writable layer")
-    s.src_base = _safe(
-        ctx.src.conn, _base_dir(ctx, ctx.src.conn, s.rss + SPACE_MARGIN, "source"), "the images directory"
-    )
+        s.log_path = c["LogPath"]
+    s.src_base = _base_dir(ctx, ctx.src.conn, s.rss + SPACE_MARGIN, "source")
     measured.detail += f"; runc root {state.root}; images in {s.src_base}"
     return measured
 
@@ -122,10 +110,7 @@ def preflight_target(ctx: Context):
         runc.runtime_ready(ctx.dst.conn, ctx.dst.info())
     except runc.RuncError as e:
         raise MigrationError(str(e)) from e
-    s.dst_base = _safe(
-        ctx.dst.conn, _base_dir(ctx, ctx.dst.conn, s.rss + SPACE_MARGIN, "target"), "the images directory"
-    )
-    _safe(ctx.dst.conn, s.dst_root, "the data root")
+    s.dst_base = _base_dir(ctx, ctx.dst.conn, s.rss + SPACE_MARGIN, "target")
     measured.detail += f"; images to {s.dst_base}"
     return measured
 
@@ -133,7 +118,6 @@ def preflight_target(ctx: Context):
 def prepare_target(ctx: Context):
     measured = engine_plan.prepare_target(ctx, runtime=runc.RUNTIME_NAME)
     s = ctx.state
-    _safe(ctx.dst.conn, s.target_upper, "the writable layer")
     # Docker names a json log after the container, in its directory.
     s.dst_log = f"{s.dst_root}/containers/{s.target_id}/{s.target_id}-json.log"
     ctx.dst.conn.run(["mkdir", "-p", "--", s.dst_base])
@@ -167,14 +151,47 @@ def checkpoint(ctx: Context):
     )
 
 
-# Unpacks the images, the writable layer and the log, each straight into
-# its place (tar's --transform on names, never on symlink targets), then
-# writes the restore marker. $1 marker path, $2 marker text, then the
-# tar --transform options.
+# Unpacks the stream into a staging directory beside the images (the same
+# filesystem: the images, the bulk, are only renamed), checks that what came
+# is what was asked for, then puts each part in its place and writes the
+# restore marker last. Nothing the source sends lands outside the staging
+# directory before the checks: a link from a compromised source cannot
+# reach this host's files. $1 staging dir, $2 images dir, $3 the target
+# container's (empty, not yet mounted) upper dir, $4 the log's name in the
+# stream ("" for none), $5 the target's log path, $6 the file that gets the
+# volumes' byte count, $7 marker path, $8 marker text; then pairs of volume
+# name and target mountpoint.
 UNPACK_SCRIPT = r"""
 set -e
-mark=$1 text=$2; shift 2
-tar --numeric-owner --xattrs --xattrs-include='*' --same-owner -xpf - -C / "$@"
+stage=$1 images=$2 upper=$3 logname=$4 log=$5 count=$6 mark=$7 text=$8
+shift 8
+refuse() { echo "refusing the stream: $1" >&2; rm -rf -- "$stage"; exit 3; }
+rm -rf -- "$stage"
+mkdir -p "$stage"
+tar --numeric-owner --xattrs --xattrs-include='*' --same-owner -xpf - -C "$stage"
+for d in images diff; do
+    { [ -L "$stage/$d" ] || [ ! -d "$stage/$d" ]; } && refuse "$d is not a directory"
+done
+odd=$(find "$stage/images" ! -type f ! -type d -print -quit)
+[ -z "$odd" ] || refuse "$odd is not a regular file"
+if [ -n "$logname" ]; then
+    { [ -L "$stage/$logname" ] || [ ! -f "$stage/$logname" ]; } && refuse "the log is not a regular file"
+fi
+if [ $# -gt 0 ]; then
+    { [ -L "$stage/volumes" ] || [ ! -d "$stage/volumes" ]; } && refuse "volumes is not a directory"
+    du -sb --apparent-size "$stage/volumes" | cut -f1 >"$count"
+    while [ $# -ge 2 ]; do
+        data="$stage/volumes/$1/_data"
+        { [ -L "$stage/volumes/$1" ] || [ -L "$data" ] || [ ! -d "$data" ]; } && refuse "volume $1 is not a directory"
+        cp -a "$data/." "$2/"
+        shift 2
+    done
+fi
+# A page server may have put the memory there already.
+if [ -d "$images" ]; then cp -a "$stage/images/." "$images/"; else mv "$stage/images" "$images"; fi
+if rmdir "$upper" 2>/dev/null; then mv "$stage/diff" "$upper"; else cp -a "$stage/diff/." "$upper/"; fi
+[ -z "$logname" ] || mv -f "$stage/$logname" "$log"
+rm -rf -- "$stage"
 mkdir -p "${mark%/*}"
 chmod 700 "${mark%/*}"
 printf '%s' "$text" >"$mark.new"
@@ -182,31 +199,30 @@ mv -f "$mark.new" "$mark"
 """
 
 
-def _rename(member: str, dest: str) -> str:
-    return f"--transform=s|^{re.escape(member)}|{dest.lstrip('/')}|S"
-
-
 def transfer(ctx: Context, lazy: bool = False):
     s = ctx.state
     c = s.container
     upper = c["GraphDriver"]["Data"]["UpperDir"]
+    # One stream from several directories: every SSH command here is downtime.
     argv = streams.TAR_CREATE + [s.src_base, "images", "-C", upper.rsplit("/", 1)[0], "diff"]
-    transforms = [_rename("images", f"{s.dst_base}/images"), _rename("diff", s.target_upper)]
+    log_name = ""
     if s.log_path:
         log_dir, log_name = s.log_path.rsplit("/", 1)
         argv += ["-C", log_dir, log_name]
-        transforms.append(_rename(log_name, s.dst_log))
-    # Applied in turn to each name: none may start as a later member does.
-    for t in transforms:
-        dest = t.split("|")[2]
-        if dest.startswith(("images", "diff")):
-            raise MigrationError(f"{ctx.target.name}: cannot unpack into {dest!r}")
+    argv += container_checks.volume_tar_args(s.volumes)
     src = ctx.src.conn.open_command(argv)
     mark = runc.marker_text(f"{s.dst_base}/images", f"{s.dst_base}/work", lazy)
-    dst = ctx.dst.conn.open_command(["sh", "-c", UNPACK_SCRIPT, "sh", runc.marker_path(s.target_id), mark,
-                                     *transforms])  # fmt: skip
+    pairs = [x for v in s.volumes for x in (v["name"], v["target_mountpoint"])]
+    count = f"{s.dst_root}/containers/{s.target_id}/criuweb-volume-bytes"
+    dst = ctx.dst.conn.open_command(
+        ["sh", "-c", UNPACK_SCRIPT, "sh", f"{s.dst_base}/stage", f"{s.dst_base}/images", s.target_upper, log_name,
+         s.dst_log, count, runc.marker_path(s.target_id), mark, *pairs]
+    )  # fmt: skip
     n = streams.pipe(ctx, src, dst, "the images, writable layer and log")
-    return Measured(bytes=n, detail="images, writable layer" + (" and log" if s.log_path else ""))
+    what = "images, writable layer" + (" and log" if s.log_path else "")
+    if s.volumes:
+        what += f", volumes {', '.join(v['name'] for v in s.volumes)}"
+    return Measured(bytes=n, detail=what)
 
 
 def _restore_failure(ctx: Context, conn, error, work: str) -> Exception:
@@ -258,6 +274,7 @@ def cleanup(ctx: Context):
     else:
         ctx.src.remove(c["Id"])
         detail = f"source container {c['Id'][:12]} removed"
+        detail += container_checks.remove_source_volumes(ctx.src, s.volumes)
     remove_dir(ctx.src.conn, s.src_base)
     remove_dir(ctx.dst.conn, s.dst_base)
     runc.clear_marks(ctx.dst.conn, s.target_id)
@@ -300,6 +317,8 @@ def disarm_target(ctx: Context) -> str:
             except NotFoundError:
                 pass
             runc.clear_marks(dst.conn, s.target_id)
+            # The networks and volumes this run made there, volume data and all.
+            container_checks.remove_created(dst, s.created_networks, s.volumes)
         return ""
     except (EngineError, ssh.SSHError) as e:
         if ctx.target_may_run and engine_plan._container_may_run(ctx.target, s.target_id):
@@ -399,5 +418,6 @@ PLAN = Plan(
     ),
     rollback=rollback,
     abort=abort,
+    moves_volumes=True,
     adopt=engine_plan.adopt,
 )

@@ -263,5 +263,6 @@ PLAN = Plan(
     ),
     rollback=rollback,
     abort=abort,
+    moves_volumes=True,
     adopt=engine_plan.adopt,
 )

@@ -196,5 +196,6 @@ PLAN = Plan(
     ),
     rollback=rollback,
     abort=abort,
+    moves_volumes=True,
     adopt=engine_plan.adopt,
 )
