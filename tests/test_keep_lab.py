@@ -13,7 +13,7 @@ import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
-from migrations_app import ssh
+from migrations_app import lab, ssh
 from migrations_app.docker_engine import Engine
 from migrations_app.models import CHECKPOINT, CLONE, CONTAINER, PROCESS, RESTORE, SUCCEEDED, Checkpoint, MigrationRun
 from tests.support import wait_for
@@ -341,3 +341,25 @@ def test_retention_and_delete(hosts, counter_process):
     keep.delete(cp)
     assert not files_exist(lab1, cp.path) and not Checkpoint.objects.filter(name=cp.name).exists()
     assert os.path.exists(f"/proc/{pid}")
+
+
+def test_a_container_with_a_volume_is_refused_and_runs_on(hosts, clones):
+    lab1, _ = hosts
+    name = f"vol-{os.getpid()}"
+    clones.append(name)
+    with Engine(lab1) as engine:
+        config = engine.api.create_host_config(binds={f"{name}-data": {"bind": "/data", "mode": "rw"}})
+        cid = engine.api.create_container(lab.IMAGE, ["sh", "-c", lab.COUNTER_SCRIPT], name=name, host_config=config)
+        engine.api.start(cid["Id"])
+        logged(engine, name)
+    try:
+        for args in (["checkpoint", "--leave-running"], ["clone", "--as", f"{name}-2"]):
+            with pytest.raises(CommandError, match=f"mounts {name}-data -> /data; a kept checkpoint or a clone"):
+                cli(args[0], "--host", "lab-1", "--container", name, *args[1:])
+        with Engine(lab1) as engine:
+            assert engine.inspect(name)["State"]["Running"] and engine.checkpoints(cid["Id"]) == []
+        assert not Checkpoint.objects.exists()
+    finally:
+        with Engine(lab1) as engine:
+            engine.remove(name)
+            engine.api.remove_volume(f"{name}-data")

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from ..models import CONTAINER
+from ..models import CONTAINER, MIGRATE
 
 if TYPE_CHECKING:
     from .runner import Context
@@ -235,7 +235,10 @@ class Watch:
     def committed(self) -> None:
         """After verify, before cleanup: the source container's log still exists."""
         try:
-            if self.ctx.run.kind == CONTAINER and self.ctx.src is not None and self.ctx.state.container:
+            # A migration's source and target logs: other operations have no such pair.
+            run = self.ctx.run
+            migration = run.kind == CONTAINER and run.operation == MIGRATE
+            if migration and self.ctx.src is not None and self.ctx.state.container:
                 raw = self.ctx.src.logs(self.ctx.state.container["Id"], tail=LOG_TAIL, timestamps=True)
                 self.source_lines = parse_log(raw)
         except Exception as e:  # an observation never fails a run

@@ -116,7 +116,7 @@ def _refuse_second_checkpoint(ctx: Context, container, info):
 
 
 def preflight_source(ctx: Context):
-    ctx.src = connect(ctx.source, CONTAINER)
+    ctx.src = ctx.src or connect(ctx.source, CONTAINER)
     probe, info = _engine_ready(ctx.src)
     try:
         ref = validation.container_ref(ctx.run.workload)

@@ -50,6 +50,19 @@ def stopping(ctx: Context) -> bool:
 # -- checkpoint ---------------------------------------------------------------------
 
 
+def _refuse_mounts(ctx: Context) -> None:
+    """A kept checkpoint holds no volume's data, and a clone must not share the original's: refused first."""
+    ctx.src = connect(ctx.source, CONTAINER)
+    found = ctx.src.find_container(ctx.run.workload)
+    mounts = [m for m in (found or {}).get("Mounts") or [] if m.get("Type") != "tmpfs"]
+    if mounts:
+        what = ", ".join(f"{m.get('Name') or m.get('Source')} -> {m.get('Destination')}" for m in mounts)
+        raise MigrationError(
+            f"{ctx.source.name}: container {ctx.run.workload} mounts {what}; a kept checkpoint or a clone "
+            "carries no volume data and must not share the original's, so it is refused"
+        )
+
+
 def _refuse_what_stays_behind(ctx: Context) -> None:
     """What a kept checkpoint or a clone cannot carry, refused before anything is frozen."""
     s = ctx.state
@@ -61,6 +74,7 @@ def _refuse_what_stays_behind(ctx: Context) -> None:
 
 
 def checkpoint_preflight(ctx: Context):
+    _refuse_mounts(ctx)
     measured = ce.preflight_source(ctx)
     _refuse_what_stays_behind(ctx)
     s = ctx.state
@@ -265,6 +279,7 @@ RESTORE_PLAN = Plan(
 def clone_preflight_source(ctx: Context):
     if ctx.run.checkpoint_id:
         return restore_preflight_source(ctx)
+    _refuse_mounts(ctx)
     measured = ce.preflight_source(ctx)
     _refuse_what_stays_behind(ctx)
     return measured
