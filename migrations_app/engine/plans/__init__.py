@@ -43,8 +43,7 @@ KINDS = [kind for kind, _ in KIND_CHOICES]
 # import): one plan per (operation, workload kind), beside the migrations and
 # out of their choices. A run stores the operation's name as its strategy.
 OPERATIONS: dict[tuple[str, str], Plan] = {
-    (plan.operation, plan.kind): plan
-    for plan in (*keep_container.PLANS, *keep_process.PLANS, *keep_archive.PLANS)
+    (plan.operation, plan.kind): plan for plan in (*keep_container.PLANS, *keep_process.PLANS, *keep_archive.PLANS)
 }
 
 

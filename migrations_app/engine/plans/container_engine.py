@@ -225,7 +225,6 @@ def prepare_target(ctx: Context, runtime: str | None = None):
     return Measured(detail=f"container {cid[:12]} created{extra}")
 
 
-
 def has_restart_policy(ctx: Context):
     policy = (ctx.state.container["HostConfig"].get("RestartPolicy") or {}).get("Name") or "no"
     return policy != "no"
@@ -380,9 +379,7 @@ def verify(ctx: Context):
     )
     volumes = ""
     if ctx.state.volumes:
-        count = ctx.dst.conn.read_file(
-            f"{ctx.state.dst_root}/containers/{cid}/criuweb-volume-bytes", check=False
-        )
+        count = ctx.dst.conn.read_file(f"{ctx.state.dst_root}/containers/{cid}/criuweb-volume-bytes", check=False)
         ctx.run.volume_bytes = int(count) if count and count.strip().isdigit() else 0
         MigrationRun.objects.filter(pk=ctx.run.pk).update(volume_bytes=ctx.run.volume_bytes)
         volumes = f"; volumes {ctx.run.volume_bytes} B"

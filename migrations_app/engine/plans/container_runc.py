@@ -281,6 +281,21 @@ def cleanup(ctx: Context):
     return Measured(detail=detail)
 
 
+def kill_paused_source(ctx: Context) -> None:
+    """Kill the paused source container (kept stopped) and wait until Docker sees it exit.
+
+    Docker thaws a paused container only to let it die; until its exit is
+    seen, its process may still be there, and a look for copies would count two.
+    """
+    cid = ctx.state.container["Id"]
+    ctx.src.call("docker kill", ctx.src.api.kill, cid)
+    deadline = time.monotonic() + EXIT_WAIT
+    while ctx.src.inspect(cid)["State"]["Running"]:
+        if time.monotonic() > deadline:
+            raise MigrationError(f"{ctx.source.name}: the paused source container did not stop after docker kill")
+        time.sleep(0.05)
+
+
 # Makes the prepared target container impossible to restore from this
 # run: its images go, and its marker stays, naming them, so a start its
 # engine queued and never answered fails in the wrapper ("no CRIU images")

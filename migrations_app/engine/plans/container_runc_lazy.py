@@ -190,7 +190,7 @@ def pull(ctx: Context):
 def cleanup(ctx: Context):
     s = ctx.state
     if ctx.run.keep_source:
-        ctx.src.call("docker kill", ctx.src.api.kill, s.container["Id"])
+        container_runc.kill_paused_source(ctx)
     measured = container_runc.cleanup(ctx)
     s.paused = False
     return measured

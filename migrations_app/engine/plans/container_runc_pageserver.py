@@ -121,7 +121,7 @@ def cleanup(ctx: Context):
     s = ctx.state
     if ctx.run.keep_source:
         # Killed while paused: it never runs again (Docker thaws it only to let it die).
-        ctx.src.call("docker kill", ctx.src.api.kill, s.container["Id"])
+        container_runc.kill_paused_source(ctx)
     measured = container_runc.cleanup(ctx)
     s.paused = False
     return measured
