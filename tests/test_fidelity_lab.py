@@ -14,7 +14,7 @@ from django.utils import timezone
 from migrations_app import lab, ssh
 from migrations_app.criu import CriuError
 from migrations_app.docker_engine import Engine
-from migrations_app.engine import Context, MigrationError, create_run, execute, plans
+from migrations_app.engine import Context, MigrationError, create_run, execute, plans, tree
 from migrations_app.engine.plans import container_engine
 from migrations_app.models import (
     CONTAINER,
@@ -621,3 +621,33 @@ def test_a_volume_with_data_on_the_target_is_refused_before_the_freeze(hosts, co
     assert f"already has a volume {volume} holding data" in run.error, run.error
     assert "checkpoint" not in _phase_names(run)
     assert open(f"{there['Mountpoint']}/other.txt").read() == "lab-2's own data\n"
+
+
+def test_a_process_in_a_mount_namespace_of_its_own_is_refused_before_the_freeze(hosts, started, tmp_path):
+    # CRIU tried and failed on it after the freeze ("doesn't have a proper
+    # root mount"); pre-flight now says why first. Its file, on a tmpfs of
+    # its own namespace, exists on no host.
+    lab1, lab2 = hosts
+    start, _ = started
+    hidden = tmp_path / "private"
+    hidden.mkdir()
+    script = 'mount -t tmpfs none "$1" && echo x > "$1/held.txt" && exec python3 -c "$2" "$1/held.txt"'
+    holder = "import sys, time\nf = open(sys.argv[1])\nwhile True:\n    time.sleep(1)"
+    pid = start(["unshare", "-m", "sh", "-c", script, "sh"], hidden, holder)
+    wait_for(lambda: any(os.readlink(f"/proc/{pid}/fd/{fd}").endswith("held.txt")
+                         for fd in os.listdir(f"/proc/{pid}/fd")), message="the holder did not open its file")  # fmt: skip
+    run = execute(create_run(lab1, lab2, PROCESS, pid))
+    assert run.status == FAILED
+    assert "lives in a mount namespace of its own" in run.error, run.error
+    assert "dump" not in _phase_names(run)
+    assert os.path.exists(f"/proc/{pid}")
+
+
+def test_missing_paths_are_found_on_the_target(hosts, tmp_path):
+    # The lab's hosts share one file system, so a process cannot hold a path
+    # one of them lacks; the check itself runs for real on lab-2.
+    present = tmp_path / "here.txt"
+    present.write_text("x")
+    with ssh.Connection(hosts[1]) as conn:
+        missing = tree.missing_paths(conn, [str(present), str(tmp_path / "gone.txt"), "/usr/bin"])
+    assert missing == [str(tmp_path / "gone.txt")]

@@ -75,16 +75,28 @@ while todo:
         fds = os.listdir("/proc/%d/fd" % pid)
     except OSError:
         fds = []
+    paths = set()
     for fd in fds:
         target = link("/proc/%d/fd/%s" % (pid, fd))
         if target.startswith("socket:["):
             socks.append(int(target[8:-1]))
+        elif target.startswith("/") and not target.endswith(" (deleted)"):
+            paths.add(target)
+    for name in ("cwd", "exe"):
+        target = link("/proc/%d/%s" % (pid, name))
+        if target.startswith("/") and not target.endswith(" (deleted)"):
+            paths.add(target)
+    for line in (read("/proc/%d/maps" % pid) or "").splitlines():
+        f = line.split(None, 5)
+        if len(f) == 6 and f[5].startswith("/") and not f[5].endswith(" (deleted)"):
+            paths.add(f[5])
     procs.append({
         "pid": pid, "ppid": int(rest[1]), "state": rest[0], "flags": int(rest[6]), "comm": comm,
         "exe": link("/proc/%d/exe" % pid), "cmdline": cmdline[:300],
         "uids": ids.get("uid", []), "gids": ids.get("gid", []), "capeff": ids.get("capeff", ""),
         "ns": {n: link("/proc/%d/ns/%s" % (pid, n)) for n in ("pid", "net", "mnt", "user")},
         "sockets": socks,
+        "paths": sorted(paths),
     })
     try:
         tasks = os.listdir("/proc/%d/task" % pid)
@@ -168,6 +180,10 @@ class Tree:
     def pids(self) -> set[int]:
         return {p["pid"] for p in self.procs}
 
+    def paths(self) -> list[str]:
+        """Files and directories the tree holds open, maps, runs or works in: CRIU reopens them by path."""
+        return sorted({path for p in self.procs for path in p.get("paths", [])})
+
     def listening(self) -> list[Socket]:
         return [s for s in self.sockets if s.listening]
 
@@ -212,7 +228,11 @@ CAP_SYS_RESOURCE = 24
 
 
 def refusals(
-    tree: Tree, host_name: str, controller_pids: set[int] | None = None, host_daemons: bool = True
+    tree: Tree,
+    host_name: str,
+    controller_pids: set[int] | None = None,
+    host_daemons: bool = True,
+    own_namespaces: bool = False,
 ) -> list[str]:
     """Why CRIU must not be pointed at this tree; empty when nothing forbids it.
 
@@ -220,8 +240,17 @@ def refusals(
     is the machine criuweb runs on (same boot and PID namespace).
     host_daemons: refuse programs that run the host (sshd, dockerd, ...);
     off for a container, whose sshd is its own.
+    own_namespaces: the tree lives in namespaces of its own by design (a
+    container, or a tree criuweb restored under its holder); otherwise a
+    tree outside the host's mount namespace is refused, as CRIU would dump
+    it against the host's mounts.
     """
     why = []
+    if not own_namespaces and tree.root_ns.get("mnt") != tree.session_ns.get("mnt"):
+        why.append(
+            f"PID {tree.procs[0]['pid']} lives in a mount namespace of its own (unshare -m?): CRIU cannot dump "
+            "it as a host process"
+        )
     if not tree.cap_eff & (1 << CAP_SYS_RESOURCE):
         others = sorted({i for p in tree.procs for i in p.get("uids", []) + p.get("gids", []) if i != 0})
         if others:
@@ -279,6 +308,27 @@ def controller_pids(tree: Tree) -> set[int]:
         except (OSError, ValueError):
             break
     return pids
+
+
+# -- paths ------------------------------------------------------------------------
+
+# Prints, one per line, which of the paths given (argv) do not exist here.
+MISSING_PATHS_SCRIPT = r"""
+import os, sys
+for path in sys.argv[1:]:
+    if not os.path.lexists(path):
+        print(path)
+"""
+
+
+def missing_paths(conn, paths: list[str]) -> list[str]:
+    """Which of these paths a host lacks (one SSH command)."""
+    if not paths:
+        return []
+    result = conn.run(["python3", "-c", MISSING_PATHS_SCRIPT, *paths], check=False)
+    if result.rc != 0:
+        raise MigrationError(f"{conn.name}: cannot check the paths the process holds: {result.stderr[-300:]}")
+    return result.stdout.splitlines()
 
 
 # -- addresses ------------------------------------------------------------------

@@ -44,6 +44,7 @@ class ProcessState:
     kept_addrs: list = field(default_factory=list)
     kept_ports: list = field(default_factory=list)  # [local port, remote port] of each kept connection
     leave_running: bool = False  # dump without stopping the tree (a clone, a kept checkpoint)
+    paths: list = field(default_factory=list)  # what the tree holds by path, which the target must have
 
 
 # Resident KiB of every process of the tree rooted at $1, one per line: the
@@ -67,7 +68,7 @@ def preflight_source(ctx: Context):
         raise MigrationError(str(e)) from None
     mode, inner, comm = criu.resolve_process(ctx.src, pid)
     found = tree.read_tree(ctx.src, pid, ctx.source.ssh_port)
-    why = tree.refusals(found, ctx.source.name, tree.controller_pids(found))
+    why = tree.refusals(found, ctx.source.name, tree.controller_pids(found), own_namespaces=mode == "ns")
     if why:
         raise MigrationError(f"{ctx.source.name}: PID {pid} cannot be moved: {'; '.join(why)}")
     lifecycle.claim_workload(ctx.run, str(pid))
@@ -82,6 +83,7 @@ def preflight_source(ctx: Context):
         # dumped tree is killed, so each peer sees its connection end.
         s.criu_opts = ["--tcp-close"]
     s.listen_addrs = sorted({c.local[0] for c in found.listening()})
+    s.paths = found.paths()
     rss = sum(int(kib) for kib in ctx.src.sh(TREE_RSS_SCRIPT, str(pid)).stdout.split()) * 1024
     images = ctx.images_dir(ctx.source)
     check_space(ctx.src, images, (rss if s.pages_in_images else 0) + SPACE_MARGIN, "the process images")
@@ -122,6 +124,13 @@ def preflight_target(ctx: Context):
                 f"along: its peers would talk to an address that is no longer there. Use {TCP_CLOSE} "
                 "(connections on loopback or an address both hosts share can be kept)"
             )
+    # CRIU reopens every file, map, working directory and program by path.
+    missing = tree.missing_paths(ctx.dst, s.paths)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise MigrationError(
+            f"{ctx.target.name}: the process holds paths that do not exist here, so it could not be restored: {shown}"
+        )
     images = ctx.images_dir(ctx.target)
     check_space(ctx.dst, images, (s.rss if s.pages_in_images else 0) + SPACE_MARGIN, "the process images")
     ctx.state.dst_images = images
