@@ -651,3 +651,19 @@ def test_missing_paths_are_found_on_the_target(hosts, tmp_path):
     with ssh.Connection(hosts[1]) as conn:
         missing = tree.missing_paths(conn, [str(present), str(tmp_path / "gone.txt"), "/usr/bin"])
     assert missing == [str(tmp_path / "gone.txt")]
+
+
+def test_short_lived_children_are_not_taken_for_nested_namespaces(hosts, started):
+    # A shell loop forks children that end while pre-flight reads them; a
+    # child gone between its stat and its namespace links once read as "in
+    # a pid namespace of its own" and refused a container that logs in a loop.
+    pid = started[0](["sh", "-c", "while :; do /bin/true; done"])
+    wait_for(lambda: os.path.exists(f"/proc/{pid}"), message="the loop did not start")
+    with ssh.Connection(hosts[0]) as conn:
+        seen_children = 0
+        for _ in range(40):
+            t = tree.read_tree(conn, pid, 22)
+            seen_children += len(t.procs) - 1
+            assert all(p["ns"] == t.root_ns for p in t.procs), [p for p in t.procs if p["ns"] != t.root_ns]
+            assert not [w for w in tree.refusals(t, "lab-1") if "namespace of its own" in w]
+    assert seen_children > 0  # the loop's children were there to be read

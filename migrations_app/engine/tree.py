@@ -90,11 +90,18 @@ while todo:
         f = line.split(None, 5)
         if len(f) == 6 and f[5].startswith("/") and not f[5].endswith(" (deleted)"):
             paths.add(f[5])
+    ns = {n: link("/proc/%d/ns/%s" % (pid, n)) for n in ("pid", "net", "mnt", "user")}
+    if "" in ns.values():
+        # A zombie, or a process that ended while we read it (a shell
+        # loop's short-lived child): its namespaces are gone, and empty
+        # links must not read as namespaces of its own. CRIU dumps a zombie
+        # as such; there is nothing else in it to check.
+        continue
     procs.append({
         "pid": pid, "ppid": int(rest[1]), "state": rest[0], "flags": int(rest[6]), "comm": comm,
         "exe": link("/proc/%d/exe" % pid), "cmdline": cmdline[:300],
         "uids": ids.get("uid", []), "gids": ids.get("gid", []), "capeff": ids.get("capeff", ""),
-        "ns": {n: link("/proc/%d/ns/%s" % (pid, n)) for n in ("pid", "net", "mnt", "user")},
+        "ns": ns,
         "sockets": socks,
         "paths": sorted(paths),
     })
