@@ -90,6 +90,7 @@ def runc_state(conn: ssh.Connection, container_id: str) -> RuncState:
 # but stale images would be restored.
 CHECKPOINT_SCRIPT = r"""
 runc=$1 root=$2 images=$3 work=$4 id=$5; shift 5
+umask 077  # the images hold the container's memory
 rm -rf "$images" "$work" && mkdir -p "$images" "$work" || exit 90
 exec "$runc" --root "$root" checkpoint --image-path "$images" --work-path "$work" "$@" "$id"
 """
@@ -172,6 +173,7 @@ def pause(conn: ssh.Connection, state: RuncState, container_id: str) -> None:
 # then more checkpoint options.
 LAZY_CHECKPOINT_SCRIPT = r"""
 runc=$1 root=$2 images=$3 work=$4 id=$5 addr=$6; shift 6
+umask 077  # the images hold the container's memory
 rm -rf "$images" "$work" && mkdir -p "$images" "$work" || { echo "exit 90"; exit 0; }
 port=$(python3 -c 'import socket, sys
 s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET)

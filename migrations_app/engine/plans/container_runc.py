@@ -120,7 +120,8 @@ def prepare_target(ctx: Context):
     s = ctx.state
     # Docker names a json log after the container, in its directory.
     s.dst_log = f"{s.dst_root}/containers/{s.target_id}/{s.target_id}-json.log"
-    ctx.dst.conn.run(["mkdir", "-p", "--", s.dst_base])
+    # Private: the images will hold the container's memory.
+    ctx.dst.conn.sh('umask 077 && mkdir -p -- "$1"', s.dst_base)
     return measured
 
 
@@ -166,6 +167,7 @@ set -e
 stage=$1 images=$2 upper=$3 logname=$4 log=$5 count=$6 mark=$7 text=$8
 shift 8
 refuse() { echo "refusing the stream: $1" >&2; rm -rf -- "$stage"; exit 3; }
+umask 077
 rm -rf -- "$stage"
 mkdir -p "$stage"
 tar --numeric-owner --xattrs --xattrs-include='*' --same-owner -xpf - -C "$stage"
