@@ -56,6 +56,15 @@ def test_a_strategy_a_host_failed_is_refused_with_the_reason(launcher, db):
     assert MigrationRun.objects.count() == 0 and launcher.started == []
 
 
+def test_a_host_never_probed_offers_everything_until_the_form_probes_it(launcher, db):
+    # Unknown is not lacking: the form probes such a host when submitted
+    # (tests/test_views.py covers that) and refuses then, with the reason.
+    host_with_tests("a")
+    make_host("fresh")
+    table = strategy_table(launcher.get("/migrate/"))
+    assert table["missing"]["fresh"] == {}
+
+
 def test_a_host_probed_before_self_tests_existed_offers_only_what_needs_none(db):
     old = ready_host("old")
     offered = [s for s, _, why in plans.available(PROCESS, old, old) if not why]

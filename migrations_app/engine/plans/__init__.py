@@ -135,6 +135,11 @@ def offer_table(hosts) -> dict:
     for plan in PLANS.values():
         table["strategies"].setdefault(plan.kind, []).append([plan.strategy, plan.label, plan.summary])
     for host in hosts:
+        if not host.probed:
+            # Unknown yet, not lacking: the form probes such a host when it
+            # is submitted and refuses then, with the reason.
+            table["missing"][host.name] = {}
+            continue
         lacks = {f"{p.kind}/{p.strategy}": m for p in PLANS.values() if (m := missing(p, host))}
         table["missing"][host.name] = lacks
     return table
