@@ -33,7 +33,7 @@ class Command(BaseCommand):
         parser.add_argument("--strategies", default="",
                             help="comma-separated (default: every registered one; page-server+tls for TLS)")
         parser.add_argument("--kinds", default="process,container", help="process, container or both")
-        parser.add_argument("--runs", type=int, default=3, help="runs of each size and strategy (default 3)")
+        parser.add_argument("--runs", type=int, default=2, help="runs of each size and strategy (default 2)")
         parser.add_argument("--no-baseline", action="store_true", help="skip CRIU's own dump + restore")
         parser.add_argument("--name", default="", help="the benchmark's tag on its runs (default bench-<time>)")
         parser.add_argument("--json", action="store_true", help="print the table as JSON")
