@@ -152,8 +152,15 @@ def start(kind: str, mib: int, host: Host, name: str) -> Workload:
         counter.unlink(missing_ok=True)
         with ssh.Connection(host) as conn:
             pid = lab.start_memhog(conn, mib, counter, checksum)
-        w = Workload(kind, mib, host, str(pid), [str(lab.MEMHOG), str(mib), str(counter), checksum],
-                     counter=counter, checksum_file=checksum)
+        w = Workload(
+            kind,
+            mib,
+            host,
+            str(pid),
+            [str(lab.MEMHOG), str(mib), str(counter), checksum],
+            counter=counter,
+            checksum_file=checksum,
+        )
     else:
         # A checksum path of its own makes its command line unique on this
         # machine, where other labs may run memhog containers of the same size.
@@ -243,7 +250,7 @@ def check(w: Workload, what: str, before: list[int] | None = None) -> None:
         values = now if before and now[: len(before)] == before else (before or []) + now
         if w.last_value not in values:
             raise BenchmarkError(f"{what}: the counter's last checked value {w.last_value} is gone from its output")
-        tail = values[values.index(w.last_value):]
+        tail = values[values.index(w.last_value) :]
         if tail != list(range(w.last_value, w.last_value + len(tail))):
             bad = next(i for i, (a, b) in enumerate(zip(tail, tail[1:])) if b != a + 1)
             raise BenchmarkError(f"{what}: the counter went {tail[bad]} -> {tail[bad + 1]} (a gap or a repeat)")
@@ -401,8 +408,15 @@ def baseline(w: Workload, name: str, seq: int) -> Result:
     what = f"baseline, process memhog {w.mib} MiB on {host.name}"
     images = f"{BASELINE_DIR}/criuweb-{name}-{seq}"
     run = MigrationRun.objects.create(
-        source=host, target=host, kind=PROCESS, workload=w.ref, strategy=BASELINE, status="running",
-        started=timezone.now(), benchmark=name, stage=Stage.DONE,
+        source=host,
+        target=host,
+        kind=PROCESS,
+        workload=w.ref,
+        strategy=BASELINE,
+        status="running",
+        started=timezone.now(),
+        benchmark=name,
+        stage=Stage.DONE,
     )
     t0 = time.perf_counter()
     try:
@@ -427,12 +441,31 @@ def baseline(w: Workload, name: str, seq: int) -> Result:
             conn.run(["rm", "-rf", "--", images], check=False)
             time.sleep(0.3)  # a few counter values after the restore, for the outage's end
         dump_ms, restore_ms = dump_ns / 1e6, restore_ns / 1e6
-        Phase.objects.create(run=run, seq=0, name="dump", host=host.name, status="ok", started=started,
-                             ended=started + timezone.timedelta(milliseconds=dump_ms), duration_ms=dump_ms,
-                             bytes=nbytes, criu_stats=dump_stats, detail=f"to the tmpfs {images}")
-        Phase.objects.create(run=run, seq=1, name="restore", host=host.name, status="ok", started=restored,
-                             ended=restored + timezone.timedelta(milliseconds=restore_ms), duration_ms=restore_ms,
-                             criu_stats=restore_stats, detail=f"PID {pid}")
+        Phase.objects.create(
+            run=run,
+            seq=0,
+            name="dump",
+            host=host.name,
+            status="ok",
+            started=started,
+            ended=started + timezone.timedelta(milliseconds=dump_ms),
+            duration_ms=dump_ms,
+            bytes=nbytes,
+            criu_stats=dump_stats,
+            detail=f"to the tmpfs {images}",
+        )
+        Phase.objects.create(
+            run=run,
+            seq=1,
+            name="restore",
+            host=host.name,
+            status="ok",
+            started=restored,
+            ended=restored + timezone.timedelta(milliseconds=restore_ms),
+            duration_ms=restore_ms,
+            criu_stats=restore_stats,
+            detail=f"PID {pid}",
+        )
         run.status, run.downtime_ms, run.total_bytes = SUCCEEDED, dump_ms + restore_ms, nbytes
         run.result_workload = str(pid)
     except BaseException as e:
@@ -490,8 +523,10 @@ def _line(round_no: int, r: Result) -> str:
     run = r.run
     observed = f"{run.observed_downtime_ms:7.0f}" if run.observed_downtime_ms is not None else "      -"
     route = f"{run.source.name} -> {run.target.name}" if run.source_id != run.target_id else run.source.name
-    return (f"{round_no:2d} {run.kind:9} {r.mib:5d} MiB {r.variant:18} {route:16} downtime {run.downtime_ms:7.0f} ms "
-            f"observed {observed} ms total {r.total_ms:7.0f} ms")
+    return (
+        f"{round_no:2d} {run.kind:9} {r.mib:5d} MiB {r.variant:18} {route:16} downtime {run.downtime_ms:7.0f} ms "
+        f"observed {observed} ms total {r.total_ms:7.0f} ms"
+    )
 
 
 @dataclass
@@ -511,31 +546,58 @@ def summarize(results: list[Result]) -> list[Row]:
     groups: dict[tuple[str, int, str], list[Result]] = {}
     for r in results:
         groups.setdefault((r.run.kind, r.mib, r.variant), []).append(r)
-    base = {mib: statistics.median(r.run.downtime_ms for r in rs)
-            for (kind, mib, variant), rs in groups.items() if variant == BASELINE}
+    base = {
+        mib: statistics.median(r.run.downtime_ms for r in rs)
+        for (kind, mib, variant), rs in groups.items()
+        if variant == BASELINE
+    }
     rows = []
-    for (kind, mib, variant), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] != PROCESS, kv[0][0], kv[0][1],
-                                                                          kv[0][2] != BASELINE, kv[0][2])):
+    for (kind, mib, variant), rs in sorted(
+        groups.items(), key=lambda kv: (kv[0][0] != PROCESS, kv[0][0], kv[0][1], kv[0][2] != BASELINE, kv[0][2])
+    ):
         downtime = statistics.median(r.run.downtime_ms for r in rs)
         observed = [r.run.observed_downtime_ms for r in rs if r.run.observed_downtime_ms is not None]
-        rows.append(Row(kind, mib, variant, len(rs), downtime, statistics.median(observed) if observed else None,
-                        statistics.median(r.total_ms for r in rs), downtime / base[mib] if mib in base else None))
+        rows.append(
+            Row(
+                kind,
+                mib,
+                variant,
+                len(rs),
+                downtime,
+                statistics.median(observed) if observed else None,
+                statistics.median(r.total_ms for r in rs),
+                downtime / base[mib] if mib in base else None,
+            )
+        )
     return rows
 
 
 def table(rows: list[Row]) -> str:
     """The rows as a Markdown table."""
-    out = ["| kind | size | strategy | runs | downtime (median) | observed (median) | whole run (median) "
-           "| downtime / baseline |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+    out = [
+        "| kind | size | strategy | runs | downtime (median) | observed (median) | whole run (median) "
+        "| downtime / baseline |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         observed = f"{r.observed_ms:.0f} ms" if r.observed_ms is not None else "–"
         ratio = f"{r.ratio:.2f}×" if r.ratio is not None else "–"
-        out.append(f"| {r.kind} | {r.mib} MiB | {r.variant} | {r.n} | {r.downtime_ms:.0f} ms | {observed} "
-                   f"| {r.total_ms:.0f} ms | {ratio} |")
+        out.append(
+            f"| {r.kind} | {r.mib} MiB | {r.variant} | {r.n} | {r.downtime_ms:.0f} ms | {observed} "
+            f"| {r.total_ms:.0f} ms | {ratio} |"
+        )
     return "\n".join(out)
 
 
 def command_line(m: Matrix) -> str:
-    args = ["manage.py", "bench_matrix", "--sizes", ",".join(map(str, m.sizes)), "--runs", str(m.runs),
-            "--kinds", ",".join(m.variants)]
+    args = [
+        "manage.py",
+        "bench_matrix",
+        "--sizes",
+        ",".join(map(str, m.sizes)),
+        "--runs",
+        str(m.runs),
+        "--kinds",
+        ",".join(m.variants),
+    ]
     return shlex.join(args)

@@ -78,10 +78,13 @@ def test_checks_fail_loudly(hosts):
 
 
 def test_bench_matrix_container(hosts):
-    out, _ = call("bench_matrix", "--sizes", "8", "--runs", "1", "--kinds", "container", "--no-baseline",
-                  "--name", "t-cont")
+    out, _ = call(
+        "bench_matrix", "--sizes", "8", "--runs", "1", "--kinds", "container", "--no-baseline", "--name", "t-cont"
+    )
     runs = MigrationRun.objects.filter(benchmark="t-cont")
-    assert sorted(r.strategy for r in runs) == sorted(v.removesuffix("+tls") for v in benchmark.variants_for("container", None))
+    assert sorted(r.strategy for r in runs) == sorted(
+        v.removesuffix("+tls") for v in benchmark.variants_for("container", None)
+    )
     for run in runs:
         assert run.status == SUCCEEDED, run.error
         # memhog logs every 10 ms: Docker's timestamps time the outage.

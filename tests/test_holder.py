@@ -36,12 +36,22 @@ def test_a_process_that_entered_the_namespace_outlives_the_tree(hosts):
             holder = int(conn.read_file(criu.holder_pidfile(images)).strip())
             pids.append(holder)
             # Like criu dump: enter the tree's namespaces, outlive the tree by a moment, then finish.
-            conn.sh('setsid nsenter -t "$1" --pid --mount -- sh -c "sleep 1; echo finished > $2" '
-                    '</dev/null >/dev/null 2>&1 &', str(restored), str(marker))
+            conn.sh(
+                'setsid nsenter -t "$1" --pid --mount -- sh -c "sleep 1; echo finished > $2" '
+                "</dev/null >/dev/null 2>&1 &",
+                str(restored),
+                str(marker),
+            )
             wait_for(lambda: _entered(holder, str(marker)), message="the entering process did not start")
             os.kill(restored, 9)  # the tree goes, as a dump's end makes it go
-        assert wait_for(lambda: marker.exists() and marker.read_text(), timeout=10,
-                        message="the process in the namespace was killed with the tree") == "finished\n"
+        assert (
+            wait_for(
+                lambda: marker.exists() and marker.read_text(),
+                timeout=10,
+                message="the process in the namespace was killed with the tree",
+            )
+            == "finished\n"
+        )
         # And then the holder goes too: nothing is left in its namespace.
         wait_for(lambda: not lab.pid_running(holder), timeout=10, message="the holder stayed")
     finally:
@@ -64,8 +74,10 @@ def _entered(holder, marker):
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                if os.readlink(f"/proc/{entry}/ns/pid") == ns and marker.encode() in open(
-                        f"/proc/{entry}/cmdline", "rb").read():
+                if (
+                    os.readlink(f"/proc/{entry}/ns/pid") == ns
+                    and marker.encode() in open(f"/proc/{entry}/cmdline", "rb").read()
+                ):
                     return True
             except OSError:
                 pass

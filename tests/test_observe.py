@@ -21,17 +21,21 @@ from tests.support import wait_for
 # -- pieces -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("10.213.1.11:8080", ("10.213.1.11", 8080)),
-    ("localhost:1", ("localhost", 1)),
-    ("[::1]:65535", ("::1", 65535)),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("10.213.1.11:8080", ("10.213.1.11", 8080)),
+        ("localhost:1", ("localhost", 1)),
+        ("[::1]:65535", ("::1", 65535)),
+    ],
+)
 def test_parse_address(text, expected):
     assert parse_address(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "10.0.0.1", "10.0.0.1:", ":80", "host:0", "host:65536", "host:http",
-                                  "-oProxy:22", "a b:80"])
+@pytest.mark.parametrize(
+    "text", ["", "10.0.0.1", "10.0.0.1:", ":80", "host:0", "host:65536", "host:http", "-oProxy:22", "a b:80"]
+)
 def test_parse_address_refuses(text):
     with pytest.raises(ValueError, match="host:port"):
         parse_address(text)
@@ -48,15 +52,18 @@ def test_bad_probe_address_is_refused_before_the_run(db):
 def test_log_gap_is_the_time_between_the_last_line_and_the_next_less_the_usual_interval():
     t0 = datetime(2026, 11, 26, 5, 0, tzinfo=UTC)
     # Docker's own format: nanoseconds, "Z".
-    raw = "\n".join(f"{(t0 + timedelta(milliseconds=10 * i)).strftime('%Y-%m-%dT%H:%M:%S.%f')}123Z {i}"
-                    for i in range(5))
+    raw = "\n".join(
+        f"{(t0 + timedelta(milliseconds=10 * i)).strftime('%Y-%m-%dT%H:%M:%S.%f')}123Z {i}" for i in range(5)
+    )
     before = parse_log(raw)
     assert [line.text for line in before] == ["0", "1", "2", "3", "4"]
     # The nanoseconds are cut to microseconds, not misread.
     assert before[1].at - before[0].at == timedelta(milliseconds=10)
-    after = [LogLine(before[-1].at, "4"),  # the target's copy of an old line does not count
-             LogLine(before[-1].at + timedelta(milliseconds=450), "5"),
-             LogLine(before[-1].at + timedelta(milliseconds=460), "6")]
+    after = [
+        LogLine(before[-1].at, "4"),  # the target's copy of an old line does not count
+        LogLine(before[-1].at + timedelta(milliseconds=450), "5"),
+        LogLine(before[-1].at + timedelta(milliseconds=460), "6"),
+    ]
     assert log_gap(before, after) == (450.0, 10.0)
     assert log_gap(before[:2], after) is None  # too few lines to know the interval
     assert log_gap(before, after[:1]) is None  # nothing after the move

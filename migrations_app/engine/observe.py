@@ -65,8 +65,9 @@ def parse_address(text: str) -> tuple[str, int]:
 class Probe:
     """Polls one or more addresses from a background thread; keeps the times of the answers."""
 
-    def __init__(self, addresses: list[tuple[str, int]], interval: float = PROBE_INTERVAL,
-                 timeout: float = PROBE_TIMEOUT):
+    def __init__(
+        self, addresses: list[tuple[str, int]], interval: float = PROBE_INTERVAL, timeout: float = PROBE_TIMEOUT
+    ):
         self.addresses = addresses
         self.interval = interval
         self.timeout = timeout

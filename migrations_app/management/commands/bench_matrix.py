@@ -30,8 +30,9 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("--sizes", default="16,64,256", help="MiB, comma-separated (default 16,64,256)")
-        parser.add_argument("--strategies", default="",
-                            help="comma-separated (default: every registered one; page-server+tls for TLS)")
+        parser.add_argument(
+            "--strategies", default="", help="comma-separated (default: every registered one; page-server+tls for TLS)"
+        )
         parser.add_argument("--kinds", default="process,container", help="process, container or both")
         parser.add_argument("--runs", type=int, default=2, help="runs of each size and strategy (default 2)")
         parser.add_argument("--no-baseline", action="store_true", help="skip CRIU's own dump + restore")
@@ -54,13 +55,20 @@ class Command(BaseCommand):
         if not any(variants.values()) and not (PROCESS in variants and not no_baseline):
             raise CommandError("nothing to measure: no strategy of these kinds")
         matrix = benchmark.Matrix(
-            sizes=_ints(sizes), variants=variants, runs=runs, baseline=not no_baseline,
+            sizes=_ints(sizes),
+            variants=variants,
+            runs=runs,
+            baseline=not no_baseline,
             name=name or f"bench-{timezone.now():%Y%m%d-%H%M%S}",
         )
         log = self.stderr.write if options["json"] else self.stdout.write
-        log(f"benchmark {matrix.name}: sizes {matrix.sizes} MiB, {runs} run(s) each, "
-            + "; ".join(f"{k}: {', '.join(v + ([benchmark.BASELINE] if k == PROCESS and matrix.baseline else []))}"
-                        for k, v in variants.items()))
+        log(
+            f"benchmark {matrix.name}: sizes {matrix.sizes} MiB, {runs} run(s) each, "
+            + "; ".join(
+                f"{k}: {', '.join(v + ([benchmark.BASELINE] if k == PROCESS and matrix.baseline else []))}"
+                for k, v in variants.items()
+            )
+        )
         try:
             results = benchmark.run_matrix(matrix, log)
         except (benchmark.BenchmarkError, engine.MigrationError, lab.LabError, ssh.SSHError, EngineError) as e:
