@@ -3,6 +3,7 @@ restore through criuweb's runtime wrapper, real engines, real CRIU."""
 
 import os
 import re
+import socket
 import uuid
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from migrations_app.docker_engine import Engine
 from migrations_app.engine import create_run, execute
 from migrations_app.models import CONTAINER, LAZY, PAGE_SERVER, ROLLED_BACK, STOP_AND_COPY, SUCCEEDED, TrustedPair
 from tests.support import wait_for
+from tests.test_fidelity_lab import _connects, _echo, _free_port, containers  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.lab
 
@@ -396,3 +398,29 @@ def test_named_volume_moves_with_its_data(hosts, strategy):
                     engine.remove(name)
                 if engine.volume(volume):
                     engine.remove_volume(volume)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_established_tcp_closed_and_the_client_told(hosts, containers, strategy):
+    """runc passes CRIU no --tcp-close: the plans reset the connections themselves, as pre-flight says."""
+    lab1, lab2 = hosts
+    lab.trust_pair()
+    run_container, _, _ = containers
+    port = _free_port()
+    name = run_container(["nc", "-ll", "-p", "8080", "-e", "cat"], host_config={"port_bindings": {8080: port}},
+                         ports=[8080])  # fmt: skip
+    wait_for(lambda: _connects(lab.HOSTS[0].address, port), message="nc did not start")
+    client = socket.create_connection((lab.HOSTS[0].address, port), timeout=10)
+    assert _echo(client) == b"ping\n"
+    run = migrate(lab1, lab2, name, strategy)
+    assert run.status == SUCCEEDED, run.error
+    assert "established TCP connections will be closed" in run.phases.first().detail
+    try:
+        client.sendall(b"after\n")
+        answer = client.recv(100)
+    except OSError as e:
+        answer = e
+    assert answer == b"" or isinstance(answer, ConnectionResetError | BrokenPipeError), answer
+    client.close()
+    with socket.create_connection((lab.HOSTS[1].address, port), timeout=10) as again:
+        assert _echo(again) == b"ping\n"

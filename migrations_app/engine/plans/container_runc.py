@@ -125,10 +125,22 @@ def prepare_target(ctx: Context):
     return measured
 
 
+def close_tcp(ctx: Context) -> None:
+    """End the container's established TCP connections, as the pre-flight said it would.
+
+    CRIU dumps none without --tcp-established or --tcp-close, and runc's
+    checkpoint passes no --tcp-close: the same reset the engine plan sends.
+    """
+    s = ctx.state
+    if (s.facts or {}).get("close_tcp"):
+        container_checks.close_tcp(ctx.src.conn, s.container["State"]["Pid"])
+
+
 def checkpoint(ctx: Context):
     s = ctx.state
     cid = s.container["Id"]
     state = runc.RuncState(s.runc_binary, s.runc_root)
+    close_tcp(ctx)
     t0 = time.perf_counter()
     try:
         runc.checkpoint(ctx.src.conn, state, cid, f"{s.src_base}/images", f"{s.src_base}/work")

@@ -133,6 +133,7 @@ def preflight_source(ctx: Context):
 def checkpoint(ctx: Context):
     s = ctx.state
     cid = s.container["Id"]
+    container_runc.close_tcp(ctx)
     ctx.src.call("docker pause", ctx.src.api.pause, cid)
     s.paused = True
     ctx.save_state()

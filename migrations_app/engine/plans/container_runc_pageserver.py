@@ -88,6 +88,7 @@ def start_page_server(ctx: Context):
 def checkpoint(ctx: Context):
     s = ctx.state
     cid = s.container["Id"]
+    container_runc.close_tcp(ctx)
     ctx.src.call("docker pause", ctx.src.api.pause, cid)
     s.paused = True
     ctx.save_state()
