@@ -667,3 +667,24 @@ def test_short_lived_children_are_not_taken_for_nested_namespaces(hosts, started
             assert all(p["ns"] == t.root_ns for p in t.procs), [p for p in t.procs if p["ns"] != t.root_ns]
             assert not [w for w in tree.refusals(t, "lab-1") if "namespace of its own" in w]
     assert seen_children > 0  # the loop's children were there to be read
+
+
+def test_a_failed_docker_restore_quotes_criu_s_log_and_rolls_back(hosts, containers):
+    # A real CRIU restore failure: the /tmp criuweb adds to a read-only root
+    # (CRIU needs it to pivot into that root) taken away on the target only,
+    # after the transfer. The source keeps its own, so the rollback works.
+    lab1, lab2 = hosts
+    run_container, _, _ = containers
+    name = run_container(["sh", "-c", lab.COUNTER_SCRIPT], host_config={"read_only": True})
+
+    def take_tmp_away(ctx):
+        ctx.dst.conn.run(["rmdir", "--", f"{ctx.state.target_upper}/tmp"])
+
+    run = execute(create_run(lab1, lab2, CONTAINER, name), after_phase={"transfer": take_tmp_away})
+    assert run.status == ROLLED_BACK, run.error
+    assert run.error.startswith("lab-2: restore from checkpoint failed: "), run.error
+    assert "Can't create a temporary directory: Read-only file system" in run.error, run.error
+    restore = run.phases.get(name="restore")
+    assert "Restoring FAILED" in restore.log_excerpt or "Error" in restore.log_excerpt
+    with Engine(lab1) as engine:
+        assert engine.inspect(name)["State"]["Running"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+import time
 from typing import TYPE_CHECKING
 
 from .. import criu, ssh
@@ -496,3 +497,58 @@ def remove_source_volumes(engine, volumes: list[dict]) -> str:
         engine.remove_volume(v["name"])
         notes.append(f"volume {v['name']} removed from {engine.name}")
     return "".join(f"; {n}" for n in notes)
+
+
+# -- CRIU's restore log ------------------------------------------------------------
+
+# Keeps a copy of CRIU's restore log while Docker restores a container: when
+# a restore fails, containerd deletes the task's directory, log and all,
+# and Docker's error names only the path. $1 the container id, $2 where to
+# copy, $3 a file whose appearance ends the watch. Also ends once the log
+# was seen and is gone, after about 10 minutes, or when the controller's
+# connection closes (the dot written each round then fails).
+WATCH_RESTORE_LOG = r"""
+i=0 seen=
+while [ $i -lt 30000 ] && [ ! -e "$3" ]; do
+    found=
+    for f in /run/*/exec/containerd/daemon/io.containerd.runtime.v2.task/moby/"$1"/work/restore.log \
+             /run/docker/containerd/daemon/io.containerd.runtime.v2.task/moby/"$1"/work/restore.log \
+             /var/run/docker/containerd/daemon/io.containerd.runtime.v2.task/moby/"$1"/work/restore.log \
+             /run/containerd/io.containerd.runtime.v2.task/moby/"$1"/work/restore.log; do
+        if [ -f "$f" ]; then
+            found=1 seen=1
+            cp -- "$f" "$2.part" 2>/dev/null && mv -- "$2.part" "$2"
+        fi
+    done
+    [ -n "$seen" ] && [ -z "$found" ] && break
+    printf . || exit 0
+    i=$((i + 1))
+    sleep 0.02
+done
+rm -f -- "$3"
+"""
+
+
+def watch_restore_log(conn, container_id: str, copy: str):
+    """Start copying a container's CRIU restore log as it is written; returns the channel."""
+    conn.run(["rm", "-f", "--", copy, f"{copy}.stop"], check=False)
+    return conn.open_command(["sh", "-c", WATCH_RESTORE_LOG, "sh", container_id, copy, f"{copy}.stop"])
+
+
+def restore_log_copy(conn, copy: str, wait: float = 1.0) -> str:
+    """The copied restore log once the watcher saw the task's directory go (waits up to `wait` s)."""
+    deadline = time.monotonic() + wait
+    text = None
+    while time.monotonic() < deadline:
+        text = conn.read_file(copy, check=False)
+        if text and "Restoring FAILED" in text:
+            break
+        time.sleep(0.1)
+    return text or ""
+
+
+def stop_watch(conn, watcher, copy: str) -> None:
+    try:
+        conn.run(["sh", "-c", 'touch -- "$1.stop"; rm -f -- "$1"', "sh", copy], check=False)
+    finally:
+        watcher.close()

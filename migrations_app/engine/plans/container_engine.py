@@ -341,6 +341,8 @@ def _containerd_task_dir(conn, root, cid):
 
 def restore(ctx: Context):
     cid = ctx.state.target_id
+    copy = f"{ctx.state.dst_root}/containers/{cid}/criuweb-restore.log"
+    watcher = container_checks.watch_restore_log(ctx.dst.conn, cid, copy)
     ctx.set_stage(Stage.RESTORING)
     try:
         ctx.dst.start(cid, checkpoint=ctx.state.checkpoint, timeout=ctx.call_timeout())
@@ -351,11 +353,18 @@ def restore(ctx: Context):
         if e.answered:
             ctx.set_stage(Stage.FROZEN)
         try:
-            task_dir = _containerd_task_dir(ctx.dst.conn, ctx.state.dst_root, cid)
-            excerpt = criu.log_excerpt(ctx.dst.conn.read_file(f"{task_dir}/restore.log", check=False))
+            # containerd has removed the task's own copy by now; the watcher's is left.
+            excerpt = criu.log_excerpt(container_checks.restore_log_copy(ctx.dst.conn, copy))
+            container_checks.stop_watch(ctx.dst.conn, watcher, copy)
         except ssh.SSHError:
             excerpt = ""  # the connection may be what failed; the error says it
+        cause = criu.first_error(excerpt)
+        if cause:
+            raise criu.CriuError(
+                f"{ctx.target.name}: restore from checkpoint failed: {cause} (see restore.log excerpt)", excerpt
+            ) from e
         raise criu.CriuError(f"{e} (see restore.log excerpt)" if excerpt else str(e), excerpt) from e
+    container_checks.stop_watch(ctx.dst.conn, watcher, copy)
     task_dir = _containerd_task_dir(ctx.dst.conn, ctx.state.dst_root, cid)
     stats = criu.read_stats(ctx.dst.conn, f"{task_dir}/stats-restore")
     restore_log = ctx.dst.conn.read_file(f"{task_dir}/restore.log", check=False) or ""
