@@ -195,18 +195,24 @@ echo "$out"
 """
 
 
-def probe(conn):
+def probe(conn, full: bool = True):
     """CRIU version, `criu check` verdict, strategy features and self-tests on a host.
 
     One SSH command: each one costs a round trip and a remote shell.
+    full=False checks only the version and `criu check`: a run's pre-flight
+    needs no more, and the self-tests take seconds per host (the host probe
+    stores their results, which the form and the plans' needs read).
     sockets_ok says whether CRIU dumped and restored a process holding a
     listening TCP socket there; sockets_error is CRIU's error line if not.
     self_tests: {name: {"ok", "error"}} for each of SELF_TESTS.
     """
-    tests = [f"{name} {' '.join(options)}" for name, options in SELF_TESTS.items()]
-    out = conn.sh(PROBE_SCRIPT, SELFTEST_SOURCE, str(len(tests)), *tests, *FEATURES, timeout=300).stdout
+    tests = [f"{name} {' '.join(options)}" for name, options in SELF_TESTS.items()] if full else []
+    features = FEATURES if full else []
+    # Without self-tests, the source is not sent: it is most of the command.
+    source = SELFTEST_SOURCE if full else ""
+    out = conn.sh(PROBE_SCRIPT, source, str(len(tests)), *tests, *features, timeout=300).stdout
     head, _, check_output = out.partition("---\n")
-    not_tried = {"ok": False, "error": "not tried: criu check fails"}
+    not_tried = {"ok": False, "error": "not tried: criu check fails" if full else "not tried"}
     facts = {
         "features": {},
         "version": None,

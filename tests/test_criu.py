@@ -164,3 +164,16 @@ def test_probe_records_the_socket_self_test(hosts):
     # Every strategy's self-test passes on the lab (lab up lifts the pipe
     # limits the lazy one needs).
     assert facts["self_tests"] == {name: {"ok": True, "error": ""} for name in criu.SELF_TESTS}
+
+
+@pytest.mark.lab
+def test_preflight_probe_checks_criu_without_self_tests(hosts):
+    from migrations_app import ssh
+    from migrations_app.engine.hostcheck import criu_ready
+
+    with ssh.Connection(hosts[0]) as conn:
+        facts = criu_ready(conn)
+    assert facts["check_ok"] is True and facts["version"]
+    # The self-tests are the host probe's job; a run's pre-flight skips them.
+    assert all(t == {"ok": False, "error": "not tried"} for t in facts["self_tests"].values())
+    assert facts["features"] == {}
