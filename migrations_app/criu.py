@@ -8,6 +8,7 @@ built from values.
 import json
 import re
 import struct
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -655,6 +656,137 @@ class Background:
                 self.chan.close()
             self.status = int(line[1]) if len(line) == 2 and line[0] == "exit" else -1
         return self.status
+
+    def close(self):
+        self.chan.close()
+
+
+# -- dump and restore started before the freeze (page-server) ---------------------
+
+# Waits for "go" on stdin, then runs the criu dump in "$@" and, once it has
+# succeeded, sends the images directory $1 as a tar on stdout (all but
+# CRIU's own log and statistics, which stay there and are read after the
+# resume). stderr says
+# "criuweb-dumped" between the two, or "criuweb-dump-failed <status>".
+# Started before the freeze: the SSH session and the shell then cost no
+# downtime. Nothing is dumped without "go" (EOF, a closed channel, ends it).
+SEND_SCRIPT = r"""
+d=$1; shift
+read -r go || exit 4
+[ "$go" = go ] || exit 4
+"$@" </dev/null >&2; rc=$?
+if [ "$rc" != 0 ]; then echo "criuweb-dump-failed $rc" >&2; exit 70; fi
+echo "criuweb-dumped" >&2
+exec tar --exclude=./dump.log --exclude=./stats-dump -cf - -C "$d" .
+"""
+DUMPED = b"criuweb-dumped\n"
+DUMP_FAILED = b"criuweb-dump-failed"
+
+
+class DumpSender:
+    """A criu dump on the source waiting for the freeze, its small images then sent on stdout."""
+
+    def __init__(self, conn, images_dir, argv, timeout=600):
+        self.conn, self.images_dir = conn, images_dir
+        self.chan = conn.open_command(["sh", "-c", SEND_SCRIPT, "sh", images_dir, *argv], idle_timeout=timeout)
+
+    def dump(self, timeout: float) -> None:
+        """Start the dump now and return once it has succeeded; raise CriuError when it fails."""
+        self.chan.sendall(b"go\n")
+        err = bytearray()
+        deadline = time.monotonic() + timeout
+        while DUMPED not in err and DUMP_FAILED not in err and time.monotonic() < deadline:
+            # Waits at most the channel's idle timeout; a closed connection
+            # (the freeze limit) reads empty at once.
+            try:
+                data = self.chan.recv_stderr(CHUNK_SMALL)
+            except TimeoutError:
+                continue
+            if not data:
+                break
+            err += data
+        if DUMPED in err:
+            return
+        excerpt = log_excerpt(self.conn.read_file(f"{self.images_dir}/dump.log", check=False))
+        said = bytes(err).decode(errors="replace").replace(DUMP_FAILED.decode(), "exit status").strip()
+        cause = first_error(excerpt) or said[-300:] or "no answer"
+        self.chan.close()
+        raise CriuError(f"{self.conn.name}: criu dump failed: {cause} (see dump.log excerpt)", excerpt)
+
+    def close(self):
+        self.chan.close()
+
+
+CHUNK_SMALL = 4096
+UNPACKED = "criuweb-unpacked"
+# Unpacks the images sent on stdin into $1 (checked as UNPACK_IMAGES does),
+# says "criuweb-unpacked", waits for "go", then runs the restore in "$@".
+# Started before the freeze; no restore starts without "go", which the
+# controller sends only once the run's stage says the target may run a copy.
+RECEIVE_SCRIPT = r"""
+set -e
+tar --numeric-owner --xattrs --xattrs-include='*' --same-owner -xpf - -C "$1"
+odd=$(find "$1" ! -type f ! -type d -print -quit)
+if [ -n "$odd" ]; then
+    echo "refusing the images: $odd is not a regular file or directory" >&2
+    exit 3
+fi
+echo criuweb-unpacked
+read -r go
+[ "$go" = go ] || exit 4
+shift
+exec "$@"
+"""
+
+
+class RestoreReceiver:
+    """A target command started before the freeze: it unpacks the small images, then restores on "go"."""
+
+    def __init__(self, conn, images_dir, extra=(), timeout=600):
+        self.conn, self.images_dir = conn, images_dir
+        argv = ["sh", "-c", RECEIVE_SCRIPT, "sh", images_dir, *restore_argv(images_dir, extra)]
+        self.chan = conn.open_command(argv, idle_timeout=timeout)
+        self.out = self.chan.makefile("r")
+
+    def unpacked(self) -> None:
+        """Return once the images are in place; raise CriuError if they could not be written."""
+        try:
+            line = self.out.readline().strip()
+        except OSError:
+            line = ""
+        if line == UNPACKED:
+            return
+        rc = self.chan.recv_exit_status() if self.chan.exit_status_ready() else -1
+        err = b""
+        while self.chan.recv_stderr_ready():
+            err += self.chan.recv_stderr(CHUNK_SMALL)
+        self.chan.close()
+        why = err.decode(errors="replace").strip()[-300:] or ("no exit status" if rc == -1 else f"exit status {rc}")
+        raise CriuError(f"{self.conn.name}: writing the small images failed: {why}")
+
+    def restore(self, timeout: float) -> int:
+        """Restore now; the restored tree's PID. CriuError as restore() raises it."""
+        self.chan.settimeout(timeout)
+        try:
+            self.chan.sendall(b"go\n")
+            out = self.out.read().decode(errors="replace")
+        except OSError:
+            out = ""
+        parts = out.split()
+        if len(parts) == 2 and parts[0] == "0" and parts[1].isdigit():
+            self.chan.close()
+            return int(parts[1])
+        err = b""
+        while self.chan.recv_stderr_ready():
+            err += self.chan.recv_stderr(CHUNK_SMALL)
+        self.chan.close()
+        excerpt = log_excerpt(self.conn.read_file(f"{self.images_dir}/restore.log", check=False))
+        cause = first_error(excerpt) or err.decode(errors="replace").strip()[-300:] or "no restored process"
+        # Only a status from CRIU itself says for sure that nothing was restored.
+        definitive = len(parts) == 2 and parts[0].lstrip("-").isdigit() and parts[0] != "0"
+        raise CriuError(
+            f"{self.conn.name}: criu restore failed: {cause} (see restore.log excerpt)", excerpt, definitive
+        )
 
     def close(self):
         self.chan.close()

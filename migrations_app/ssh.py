@@ -335,10 +335,13 @@ def _drain(chan, timeout, command, name):
     return bytes(out), bytes(err)
 
 
-def stream(src_chan, dst_chan, on_progress=None):
+def stream(src_chan, dst_chan, on_progress=None, keep_dst=False):
     """Copy src's stdout into dst's stdin; return the byte count.
 
     The bytes pass through the controller's memory, never its disk.
+    keep_dst: dst's stdin stays open and dst keeps running (it waits for more
+    on stdin after the stream); its exit status comes back as 0 and its
+    stderr is left unread, for its owner.
     """
     total = 0
     errs = {"src": bytearray(), "dst": bytearray()}
@@ -356,10 +359,9 @@ def stream(src_chan, dst_chan, on_progress=None):
                 break
             errs[key] += data
 
-    threads = [
-        threading.Thread(target=collect, args=(src_chan, "src"), daemon=True),
-        threading.Thread(target=collect, args=(dst_chan, "dst"), daemon=True),
-    ]
+    threads = [threading.Thread(target=collect, args=(src_chan, "src"), daemon=True)]
+    if not keep_dst:
+        threads.append(threading.Thread(target=collect, args=(dst_chan, "dst"), daemon=True))
     for t in threads:
         t.start()
     try:
@@ -371,7 +373,8 @@ def stream(src_chan, dst_chan, on_progress=None):
             total += len(data)
             if on_progress:
                 on_progress(total)
-        dst_chan.shutdown_write()
+        if not keep_dst:
+            dst_chan.shutdown_write()
     except TimeoutError as e:
         raise SSHError(f"the transfer stalled after {total} bytes (no data for {src_chan.gettimeout()} s)") from e
     except OSError:
@@ -382,7 +385,8 @@ def stream(src_chan, dst_chan, on_progress=None):
         dst_rc = _exit_status(dst_chan)
         return total, -1, dst_rc if dst_rc != -1 else 255, "", _errs_after(threads, errs, "dst")
     # After the last byte the target may still be unpacking (a large layer).
-    src_rc, dst_rc = _exit_status(src_chan), _exit_status(dst_chan, 10 * stream_idle_timeout())
+    src_rc = _exit_status(src_chan)
+    dst_rc = 0 if keep_dst else _exit_status(dst_chan, 10 * stream_idle_timeout())
     for t in threads:
         t.join(5)
     return total, src_rc, dst_rc, errs["src"].decode(errors="replace"), errs["dst"].decode(errors="replace")

@@ -21,8 +21,13 @@ TAR_EXTRACT = ["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "--sa
 PROGRESS_INTERVAL = 0.25
 
 
-def pipe(ctx: Context, src, dst, what: str) -> int:
-    """Pipe one started source command into one target command; return bytes."""
+def pipe(ctx: Context, src, dst, what: str, keep_dst: bool = False) -> int:
+    """Pipe one started source command into one target command; return bytes.
+
+    keep_dst: the target command goes on after the stream (a
+    criu.RestoreReceiver, which then waits for "go"): neither closed nor
+    awaited here.
+    """
     last = [0.0]
 
     def progress(n):
@@ -35,10 +40,11 @@ def pipe(ctx: Context, src, dst, what: str) -> int:
                 ctx.on_progress(ctx.current_timer.phase.name, n, ctx.run.expected_bytes)
 
     try:
-        total, src_rc, dst_rc, src_err, dst_err = ssh.stream(src, dst, progress)
+        total, src_rc, dst_rc, src_err, dst_err = ssh.stream(src, dst, progress, keep_dst=keep_dst)
     finally:
         src.close()
-        dst.close()
+        if not keep_dst:
+            dst.close()
     # The target first: when it dies, the source fails only for lack of a reader.
     if dst_rc != 0:
         why = dst_err.strip()[-300:] or ("no exit status" if dst_rc == -1 else f"exit status {dst_rc}")

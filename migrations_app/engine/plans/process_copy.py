@@ -159,12 +159,20 @@ def transfer(ctx: Context):
     return Measured(bytes=streams.copy_dir(ctx, ctx.state.src_images, ctx.state.dst_images))
 
 
-def restore(ctx: Context, extra: tuple[str, ...] | list[str] = ()):
-    """extra: a strategy's own restore options (post-copy: --lazy-pages)."""
+def restore(ctx: Context, extra: tuple[str, ...] | list[str] = (), run=None):
+    """extra: a strategy's own restore options (post-copy: --lazy-pages).
+
+    run(options): restores and returns the PID, when a strategy started its
+    restore command before the freeze (criu.RestoreReceiver).
+    """
     images = ctx.state.dst_images
+    options = [*ctx.state.criu_opts, *extra]
     ctx.set_stage(Stage.RESTORING)
     try:
-        pid = criu.restore(ctx.dst, images, timeout=ctx.call_timeout(), extra=[*ctx.state.criu_opts, *extra])
+        if run is not None:
+            pid = run(options)
+        else:
+            pid = criu.restore(ctx.dst, images, timeout=ctx.call_timeout(), extra=options)
         ctx.resumed_at = time.perf_counter()
     except criu.CriuError as e:
         if e.definitive:  # CRIU said it failed: nothing runs there

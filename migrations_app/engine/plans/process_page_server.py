@@ -45,9 +45,6 @@ if TYPE_CHECKING:
 PAGE_SIZE = 4096
 # Memory the target keeps for itself beyond the tmpfs the pages fill.
 MEMORY_RESERVE = 128 * 1024 * 1024
-# The small images: everything CRIU wrote on the source but its own log and
-# statistics, which stay there (the dump phase already read them).
-IMAGES_CREATE = ["tar", "--exclude=./dump.log", "--exclude=./stats-dump", "-cf", "-", "-C"]
 
 # Mount a tmpfs of $2 KiB, mode 0700, at $1 for one run's images.
 MOUNT_SCRIPT = 'mkdir -p "$1" && mount -t tmpfs -o "size=$2k,mode=0700" criuweb-run "$1"'
@@ -145,23 +142,37 @@ def preflight_target(ctx: Context):
 
 
 def start_page_server(ctx: Context):
-    """Started before the freeze, so its start-up is no downtime."""
+    """Everything the freeze needs on both hosts, started before it, so that no start-up is downtime.
+
+    The page server listens; on the source a shell waits to run the dump
+    and send the small images; on the target another waits to unpack them
+    and, on a word from the controller, restore. The freeze then costs no
+    SSH session and no shell start-up: a word to the source, the images
+    through the controller, a word to the target.
+    """
     s = ctx.state
     extra = tls.criu_args(_dst_tls_dir(s)) if s.tls else []
     server = criu.PageServer(ctx.dst, s.dst_images, s.address, extra)
     ctx.page_server = server
     s.port, s.page_server_pid = server.port, server.pid
     ctx.save_state()
-    return Measured(detail=f"listening on {s.address}:{s.port}{' with TLS' if s.tls else ''} (PID {server.pid})")
+    dump_extra = [*s.criu_opts, "--leave-stopped", "--page-server", "--address", s.address, "--port", str(s.port)]
+    if s.tls:
+        dump_extra += tls.criu_args(_src_tls_dir(s))
+    mode, inner, _ = s.resolved
+    argv = criu.dump_argv(s.pid, s.src_images, None if mode == "root" else inner, dump_extra)
+    ctx.receiver = criu.RestoreReceiver(ctx.dst, s.dst_images, s.criu_opts)
+    ctx.sender = criu.DumpSender(ctx.src, s.src_images, argv)
+    return Measured(
+        detail=f"listening on {s.address}:{s.port}{' with TLS' if s.tls else ''} (PID {server.pid}); "
+        "dump and restore waiting for the freeze"
+    )
 
 
 def dump(ctx: Context):
     s = ctx.state
-    extra = [*s.criu_opts, "--leave-stopped", "--page-server", "--address", s.address, "--port", str(s.port)]
-    if s.tls:
-        extra += tls.criu_args(_src_tls_dir(s))
     try:
-        criu.dump(ctx.src, s.pid, s.src_images, s.resolved, extra)
+        ctx.sender.dump(ctx.call_timeout())
     except criu.CriuError as e:
         # CRIU resumes the tree when a dump fails; the rollback checks.
         server_log = ctx.page_server.log_tail()
@@ -195,10 +206,16 @@ def _record_dump(ctx: Context) -> None:
 
 
 def transfer(ctx: Context):
-    s = ctx.state
-    src = ctx.src_ssh.open_command(IMAGES_CREATE + [s.src_images, "."])
-    dst = ctx.dst_ssh.open_command(["sh", "-c", streams.UNPACK_IMAGES, "sh", s.dst_images])
-    return Measured(bytes=streams.pipe(ctx, src, dst, "the small images"), detail="images other than pages")
+    """The small images, from the waiting dump's output into the waiting restore's input."""
+    moved = streams.pipe(ctx, ctx.sender.chan, ctx.receiver.chan, "the small images", keep_dst=True)
+    ctx.receiver.unpacked()
+    return Measured(bytes=moved, detail="images other than pages")
+
+
+def restore(ctx: Context):
+    """The waiting restore is told to go: no SSH session or shell starts inside the downtime."""
+    receiver = ctx.receiver
+    return process_copy.restore(ctx, run=lambda extra: receiver.restore(ctx.call_timeout()))
 
 
 def cleanup(ctx: Context):
@@ -276,8 +293,17 @@ def wake_source(ctx: Context, src, leftovers: str) -> None:
         raise MigrationError(f"{ctx.source.name}: process {s.pid} does not run again after rollback")
 
 
+def _close_waiting(ctx: Context) -> None:
+    # The waiting dump and restore end at the EOF: neither acts without "go".
+    for name in ("sender", "receiver"):
+        waiting = getattr(ctx, name, None)
+        if waiting is not None:
+            waiting.close()
+
+
 def rollback(ctx: Context):
     s = ctx.state
+    _close_waiting(ctx)
     # A restore was started there: it is stopped before the source wakes, so
     # two never run at once. Otherwise nothing can run there, and the source
     # wakes first: the target may be what failed.
@@ -314,6 +340,7 @@ def _clear_target_of(ctx: Context, may_run: bool) -> str:
 def abort(ctx: Context):
     """Remove what the run made on both hosts while the tree runs on the source."""
     s = ctx.state
+    _close_waiting(ctx)
     if s.dst_images:
         process_copy._on(ctx.dst, ctx.target, lambda conn: _clear_target(conn, s))
     if s.src_images:
@@ -339,7 +366,7 @@ PLAN = Plan(
         Step("page server", "target", start_page_server),
         Step("dump", "source", dump, freezes=True),
         Step("transfer", "both", transfer),
-        Step("restore", "target", process_copy.restore, resumes=True),
+        Step("restore", "target", restore, resumes=True),
         Step("verify", "target", process_copy.verify, commits=True),
         Step("cleanup", "both", cleanup),
     ),
