@@ -7,6 +7,7 @@ built from values.
 
 import json
 import re
+import shlex
 import struct
 import time
 from collections.abc import Sequence
@@ -628,6 +629,14 @@ class Background:
             rc = self.wait()
             raise CriuError(f"{conn.name}: {what} failed: {self.cause(rc)}", self.log_tail())
 
+    @classmethod
+    def adopt(cls, conn, chan, out, pid, log_path, what):
+        """One already running on chan, whose "exit <status>" line comes on out (see DumpSender)."""
+        self = cls.__new__(cls)
+        self.conn, self.log_path, self.what = conn, log_path, what
+        self.chan, self.out, self.pid, self.status = chan, out, pid, None
+        return self
+
     def log_tail(self):
         return log_excerpt(self.conn.read_file(self.log_path, check=False))
 
@@ -683,19 +692,60 @@ DUMPED = b"criuweb-dumped\n"
 DUMP_FAILED = b"criuweb-dump-failed"
 
 
-class DumpSender:
-    """A criu dump on the source waiting for the freeze, its small images then sent on stdout."""
+# The lazy dump's sender: waits for "go", starts the dump (--lazy-pages) in
+# the background and, once CRIU says its images are written and its page
+# server listens, writes them as a tar into the images directory, says
+# "criuweb-dumped-lazy <dump PID> <tar bytes>" on stderr and sends the tar
+# on stdout; then "exit <status>" on stdout when the dump has served every
+# page. The controller reads exactly the tar's bytes, then waits for that
+# line. $1: images directory; $2: a path for the status fifo.
+SEND_LAZY_SCRIPT = r"""
+d=$1; fifo=$2; shift 2
+read -r go || exit 4
+[ "$go" = go ] || exit 4
+rm -f "$fifo" && mkfifo -m 600 "$fifo" || exit 3
+"$@" --status-fd 9 9>"$fifo" </dev/null >/dev/null 2>&1 &
+pid=$!
+ready=$(head -c1 "$fifo" | od -An -tx1 | tr -d ' \n')
+rm -f "$fifo"
+if [ "$ready" != 00 ]; then wait "$pid"; echo "criuweb-dump-failed $?" >&2; exit 70; fi
+tar --exclude=./dump.log --exclude=./stats-dump --exclude=./.images.tar -cf "$d/.images.tar" -C "$d" . \
+    || { echo "criuweb-dump-failed (tar)" >&2; exit 71; }
+echo "criuweb-dumped-lazy $pid $(wc -c < "$d/.images.tar")" >&2
+cat "$d/.images.tar"
+rm -f "$d/.images.tar"
+wait "$pid"
+echo "exit $?"
+"""
+DUMPED_LAZY = "criuweb-dumped-lazy"
 
-    def __init__(self, conn, images_dir, argv, timeout=600):
+
+def _said(err: bytearray, words) -> bool:
+    return any(w in err for w in words)
+
+
+class DumpSender:
+    """A criu dump on the source waiting for the freeze, its small images then sent on stdout.
+
+    lazy: the dump serves the pages afterwards (SEND_LAZY_SCRIPT); pid and
+    size then say which process serves them and how many bytes the images are.
+    """
+
+    def __init__(self, conn, images_dir, argv, timeout=600, lazy=False):
         self.conn, self.images_dir = conn, images_dir
-        self.chan = conn.open_command(["sh", "-c", SEND_SCRIPT, "sh", images_dir, *argv], idle_timeout=timeout)
+        self.pid: int | None = None
+        self.size: int | None = None
+        script = ["sh", "-c", SEND_LAZY_SCRIPT, "sh", images_dir, f"{images_dir}.ready"] if lazy else [
+            "sh", "-c", SEND_SCRIPT, "sh", images_dir,
+        ]
+        self.chan = conn.open_command([*script, *argv], idle_timeout=timeout)
 
     def dump(self, timeout: float) -> None:
         """Start the dump now and return once it has succeeded; raise CriuError when it fails."""
         self.chan.sendall(b"go\n")
         err = bytearray()
         deadline = time.monotonic() + timeout
-        while DUMPED not in err and DUMP_FAILED not in err and time.monotonic() < deadline:
+        while not _said(err, (DUMPED, DUMP_FAILED, DUMPED_LAZY.encode())) and time.monotonic() < deadline:
             # Waits at most the channel's idle timeout; a closed connection
             # (the freeze limit) reads empty at once.
             try:
@@ -707,11 +757,21 @@ class DumpSender:
             err += data
         if DUMPED in err:
             return
+        for line in bytes(err).decode(errors="replace").splitlines():
+            if line.startswith(DUMPED_LAZY):
+                words = line.split()
+                self.pid, self.size = int(words[1]), int(words[2])
+                return
         excerpt = log_excerpt(self.conn.read_file(f"{self.images_dir}/dump.log", check=False))
         said = bytes(err).decode(errors="replace").replace(DUMP_FAILED.decode(), "exit status").strip()
         cause = first_error(excerpt) or said[-300:] or "no answer"
         self.chan.close()
         raise CriuError(f"{self.conn.name}: criu dump failed: {cause} (see dump.log excerpt)", excerpt)
+
+    def serving(self, log_path: str) -> Background:
+        """After a lazy dump's images were read: the dump serving pages, as a Background."""
+        out = self.chan.makefile("r")
+        return Background.adopt(self.conn, self.chan, out, self.pid, log_path, "criu dump --lazy-pages")
 
     def close(self):
         self.chan.close()
@@ -742,9 +802,15 @@ exec "$@"
 class RestoreReceiver:
     """A target command started before the freeze: it unpacks the small images, then restores on "go"."""
 
-    def __init__(self, conn, images_dir, extra=(), timeout=600):
+    def __init__(self, conn, images_dir, extra=(), timeout=600, lazy_argv=None):
         self.conn, self.images_dir = conn, images_dir
-        argv = ["sh", "-c", RECEIVE_SCRIPT, "sh", images_dir, *restore_argv(images_dir, extra)]
+        self.lazy_pid: int | None = None
+        restore = restore_argv(images_dir, extra)
+        if lazy_argv is None:
+            argv = ["sh", "-c", RECEIVE_SCRIPT, "sh", images_dir, *restore]
+        else:
+            lazy = shlex.join([*lazy_argv, "--status-fd", "9"])
+            argv = ["sh", "-c", RECEIVE_LAZY_SCRIPT, "sh", images_dir, lazy, f"{images_dir}.ready", *restore]
         self.chan = conn.open_command(argv, idle_timeout=timeout)
         self.out = self.chan.makefile("r")
 
@@ -755,6 +821,9 @@ class RestoreReceiver:
         except OSError:
             line = ""
         if line == UNPACKED:
+            return
+        if line.startswith(UNPACKED + " ") and line.split()[1].isdigit():
+            self.lazy_pid = int(line.split()[1])
             return
         rc = self.chan.recv_exit_status() if self.chan.exit_status_ready() else -1
         err = b""
@@ -769,12 +838,13 @@ class RestoreReceiver:
         self.chan.settimeout(timeout)
         try:
             self.chan.sendall(b"go\n")
-            out = self.out.read().decode(errors="replace")
+            out = self.out.readline()
         except OSError:
             out = ""
         parts = out.split()
         if len(parts) == 2 and parts[0] == "0" and parts[1].isdigit():
-            self.chan.close()
+            if self.lazy_pid is None:
+                self.chan.close()
             return int(parts[1])
         err = b""
         while self.chan.recv_stderr_ready():
@@ -790,3 +860,39 @@ class RestoreReceiver:
 
     def close(self):
         self.chan.close()
+
+    def lazy_pages(self, log_path: str) -> Background:
+        """After the restore: the running `criu lazy-pages`, as a Background whose exit line comes here."""
+        return Background.adopt(self.conn, self.chan, self.out, self.lazy_pid, log_path, "criu lazy-pages")
+
+
+# The post-copy receiver: as RECEIVE_SCRIPT, and once the images are in
+# place it starts `criu lazy-pages` ($2, a shlex-quoted command line ending
+# in --status-fd 9) and says "criuweb-unpacked <its PID>" once it listens;
+# on "go" the restore in "$@" runs, and "exit <status>" follows when
+# lazy-pages has moved every page. Without "go", lazy-pages is killed.
+# $3: a path for the status fifo.
+RECEIVE_LAZY_SCRIPT = r"""
+set -e
+d=$1; lazy=$2; fifo=$3; shift 3
+tar --numeric-owner --xattrs --xattrs-include='*' --same-owner -xpf - -C "$d"
+odd=$(find "$d" ! -type f ! -type d -print -quit)
+if [ -n "$odd" ]; then
+    echo "refusing the images: $odd is not a regular file or directory" >&2
+    exit 3
+fi
+rm -f "$fifo"
+mkfifo -m 600 "$fifo"
+# $lazy is shlex-quoted by the controller: eval only splits it back into words.
+eval "$lazy" 9>"$fifo" </dev/null >/dev/null 2>&1 &
+lpid=$!
+ready=$(head -c1 "$fifo" | od -An -tx1 | tr -d ' \n')
+rm -f "$fifo"
+set +e
+if [ "$ready" != 00 ]; then wait "$lpid"; echo "criu lazy-pages did not start (exit status $?)" >&2; exit 5; fi
+echo "criuweb-unpacked $lpid"
+if ! read -r go || [ "$go" != go ]; then kill -KILL "$lpid"; exit 4; fi
+"$@"
+wait "$lpid"
+echo "exit $?"
+"""

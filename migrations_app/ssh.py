@@ -335,13 +335,15 @@ def _drain(chan, timeout, command, name):
     return bytes(out), bytes(err)
 
 
-def stream(src_chan, dst_chan, on_progress=None, keep_dst=False):
+def stream(src_chan, dst_chan, on_progress=None, keep_dst=False, limit=None):
     """Copy src's stdout into dst's stdin; return the byte count.
 
     The bytes pass through the controller's memory, never its disk.
     keep_dst: dst's stdin stays open and dst keeps running (it waits for more
     on stdin after the stream); its exit status comes back as 0 and its
     stderr is left unread, for its owner.
+    limit: copy exactly this many bytes and leave src running (what it
+    writes afterwards is for its owner); its exit status comes back as 0.
     """
     total = 0
     errs = {"src": bytearray(), "dst": bytearray()}
@@ -359,14 +361,15 @@ def stream(src_chan, dst_chan, on_progress=None, keep_dst=False):
                 break
             errs[key] += data
 
-    threads = [threading.Thread(target=collect, args=(src_chan, "src"), daemon=True)]
+    # With a limit, src's stderr stays its owner's too.
+    threads = [] if limit is not None else [threading.Thread(target=collect, args=(src_chan, "src"), daemon=True)]
     if not keep_dst:
         threads.append(threading.Thread(target=collect, args=(dst_chan, "dst"), daemon=True))
     for t in threads:
         t.start()
     try:
-        while True:
-            data = src_chan.recv(CHUNK)
+        while limit is None or total < limit:
+            data = src_chan.recv(CHUNK if limit is None else min(CHUNK, limit - total))
             if not data:
                 break
             dst_chan.sendall(data)
@@ -385,6 +388,9 @@ def stream(src_chan, dst_chan, on_progress=None, keep_dst=False):
         dst_rc = _exit_status(dst_chan)
         return total, -1, dst_rc if dst_rc != -1 else 255, "", _errs_after(threads, errs, "dst")
     # After the last byte the target may still be unpacking (a large layer).
+    if limit is not None:
+        src_rc = 0 if total == limit else -1
+        return total, src_rc, 0, "" if src_rc == 0 else "the stream ended early", ""
     src_rc = _exit_status(src_chan)
     dst_rc = 0 if keep_dst else _exit_status(dst_chan, 10 * stream_idle_timeout())
     for t in threads:

@@ -213,7 +213,8 @@ def test_lazy_moves_a_process(hosts, memhog, trusted):
     assert run.status == SUCCEEDED, run.error
     assert run.strategy == LAZY and run.tls is (not trusted)
     assert [p.name for p in run.phases.all()] == [
-        "pre-flight", "pre-flight", "dump", "transfer", "lazy-pages", "restore", "page pull", "verify", "cleanup",
+        "pre-flight", "pre-flight", "prepare", "dump", "transfer", "lazy-pages", "restore", "page pull", "verify",
+        "cleanup",
     ]
     pull = run.phases.get(name="page pull")
     # The memory came after the restore, in the pull: 64 MiB at least.

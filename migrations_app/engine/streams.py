@@ -21,12 +21,12 @@ TAR_EXTRACT = ["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "--sa
 PROGRESS_INTERVAL = 0.25
 
 
-def pipe(ctx: Context, src, dst, what: str, keep_dst: bool = False) -> int:
+def pipe(ctx: Context, src, dst, what: str, keep_dst: bool = False, limit: int | None = None) -> int:
     """Pipe one started source command into one target command; return bytes.
 
     keep_dst: the target command goes on after the stream (a
     criu.RestoreReceiver, which then waits for "go"): neither closed nor
-    awaited here.
+    awaited here. limit: exactly this many bytes, src left running and open.
     """
     last = [0.0]
 
@@ -40,9 +40,10 @@ def pipe(ctx: Context, src, dst, what: str, keep_dst: bool = False) -> int:
                 ctx.on_progress(ctx.current_timer.phase.name, n, ctx.run.expected_bytes)
 
     try:
-        total, src_rc, dst_rc, src_err, dst_err = ssh.stream(src, dst, progress, keep_dst=keep_dst)
+        total, src_rc, dst_rc, src_err, dst_err = ssh.stream(src, dst, progress, keep_dst=keep_dst, limit=limit)
     finally:
-        src.close()
+        if limit is None:
+            src.close()
         if not keep_dst:
             dst.close()
     # The target first: when it dies, the source fails only for lack of a reader.

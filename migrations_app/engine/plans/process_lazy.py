@@ -48,9 +48,6 @@ if TYPE_CHECKING:
     from ..runner import Context
 
 PAGE_SIZE = 4096
-# The small images: everything but the dump's log, which CRIU is still
-# writing while it serves the pages.
-IMAGES_CREATE = ["tar", "--exclude=./dump.log", "-cf", "-", "-C"]
 # How often the page pull's progress is looked at and stored.
 PULL_POLL_SECONDS = 0.5
 # A free TCP port on $1, asked of the kernel.
@@ -121,67 +118,72 @@ def preflight_target(ctx: Context):
     return Measured(detail=detail)
 
 
-def dump(ctx: Context):
-    """Ends once the small images are written and the source serves its pages."""
+def prepare(ctx: Context):
+    """The dump and the restore, started before the freeze, each in a shell waiting for the controller's word.
+
+    The freeze then costs no SSH session and no shell start-up: a word to
+    the source, its images through the controller into the target (where
+    `criu lazy-pages` starts as soon as they are in place), a word to the
+    target.
+    """
     s = ctx.state
     extra = [*s.criu_opts, "--leave-stopped", "--lazy-pages", "--address", s.address, "--port", str(s.port)]
     if s.tls:
         extra += tls.criu_args(_src_tls_dir(s))
     mode, inner, _ = s.resolved
     argv = criu.dump_argv(s.pid, s.src_images, None if mode == "root" else inner, extra)
+    lazy = ["criu", "lazy-pages", "--page-server", "--address", s.address, "--port", str(s.port)]
+    lazy += ["-D", s.dst_images, "-v4", "-o", "lazy-pages.log"]
+    if s.tls:
+        lazy += tls.criu_args(_dst_tls_dir(s))
+    ctx.receiver = criu.RestoreReceiver(ctx.dst, s.dst_images, [*s.criu_opts, "--lazy-pages"], lazy_argv=lazy)
+    ctx.sender = criu.DumpSender(ctx.src, s.src_images, argv, lazy=True)
+    return Measured(detail="dump and restore waiting for the freeze")
+
+
+def dump(ctx: Context):
+    """Ends once the small images are written and the source serves its pages."""
+    s = ctx.state
     # Written down before it starts: from here the tree may be frozen.
     s.source_stopped = True
     ctx.save_state()
     # When the dump fails CRIU resumes the tree; the rollback checks.
-    server = criu.Background(
-        ctx.src, argv, f"{s.src_images}.ready", f"{s.src_images}/dump.log", "criu dump --lazy-pages"
-    )
-    ctx.lazy_dump = server
-    s.dump_pid = server.pid
+    ctx.sender.dump(ctx.call_timeout())
+    s.dump_pid = ctx.sender.pid
     ctx.save_state()
     return Measured(
-        detail=f"small images written; PID {server.pid} serves the memory on {s.address}:{s.port}"
+        detail=f"small images written; PID {s.dump_pid} serves the memory on {s.address}:{s.port}"
         f"{' over TLS' if s.tls else ''}",
     )
 
 
 def transfer(ctx: Context):
+    """The small images, from the waiting dump's output into the waiting restore's input."""
     s = ctx.state
-    src = ctx.src_ssh.open_command(IMAGES_CREATE + [s.src_images, "."])
-    dst = ctx.dst_ssh.open_command(["sh", "-c", streams.UNPACK_IMAGES, "sh", s.dst_images])
-    return Measured(bytes=streams.pipe(ctx, src, dst, "the small images"), detail="images other than pages")
+    sender = ctx.sender
+    moved = streams.pipe(ctx, sender.chan, ctx.receiver.chan, "the small images", keep_dst=True, limit=sender.size)
+    # The same channel then says when the dump has served every page.
+    ctx.lazy_dump = sender.serving(f"{s.src_images}/dump.log")
+    return Measured(bytes=moved, detail="images other than pages")
 
 
 def start_lazy_pages(ctx: Context):
+    """Started by the waiting restore's shell once the images are in place; here its readiness is awaited."""
     s = ctx.state
-    argv = [
-        "criu",
-        "lazy-pages",
-        "--page-server",
-        "--address",
-        s.address,
-        "--port",
-        str(s.port),
-        "-D",
-        s.dst_images,
-        "-v4",
-        "-o",
-        "lazy-pages.log",
-    ]
-    if s.tls:
-        argv += tls.criu_args(_dst_tls_dir(s))
-    daemon = criu.Background(
-        ctx.dst, argv, f"{s.dst_images}.ready", f"{s.dst_images}/lazy-pages.log", "criu lazy-pages"
-    )
-    ctx.lazy_pages = daemon
-    s.lazy_pid = daemon.pid
+    ctx.receiver.unpacked()
+    s.lazy_pid = ctx.receiver.lazy_pid
     ctx.save_state()
-    return Measured(detail=f"PID {daemon.pid}, connected to {s.address}:{s.port} once the restore starts")
+    return Measured(detail=f"PID {s.lazy_pid}, connected to {s.address}:{s.port} once the restore starts")
 
 
 def restore(ctx: Context):
     """criu restore --lazy-pages: returns with the tree running, before its memory is all there."""
-    return process_copy.restore(ctx, extra=["--lazy-pages"])
+    receiver = ctx.receiver
+    measured = process_copy.restore(
+        ctx, extra=["--lazy-pages"], run=lambda options: receiver.restore(ctx.call_timeout())
+    )
+    ctx.lazy_pages = receiver.lazy_pages(f"{ctx.state.dst_images}/lazy-pages.log")
+    return measured
 
 
 def page_pull(ctx: Context):
@@ -267,8 +269,17 @@ def _gone(conn, pid, tries: int = 20) -> bool:
     return False
 
 
+def _close_waiting(ctx: Context) -> None:
+    # The waiting dump and restore end at the EOF: neither acts without "go".
+    for name in ("sender", "receiver"):
+        waiting = getattr(ctx, name, None)
+        if waiting is not None:
+            waiting.close()
+
+
 def rollback(ctx: Context):
     s = ctx.state
+    _close_waiting(ctx)
     # A restore was started there: it is killed before the source wakes, so
     # two never run at once. Otherwise nothing can run there, and the source
     # wakes first: the target may be what failed.
@@ -326,6 +337,7 @@ def _clear_target_of(ctx: Context, may_run: bool) -> str:
 def abort(ctx: Context):
     """Remove what the run made on both hosts while the tree runs on the source."""
     s = ctx.state
+    _close_waiting(ctx)
     if s.dst_images:
         process_copy._on(
             ctx.dst, ctx.target, lambda conn: conn.run(["rm", "-rf", "--", s.dst_images, _dst_tls_dir(s)], timeout=60)
@@ -350,6 +362,7 @@ PLAN = Plan(
     steps=(
         Step("pre-flight", "source", preflight_source),
         Step("pre-flight", "target", preflight_target),
+        Step("prepare", "both", prepare),
         Step("dump", "source", dump, freezes=True),
         Step("transfer", "both", transfer),
         Step("lazy-pages", "target", start_lazy_pages),
