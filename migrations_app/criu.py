@@ -346,6 +346,18 @@ def dump_argv(pid, images_dir, inner_pid=None, extra=()):
 # removes a restore whose outcome it never heard.
 HOLDER = r"""
 import ctypes, os, select, sys
+if sys.argv[1] == "--go-fd":
+    # Started before the freeze, so that Python's start-up is no downtime:
+    # nothing happens until a "g" comes on this fd; a parent gone first
+    # (the run ended otherwise) means never.
+    go, parent = int(sys.argv[2]), os.getppid()
+    del sys.argv[1:3]
+    while not select.select([go], [], [], 0.5)[0]:
+        if os.getppid() != parent:
+            sys.exit(4)
+    if os.read(go, 1) != b"g":
+        sys.exit(4)
+    os.close(go)
 pidfile, argv = sys.argv[1], sys.argv[2:]
 libc = ctypes.CDLL(None, use_errno=True)
 def ok(rc):
@@ -410,9 +422,13 @@ print(status, root[0] if root else "-")
 """
 
 
-def restore_argv(images_dir, extra=()):
-    """criu restore argv, run under the namespace holder; extra: a strategy's own options."""
-    return ["python3", "-c", HOLDER, holder_pidfile(images_dir), "criu", "restore", "-D", images_dir,
+def restore_argv(images_dir, extra=(), go_fd=None):
+    """criu restore argv, run under the namespace holder; extra: a strategy's own options.
+
+    go_fd: the holder waits for a "g" on this fd before anything (see RECEIVE_SCRIPT).
+    """
+    wait = ["--go-fd", str(go_fd)] if go_fd is not None else []
+    return ["python3", "-c", HOLDER, *wait, holder_pidfile(images_dir), "criu", "restore", "-D", images_dir,
             *RESTORE_OPTIONS, *extra]
 
 
@@ -779,23 +795,37 @@ class DumpSender:
 
 CHUNK_SMALL = 4096
 UNPACKED = "criuweb-unpacked"
-# Unpacks the images sent on stdin into $1 (checked as UNPACK_IMAGES does),
-# says "criuweb-unpacked", waits for "go", then runs the restore in "$@".
-# Started before the freeze; no restore starts without "go", which the
-# controller sends only once the run's stage says the target may run a copy.
+# Starts the restore in "$@" at once, its namespace holder (Python, whose
+# start-up takes a few hundred ms on a loaded host) waiting on fd 3 for a
+# "g" through the fifo $2; unpacks the images sent on stdin into $1,
+# refusing anything but regular files and directories (as UNPACK_IMAGES);
+# says "criuweb-unpacked"; and on "go" from the controller, which sends it
+# only once the run's stage says the target may run a copy, lets the
+# holder restore. Without "go" (EOF, a closed channel) nothing is restored:
+# the holder is killed, and it also gives up by itself once this shell is gone.
 RECEIVE_SCRIPT = r"""
 set -e
-tar --numeric-owner --xattrs --xattrs-include='*' --same-owner -xpf - -C "$1"
-odd=$(find "$1" ! -type f ! -type d -print -quit)
+d=$1; go=$2; shift 2
+rm -f "$go"
+mkfifo -m 600 "$go"
+# Read-write: opening it then never waits for a writer.
+"$@" 3<>"$go" &
+holder=$!
+trap 'kill -KILL "$holder" 2>/dev/null; rm -f "$go"' EXIT
+tar --numeric-owner --xattrs --xattrs-include='*' --same-owner -xpf - -C "$d"
+odd=$(find "$d" ! -type f ! -type d -print -quit)
 if [ -n "$odd" ]; then
     echo "refusing the images: $odd is not a regular file or directory" >&2
     exit 3
 fi
 echo criuweb-unpacked
-read -r go
-[ "$go" = go ] || exit 4
-shift
-exec "$@"
+read -r word
+[ "$word" = go ] || exit 4
+printf g >"$go"
+trap - EXIT
+rm -f "$go"
+set +e
+wait "$holder"
 """
 
 
@@ -805,12 +835,13 @@ class RestoreReceiver:
     def __init__(self, conn, images_dir, extra=(), timeout=600, lazy_argv=None):
         self.conn, self.images_dir = conn, images_dir
         self.lazy_pid: int | None = None
-        restore = restore_argv(images_dir, extra)
+        restore = restore_argv(images_dir, extra, go_fd=3)
+        go = f"{images_dir}.go"
         if lazy_argv is None:
-            argv = ["sh", "-c", RECEIVE_SCRIPT, "sh", images_dir, *restore]
+            argv = ["sh", "-c", RECEIVE_SCRIPT, "sh", images_dir, go, *restore]
         else:
             lazy = shlex.join([*lazy_argv, "--status-fd", "9"])
-            argv = ["sh", "-c", RECEIVE_LAZY_SCRIPT, "sh", images_dir, lazy, f"{images_dir}.ready", *restore]
+            argv = ["sh", "-c", RECEIVE_LAZY_SCRIPT, "sh", images_dir, go, lazy, f"{images_dir}.ready", *restore]
         self.chan = conn.open_command(argv, idle_timeout=timeout)
         self.out = self.chan.makefile("r")
 
@@ -874,7 +905,13 @@ class RestoreReceiver:
 # $3: a path for the status fifo.
 RECEIVE_LAZY_SCRIPT = r"""
 set -e
-d=$1; lazy=$2; fifo=$3; shift 3
+d=$1; go=$2; lazy=$3; fifo=$4; shift 4
+rm -f "$go"
+mkfifo -m 600 "$go"
+"$@" 3<>"$go" &
+holder=$!
+lpid=
+trap 'kill -KILL "$holder" $lpid 2>/dev/null; rm -f "$go"' EXIT
 tar --numeric-owner --xattrs --xattrs-include='*' --same-owner -xpf - -C "$d"
 odd=$(find "$d" ! -type f ! -type d -print -quit)
 if [ -n "$odd" ]; then
@@ -891,8 +928,12 @@ rm -f "$fifo"
 set +e
 if [ "$ready" != 00 ]; then wait "$lpid"; echo "criu lazy-pages did not start (exit status $?)" >&2; exit 5; fi
 echo "criuweb-unpacked $lpid"
-if ! read -r go || [ "$go" != go ]; then kill -KILL "$lpid"; exit 4; fi
-"$@"
+read -r word
+[ "$word" = go ] || exit 4
+printf g >"$go"
+trap - EXIT
+rm -f "$go"
+wait "$holder"
 wait "$lpid"
 echo "exit $?"
 """
