@@ -30,10 +30,13 @@ from django.utils import timezone
 
 from . import criu, engine, lab, ssh
 from .docker_engine import Engine
-from .engine import plans
+from .engine import observe, plans
 from .models import CONTAINER, PROCESS, SUCCEEDED, Host, MigrationRun, Phase, Stage, TrustedPair
 
 BASELINE = "baseline"
+# Issue 8's reference for containers: the seed's manual flow with Docker's
+# CLI (checkpoint, copy into the target's data root, start --checkpoint).
+SEED_FLOW = "seed-flow"
 # A strategy measured twice: in plain TCP on the trusted lab pair, and with
 # CRIU's TLS as any other pair would get it.
 TLS_SUFFIX = "+tls"
@@ -84,11 +87,13 @@ def variants_for(kind: str, wanted: list[str] | None) -> list[str]:
     """The strategies of a kind to measure (those registered), each TLS-capable one twice."""
     names = plans.strategies(kind)
     if wanted:
-        unknown = [w for w in wanted if w.removesuffix(TLS_SUFFIX) not in plans.strategies() and w != BASELINE]
+        unknown = [
+            w for w in wanted if w.removesuffix(TLS_SUFFIX) not in plans.strategies() and w not in (BASELINE, SEED_FLOW)
+        ]
         if unknown:
             raise BenchmarkError(f"no strategy {', '.join(unknown)} (known: {', '.join(plans.strategies())})")
-        return [w for w in wanted if w.removesuffix(TLS_SUFFIX) in names]
-    out = []
+        return [w for w in wanted if w.removesuffix(TLS_SUFFIX) in names or (w == SEED_FLOW and kind == CONTAINER)]
+    out = [SEED_FLOW] if kind == CONTAINER else []
     for name in names:
         out.append(name)
         # A process's page server uses CRIU's TLS unless the pair is trusted:
@@ -380,6 +385,57 @@ def migrate(w: Workload, target: Host, variant: str, name: str) -> Result:
     return Result(run, variant, w.mib, total)
 
 
+def seed_flow(w: Workload, target: Host, name: str, seq: int) -> Result:
+    """The seed's manual flow, timed by the controller with Docker's CLI on the lab's sockets (no SSH).
+
+    `docker checkpoint create` on the source, the checkpoint directory
+    copied into the target container's (created before, as the flow
+    allows), `docker start --checkpoint` there. Stored as a run of strategy
+    "seed-flow"; observed downtime from both containers' logs.
+    """
+    src, dst = (next(h for h in lab.HOSTS if h.name == host.name) for host in (w.host, target))
+    what = f"seed flow, container memhog {w.mib} MiB, {w.host.name} -> {target.name}"
+    cp = f"bench{seq}"
+    image = lab._docker(src, "inspect", "-f", "{{.Config.Image}}", w.ref).stdout.strip()
+    src_id = lab._docker(src, "inspect", "-f", "{{.Id}}", w.ref).stdout.strip()
+    # --network none: the note's checked way to restore another engine's checkpoint.
+    dst_id = lab._docker(dst, "create", "--network", "none", "--name", w.ref, image, *w.argv).stdout.strip()
+    run = MigrationRun.objects.create(
+        source=w.host, target=target, kind=CONTAINER, workload=w.ref, strategy=SEED_FLOW, status="running",
+        started=timezone.now(), benchmark=name, stage=Stage.DONE,
+    )  # fmt: skip
+    marks = [("checkpoint", timezone.now(), time.perf_counter())]
+    lab._docker(src, "checkpoint", "create", w.ref, cp, timeout=600)
+    marks.append(("copy", timezone.now(), time.perf_counter()))
+    checkpoints = dst.data_root / "containers" / dst_id / "checkpoints"
+    lab.sh("mkdir", "-p", checkpoints)
+    lab.sh("cp", "-a", src.data_root / "containers" / src_id / "checkpoints" / cp, checkpoints)
+    marks.append(("restore", timezone.now(), time.perf_counter()))
+    lab._docker(dst, "start", "--checkpoint", cp, w.ref, timeout=600)
+    marks.append(("", timezone.now(), time.perf_counter()))
+    for seq_no, ((phase, at, t), (_, end_at, end)) in enumerate(zip(marks, marks[1:])):
+        Phase.objects.create(
+            run=run, seq=seq_no, name=phase, host=target.name if phase == "restore" else w.host.name, status="ok",
+            started=at, ended=end_at, duration_ms=(end - t) * 1000, detail="docker CLI on the lab's socket",
+        )  # fmt: skip
+    before, after = (lab._docker(h, "logs", "--timestamps", w.ref).stdout for h in (src, dst))
+    gap = observe.log_gap(observe.parse_log(before), observe.parse_log(after))
+    run.status, run.downtime_ms = SUCCEEDED, (marks[-1][2] - marks[0][2]) * 1000
+    run.observed_downtime_ms = max(gap[0] - gap[1], 0.0) if gap else None
+    run.observed_method = (
+        "docker logs --timestamps: the source's last line to the target's first, less the usual interval"
+        if gap
+        else ""
+    )
+    run.ended = timezone.now()
+    run.save()
+    before_values = lab.counter_values(lab._docker(src, "logs", w.ref).stdout)
+    lab._docker(src, "rm", "-f", w.ref)
+    w.host = target
+    check(w, what, before_values)
+    return Result(run, SEED_FLOW, w.mib, run.downtime_ms)
+
+
 # $1 the images directory (on a tmpfs), then criu's dump argv. Prints the
 # dump's wall time in ns, measured on the host so no SSH round trip counts.
 TIMED_DUMP = r"""
@@ -500,7 +556,11 @@ def run_matrix(m: Matrix, log: Callable[[str], None]) -> list[Result]:
             for w in workloads:
                 for variant in m.variants[w.kind]:
                     target = lab2 if w.host.pk == lab1.pk else lab1
-                    r = migrate(w, target, variant, m.name)
+                    if variant == SEED_FLOW:
+                        seq += 1
+                        r = seed_flow(w, target, m.name, seq)
+                    else:
+                        r = migrate(w, target, variant, m.name)
                     m.results.append(r)
                     log(_line(round_no, r))
                 if w.kind == PROCESS and m.baseline:

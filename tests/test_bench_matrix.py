@@ -91,4 +91,9 @@ def test_bench_matrix_container(hosts):
         assert run.observed_method.startswith("docker logs --timestamps"), run.observed_method
         assert run.observed_downtime_ms is not None
     assert "| container | 8 MiB | engine | 1 |" in out
+    # Issue 8's reference in the same run: the seed's CLI flow, phase by phase.
+    seed = runs.get(strategy=benchmark.SEED_FLOW)
+    assert [p.name for p in seed.phases.all()] == ["checkpoint", "copy", "restore"]
+    assert seed.downtime_ms == pytest.approx(sum(p.duration_ms for p in seed.phases.all()))
+    assert "| container | 8 MiB | seed-flow | 1 |" in out
     assert not benchmark.copies_of_benchmark("t-cont")
