@@ -423,9 +423,7 @@ def seed_flow(w: Workload, target: Host, name: str, seq: int) -> Result:
     run.status, run.downtime_ms = SUCCEEDED, (marks[-1][2] - marks[0][2]) * 1000
     run.observed_downtime_ms = max(gap[0] - gap[1], 0.0) if gap else None
     run.observed_method = (
-        "docker logs --timestamps: the source's last line to the target's first, less the usual interval"
-        if gap
-        else ""
+        "docker logs --timestamps: the source's last line to the target's first, less the usual interval" if gap else ""
     )
     run.ended = timezone.now()
     run.save()
