@@ -301,6 +301,9 @@ mine=$(readlink /proc/self/ns/pid)
 theirs=$(readlink "/proc/$pid/ns/pid") || exit 3
 nspid=$(awk '/^NSpid:/ {print $NF}' "/proc/$pid/status")
 state=$(awk '/^State:/ {print $2}' "/proc/$pid/status")
+# /proc/TID exists for every thread too; CRIU meets a BUG on one, after the freeze.
+tgid=$(awk '/^Tgid:/ {print $2}' "/proc/$pid/status")
+[ "$tgid" = "$pid" ] || { echo "$tgid"; exit 4; }
 comm=$(cat "/proc/$pid/comm")
 if [ "$mine" = "$theirs" ]; then echo "root $pid $state $comm"; else echo "ns $nspid $state $comm"; fi
 """
@@ -309,6 +312,11 @@ if [ "$mine" = "$theirs" ]; then echo "root $pid $state $comm"; else echo "ns $n
 def resolve_process(conn, pid):
     """Return (mode, pid_in_namespace, comm) for a PID, or raise CriuError."""
     result = conn.sh(RESOLVE_SCRIPT, str(pid), check=False)
+    if result.rc == 4:
+        raise CriuError(
+            f"{conn.name}: {pid} is a thread of process {result.stdout.strip()}, not a process; "
+            f"give the process's PID"
+        )
     if result.rc != 0:
         raise CriuError(f"{conn.name}: no process with PID {pid}")
     mode, inner, state, comm = result.stdout.split(maxsplit=3)

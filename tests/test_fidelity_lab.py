@@ -238,6 +238,24 @@ def test_host_and_criuweb_processes_are_refused_before_the_freeze(hosts, which, 
     assert os.path.exists(f"/proc/{pid}")
 
 
+THREADED = "import threading, time\nthreading.Thread(target=time.sleep, args=(10**6,), daemon=True).start()\n" \
+    "while True: time.sleep(0.01)\n"
+
+
+def test_a_thread_id_is_refused_before_the_freeze(hosts, started):
+    # /proc/TID exists for a thread as for a process; CRIU, pointed at one,
+    # froze the tree and then failed on a BUG in pstree.c.
+    start, _ = started
+    pid = start(["python3", "-c", THREADED])
+    wait_for(lambda: len(os.listdir(f"/proc/{pid}/task")) == 2, message="the thread did not start")
+    tid = max(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+    run = execute(create_run(*hosts, PROCESS, str(tid)))
+    assert run.status == FAILED
+    assert f"{tid} is a thread of process {pid}" in run.error, run.error
+    assert "dump" not in _phase_names(run)
+    assert open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] in ("S", "R")
+
+
 def test_one_container_by_name_and_by_id_is_one_workload(hosts, counter_container):
     lab1, lab2 = hosts
     name = counter_container
