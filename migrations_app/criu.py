@@ -314,8 +314,7 @@ def resolve_process(conn, pid):
     result = conn.sh(RESOLVE_SCRIPT, str(pid), check=False)
     if result.rc == 4:
         raise CriuError(
-            f"{conn.name}: {pid} is a thread of process {result.stdout.strip()}, not a process; "
-            f"give the process's PID"
+            f"{conn.name}: {pid} is a thread of process {result.stdout.strip()}; give the process's PID"
         )
     if result.rc != 0:
         raise CriuError(f"{conn.name}: no process with PID {pid}")

@@ -238,8 +238,10 @@ def test_host_and_criuweb_processes_are_refused_before_the_freeze(hosts, which, 
     assert os.path.exists(f"/proc/{pid}")
 
 
-THREADED = "import threading, time\nthreading.Thread(target=time.sleep, args=(10**6,), daemon=True).start()\n" \
+THREADED = (
+    "import threading, time\nthreading.Thread(target=time.sleep, args=(10**6,), daemon=True).start()\n"
     "while True: time.sleep(0.01)\n"
+)
 
 
 def test_a_thread_id_is_refused_before_the_freeze(hosts, started):
