@@ -313,9 +313,7 @@ def resolve_process(conn, pid):
     """Return (mode, pid_in_namespace, comm) for a PID, or raise CriuError."""
     result = conn.sh(RESOLVE_SCRIPT, str(pid), check=False)
     if result.rc == 4:
-        raise CriuError(
-            f"{conn.name}: {pid} is a thread of process {result.stdout.strip()}; give the process's PID"
-        )
+        raise CriuError(f"{conn.name}: {pid} is a thread of process {result.stdout.strip()}; give the process's PID")
     if result.rc != 0:
         raise CriuError(f"{conn.name}: no process with PID {pid}")
     mode, inner, state, comm = result.stdout.split(maxsplit=3)
