@@ -62,7 +62,11 @@ RESTORE_STATS_FIELDS = {
 
 # What every dump and restore is given. -v4 keeps the log useful when a
 # step fails; the log lands beside the images (-D) as -o names it.
-DUMP_OPTIONS = ["-v4", "-o", "dump.log"]
+# --skip-in-flight: a server that clients reach during the freeze holds
+# connections its kernel accepted but it has not (in its accept queue);
+# CRIU refuses to dump those ("In-flight connection") unless told to drop
+# them, and a client whose handshake is dropped connects again.
+DUMP_OPTIONS = ["-v4", "-o", "dump.log", "--skip-in-flight"]
 RESTORE_OPTIONS = ["-v4", "-o", "restore.log", "--restore-detached"]
 FEATURES = ["mem_dirty_track", "uffd-noncoop"]
 

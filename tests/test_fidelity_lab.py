@@ -137,6 +137,38 @@ def test_process_listening_socket_moves_and_answers_on_the_target(hosts, started
     assert not _connects(lab.HOSTS[0].address, port)
 
 
+BACKLOG_SERVER = r"""
+import socket, sys, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen(16)
+while True:  # never accepts: what clients open waits in the accept queue
+    time.sleep(1)
+"""
+
+
+def test_connections_waiting_to_be_accepted_do_not_stop_a_server_moving(hosts, started):
+    # A busy server has connections its kernel accepted and it has not yet
+    # taken; CRIU refused to dump them ("In-flight connection") and the run
+    # failed. They are dropped now, as a client whose handshake is lost
+    # connects again; the server moves.
+    lab1, lab2 = hosts
+    start, pids = started
+    port = _free_port()
+    pid = start(["python3", "-c", BACKLOG_SERVER], "0.0.0.0", port)
+    wait_for(lambda: _connects(lab.HOSTS[0].address, port), message="the server did not start")
+    waiting = [socket.create_connection((lab.HOSTS[0].address, port), timeout=5) for _ in range(3)]
+    try:
+        run = execute(create_run(lab1, lab2, PROCESS, pid))
+        assert run.status == SUCCEEDED, run.error
+        pids.append(int(run.result_workload))
+        assert _connects(lab.HOSTS[1].address, port)
+    finally:
+        for sock in waiting:
+            sock.close()
+
+
 def test_established_tcp_is_closed_by_default_and_the_client_told(hosts, started):
     lab1, lab2 = hosts
     start, pids = started
