@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from ... import criu, runc, ssh
 from ...docker_engine import Engine, EngineError, NotFoundError
-from ...models import CONTAINER, PHASE_OK, STOP_AND_COPY, Stage
+from ...models import CONTAINER, LAZY, PHASE_OK, STOP_AND_COPY, Stage
 from .. import container_checks, streams
 from ..errors import MigrationError
 from ..hostcheck import SPACE_MARGIN, check_space, settle, unsafe_to_resume
@@ -122,7 +122,49 @@ def prepare_target(ctx: Context):
     s.dst_log = f"{s.dst_root}/containers/{s.target_id}/{s.target_id}-json.log"
     # Private: the images will hold the container's memory.
     ctx.dst.conn.sh('umask 077 && mkdir -p -- "$1"', s.dst_base)
+    open_transfer(ctx, lazy=ctx.plan.strategy == LAZY)
+    measured.detail += "; the transfer's both ends started, waiting for the freeze"
     return measured
+
+
+# Runs "$@" once "go" comes on stdin; EOF (a closed channel) runs nothing.
+AFTER_GO = 'read -r go || exit 4\n[ "$go" = go ] || exit 4\nexec "$@"\n'
+
+
+def open_transfer(ctx: Context, lazy: bool = False) -> None:
+    """Both ends of the transfer, started before the freeze: each SSH session costs downtime inside it.
+
+    The source's tar waits for "go", sent once the checkpoint is done; the
+    target's unpack waits for the stream (an empty or cut stream fails its
+    tar before anything is put in place).
+    """
+    s = ctx.state
+    c = s.container
+    upper = c["GraphDriver"]["Data"]["UpperDir"]
+    # One stream from several directories.
+    argv = streams.TAR_CREATE + [s.src_base, "images", "-C", upper.rsplit("/", 1)[0], "diff"]
+    log_name = ""
+    if s.log_path:
+        log_dir, log_name = s.log_path.rsplit("/", 1)
+        argv += ["-C", log_dir, log_name]
+    argv += container_checks.volume_tar_args(s.volumes)
+    mark = runc.marker_text(f"{s.dst_base}/images", f"{s.dst_base}/work", lazy)
+    pairs = [x for v in s.volumes for x in (v["name"], v["target_mountpoint"])]
+    count = f"{s.dst_root}/containers/{s.target_id}/criuweb-volume-bytes"
+    ctx.transfer_dst = ctx.dst.conn.open_command(
+        ["sh", "-c", UNPACK_SCRIPT, "sh", f"{s.dst_base}/stage", f"{s.dst_base}/images", s.target_upper, log_name,
+         s.dst_log, count, runc.marker_path(s.target_id), mark, *pairs]
+    )  # fmt: skip
+    ctx.transfer_src = ctx.src.conn.open_command(["sh", "-c", AFTER_GO, "sh", *argv])
+
+
+def close_transfer(ctx: Context) -> None:
+    """End the waiting transfer commands, if any: at their EOF they do nothing."""
+    for name in ("transfer_src", "transfer_dst"):
+        chan = getattr(ctx, name, None)
+        if chan is not None:
+            chan.close()
+            setattr(ctx, name, None)
 
 
 def close_tcp(ctx: Context) -> None:
@@ -215,23 +257,13 @@ mv -f "$mark.new" "$mark"
 
 def transfer(ctx: Context, lazy: bool = False):
     s = ctx.state
-    c = s.container
-    upper = c["GraphDriver"]["Data"]["UpperDir"]
-    # One stream from several directories: every SSH command here is downtime.
-    argv = streams.TAR_CREATE + [s.src_base, "images", "-C", upper.rsplit("/", 1)[0], "diff"]
-    log_name = ""
-    if s.log_path:
-        log_dir, log_name = s.log_path.rsplit("/", 1)
-        argv += ["-C", log_dir, log_name]
-    argv += container_checks.volume_tar_args(s.volumes)
-    src = ctx.src.conn.open_command(argv)
-    mark = runc.marker_text(f"{s.dst_base}/images", f"{s.dst_base}/work", lazy)
-    pairs = [x for v in s.volumes for x in (v["name"], v["target_mountpoint"])]
-    count = f"{s.dst_root}/containers/{s.target_id}/criuweb-volume-bytes"
-    dst = ctx.dst.conn.open_command(
-        ["sh", "-c", UNPACK_SCRIPT, "sh", f"{s.dst_base}/stage", f"{s.dst_base}/images", s.target_upper, log_name,
-         s.dst_log, count, runc.marker_path(s.target_id), mark, *pairs]
-    )  # fmt: skip
+    src, dst = getattr(ctx, "transfer_src", None), getattr(ctx, "transfer_dst", None)
+    if src is None or dst is None:
+        # A run resumed by a recovery has no waiting commands: start them now.
+        open_transfer(ctx, lazy)
+        src, dst = ctx.transfer_src, ctx.transfer_dst
+    ctx.transfer_src = ctx.transfer_dst = None
+    src.sendall(b"go\n")
     n = streams.pipe(ctx, src, dst, "the images, writable layer and log")
     what = "images, writable layer" + (" and log" if s.log_path else "")
     if s.volumes:
@@ -384,6 +416,7 @@ def _restore_source(ctx: Context, src: Engine) -> str:
 
 def rollback(ctx: Context):
     """Bring the container back on the source; restartable from the stored state alone."""
+    close_transfer(ctx)
     s = ctx.state
     c = s.container
     leftovers = disarm_target(ctx)
@@ -420,6 +453,7 @@ def rollback(ctx: Context):
 
 def abort(ctx: Context):
     """Undo preparation when the run fails before the freeze."""
+    close_transfer(ctx)
     engine_plan.abort(ctx)
     for conn, path in ((ctx.src, ctx.state.src_base), (ctx.dst, ctx.state.dst_base)):
         if conn is not None and path:

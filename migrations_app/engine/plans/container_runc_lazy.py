@@ -198,6 +198,7 @@ def cleanup(ctx: Context):
 
 
 def rollback(ctx: Context):
+    container_runc.close_transfer(ctx)
     s = ctx.state
     c = s.container
     # The target copy first (it may run on part of its memory), with its daemon.
@@ -234,6 +235,7 @@ def rollback(ctx: Context):
 
 
 def abort(ctx: Context):
+    container_runc.close_transfer(ctx)
     container_runc.abort(ctx)
 
 

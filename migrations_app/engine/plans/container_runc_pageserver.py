@@ -135,6 +135,7 @@ def _stop_page_server(conn, s: RuncPageServerState) -> None:
 
 
 def rollback(ctx: Context):
+    container_runc.close_transfer(ctx)
     s = ctx.state
     c = s.container
     if s.page_server_pid:
@@ -164,6 +165,7 @@ def rollback(ctx: Context):
 
 
 def abort(ctx: Context):
+    container_runc.close_transfer(ctx)
     if ctx.dst is not None:
         try:
             _stop_page_server(ctx.dst.conn, ctx.state)
