@@ -327,3 +327,39 @@ def _ssh_ok(host):
             return conn.run(["true"]).rc == 0
     except ssh.SSHError:
         return False
+
+
+def test_lazy_cut_off_from_the_source_during_page_pull_rolls_back(hosts, memhog, settings):
+    # Without a stall limit the pull waited as long as the cut lasted: lazy-pages
+    # blocks on its socket, and the restored copy in its page faults.
+    settings.STREAM_IDLE_TIMEOUT = 5
+    lab1, lab2 = hosts
+    TrustedPair.trust(lab1, lab2)
+    proc = memhog(512)
+    netns = next(h for h in lab.HOSTS if h.name == "lab-2").netns
+    # A real cut between the two hosts only: the controller still reaches both.
+    rule = ["INPUT", "-s", lab1.address, "-j", "DROP"]
+    seen = {}
+
+    def cut(ctx):
+        seen["target_pid"] = ctx.state.target_pid
+        lab.sh("nsenter", f"--net=/run/netns/{netns}", "iptables", "-I", *rule)
+        seen["cut"] = True
+
+    try:
+        run = migrate(lab1, lab2, proc["pid"], LAZY, after_phase={"restore": cut})
+    finally:
+        if seen.get("cut"):
+            lab.sh("nsenter", f"--net=/run/netns/{netns}", "iptables", "-D", *rule)
+    assert seen.get("cut")
+    assert run.status == "failed", (run.status, run.error)
+    assert "the page pull stalled" in run.error and "post-copy failed after the restore" in run.error, run.error
+    assert [(p.name, p.status) for p in run.phases.all()][-2:] == [("page pull", "failed"), ("rollback", "ok")]
+    # One copy: the target's is gone, the source runs on from the freeze.
+    assert state_of(seen["target_pid"]) in (None, "Z")
+    assert int(run.result_workload) == proc["pid"]
+    assert state_of(proc["pid"]) in ("S", "R")
+    count = len(values(proc["log"]))
+    wait_for(lambda: len(values(proc["log"])) >= count + 20, message="the counter stopped")
+    assert_same_memory(proc, proc["pid"], lab1)
+    assert not os.path.exists(f"{lab2.work_dir}/runs/{run.code}")

@@ -191,6 +191,10 @@ def page_pull(ctx: Context):
     s = ctx.state
     server, daemon = ctx.lazy_dump, ctx.lazy_pages
     last = 0.0
+    # Cut off from the source, lazy-pages waits on its socket for ever (no
+    # keepalive), and the copy, stopped in its page faults, with it.
+    stall = ssh.stream_idle_timeout()
+    seen, moved_at = -1, time.monotonic()
     while not (server.done() and daemon.done()):
         # A CRIU that failed ends the wait; one that succeeded waits for the other.
         if (server.done() and server.wait() != 0) or (daemon.done() and daemon.wait() != 0):
@@ -204,6 +208,13 @@ def page_pull(ctx: Context):
                     f"{ctx.target.name}: the restored process {s.target_pid} ended during the page pull"
                 )
             arrived = sum(int(kib) for kib in out if kib.isdigit()) * 1024
+            if arrived != seen:
+                seen, moved_at = arrived, now
+            elif now - moved_at > stall:
+                raise MigrationError(
+                    f"the page pull stalled: no page arrived on {ctx.target.name} for {stall} s "
+                    f"(CRIUWEB_STREAM_IDLE_TIMEOUT); {ctx.source.name}:{s.port} does not answer"
+                )
             if ctx.current_timer is not None:
                 Phase.objects.filter(pk=ctx.current_timer.phase.pk).update(bytes=arrived)
             if ctx.on_progress:
