@@ -290,6 +290,31 @@ def test_a_thread_id_is_refused_before_the_freeze(hosts, started):
     assert open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] in ("S", "R")
 
 
+UNIX_SERVER = (
+    "import socket, sys, time\ns = socket.socket(socket.AF_UNIX)\ns.bind(sys.argv[1])\ns.listen()\n"
+    "c = s.accept()\ntime.sleep(10**6)\n"
+)
+UNIX_CLIENT = (
+    "import socket, sys, time\ns = socket.socket(socket.AF_UNIX)\ns.connect(sys.argv[1])\n"
+    "open(sys.argv[2], 'w').close()\nwhile True: time.sleep(0.01)\n"
+)
+
+
+def test_a_unix_socket_to_outside_the_tree_is_refused_before_the_freeze(hosts, started, tmp_path):
+    # CRIU froze the tree, then failed: "External socket is used".
+    start, _ = started
+    path = tmp_path / "sock"
+    start(["python3", "-c", UNIX_SERVER], path)
+    wait_for(lambda: path.exists(), message="the unix server did not start")
+    pid = start(["python3", "-c", UNIX_CLIENT], path, tmp_path / "connected")
+    wait_for(lambda: (tmp_path / "connected").exists(), message="the unix client did not connect")
+    run = execute(create_run(*hosts, PROCESS, str(pid)))
+    assert run.status == FAILED
+    assert f"PID {pid} holds a unix socket connected to {path} outside the tree" in run.error, run.error
+    assert "dump" not in _phase_names(run)
+    assert open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] in ("S", "R")
+
+
 def test_one_container_by_name_and_by_id_is_one_workload(hosts, counter_container):
     lab1, lab2 = hosts
     name = counter_container

@@ -126,6 +126,36 @@ for proto in ("tcp", "tcp6", "udp", "udp6"):
             state = "UNCONN" if state == 7 else "CONNECTED"
         table[int(f[9])] = {"proto": proto, "local": local, "remote": remote, "state": state}
 
+# Unix sockets connected to a peer outside the tree: CRIU refuses to dump
+# them ("External socket is used"), only after the tree was frozen. The
+# peers come from sock_diag (ss), in the tree's network namespace; without
+# ss nothing is known and nothing refused here.
+unix_names, unix_peers = {}, {}
+try:
+    import subprocess
+    ss = subprocess.run(["nsenter", "--net=/proc/%d/ns/net" % root, "ss", "-xanH"],
+                        capture_output=True, text=True, timeout=30).stdout
+except (OSError, subprocess.SubprocessError):
+    ss = ""
+for line in ss.splitlines():
+    f = line.split()
+    # Netid State Recv-Q Send-Q Local-Address Inode Peer-Address Peer-Inode;
+    # a local path may hold spaces, so the inodes are counted from the end.
+    if len(f) < 8 or not (f[-1].isdigit() and f[-3].isdigit()):
+        continue
+    ino, peer = int(f[-3]), int(f[-1])
+    unix_names[ino] = " ".join(f[4:-3])
+    if peer:
+        unix_peers[ino] = peer
+held = {ino for p in procs for ino in p["sockets"]}
+external_unix = []
+for p in procs:
+    for ino in p["sockets"]:
+        peer = unix_peers.get(ino)
+        if peer and peer not in held:
+            external_unix.append({"pid": p["pid"], "inode": ino, "peer": peer,
+                                  "peer_name": unix_names.get(peer, "*")})
+
 sockets = []
 for p in procs:
     for ino in p.pop("sockets"):
@@ -134,6 +164,7 @@ for p in procs:
 print(json.dumps({
     "procs": procs,
     "sockets": sockets,
+    "external_unix": external_unix,
     "session_pid": os.getpid(),
     "session_ns": {n: link("/proc/self/ns/%s" % n) for n in ("pid", "net", "mnt")},
     "boot_id": (read("/proc/sys/kernel/random/boot_id") or "").strip(),
@@ -182,6 +213,8 @@ class Tree:
     ssh_port: int
     cap_eff: int = 0  # the SSH session's effective capabilities: what CRIU will have
     root_ns: dict = field(default_factory=dict)
+    # Unix sockets of the tree whose peer is outside it: {pid, inode, peer, peer_name}.
+    external_unix: list[dict] = field(default_factory=list)
 
     @property
     def pids(self) -> set[int]:
@@ -287,6 +320,12 @@ def refusals(
             if p["ns"][ns] != tree.root_ns[ns]:
                 why.append(f"{what} is in a {ns} namespace of its own, nested in the tree: CRIU cannot dump that")
                 break
+    for u in tree.external_unix:
+        peer = "an unnamed socket" if u["peer_name"] in ("", "*") else u["peer_name"]
+        why.append(
+            f"PID {u['pid']} holds a unix socket connected to {peer} outside the tree (peer inode {u['peer']}): "
+            "CRIU cannot dump half of a connection"
+        )
     for s in tree.listening():
         if s.proto.startswith("tcp") and s.local[1] == tree.ssh_port:
             why.append(f"the tree listens on the host's SSH port {tree.ssh_port} ({s.describe()}): an SSH server")
