@@ -211,6 +211,33 @@ def test_cli_killed_process(hosts, counter_process, phase):
         assert str(run.code) not in " ".join(left), f"images of the run left on {host.name}: {left}"
 
 
+@pytest.mark.parametrize("strategy, phase", [("page-server", "dump"), ("lazy", "restore")])
+def test_cli_killed_with_the_source_stopped_gets_a_true_message(hosts, counter_process, strategy, phase):
+    # These strategies keep the source stopped and wake it on a rollback: the
+    # recovery's message said it was "restored from the images", and a lazy
+    # run whose copy had run on the target was reported rolled back.
+    path = counter_process
+    (pid,) = counter_pids(path)
+    proc = cli("--source", "lab-1", "--target", "lab-2", "--pid", str(pid), "--strategy", strategy,
+               "--freeze-limit", "300", pause_after=phase)
+    kill_when_paused(proc, phase)
+    recover_all()
+    run = MigrationRun.objects.get(workload=str(pid))
+    assert run.stage == Stage.DONE, run.error
+    pids = wait_for(lambda: counter_pids(path), message="no counter runs after the recovery")
+    assert len(pids) == 1, f"{len(pids)} copies run"
+    assert pids[0] == pid and lab.host_of_pid(pid) == "lab-1"
+    assert "restored from the images" not in run.error, run.error
+    if strategy == "lazy":
+        # The copy ran on lab-2 before it was killed: no clean rollback.
+        assert run.status == "failed" and "post-copy failed after the restore" in run.error, run.error
+    else:
+        assert run.status == ROLLED_BACK, run.error
+        assert_consecutive(values(path.read_text()))
+    count = len(values(path.read_text()))
+    wait_for(lambda: len(values(path.read_text())) >= count + 2, message="the counter stopped")
+
+
 # -- a target engine that stops answering ------------------------------------------------
 
 

@@ -200,6 +200,9 @@ def _act(ctx: Context, stage: Stage, cause: str) -> tuple[str, str, str]:
     message = f"{cause}. Recovered: {what} runs on {ctx.source.name} again ({run.result_workload}{salvage})"
     if leftovers:
         message += f"; {leftovers}"
+    if measured and measured.failed:
+        # The workload ran on the target before this (post-copy): not a rollback.
+        return FAILED, f"{message}; {measured.failed}", measured.detail
     return ROLLED_BACK, message, measured.detail if measured else "rolled back"
 
 
@@ -223,6 +226,9 @@ def _finish_cleanup(ctx: Context) -> None:
 
 def _salvage_source(ctx: Context) -> str:
     s = ctx.state
+    if hasattr(s, "source_stopped"):
+        # Plans that keep the source stopped wake it: no restore from images.
+        return ", woken where it was stopped"
     if getattr(s, "checkpoint", ""):
         return f", restored from checkpoint {s.checkpoint}"
     if getattr(s, "src_images", ""):
@@ -244,6 +250,12 @@ def _salvage(ctx: Context, stage: Stage) -> str:
         return (
             f"Checkpoint {s.checkpoint} stays in {s.src_root}/containers/{c.get('Id', '')}/checkpoints on {src}; "
             f"once no copy runs on {dst}, run `docker start --checkpoint {s.checkpoint} {name}` on {src}."
+        )
+    if hasattr(s, "source_stopped") and getattr(s, "pid", 0):
+        # Its memory is in the stopped tree, not in the source's images.
+        return (
+            f"Process {s.pid} may stay stopped on {src}; once no copy runs on {dst}, wake its tree there "
+            f"with `kill -CONT` (its memory is in it, not in {s.src_images})."
         )
     if getattr(s, "src_images", ""):
         return (
