@@ -309,6 +309,16 @@ state=$(awk '/^State:/ {print $2}' "/proc/$pid/status")
 tgid=$(awk '/^Tgid:/ {print $2}' "/proc/$pid/status")
 [ "$tgid" = "$pid" ] || { echo "$tgid"; exit 4; }
 comm=$(cat "/proc/$pid/comm")
+if [ "$mine" != "$theirs" ] && [ "$nspid" != 1 ]; then
+    # Only a namespace criuweb's holder made can be dumped from inside: a
+    # container's has no criu in it, and its init would lose a process.
+    init=$pid
+    while [ "$(awk '/^NSpid:/ {print $NF}' "/proc/$init/status" 2>/dev/null)" != 1 ]; do
+        init=$(awk '/^PPid:/ {print $2}' "/proc/$init/status" 2>/dev/null)
+        [ -n "$init" ] && [ "$init" -gt 1 ] || break
+    done
+    tr '\0' '\n' < "/proc/$init/cmdline" 2>/dev/null | grep -q '/holder\.pid$' || { echo "$init"; exit 5; }
+fi
 if [ "$mine" = "$theirs" ]; then echo "root $pid $state $comm"; else echo "ns $nspid $state $comm"; fi
 """
 
@@ -318,6 +328,11 @@ def resolve_process(conn, pid):
     result = conn.sh(RESOLVE_SCRIPT, str(pid), check=False)
     if result.rc == 4:
         raise CriuError(f"{conn.name}: {pid} is a thread of process {result.stdout.strip()}; give the process's PID")
+    if result.rc == 5:
+        raise CriuError(
+            f"{conn.name}: PID {pid} lives in the PID namespace of process {result.stdout.strip()} (a container?); "
+            "migrate the container instead"
+        )
     if result.rc != 0:
         raise CriuError(f"{conn.name}: no process with PID {pid}")
     mode, inner, state, comm = result.stdout.split(maxsplit=3)

@@ -315,6 +315,27 @@ def test_a_unix_socket_to_outside_the_tree_is_refused_before_the_freeze(hosts, s
     assert open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] in ("S", "R")
 
 
+def test_a_process_inside_a_container_is_refused_before_the_freeze(hosts):
+    # Its PID namespace is the container's, not one criuweb's holder made: the
+    # dump ran nsenter into it and failed there ("failed to execute criu").
+    lab1, _ = hosts
+    name = f"child-{uuid.uuid4().hex[:8]}"
+    with Engine(lab1) as engine:
+        engine.run_container(lab.IMAGE, ["sh", "-c", "sleep 100000 & wait"], name)
+        init = engine.inspect(name)["State"]["Pid"]
+    try:
+        kids = wait_for(lambda: open(f"/proc/{init}/task/{init}/children").read().split(), message="no child")
+        pid = int(kids[0])
+        run = execute(create_run(*hosts, PROCESS, str(pid)))
+        assert run.status == FAILED
+        assert f"PID {pid} lives in the PID namespace of process {init} (a container?)" in run.error, run.error
+        assert "dump" not in _phase_names(run)
+        assert os.path.exists(f"/proc/{pid}")
+    finally:
+        with Engine(lab1) as engine:
+            engine.remove(name)
+
+
 def test_one_container_by_name_and_by_id_is_one_workload(hosts, counter_container):
     lab1, lab2 = hosts
     name = counter_container
