@@ -4,6 +4,7 @@ restore through criuweb's runtime wrapper, real engines, real CRIU."""
 import os
 import re
 import socket
+import subprocess
 import uuid
 from pathlib import Path
 
@@ -424,3 +425,45 @@ def test_established_tcp_closed_and_the_client_told(hosts, containers, strategy)
     client.close()
     with socket.create_connection((lab.HOSTS[1].address, port), timeout=10) as again:
         assert _echo(again) == b"ping\n"
+
+
+@pytest.mark.parametrize("hostile", ["ours", "other-owner", "symlink"])
+def test_images_never_go_under_a_tmpfs_dir_another_user_controls(hosts, workload, monkeypatch, tmp_path, hostile):
+    """/dev/shm is writable by every user: one who makes criuweb's directory there
+    first (or a link in its place) could swap a run's directories for their own
+    and feed the target's root CRIU images of their choosing. Then the images
+    go to the work directory instead."""
+    from migrations_app.engine.plans import container_runc
+
+    lab1, lab2 = hosts
+    lab.trust_pair()
+    shared = Path(f"/dev/shm/criuweb-hostile-{uuid.uuid4().hex[:8]}")
+    if hostile == "symlink":
+        target = tmp_path / "elsewhere"
+        target.mkdir()
+        shared.symlink_to(target)
+    elif hostile == "ours":
+        shared.mkdir(mode=0o755)
+    else:
+        shared.mkdir(mode=0o777)
+        shared.chmod(0o777)
+        os.chown(shared, 65534, 65534)
+    monkeypatch.setattr(container_runc, "TMPFS_DIR", str(shared))
+    name, token = workload()
+    seen = {}
+
+    def note_dirs(ctx):
+        seen["dirs"] = (ctx.state.src_base, ctx.state.dst_base)
+
+    try:
+        run = migrate(lab1, lab2, name, after_phase={"checkpoint": note_dirs})
+        assert run.status == SUCCEEDED, run.error
+        for base in seen["dirs"]:
+            # Its own directory, as the control: there tmpfs is used.
+            assert base.startswith(str(shared)) == (hostile == "ours"), f"images in {base}"
+        one_copy(token)
+    finally:
+        if shared.is_symlink():
+            shared.unlink()
+        else:
+            subprocess.run(["rm", "-rf", "--", str(shared)], check=True)

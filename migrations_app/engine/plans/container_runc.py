@@ -57,15 +57,27 @@ class RuncContainerState(ContainerState):
     dst_log: str = ""
 
 
+# Prints /dev/shm's filesystem type, its df line, then "ours" when criuweb's
+# directory there ($2) is a real directory of this user that no one else may
+# write: /dev/shm is world-writable, and another user's directory (or link)
+# in its place would let them swap a run's directories for their own, the
+# images the target's root restores included. $1 /dev/shm, $2 the directory.
+TMPFS_SCRIPT = r"""
+stat -f -c %T "$1" 2>/dev/null; df -P -k "$1" 2>/dev/null | tail -n 1
+mkdir -m 700 "$2" 2>/dev/null
+[ -d "$2" ] && [ ! -L "$2" ] && [ "$(stat -c %u "$2")" = "$(id -u)" ] &&
+    case $(stat -c %A "$2") in ?????w*|????????w*) false ;; *) true ;; esac && echo ours
+"""
+
+
 def _base_dir(ctx: Context, conn, need: int, side: str) -> str:
     """Where a host keeps this run's images: tmpfs when it has room, else the work dir.
 
     Named by side too: two hosts may share one tmpfs (the lab's do).
     """
-    out = conn.sh('stat -f -c %T "$1" 2>/dev/null; df -P -k "$1" 2>/dev/null | tail -n 1', "/dev/shm",
-                  check=False).stdout.split("\n")  # fmt: skip
+    out = conn.sh(TMPFS_SCRIPT, "/dev/shm", TMPFS_DIR, check=False).stdout.split("\n")
     try:
-        tmpfs = out[0].strip() == "tmpfs" and int(out[1].split()[3]) * 1024 >= need
+        tmpfs = out[0].strip() == "tmpfs" and int(out[1].split()[3]) * 1024 >= need and out[2].strip() == "ours"
     except (IndexError, ValueError):
         tmpfs = False
     if tmpfs:
