@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from django.conf import settings
 
-from migrations_app import lab, ssh
+from migrations_app import lab, runc, ssh
 from migrations_app.docker_engine import Engine
 from migrations_app.engine import create_run, execute
 from migrations_app.engine.runner import TEST_PAUSE_ENV
@@ -391,3 +391,46 @@ def test_freeze_limit_cutting_a_dump_off_waits_for_it(hosts):
             _kill_with_holder(p)
         log.unlink(missing_ok=True)
         sums.unlink(missing_ok=True)
+
+
+def test_cli_killed_during_a_lazy_pull_rolls_back(hosts):
+    """Killed after a post-copy restore, with the source's CRIU then gone too:
+    the target copy ran on part of its memory, so a recovery must not keep it
+    (and remove the source, the only whole copy) just because it runs."""
+    lab1, lab2 = hosts
+    lab.trust_pair()
+    name = f"lazykill-{uuid.uuid4().hex[:8]}"
+    with Engine(lab1) as engine:
+        # Large enough that the pull is still going when the restore phase ends.
+        lab.run_memhog_container(engine, name, 512)
+        wait_for(lambda: len(lab.counter_values(engine.logs(name, tail=5))) >= 2, 30, "memhog did not start")
+        before = lab.memhog_container_checksum(engine, name)
+    try:
+        proc = cli("--source", "lab-1", "--target", "lab-2", "--container", name, "--strategy", "lazy",
+                   "--freeze-limit", "300", pause_after="restore")  # fmt: skip
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if "criuweb test pause: after restore" in line:
+                break
+        run = MigrationRun.objects.get(workload=name)
+        assert run.state.get("runc_pid"), "".join(lines)
+        with ssh.Connection(lab1) as conn:
+            runc.stop_lazy(conn, run.state["runc_pid"])
+        proc.kill()
+        proc.wait()
+        recover_all()
+        run.refresh_from_db()
+        assert run.status == ROLLED_BACK, run.error
+        assert running_copies(hosts, name) == ["lab-1"]
+        with Engine(lab1) as engine:
+            state = engine.inspect(name)["State"]
+            assert state["Running"] and not state["Paused"]
+            assert lab.memhog_container_checksum(engine, name) == before
+        with Engine(lab2) as engine:
+            assert not engine.exists(name)
+    finally:
+        for host in hosts:
+            with Engine(host) as engine:
+                if engine.exists(name):
+                    engine.remove(name)

@@ -55,6 +55,7 @@ class RuncLazyState(RuncContainerState):
     runc_pid: int | None = None  # the source's serving runc checkpoint
     daemon_pid: int | None = None  # the target's criu lazy-pages
     paused: bool = False
+    pulled: bool = False  # every page arrived: the target copy is whole
 
 
 # Start `criu lazy-pages` in the background and report "listening <pid>" once
@@ -181,6 +182,8 @@ def pull(ctx: Context):
             f"({'no exit status' if dump_rc == -1 else dump_rc}): {ctx.lazy_dump.cause()}",
             ctx.lazy_dump.log_tail(),
         )
+    s.pulled = True
+    ctx.save_state()
     # runc's lazy dump writes no useful statistics (all zero); the daemon's
     # log counts the pages it copied into each task.
     daemon_log = ctx.dst.conn.read_file(f"{s.dst_base}/work/lazy-pages.log", check=False) or ""
@@ -234,6 +237,15 @@ def rollback(ctx: Context):
     return Measured(detail=f"container {c['Id'][:12]} unpaused on {ctx.source.name}{note}")
 
 
+def adopt(ctx: Context) -> bool:
+    """After a crash: keep the target copy only if every page was seen to arrive.
+
+    Before that it may run on part of its memory, and keeping it would
+    remove the source, the only whole copy.
+    """
+    return ctx.state.pulled and engine_plan.adopt(ctx)
+
+
 def abort(ctx: Context):
     container_runc.close_transfer(ctx)
     container_runc.abort(ctx)
@@ -267,5 +279,5 @@ PLAN = Plan(
     rollback=rollback,
     abort=abort,
     moves_volumes=True,
-    adopt=engine_plan.adopt,
+    adopt=adopt,
 )
