@@ -467,3 +467,39 @@ def test_images_never_go_under_a_tmpfs_dir_another_user_controls(hosts, workload
             shared.unlink()
         else:
             subprocess.run(["rm", "-rf", "--", str(shared)], check=True)
+
+
+def test_a_failed_docker_restore_on_the_source_keeps_the_images(hosts, workload):
+    """The rollback through Docker's checkpoint restore fails once (a page image
+    held back, for real); the images must stay, so that a recovery run once the
+    cause is gone resumes the container from them, not afresh."""
+    from migrations_app.engine import recovery
+
+    lab1, lab2 = hosts
+    lab.trust_pair()
+    name, token = workload()
+    seen = {}
+
+    def note_last(ctx):
+        seen["last"] = values(ctx.src.logs(ctx.state.container["Id"]))[-1]
+
+    def break_both(ctx):
+        _break_target_images(ctx)
+        base = ctx.state.src_base
+        ctx.src.conn.sh('mkdir "$1/held" && mv "$1"/images/pages-*.img "$1/held/"', base)
+
+    run = migrate(lab1, lab2, name, after_phase={"checkpoint": note_last, "transfer": break_both})
+    assert run.status == "failed" and "rollback failed" in run.error, run.error
+    base = run.state["src_base"]
+    assert Path(f"{base}/images/inventory.img").exists(), "the images went with the failed restore"
+    subprocess.run(["sh", "-c", 'mv "$1"/held/* "$1/images/"', "sh", base], check=True)
+    run = recovery.recover(run)
+    assert run.status == "rolled_back", run.error
+    with Engine(lab1) as engine:
+        logged = wait_for(lambda: values(engine.logs(name))[-1] > seen["last"] + 1 and engine.logs(name))
+    # Resumed from the checkpoint: the values go on from where they stopped.
+    assert_consecutive(values(logged))
+    with Engine(lab2) as engine:
+        assert not engine.exists(name)
+    one_copy(token)
+    assert not Path(base).exists()

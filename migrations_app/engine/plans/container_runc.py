@@ -413,17 +413,33 @@ def _restore_source(ctx: Context, src: Engine) -> str:
         return f"restored by the {runc.RUNTIME_NAME} runtime"
     # Docker's own checkpoint restore reads a checkpoint from the
     # container's checkpoints directory; runc wrote the same images.
-    name = f"cw-{ctx.run.code.hex[:12]}"
-    cp_dir = f"{s.src_root}/containers/{cid}/checkpoints"
+    cp_dir, name = _docker_checkpoint(ctx)
     src.conn.run(["sh", "-c", 'mkdir -p "$1" && rm -rf "$1/$3" && mv "$2" "$1/$3"', "sh", cp_dir, images, name])
     try:
         src.start(cid, checkpoint=name, timeout=ctx.call_timeout())
-    finally:
-        try:
-            src.delete_checkpoint(cid, name)
-        except EngineError:
-            pass  # removed with the container later; a failed restore's cause matters more
+    except Exception:
+        # The images are the workload's only state: back where a retried
+        # rollback (a recovery) looks for them.
+        _reclaim_images(ctx, src.conn)
+        raise
+    try:
+        src.delete_checkpoint(cid, name)
+    except EngineError:
+        pass  # removed with the container later
     return "restored through Docker's checkpoint restore"
+
+
+def _docker_checkpoint(ctx: Context) -> tuple[str, str]:
+    """The checkpoints directory and name a rollback through Docker's restore uses."""
+    s = ctx.state
+    return f"{s.src_root}/containers/{s.container['Id']}/checkpoints", f"cw-{ctx.run.code.hex[:12]}"
+
+
+def _reclaim_images(ctx: Context, conn) -> None:
+    """Move the images back from a Docker checkpoint a rollback made and did not restore."""
+    cp_dir, name = _docker_checkpoint(ctx)
+    conn.run(["sh", "-c", '[ -e "$2" ] || [ ! -d "$1/$3" ] || mv "$1/$3" "$2"', "sh", cp_dir,
+              f"{ctx.state.src_base}/images", name], check=False)  # fmt: skip
 
 
 def rollback(ctx: Context):
@@ -434,6 +450,9 @@ def rollback(ctx: Context):
     leftovers = disarm_target(ctx)
     with Engine(ctx.source, timeout=ctx.call_timeout()) as src:
         running = src.inspect(c["Id"])["State"]["Running"]
+        if not running and s.src_base:
+            # An earlier rollback may have died between moving them and the start.
+            _reclaim_images(ctx, src.conn)
         has_images = (
             bool(s.src_base) and src.conn.run(["test", "-s", f"{s.src_base}/images/inventory.img"], check=False).rc == 0
         )
