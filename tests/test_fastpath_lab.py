@@ -503,3 +503,28 @@ def test_a_failed_docker_restore_on_the_source_keeps_the_images(hosts, workload)
         assert not engine.exists(name)
     one_copy(token)
     assert not Path(base).exists()
+
+
+def test_a_stale_restored_marker_does_not_skip_a_plain_start(hosts):
+    """A `.restored` marker is left when a restore's create succeeded and its
+    start never came (dockerd failing between the two, which no test can make
+    happen on purpose: it is planted here as such a failure leaves it). A later
+    plain create must not let it turn the real `runc start` into a no-op: the
+    container would show as running while its process never started."""
+    lab1, _ = hosts
+    name = f"stale-{uuid.uuid4().hex[:8]}"
+    with Engine(lab1) as engine:
+        cid = engine.api.create_container(
+            lab.IMAGE, ["sh", "-c", "echo hello; sleep 60"], name=name,
+            host_config=engine.api.create_host_config(runtime=runc.RUNTIME_NAME),
+        )["Id"]  # fmt: skip
+        stale = Path(runc.marker_path(cid) + ".restored")
+        try:
+            stale.parent.mkdir(mode=0o700, exist_ok=True)
+            stale.write_text("")
+            engine.api.start(cid)
+            wait_for(lambda: "hello" in engine.logs(name), message="the container's process never started")
+            assert not stale.exists()
+        finally:
+            stale.unlink(missing_ok=True)
+            engine.remove(cid)
