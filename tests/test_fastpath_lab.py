@@ -528,3 +528,31 @@ def test_a_stale_restored_marker_does_not_skip_a_plain_start(hosts):
         finally:
             stale.unlink(missing_ok=True)
             engine.remove(cid)
+
+
+def test_a_target_that_starts_without_restoring_is_rolled_back(hosts, workload):
+    """A host whose "criuweb" runtime never sees the marker (another program of
+    that name, or a dockerd with its own /run) starts the container afresh.
+    Reconfiguring a lab engine's runtimes would disturb the other tests, so the
+    marker is removed before the start instead: Docker and runc then really do
+    start a fresh copy. That copy is not the workload: the run rolls back."""
+    lab1, lab2 = hosts
+    name, token = workload()
+    seen = {}
+
+    def note_last(ctx):
+        seen["last"] = values(ctx.src.logs(ctx.state.container["Id"]))[-1]
+
+    def drop_marker(ctx):
+        ctx.dst.conn.run(["rm", "-f", runc.marker_path(ctx.state.target_id)])
+
+    run = migrate(lab1, lab2, name, after_phase={"checkpoint": note_last, "transfer": drop_marker})
+    assert run.status == ROLLED_BACK, run.error
+    assert "without restoring it" in run.error, run.error
+    with Engine(lab1) as engine:
+        assert engine.inspect(name)["State"]["Running"]
+        logged = wait_for(lambda: values(engine.logs(name))[-1] > seen["last"] + 1 and engine.logs(name))
+    assert_consecutive(values(logged))
+    with Engine(lab2) as engine:
+        assert not engine.exists(name)
+    one_copy(token)

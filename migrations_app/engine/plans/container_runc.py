@@ -315,8 +315,21 @@ def restore(ctx: Context):
         if e.answered:
             ctx.set_stage(Stage.FROZEN)
         raise _restore_failure(ctx, ctx.dst.conn, e, f"{s.dst_base}/work") from e
-    record_dump(ctx)
     conn = ctx.dst.conn
+    restored = conn.sh('[ ! -e "$1" ] && [ -s "$2" ]', runc.marker_path(s.target_id), f"{s.dst_base}/work/restore.log",
+                       check=False).rc == 0  # fmt: skip
+    if not restored:
+        # The wrapper takes the marker, then CRIU logs its restore: a marker
+        # still there, or no log, means the engine created the container
+        # without the wrapper (a runtime of that name that is not criuweb's,
+        # or one that sees another /run): what runs is a fresh copy, not the
+        # workload.
+        raise MigrationError(
+            f"{ctx.target.name}: Docker started the container without restoring it: its {runc.RUNTIME_NAME!r} "
+            f"runtime left the restore marker {runc.marker_path(s.target_id)} or CRIU wrote no restore.log; "
+            f"is that runtime scripts/criuweb-runtime, seeing the host's /run?"
+        )
+    record_dump(ctx)
     stats = criu.read_stats(conn, f"{s.dst_base}/work/stats-restore")
     restore_log = conn.read_file(f"{s.dst_base}/work/restore.log", check=False) or ""
     return Measured(criu_stats=stats, log=restore_log, detail=f"restored by {runc.RUNTIME_NAME} runtime")
