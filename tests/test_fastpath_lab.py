@@ -13,6 +13,7 @@ import pytest
 from migrations_app import lab, runc
 from migrations_app.docker_engine import Engine
 from migrations_app.engine import create_run, execute
+from migrations_app.engine.plans import container_runc
 from migrations_app.models import CONTAINER, LAZY, PAGE_SERVER, ROLLED_BACK, STOP_AND_COPY, SUCCEEDED, TrustedPair
 from tests.support import wait_for
 from tests.test_fidelity_lab import _connects, _echo, _free_port, containers  # noqa: F401 (a fixture)
@@ -433,8 +434,6 @@ def test_images_never_go_under_a_tmpfs_dir_another_user_controls(hosts, workload
     first (or a link in its place) could swap a run's directories for their own
     and feed the target's root CRIU images of their choosing. Then the images
     go to the work directory instead."""
-    from migrations_app.engine.plans import container_runc
-
     lab1, lab2 = hosts
     lab.trust_pair()
     shared = Path(f"/dev/shm/criuweb-hostile-{uuid.uuid4().hex[:8]}")
@@ -555,4 +554,33 @@ def test_a_target_that_starts_without_restoring_is_rolled_back(hosts, workload):
     assert_consecutive(values(logged))
     with Engine(lab2) as engine:
         assert not engine.exists(name)
+    one_copy(token)
+
+
+@pytest.mark.parametrize("strategy, keep_source", [(STOP_AND_COPY, False), (PAGE_SERVER, True)])
+def test_cleanup_finishes_when_its_first_attempt_did_part(hosts, workload, strategy, keep_source):
+    """A cleanup that removed (or, keeping it, killed) the source and then died
+    (a crash) is finished by a recovery running it again: the second run must
+    not stop at the source already gone, or the images stay in tmpfs, holding
+    the container's memory, for good. The first attempt's part is done here
+    right before the cleanup."""
+    lab1, lab2 = hosts
+    lab.trust_pair()
+    name, token = workload()
+    seen = {}
+
+    def first_attempt(ctx):
+        seen["dirs"] = (ctx.state.src_base, ctx.state.dst_base)
+        if keep_source:
+            container_runc.kill_paused_source(ctx)
+        else:
+            ctx.src.remove(ctx.state.container["Id"])
+
+    run = execute(create_run(lab1, lab2, CONTAINER, name, keep_source=keep_source, strategy=strategy),
+                  after_phase={"verify": first_attempt})  # fmt: skip
+    assert run.status == SUCCEEDED and not run.error, run.error
+    for base in seen["dirs"]:
+        assert not Path(base).exists(), f"{base} left behind"
+    with Engine(lab2) as engine:
+        assert engine.inspect(name)["State"]["Running"]
     one_copy(token)

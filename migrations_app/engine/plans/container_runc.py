@@ -343,7 +343,10 @@ def cleanup(ctx: Context):
         # never starts it again by itself.
         detail = "source container kept (stopped, restart policy no)"
     else:
-        ctx.src.remove(c["Id"])
+        try:
+            ctx.src.remove(c["Id"])
+        except NotFoundError:
+            pass  # a recovery finishing this cleanup after a crash
         detail = f"source container {c['Id'][:12]} removed"
         detail += container_checks.remove_source_volumes(ctx.src, s.volumes)
     remove_dir(ctx.src.conn, s.src_base)
@@ -359,7 +362,8 @@ def kill_paused_source(ctx: Context) -> None:
     seen, its process may still be there, and a look for copies would count two.
     """
     cid = ctx.state.container["Id"]
-    ctx.src.call("docker kill", ctx.src.api.kill, cid)
+    if ctx.src.inspect(cid)["State"]["Running"]:  # not when a cleanup that died had killed it
+        ctx.src.call("docker kill", ctx.src.api.kill, cid)
     deadline = time.monotonic() + EXIT_WAIT
     while ctx.src.inspect(cid)["State"]["Running"]:
         if time.monotonic() > deadline:
