@@ -324,6 +324,36 @@ def test_network_cut_during_transfer_rolls_back_and_leftovers_go(hosts, counter_
     assert running_copies(hosts, name) == ["lab-1"]
 
 
+def test_network_cut_during_a_runc_transfer_leaves_no_images_after_recovery(hosts, counter_container):
+    """The fast path's images in the target's tmpfs (the container's memory)
+    are leftovers too: the recovery that removes the created container removes
+    them, on connections of its own."""
+    lab1, lab2 = hosts
+    name = counter_container
+    veth = lab_host("lab-2").veth
+    seen = {}
+
+    def cut_network(ctx):
+        seen["dst_base"] = ctx.state.dst_base
+        lab.sh("ip", "link", "set", veth, "down")
+
+    run = create_run(lab1, lab2, CONTAINER, name, freeze_limit=FREEZE_LIMIT, strategy="stop-and-copy")
+    try:
+        execute(run, after_phase={"checkpoint": cut_network})
+    finally:
+        lab.sh("ip", "link", "set", veth, "up")
+    run.refresh_from_db()
+    assert run.status == ROLLED_BACK, run.error
+    assert run.stage == Stage.LEFTOVERS, run.stage
+    assert Path(seen["dst_base"]).exists(), "nothing reached lab-2: the test shows nothing"
+    wait_for(lambda: ssh_ok(lab2), 30, "lab-2 did not come back")
+    recover_all()
+    run.refresh_from_db()
+    assert run.stage == Stage.DONE and run.status == ROLLED_BACK, run.error
+    assert not Path(seen["dst_base"]).exists(), "the images stay in lab-2's tmpfs"
+    assert running_copies(hosts, name) == ["lab-1"]
+
+
 def ssh_ok(host):
     try:
         with ssh.Connection(host) as conn:

@@ -503,9 +503,19 @@ def abort(ctx: Context):
     """Undo preparation when the run fails before the freeze."""
     close_transfer(ctx)
     engine_plan.abort(ctx)
-    for conn, path in ((ctx.src, ctx.state.src_base), (ctx.dst, ctx.state.dst_base)):
-        if conn is not None and path:
-            remove_dir(conn.conn, path)
+    s = ctx.state
+    for engine, host, path in ((ctx.src, ctx.source, s.src_base), (ctx.dst, ctx.target, s.dst_base)):
+        if not path:
+            continue
+        if engine is not None:
+            remove_dir(engine.conn, path)
+        else:
+            # A recovery (leftovers after a rollback) has no connections: the
+            # images hold the container's memory and must not stay.
+            with ssh.Connection(host) as conn:
+                remove_dir(conn, path)
+                if host is ctx.target and s.target_id:
+                    runc.clear_marks(conn, s.target_id)
 
 
 PLAN = Plan(
