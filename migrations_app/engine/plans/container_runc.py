@@ -511,11 +511,17 @@ def abort(ctx: Context):
             remove_dir(engine.conn, path)
         else:
             # A recovery (leftovers after a rollback) has no connections: the
-            # images hold the container's memory and must not stay.
-            with ssh.Connection(host) as conn:
-                remove_dir(conn, path)
-                if host is ctx.target and s.target_id:
-                    runc.clear_marks(conn, s.target_id)
+            # images hold the container's memory and must not stay. The
+            # target's failure keeps the leftovers for the next recovery; the
+            # source's rollback removed its own.
+            try:
+                with ssh.Connection(host) as conn:
+                    remove_dir(conn, path)
+                    if host is ctx.target and s.target_id:
+                        runc.clear_marks(conn, s.target_id)
+            except ssh.SSHError:
+                if host is ctx.target:
+                    raise
 
 
 PLAN = Plan(
