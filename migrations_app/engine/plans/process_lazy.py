@@ -109,6 +109,8 @@ def preflight_target(ctx: Context):
     s = ctx.state
     detail = measured.detail
     if s.tls:
+        # Stored before a key is sent: a recovery after a crash here removes it by this path.
+        ctx.save_state()
         server, client = tls.make_pair(s.address, f"criuweb run {ctx.run.code}")
         tls.install(ctx.src, _src_tls_dir(s), server)
         tls.install(ctx.dst, _dst_tls_dir(s), client)

@@ -127,6 +127,8 @@ def preflight_target(ctx: Context):
             f"{ctx.target.name}: page-server streaming needs the host's address as an IP address, "
             f"not {ctx.target.address!r}"
         ) from None
+    # Stored before the mount: a recovery after a crash here finds it by this path.
+    ctx.save_state()
     ctx.dst.sh(MOUNT_SCRIPT, s.dst_images, str(room // 1024))
     s.tmpfs = True
     ctx.save_state()
