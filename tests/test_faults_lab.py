@@ -464,3 +464,24 @@ def test_cli_killed_during_a_lazy_pull_rolls_back(hosts):
             with Engine(host) as engine:
                 if engine.exists(name):
                     engine.remove(name)
+
+
+def test_ctrl_c_during_the_freeze_rolls_back_and_says_so(hosts, counter_process):
+    path = counter_process
+    (pid,) = counter_pids(path)
+    proc = cli("--source", "lab-1", "--target", "lab-2", "--pid", str(pid), pause_after="dump")
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if "criuweb test pause: after dump" in line:
+            proc.send_signal(signal.SIGINT)  # what Ctrl-C in a terminal sends
+            break
+    out, err = proc.communicate(timeout=120)
+    err = "".join(lines) + err
+    assert proc.returncode == 1, out + err
+    assert "Traceback" not in err, err
+    run = MigrationRun.objects.get(workload=str(pid))
+    assert run.status == ROLLED_BACK
+    assert f"interrupted: run {run.code} ended rolled_back" in err
+    pids = wait_for(lambda: counter_pids(path), message="no counter runs after Ctrl-C")
+    assert len(pids) == 1 and lab.host_of_pid(pids[0]) == "lab-1"

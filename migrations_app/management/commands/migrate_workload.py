@@ -79,7 +79,13 @@ class Command(BaseCommand):
 
         # Bytes, rate and time left while a transfer or a page pull runs.
         on_progress = None if as_json else progress.Printer(self.stdout.write)
-        run = engine.execute(run, on_phase=show, on_progress=on_progress)
+        try:
+            run = engine.execute(run, on_phase=show, on_progress=on_progress)
+        except KeyboardInterrupt:
+            # execute() has brought the workload back (or said where it is)
+            # before letting the interrupt through: say that, not a traceback.
+            run.refresh_from_db()
+            raise CommandError(f"interrupted: run {run.code} ended {run.status}: {run.error or '-'}") from None
         if as_json:
             self.stdout.write(json.dumps(run.to_dict(), indent=2))
         else:
