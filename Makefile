@@ -24,7 +24,7 @@ setup: $(VENV)/.ready-$(shell cat requirements.txt | md5sum | cut -c1-8)
 # (mode 0600) and prints only that path.
 run: setup
 	$(PY) manage.py lab up --demo
-	$(PY) manage.py ensure_admin
+	BIND=$(BIND) $(PY) manage.py ensure_admin
 	$(PY) manage.py collectstatic --no-input --verbosity 0
 	$(VENV)/bin/gunicorn criuweb.wsgi --bind $(BIND) --workers 1 --threads 8 --timeout 300 --graceful-timeout 300 --access-logfile -
 

@@ -34,7 +34,7 @@ class Command(BaseCommand):
             write_private_file(path, password + "\n")
             where = f"the password in {path} (readable by this user only; delete it once you have logged in)"
         self.stdout.write(
-            "Created the administrator. Log in at http://127.0.0.1:8000/ as admin with\n"
+            f"Created the administrator. Log in at http://{os.environ.get('BIND', '127.0.0.1:8000')}/ as admin with\n"
             f"  {where}.\n"
             "`python manage.py changepassword admin` sets another password."
         )
