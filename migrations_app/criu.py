@@ -595,6 +595,23 @@ exit 1
 """
 
 
+def exit_status(words: list[str]) -> int:
+    """The status in a background script's `exit N` line (split); -1 for anything else."""
+    return int(words[1]) if len(words) == 2 and words[0] == "exit" else -1
+
+
+def wait_exit_line(out, chan) -> int:
+    """Read a background script's last line and close its channel: the `exit N`
+    status, or -1 if the channel broke first."""
+    try:
+        line = out.readline().split()
+    except OSError:
+        line = []
+    finally:
+        chan.close()
+    return exit_status(line)
+
+
 class PageServer:
     """A `criu page-server` running on a host for one dump, on an SSH channel of its own."""
 
@@ -618,13 +635,7 @@ class PageServer:
 
     def wait(self):
         """The page server's exit status once it has served its dump (-1 if the channel broke)."""
-        try:
-            line = self.out.readline().split()
-        except OSError:
-            line = []
-        finally:
-            self.chan.close()
-        return int(line[1]) if len(line) == 2 and line[0] == "exit" else -1
+        return wait_exit_line(self.out, self.chan)
 
     def close(self):
         self.chan.close()
@@ -697,13 +708,7 @@ class Background:
     def wait(self) -> int:
         """Its exit status once it ends; -1 when the channel broke first."""
         if self.status is None:
-            try:
-                line = self.out.readline().split()
-            except OSError:
-                line = []
-            finally:
-                self.chan.close()
-            self.status = int(line[1]) if len(line) == 2 and line[0] == "exit" else -1
+            self.status = wait_exit_line(self.out, self.chan)
         return self.status
 
     def close(self):

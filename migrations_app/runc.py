@@ -212,7 +212,7 @@ class LazyCheckpoint:
             self.pid, self.port = int(line[1]), int(line[2])
             return
         self.chan.close()
-        rc = int(line[1]) if len(line) == 2 and line[0] == "exit" else -1
+        rc = criu.exit_status(line)
         raise RuncError(
             f"{conn.name}: runc checkpoint --lazy-pages failed: {self.cause() or f'exit status {rc}'}",
             self.log_tail(),
@@ -228,13 +228,7 @@ class LazyCheckpoint:
 
     def wait(self) -> int:
         """runc's exit status once every page was served (-1 if the channel broke)."""
-        try:
-            line = self.out.readline().split()
-        except OSError:
-            line = []
-        finally:
-            self.chan.close()
-        return int(line[1]) if len(line) == 2 and line[0] == "exit" else -1
+        return criu.wait_exit_line(self.out, self.chan)
 
 
 # Kill a lazy checkpoint that serves no one: CRIU first (runc's child), then

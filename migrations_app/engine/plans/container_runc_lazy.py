@@ -104,13 +104,7 @@ class LazyPagesDaemon:
         return criu.first_error(self.log_tail()) or "see lazy-pages.log"
 
     def wait(self) -> int:
-        try:
-            line = self.out.readline().split()
-        except OSError:
-            line = []
-        finally:
-            self.chan.close()
-        return int(line[1]) if len(line) == 2 and line[0] == "exit" else -1
+        return criu.wait_exit_line(self.out, self.chan)
 
 
 def preflight_source(ctx: Context):
