@@ -24,7 +24,6 @@ connection for the end.)
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import time
 from dataclasses import dataclass
@@ -36,13 +35,24 @@ from .. import streams, tls
 from ..errors import MigrationError
 from ..hostcheck import (
     pid_alive,
-    signal_tree,
     unsafe_to_resume,
 )
 from ..plan import Measured, Plan, Step
 from . import process_copy
+from ._process_streaming import (
+    KILL_DUMP_SCRIPT,
+    abort_source,
+    close_waiting,
+    host_ip,
+    install_tls,
+    kill_stopped_source,
+    record_tls,
+    refuse_kept_connections,
+    remove_source_files,
+    src_tls_dir,
+    wake_source,
+)
 from .process_copy import TREE_RSS_SCRIPT, ProcessState
-from .process_page_server import KILL_DUMP_SCRIPT, record_tls, refuse_kept_connections, wake_source
 
 if TYPE_CHECKING:
     from ..runner import Context
@@ -77,10 +87,6 @@ class LazyState(ProcessState):
     pulled: bool = False  # every page arrived and both CRIUs exited 0
 
 
-def _src_tls_dir(s: LazyState) -> str:
-    return f"{s.src_images}.tls"
-
-
 def _dst_tls_dir(s: LazyState) -> str:
     # Beside the images: the images directory is unpacked from the source.
     return f"{s.dst_images}.tls"
@@ -90,13 +96,7 @@ def preflight_source(ctx: Context):
     measured = process_copy.preflight_source(ctx)
     refuse_kept_connections(ctx, "post-copy")
     s = ctx.state
-    try:
-        s.address = str(ipaddress.ip_address(ctx.source.address))
-    except ValueError:
-        # CRIU's --address takes an IP only, and the certificates name it.
-        raise MigrationError(
-            f"{ctx.source.name}: post-copy needs the host's address as an IP address, not {ctx.source.address!r}"
-        ) from None
+    s.address = host_ip(ctx.source, "post-copy")
     # Picked before the freeze; a port taken meanwhile fails the dump, which
     # CRIU then undoes (it resumes the tree).
     s.port = int(ctx.src.run(["python3", "-c", FREE_PORT, s.address]).stdout.strip())
@@ -107,16 +107,7 @@ def preflight_source(ctx: Context):
 def preflight_target(ctx: Context):
     measured = process_copy.preflight_target(ctx)
     s = ctx.state
-    detail = measured.detail
-    if s.tls:
-        # Stored before a key is sent: a recovery after a crash here removes it by this path.
-        ctx.save_state()
-        server, client = tls.make_pair(s.address, f"criuweb run {ctx.run.code}")
-        tls.install(ctx.src, _src_tls_dir(s), server)
-        tls.install(ctx.dst, _dst_tls_dir(s), client)
-        detail += "; TLS certificates for this run sent to both hosts"
-    else:
-        detail += "; trusted migration network: no TLS"
+    detail = measured.detail + install_tls(ctx, (ctx.src, src_tls_dir(s)), (ctx.dst, _dst_tls_dir(s)))
     return Measured(detail=detail)
 
 
@@ -131,7 +122,7 @@ def prepare(ctx: Context):
     s = ctx.state
     extra = [*s.criu_opts, "--leave-stopped", "--lazy-pages", "--address", s.address, "--port", str(s.port)]
     if s.tls:
-        extra += tls.criu_args(_src_tls_dir(s))
+        extra += tls.criu_args(src_tls_dir(s))
     mode, inner, _ = s.resolved
     argv = criu.dump_argv(s.pid, s.src_images, None if mode == "root" else inner, extra)
     lazy = ["criu", "lazy-pages", "--page-server", "--address", s.address, "--port", str(s.port)]
@@ -260,39 +251,14 @@ def page_pull(ctx: Context):
 
 def cleanup(ctx: Context):
     s = ctx.state
-    signal_tree(ctx.src, s.pid, "KILL")
-    if not _gone(ctx.src, s.pid):
-        raise MigrationError(f"{ctx.source.name}: the stopped source process {s.pid} could not be killed")
-    s.source_stopped = False
-    ctx.save_state()
+    kill_stopped_source(ctx)
     ctx.dst.run(["rm", "-rf", "--", s.dst_images, _dst_tls_dir(s)])
-    ctx.src.run(["rm", "-rf", "--", _src_tls_dir(s)])
-    if ctx.run.keep_source:
-        return Measured(detail=f"stopped source killed; its small images kept in {s.src_images}")
-    ctx.src.run(["rm", "-rf", "--", s.src_images])
-    return Measured(detail="stopped source killed; images and certificates removed on both hosts")
-
-
-def _gone(conn, pid, tries: int = 20) -> bool:
-    # A killed process needs a moment to die and be reaped.
-    for _ in range(tries):
-        if not pid_alive(conn, pid):
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def _close_waiting(ctx: Context) -> None:
-    # The waiting dump and restore end at the EOF: neither acts without "go".
-    for name in ("sender", "receiver"):
-        waiting = getattr(ctx, name, None)
-        if waiting is not None:
-            waiting.close()
+    return remove_source_files(ctx)
 
 
 def rollback(ctx: Context):
     s = ctx.state
-    _close_waiting(ctx)
+    close_waiting(ctx)
     # A restore was started there: it is killed before the source wakes, so
     # two never run at once. Otherwise nothing can run there, and the source
     # wakes first: the target may be what failed.
@@ -312,7 +278,7 @@ def rollback(ctx: Context):
                 "the workload is lost"
             )
         wake_source(ctx, src, leftovers)
-        src.run(["rm", "-rf", "--", s.src_images, _src_tls_dir(s)], check=False)
+        src.run(["rm", "-rf", "--", s.src_images, src_tls_dir(s)], check=False)
     if s.dst_images and not may_run:
         leftovers = _clear_target_of(ctx, may_run=False)
         if leftovers:
@@ -350,15 +316,13 @@ def _clear_target_of(ctx: Context, may_run: bool) -> str:
 def abort(ctx: Context):
     """Remove what the run made on both hosts while the tree runs on the source."""
     s = ctx.state
-    _close_waiting(ctx)
+    close_waiting(ctx)
     if s.dst_images:
         process_copy._on(
             ctx.dst, ctx.target, lambda conn: conn.run(["rm", "-rf", "--", s.dst_images, _dst_tls_dir(s)], timeout=60)
         )
     if s.src_images:
-        process_copy._on(
-            ctx.src, ctx.source, lambda conn: conn.run(["rm", "-rf", "--", s.src_images, _src_tls_dir(s)], timeout=60)
-        )
+        abort_source(ctx)
 
 
 PLAN = Plan(

@@ -18,25 +18,33 @@ nothing.
 
 from __future__ import annotations
 
-import ipaddress
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ... import criu, ssh
-from ...models import PAGE_SERVER, PROCESS, TCP_CLOSE, MigrationRun, Phase, TrustedPair
+from ...models import PAGE_SERVER, PROCESS, Phase
 from .. import streams, tls
 from ..errors import MigrationError
 from ..hostcheck import (
     SPACE_MARGIN,
     mem_available,
-    pid_alive,
-    settle,
-    signal_tree,
     unsafe_to_resume,
 )
 from ..plan import Measured, Plan, Step
 from . import process_copy
+from ._process_streaming import (
+    KILL_DUMP_SCRIPT,
+    abort_source,
+    close_waiting,
+    host_ip,
+    install_tls,
+    kill_stopped_source,
+    record_tls,
+    refuse_kept_connections,
+    remove_source_files,
+    src_tls_dir,
+    wake_source,
+)
 from .process_copy import ProcessState
 
 if TYPE_CHECKING:
@@ -74,31 +82,9 @@ class PageServerState(ProcessState):
     source_stopped: bool = False
 
 
-def _src_tls_dir(s: PageServerState) -> str:
-    # Beside the images, not in them: the images travel to the target.
-    return f"{s.src_images}.tls"
-
-
 def _dst_tls_dir(s: PageServerState) -> str:
     # In the tmpfs: the target's key never reaches its disk.
     return f"{s.dst_images}/.tls"
-
-
-def record_tls(ctx: Context) -> None:
-    """TLS unless the pair is a trusted migration network; stored with the run at once."""
-    ctx.state.tls = not TrustedPair.between(ctx.source, ctx.target)
-    ctx.run.tls = ctx.state.tls
-    MigrationRun.objects.filter(pk=ctx.run.pk).update(tls=ctx.state.tls)
-
-
-def refuse_kept_connections(ctx: Context, strategy: str) -> None:
-    # The source tree stays stopped until the end; a rollback wakes it, but
-    # CRIU keeps the network locked for connections it dumped to keep.
-    if ctx.state.kept_addrs:
-        raise MigrationError(
-            f"{ctx.source.name}: keeping established TCP connections needs stop-and-copy; {strategy} leaves "
-            f"the source stopped and could not give them back on a rollback. Use {TCP_CLOSE} or stop-and-copy"
-        )
 
 
 def preflight_source(ctx: Context):
@@ -119,27 +105,14 @@ def preflight_target(ctx: Context):
             f"{avail // 2**20} MiB available, {(s.rss + SPACE_MARGIN + MEMORY_RESERVE) // 2**20} MiB needed"
         )
     s.dst_images = ctx.images_dir(ctx.target)
-    try:
-        s.address = str(ipaddress.ip_address(ctx.target.address))
-    except ValueError:
-        # CRIU's --address takes an IP only, and the certificates name it.
-        raise MigrationError(
-            f"{ctx.target.name}: page-server streaming needs the host's address as an IP address, "
-            f"not {ctx.target.address!r}"
-        ) from None
+    s.address = host_ip(ctx.target, "page-server streaming")
     # Stored before the mount: a recovery after a crash here finds it by this path.
     ctx.save_state()
     ctx.dst.sh(MOUNT_SCRIPT, s.dst_images, str(room // 1024))
     s.tmpfs = True
     ctx.save_state()
     detail = f"{measured.detail}, tmpfs of {room // 2**20} MiB at {s.dst_images}"
-    if s.tls:
-        server, client = tls.make_pair(s.address, f"criuweb run {ctx.run.code}")
-        tls.install(ctx.dst, _dst_tls_dir(s), server)
-        tls.install(ctx.src, _src_tls_dir(s), client)
-        detail += "; TLS certificates for this run sent to both hosts"
-    else:
-        detail += "; trusted migration network: no TLS"
+    detail += install_tls(ctx, (ctx.dst, _dst_tls_dir(s)), (ctx.src, src_tls_dir(s)))
     return Measured(detail=detail)
 
 
@@ -160,7 +133,7 @@ def start_page_server(ctx: Context):
     ctx.save_state()
     dump_extra = [*s.criu_opts, "--leave-stopped", "--page-server", "--address", s.address, "--port", str(s.port)]
     if s.tls:
-        dump_extra += tls.criu_args(_src_tls_dir(s))
+        dump_extra += tls.criu_args(src_tls_dir(s))
     mode, inner, _ = s.resolved
     argv = criu.dump_argv(s.pid, s.src_images, None if mode == "root" else inner, dump_extra)
     ctx.receiver = criu.RestoreReceiver(ctx.dst, s.dst_images, s.criu_opts)
@@ -223,26 +196,9 @@ def restore(ctx: Context):
 def cleanup(ctx: Context):
     s = ctx.state
     _record_dump(ctx)
-    signal_tree(ctx.src, s.pid, "KILL")
-    if not _gone(ctx.src, s.pid):
-        raise MigrationError(f"{ctx.source.name}: the stopped source process {s.pid} could not be killed")
-    s.source_stopped = False
-    ctx.save_state()
+    kill_stopped_source(ctx)
     ctx.dst.sh(UNMOUNT_SCRIPT, s.dst_images)
-    ctx.src.run(["rm", "-rf", "--", _src_tls_dir(s)])
-    if ctx.run.keep_source:
-        return Measured(detail=f"stopped source killed; its small images kept in {s.src_images}")
-    ctx.src.run(["rm", "-rf", "--", s.src_images])
-    return Measured(detail="stopped source killed; images and certificates removed on both hosts")
-
-
-def _gone(conn, pid, tries: int = 20) -> bool:
-    # A killed process needs a moment to die and be reaped.
-    for _ in range(tries):
-        if not pid_alive(conn, pid):
-            return True
-        time.sleep(0.05)
-    return False
+    return remove_source_files(ctx)
 
 
 def _clear_target(dst, s: PageServerState) -> None:
@@ -251,15 +207,6 @@ def _clear_target(dst, s: PageServerState) -> None:
     dst.sh(UNMOUNT_SCRIPT, s.dst_images)
 
 
-# Kill every criu process working on images dir $1 (its argv holds it).
-# Only criu binaries are looked at: this shell's own argv holds $1 too.
-KILL_DUMP_SCRIPT = r"""
-for d in /proc/[0-9]*; do
-    case $(readlink "$d/exe" 2>/dev/null) in */criu) ;; *) continue ;; esac
-    tr '\0' '\n' < "$d/cmdline" 2>/dev/null | grep -qxF -- "$1" && kill -KILL "${d#/proc/}" 2>/dev/null
-done
-true
-"""
 # How long a rollback lets a dump whose answer was lost finish on its own.
 DUMP_GRACE_SECONDS = 5.0
 
@@ -279,33 +226,9 @@ def stop_dump(src, images: str, grace: float) -> None:
         process_copy._await_dump(src, images, 10)
 
 
-def wake_source(ctx: Context, src, leftovers: str) -> None:
-    """Let the stopped source tree run again and record that it does."""
-    s = ctx.state
-    if not pid_alive(src, s.pid):
-        raise MigrationError(f"{ctx.source.name}: process {s.pid} is gone; nothing to resume")
-    # Stopped by --leave-stopped, or already resumed by CRIU after a failed dump.
-    state = signal_tree(src, s.pid, "CONT")
-    ctx.resumed_at = time.perf_counter()
-    ctx.run.result_workload = str(s.pid)
-    s.source_stopped = False
-    # Recorded at once: from here a recovery must never wake or kill it again.
-    ctx.resumed_on_source(leftovers)
-    if state in ("T", "t") or not settle(lambda: pid_alive(src, s.pid)):
-        raise MigrationError(f"{ctx.source.name}: process {s.pid} does not run again after rollback")
-
-
-def _close_waiting(ctx: Context) -> None:
-    # The waiting dump and restore end at the EOF: neither acts without "go".
-    for name in ("sender", "receiver"):
-        waiting = getattr(ctx, name, None)
-        if waiting is not None:
-            waiting.close()
-
-
 def rollback(ctx: Context):
     s = ctx.state
-    _close_waiting(ctx)
+    close_waiting(ctx)
     # A restore was started there: it is stopped before the source wakes, so
     # two never run at once. Otherwise nothing can run there, and the source
     # wakes first: the target may be what failed.
@@ -315,7 +238,7 @@ def rollback(ctx: Context):
         if not s.dumped:
             stop_dump(src, s.src_images, min(DUMP_GRACE_SECONDS, ctx.call_timeout()))
         wake_source(ctx, src, leftovers)
-        src.run(["rm", "-rf", "--", s.src_images, _src_tls_dir(s)], check=False)
+        src.run(["rm", "-rf", "--", s.src_images, src_tls_dir(s)], check=False)
     if s.dst_images and not may_run:
         leftovers = _clear_target_of(ctx, may_run=False)
         if leftovers:
@@ -342,13 +265,11 @@ def _clear_target_of(ctx: Context, may_run: bool) -> str:
 def abort(ctx: Context):
     """Remove what the run made on both hosts while the tree runs on the source."""
     s = ctx.state
-    _close_waiting(ctx)
+    close_waiting(ctx)
     if s.dst_images:
         process_copy._on(ctx.dst, ctx.target, lambda conn: _clear_target(conn, s))
     if s.src_images:
-        process_copy._on(
-            ctx.src, ctx.source, lambda conn: conn.run(["rm", "-rf", "--", s.src_images, _src_tls_dir(s)], timeout=60)
-        )
+        abort_source(ctx)
 
 
 PLAN = Plan(
