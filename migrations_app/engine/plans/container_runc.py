@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from ... import criu, runc, ssh
 from ...docker_engine import Engine, EngineError, NotFoundError
-from ...models import CONTAINER, LAZY, PHASE_OK, STOP_AND_COPY, Stage
+from ...models import CONTAINER, LAZY, PHASE_OK, STOP_AND_COPY, MigrationRun, Stage, TrustedPair
 from .. import container_checks, streams
 from ..errors import MigrationError
 from ..hostcheck import SPACE_MARGIN, check_space, settle, unsafe_to_resume
@@ -369,6 +369,50 @@ def kill_paused_source(ctx: Context) -> None:
         if time.monotonic() > deadline:
             raise MigrationError(f"{ctx.source.name}: the paused source container did not stop after docker kill")
         time.sleep(0.05)
+
+
+# -- shared by the runc plans that keep the source paused (page-server, post-copy) --
+
+
+def refuse_untrusted(ctx: Context, strategy: str) -> None:
+    if not TrustedPair.between(ctx.source, ctx.target):
+        raise MigrationError(
+            f"{ctx.source.name} -> {ctx.target.name}: runc passes no TLS options to CRIU, so container "
+            f"{strategy} runs only on a trusted migration network; mark the pair trusted or choose stop-and-copy"
+        )
+
+
+def preflight_source_without_tls(ctx: Context):
+    """The source's pre-flight, with the run recorded as not using TLS (runc gives CRIU none)."""
+    ctx.run.tls = False
+    MigrationRun.objects.filter(pk=ctx.run.pk).update(tls=False)
+    return preflight_source(ctx)
+
+
+def cleanup_paused(ctx: Context):
+    s = ctx.state
+    if ctx.run.keep_source:
+        # Killed while paused: it never runs again (Docker thaws it only to let it die).
+        kill_paused_source(ctx)
+    measured = cleanup(ctx)
+    s.paused = False
+    return measured
+
+
+def finish_unpause(ctx: Context, src: Engine, leftovers: str) -> Measured:
+    """The end of a rollback once the paused source was let run: recorded, checked, its files removed."""
+    s = ctx.state
+    c = s.container
+    s.paused = False
+    ctx.run.result_workload = c["Id"][:12]
+    ctx.resumed_on_source(leftovers)
+    if not settle(lambda: (st := src.inspect(c["Id"])["State"])["Running"] and not st.get("Paused")):
+        raise MigrationError(f"{ctx.source.name}: the container does not run again after rollback")
+    engine_plan._restore_restart_policy(src, ctx)
+    if s.src_base:
+        remove_dir(src.conn, s.src_base)
+    note = f"; {leftovers}" if leftovers else ""
+    return Measured(detail=f"container {c['Id'][:12]} unpaused on {ctx.source.name}{note}")
 
 
 # Makes the prepared target container impossible to restore from this

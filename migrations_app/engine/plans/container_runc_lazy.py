@@ -32,9 +32,8 @@ from typing import TYPE_CHECKING
 
 from ... import criu, runc, ssh
 from ...docker_engine import Engine
-from ...models import CONTAINER, LAZY, MigrationRun, TrustedPair
+from ...models import CONTAINER, LAZY
 from ..errors import MigrationError
-from ..hostcheck import settle
 from ..plan import Measured, Plan, Step
 from . import container_engine as engine_plan
 from . import container_runc
@@ -108,11 +107,7 @@ class LazyPagesDaemon:
 
 
 def preflight_source(ctx: Context):
-    if not TrustedPair.between(ctx.source, ctx.target):
-        raise MigrationError(
-            f"{ctx.source.name} -> {ctx.target.name}: runc passes no TLS options to CRIU, so container "
-            f"post-copy runs only on a trusted migration network; mark the pair trusted or choose stop-and-copy"
-        )
+    container_runc.refuse_untrusted(ctx, "post-copy")
     try:
         ctx.state.src_address = str(ipaddress.ip_address(ctx.source.address))
     except ValueError:
@@ -120,9 +115,7 @@ def preflight_source(ctx: Context):
             f"{ctx.source.name}: post-copy needs the host's address as an IP address (CRIU serves pages on it), "
             f"not {ctx.source.address!r}"
         ) from None
-    ctx.run.tls = False
-    MigrationRun.objects.filter(pk=ctx.run.pk).update(tls=False)
-    return container_runc.preflight_source(ctx)
+    return container_runc.preflight_source_without_tls(ctx)
 
 
 def checkpoint(ctx: Context):
@@ -186,12 +179,7 @@ def pull(ctx: Context):
 
 
 def cleanup(ctx: Context):
-    s = ctx.state
-    if ctx.run.keep_source:
-        container_runc.kill_paused_source(ctx)
-    measured = container_runc.cleanup(ctx)
-    s.paused = False
-    return measured
+    return container_runc.cleanup_paused(ctx)
 
 
 def rollback(ctx: Context):
@@ -219,16 +207,7 @@ def rollback(ctx: Context):
             runc.pause(src.conn, runc.RuncState(s.runc_binary, s.runc_root), c["Id"])
             src.call("docker unpause", src.api.unpause, c["Id"])
             ctx.resumed_at = time.perf_counter()
-        s.paused = False
-        ctx.run.result_workload = c["Id"][:12]
-        ctx.resumed_on_source(leftovers)
-        if not settle(lambda: (st := src.inspect(c["Id"])["State"])["Running"] and not st.get("Paused")):
-            raise MigrationError(f"{ctx.source.name}: the container does not run again after rollback")
-        engine_plan._restore_restart_policy(src, ctx)
-        if s.src_base:
-            container_runc.remove_dir(src.conn, s.src_base)
-    note = f"; {leftovers}" if leftovers else ""
-    return Measured(detail=f"container {c['Id'][:12]} unpaused on {ctx.source.name}{note}")
+        return container_runc.finish_unpause(ctx, src, leftovers)
 
 
 def adopt(ctx: Context) -> bool:

@@ -26,9 +26,8 @@ from typing import TYPE_CHECKING
 
 from ... import criu, runc, ssh
 from ...docker_engine import Engine, EngineError
-from ...models import CONTAINER, PAGE_SERVER, MigrationRun, TrustedPair
+from ...models import CONTAINER, PAGE_SERVER
 from ..errors import MigrationError
-from ..hostcheck import settle
 from ..plan import Measured, Plan, Step
 from . import container_engine as engine_plan
 from . import container_runc
@@ -49,15 +48,8 @@ class RuncPageServerState(RuncContainerState):
 
 
 def preflight_source(ctx: Context):
-    if not TrustedPair.between(ctx.source, ctx.target):
-        raise MigrationError(
-            f"{ctx.source.name} -> {ctx.target.name}: runc passes no TLS options to CRIU, so container "
-            f"page-server streaming runs only on a trusted migration network; mark the pair trusted or "
-            f"choose stop-and-copy"
-        )
-    ctx.run.tls = False
-    MigrationRun.objects.filter(pk=ctx.run.pk).update(tls=False)
-    return container_runc.preflight_source(ctx)
+    container_runc.refuse_untrusted(ctx, "page-server streaming")
+    return container_runc.preflight_source_without_tls(ctx)
 
 
 def preflight_target(ctx: Context):
@@ -119,13 +111,7 @@ def checkpoint(ctx: Context):
 
 
 def cleanup(ctx: Context):
-    s = ctx.state
-    if ctx.run.keep_source:
-        # Killed while paused: it never runs again (Docker thaws it only to let it die).
-        container_runc.kill_paused_source(ctx)
-    measured = container_runc.cleanup(ctx)
-    s.paused = False
-    return measured
+    return container_runc.cleanup_paused(ctx)
 
 
 def _stop_page_server(conn, s: RuncPageServerState) -> None:
@@ -152,16 +138,7 @@ def rollback(ctx: Context):
             ctx.resumed_at = time.perf_counter()
         elif not found["Running"]:
             raise MigrationError(f"{ctx.source.name}: the container stopped; nothing to resume")
-        s.paused = False
-        ctx.run.result_workload = c["Id"][:12]
-        ctx.resumed_on_source(leftovers)
-        if not settle(lambda: (st := src.inspect(c["Id"])["State"])["Running"] and not st.get("Paused")):
-            raise MigrationError(f"{ctx.source.name}: the container does not run again after rollback")
-        engine_plan._restore_restart_policy(src, ctx)
-        if s.src_base:
-            container_runc.remove_dir(src.conn, s.src_base)
-    note = f"; {leftovers}" if leftovers else ""
-    return Measured(detail=f"container {c['Id'][:12]} unpaused on {ctx.source.name}{note}")
+        return container_runc.finish_unpause(ctx, src, leftovers)
 
 
 def abort(ctx: Context):
