@@ -382,6 +382,16 @@ def refuse_untrusted(ctx: Context, strategy: str) -> None:
         )
 
 
+def pause_source(ctx: Context) -> runc.RuncState:
+    """The freeze: the source paused (the cgroup freezer), recorded at once, so that a rollback unpauses it."""
+    s = ctx.state
+    close_tcp(ctx)
+    ctx.src.call("docker pause", ctx.src.api.pause, s.container["Id"])
+    s.paused = True
+    ctx.save_state()
+    return runc.RuncState(s.runc_binary, s.runc_root)
+
+
 def preflight_source_without_tls(ctx: Context):
     """The source's pre-flight, with the run recorded as not using TLS (runc gives CRIU none)."""
     ctx.run.tls = False

@@ -121,11 +121,7 @@ def preflight_source(ctx: Context):
 def checkpoint(ctx: Context):
     s = ctx.state
     cid = s.container["Id"]
-    container_runc.close_tcp(ctx)
-    ctx.src.call("docker pause", ctx.src.api.pause, cid)
-    s.paused = True
-    ctx.save_state()
-    state = runc.RuncState(s.runc_binary, s.runc_root)
+    state = container_runc.pause_source(ctx)
     try:
         dump = runc.LazyCheckpoint(ctx.src.conn, state, cid, f"{s.src_base}/images", f"{s.src_base}/work",
                                    s.src_address, ["--leave-running"])  # fmt: skip

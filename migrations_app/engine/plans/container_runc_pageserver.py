@@ -80,11 +80,7 @@ def start_page_server(ctx: Context):
 def checkpoint(ctx: Context):
     s = ctx.state
     cid = s.container["Id"]
-    container_runc.close_tcp(ctx)
-    ctx.src.call("docker pause", ctx.src.api.pause, cid)
-    s.paused = True
-    ctx.save_state()
-    state = runc.RuncState(s.runc_binary, s.runc_root)
+    state = container_runc.pause_source(ctx)
     extra = ["--leave-running", "--page-server", f"{s.address}:{s.port}"]
     try:
         runc.checkpoint(ctx.src.conn, state, cid, f"{s.src_base}/images", f"{s.src_base}/work", extra)
