@@ -193,8 +193,7 @@ def stop(w: Workload) -> None:
         while copies(w.argv) and time.monotonic() < deadline:
             time.sleep(0.05)
         return
-    for h in lab.HOSTS:
-        host = Host.objects.get(name=h.name)
+    for host in Host.objects.filter(name__in=[h.name for h in lab.hosts()]):
         with Engine(host) as eng:
             if eng.exists(w.ref):
                 eng.remove(w.ref)
@@ -249,7 +248,7 @@ def check(w: Workload, what: str, before: list[int] | None = None) -> None:
         where = ", ".join(f"{pid} ({_cgroup(pid)})" for pid in running)
         raise BenchmarkError(f"{what}: {len(running)} copies of memhog {w.mib} MiB run (PIDs {where}), not one")
     if w.kind == CONTAINER:
-        hosts = [h for h in Host.objects.filter(name__in=[h.name for h in lab.HOSTS]) if _container_running(h, w.ref)]
+        hosts = [h for h in Host.objects.filter(name__in=[h.name for h in lab.hosts()]) if _container_running(h, w.ref)]
         if hosts != [w.host]:
             raise BenchmarkError(f"{what}: container {w.ref} runs on {[h.name for h in hosts]}, not on {w.host.name}")
     deadline = time.monotonic() + 5
@@ -289,7 +288,7 @@ def _cgroup(pid: int) -> str:
 def _lab_container_ids() -> list[str]:
     """Ids of every container, running or not, on this lab's engines."""
     ids = []
-    for host in Host.objects.filter(name__in=[h.name for h in lab.HOSTS]):
+    for host in Host.objects.filter(name__in=[h.name for h in lab.hosts()]):
         with Engine(host) as eng:
             ids += [c["Id"] for c in eng.api.containers(all=True)]
     return ids
@@ -411,7 +410,7 @@ def seed_flow(w: Workload, target: Host, name: str, seq: int) -> Result:
     allows), `docker start --checkpoint` there. Stored as a run of strategy
     "seed-flow"; observed downtime from both containers' logs.
     """
-    src, dst = (next(h for h in lab.HOSTS if h.name == host.name) for host in (w.host, target))
+    src, dst = (next(h for h in lab.hosts() if h.name == host.name) for host in (w.host, target))
     what = f"seed flow, container memhog {w.mib} MiB, {w.host.name} -> {target.name}"
     cp = f"bench{seq}"
     image = lab._docker(src, "inspect", "-f", "{{.Config.Image}}", w.ref).stdout.strip()

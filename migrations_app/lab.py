@@ -1,5 +1,5 @@
-"""The lab: two hosts on this machine, each a network namespace with its own
-address, sshd and Docker engine.
+"""The lab: N hosts (two by default) on this machine, each a network namespace
+with its own address, sshd and Docker engine.
 
 This module builds and removes the lab with local commands; it is the one
 place that may. Everything else reaches the lab hosts over SSH, exactly as
@@ -7,8 +7,10 @@ it would reach a remote machine.
 """
 
 import hashlib
+import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -113,7 +115,61 @@ class LabHost:
         return f"cwv{lab_id()}-{self.index}"
 
 
-HOSTS = [LabHost("lab-1", 1), LabHost("lab-2", 2)]
+def host(index: int) -> LabHost:
+    return LabHost(f"lab-{index}", index)
+
+
+# lab-1 and lab-2, which every lab has: the pair the tests, the demo and the
+# downtime benchmarks migrate between. hosts() is every host of the lab.
+HOSTS = [host(1), host(2)]
+DEFAULT_HOSTS = 2
+# Addresses .11 to .42 of the lab's /24. Each host runs its own dockerd and
+# containerd (about 110 MiB resident together, see docs/lab.md), which is
+# what bounds a lab on one machine long before the addresses do.
+MAX_HOSTS = 32
+
+
+def hosts() -> list[LabHost]:
+    """Every host of this lab: as many as the last `up` asked for, and any left beyond.
+
+    What is on the machine counts too (namespaces, run and root
+    directories), so that `down` removes a lab whatever N built it, even
+    one whose record is gone. With no lab at all: lab-1 and lab-2.
+    """
+    indices = set(range(1, _recorded_count() + 1)) | _present_indices()
+    return [host(i) for i in sorted(indices)] or list(HOSTS)
+
+
+def _count_file() -> Path:
+    return settings.LAB_ROOT / "hosts"
+
+
+def _recorded_count() -> int:
+    try:
+        return int(_count_file().read_text())
+    except (OSError, ValueError):
+        return 0
+
+
+def _present_indices() -> set[int]:
+    """Indices of the hosts of this lab that left anything on the machine."""
+    # The lab id is followed by "-" in each name, so lab 1 never matches lab 10's.
+    places = [
+        (Path("/run/netns"), re.compile(rf"cw{lab_id()}-lab-(\d+)")),
+        (Path("/run"), re.compile(rf"criuweb{lab_id()}-lab-(\d+)")),
+        (settings.LAB_ROOT, re.compile(r"lab-(\d+)")),
+    ]
+    found = set()
+    for directory, pattern in places:
+        try:
+            names = [entry.name for entry in directory.iterdir()]
+        except OSError:
+            continue
+        for name in names:
+            match = pattern.fullmatch(name)
+            if match and 1 <= int(match[1]) <= MAX_HOSTS:
+                found.add(int(match[1]))
+    return found
 
 
 def client_key():
@@ -159,13 +215,30 @@ def _is_mountpoint(path):
 # -- up ---------------------------------------------------------------------
 
 
-def up(log=print, demo=False):
+def up(log=print, demo=False, count: int | None = None):
+    """Bring the lab up with count hosts, lab-1 ... lab-count.
+
+    Without count: as many as the lab has now, or DEFAULT_HOSTS for a new
+    one (so `make run` keeps a lab someone grew). With a count below what
+    the lab has, the hosts beyond it are removed.
+    """
+    if count is None:
+        count = max(_recorded_count(), max(_present_indices(), default=0)) or DEFAULT_HOSTS
+    if not DEFAULT_HOSTS <= count <= MAX_HOSTS:
+        raise LabError(f"a lab has {DEFAULT_HOSTS} to {MAX_HOSTS} hosts, not {count}")
+    extra = [h for h in hosts() if h.index > count]
+    for h in extra:
+        _down_host(h)
+        log(f"{h.name}: down (the lab now has {count} hosts)")
+    _forget(extra)
     settings.LAB_ROOT.mkdir(parents=True, exist_ok=True)
+    # Recorded first: a lab that fails half-way still lists (and removes) every host it was to have.
+    _count_file().write_text(f"{count}\n")
     _ensure_pipe_limits()
     _ensure_bridge()
     _ensure_client_key()
     _ensure_user()
-    for h in HOSTS:
+    for h in [host(i) for i in range(1, count + 1)]:
         _ensure_netns(h)
         _ensure_sshd(h)
         _ensure_dockerd(h)
@@ -343,7 +416,7 @@ def _ensure_one_image(h, image, version, build):
     if _image_version(h, image) == (version or ""):
         return
     first = HOSTS[0]
-    if h is not first:
+    if h.index != first.index:
         # The same image (same id) on every lab host, as a registry would
         # give: built once, then copied.
         save = subprocess.Popen(["docker", "-H", f"unix://{first.docker_sock}", "save", image], stdout=subprocess.PIPE)
@@ -411,9 +484,10 @@ def register(h):
 
 
 def trust_pair():
-    """Mark the lab's hosts a trusted migration network: their traffic never leaves this machine."""
-    first, second = (Host.objects.get(name=h.name) for h in HOSTS)
-    TrustedPair.trust(first, second, note="the lab: both hosts are network namespaces of one machine")
+    """Mark every pair of registered lab hosts a trusted migration network: their traffic never leaves this machine."""
+    registered = Host.objects.filter(name__in=[h.name for h in hosts()]).order_by("pk")
+    for one, other in itertools.combinations(registered, 2):
+        TrustedPair.trust(one, other, note="the lab: its hosts are network namespaces of one machine")
 
 
 def _wait(predicate, message, timeout=20):
@@ -436,30 +510,36 @@ def start_demo(log=print):
     """
     from . import docker_engine, ssh
 
-    hosts = list(Host.objects.filter(name__in=[h.name for h in HOSTS]).order_by("name"))
+    registered = sorted(Host.objects.filter(name__in=[h.name for h in hosts()]), key=_host_index)
     running = None
-    for host in hosts:
-        with docker_engine.Engine(host) as engine:
+    for one in registered:
+        with docker_engine.Engine(one) as engine:
             found = engine.find_container(DEMO_CONTAINER)
             if found:
                 if found["State"]["Running"]:
-                    running = host
+                    running = one
                 else:
                     engine.remove(DEMO_CONTAINER)
+    first = registered[0]
     if running:
         log(f"{running.name}: container {DEMO_CONTAINER!r} already counting")
     else:
-        with docker_engine.Engine(hosts[0]) as engine:
+        with docker_engine.Engine(first) as engine:
             engine.run_container(IMAGE, ["sh", "-c", COUNTER_SCRIPT], DEMO_CONTAINER)
-        log(f"{hosts[0].name}: container {DEMO_CONTAINER!r} counting")
-    with ssh.Connection(hosts[0]) as conn:
+        log(f"{first.name}: container {DEMO_CONTAINER!r} counting")
+    with ssh.Connection(first) as conn:
         pid = demo_process_pid()
         if pid:
             log(f"process {pid} already counting into {counter_file()}")
         else:
             conn.run(["rm", "-f", str(counter_file())])
             pid = start_process(conn, PROCESS_COUNTER_SCRIPT, str(counter_file()))
-            log(f"{hosts[0].name}: process {pid} counting into {counter_file()}")
+            log(f"{first.name}: process {pid} counting into {counter_file()}")
+
+
+def _host_index(h: Host) -> int:
+    # By number, not by name: lab-10 comes after lab-9.
+    return int(h.name.rsplit("-", 1)[1])
 
 
 def demo_process_pid():
@@ -488,7 +568,7 @@ def host_of_pid(pid):
         ns = os.stat(f"/proc/{pid}/ns/net").st_ino
     except OSError:
         return None
-    for h in HOSTS:
+    for h in hosts():
         path = Path(f"/run/netns/{h.netns}")
         if path.exists() and path.stat().st_ino == ns:
             return h.name
@@ -566,7 +646,7 @@ def counter_values(text):
 
 def status():
     out = []
-    for h in HOSTS:
+    for h in hosts():
         out.append(
             {
                 "name": h.name,
@@ -584,26 +664,10 @@ def status():
 
 
 def down(log=print):
-    for h in HOSTS:
-        if _alive(h.dockerd_pid) and _docker_ok(h):
-            ids = _docker(h, "ps", "-aq", check=False).stdout.split()
-            if ids:
-                _docker(h, "rm", "-f", *ids, check=False, timeout=60)
-        for pidfile in (h.dockerd_pid, h.sshd_pid):
-            pid = _alive(pidfile)
-            if pid:
-                os.kill(pid, 15)
-                _wait(lambda: not _alive(pidfile), f"{h.name}: {pidfile} process did not stop", 30)
-        # Processes started or restored inside the host's namespace.
-        _kill_netns_processes(h)
-        # Engine leftovers (overlay mounts, netns files) can stay mounted.
-        _umount_below(h.data_root)
-        _umount_below(h.run_dir)
-        if Path(f"/run/netns/{h.netns}").exists():
-            sh("ip", "netns", "del", h.netns, check=False)
-        sh("ip", "link", "del", h.veth, check=False)
-        shutil.rmtree(h.run_dir, ignore_errors=True)
-        shutil.rmtree(h.root, ignore_errors=True)
+    """Remove every host of the lab (however many `up` made) and what they shared."""
+    every = hosts()
+    for h in every:
+        _down_host(h)
         log(f"{h.name}: down")
     sh("ip", "link", "del", bridge(), check=False)
     shutil.rmtree(settings.LAB_ROOT, ignore_errors=True)
@@ -611,8 +675,35 @@ def down(log=print):
     if "cwlab" not in others:  # the last lab on this machine
         sh("userdel", "--force", LAB_USER, check=False)
         shutil.rmtree(LAB_HOME, ignore_errors=True)
+    _forget(every)
+
+
+def _forget(gone: list[LabHost]) -> None:
     # Hosts with recorded runs stay, so the history keeps its meaning.
-    Host.objects.filter(name__in=[h.name for h in HOSTS], runs_out=None, runs_in=None).delete()
+    Host.objects.filter(name__in=[h.name for h in gone], runs_out=None, runs_in=None).delete()
+
+
+def _down_host(h: LabHost) -> None:
+    """Stop one host's engine, sshd and every process in its namespace, and remove its files."""
+    if _alive(h.dockerd_pid) and _docker_ok(h):
+        ids = _docker(h, "ps", "-aq", check=False).stdout.split()
+        if ids:
+            _docker(h, "rm", "-f", *ids, check=False, timeout=60)
+    for pidfile in (h.dockerd_pid, h.sshd_pid):
+        pid = _alive(pidfile)
+        if pid:
+            os.kill(pid, 15)
+            _wait(lambda: not _alive(pidfile), f"{h.name}: {pidfile} process did not stop", 30)
+    # Processes started or restored inside the host's namespace.
+    _kill_netns_processes(h)
+    # Engine leftovers (overlay mounts, netns files) can stay mounted.
+    _umount_below(h.data_root)
+    _umount_below(h.run_dir)
+    if Path(f"/run/netns/{h.netns}").exists():
+        sh("ip", "netns", "del", h.netns, check=False)
+    sh("ip", "link", "del", h.veth, check=False)
+    shutil.rmtree(h.run_dir, ignore_errors=True)
+    shutil.rmtree(h.root, ignore_errors=True)
 
 
 def _umount_below(path):

@@ -16,12 +16,14 @@ def lab_up(django_db_setup, django_db_blocker):
     """The test lab: two real hosts with sshd, Docker and CRIU, for the whole session.
 
     Built by the tests and removed by them; `make run`'s lab is another one.
+    Two hosts even if a crashed session left a larger lab under this id:
+    the fleet tests grow it for themselves (tests/test_fleet_lab.py).
     """
     with django_db_blocker.unblock():
-        lab.up(log=lambda *a: None)
+        lab.up(log=lambda *a: None, count=lab.DEFAULT_HOSTS)
         # lab.up() records the hosts; tests that want them ask for `hosts`,
         # and the others count on an empty inventory.
-        Host.objects.filter(name__in=[h.name for h in lab.HOSTS]).delete()
+        Host.objects.filter(name__in=[h.name for h in lab.hosts()]).delete()
         try:
             yield
         finally:

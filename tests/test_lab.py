@@ -6,10 +6,12 @@ import pwd
 import re
 import signal
 import uuid
+from io import StringIO
 from pathlib import Path
 
 import pytest
 from django.conf import settings
+from django.core.management import call_command
 from django.test import override_settings
 
 from migrations_app import lab, ssh
@@ -168,3 +170,39 @@ def test_lab_engines_checkpoint_a_container_with_a_listening_socket(hosts):
             assert "hello-from-httpd" in fetch(engine)
         finally:
             engine.remove(name)
+
+
+def test_lab_down_removes_every_host_whatever_n_built_it(lab_up, db):
+    """`lab down` finds a lab's hosts on the machine, however many there are,
+    even with the record of the count gone (engines left out: SSH is enough)."""
+    from migrations_app.models import Host
+
+    other_id, lock = _claim_another_lab_id()
+    try:
+        other = Path(f"/var/lib/criuweb-lab{other_id}")
+        with override_settings(LAB_ID=other_id, LAB_ROOT=other, SSH_KEY_DIRS=[*settings.SSH_KEY_DIRS, other / "keys"]):
+            three = [lab.host(i) for i in (1, 2, 3)]
+            try:
+                for h in three:
+                    _up_one_host(h)
+                assert not (other / "hosts").exists()  # nothing but the hosts themselves tells N
+                assert [h.name for h in lab.hosts()] == ["lab-1", "lab-2", "lab-3"]
+                sshds = [lab._alive(h.sshd_pid) for h in three]
+                assert all(sshds)
+                with ssh.Connection(Host.objects.get(name="lab-3")) as conn:
+                    assert conn.run(["printenv", "CRIUWEB_HOST"]).stdout.strip() == "lab-3"
+                status = {s["name"]: s["sshd"] for s in lab.status()}
+                assert status == {"lab-1": True, "lab-2": True, "lab-3": True}
+            finally:
+                out = StringIO()
+                call_command("lab", "down", stdout=out)
+            assert out.getvalue().split("\n")[:3] == ["lab-1: down", "lab-2: down", "lab-3: down"]
+            for h, pid in zip(three, sshds):
+                assert not lab.pid_running(pid), f"{h.name}'s sshd {pid} still runs"
+                assert not Path(f"/run/netns/{h.netns}").exists()
+                assert not h.run_dir.exists()
+                assert lab.sh("ip", "link", "show", h.veth, check=False).returncode != 0
+            assert not other.exists()
+            assert not Host.objects.filter(name__in=["lab-1", "lab-2", "lab-3"]).exists()
+    finally:
+        lock.close()

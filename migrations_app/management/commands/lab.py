@@ -7,17 +7,26 @@ from migrations_app.docker_engine import EngineError
 
 
 class Command(BaseCommand):
-    help = "Bring the two-host lab up or down, or say what is running."
+    help = "Bring the lab (lab-1 ... lab-N) up or down, or say what is running."
 
     def add_arguments(self, parser):
         parser.add_argument("action", choices=["up", "down", "status"])
         parser.add_argument("--demo", action="store_true", help="with up: start the counter workloads on lab-1")
         parser.add_argument("--json", action="store_true", help="with status: machine-readable")
+        parser.add_argument(
+            "--hosts",
+            type=int,
+            metavar="N",
+            help=f"with up: build lab-1 ... lab-N ({lab.DEFAULT_HOSTS} to {lab.MAX_HOSTS}; hosts beyond N are "
+            f"removed). Default: as many as the lab has, {lab.DEFAULT_HOSTS} for a new one",
+        )
 
     def handle(self, action, demo, **options):
+        if options["hosts"] is not None and action != "up":
+            raise CommandError("--hosts goes with `lab up`: status and down cover every host the lab has")
         try:
             if action == "up":
-                lab.up(log=self.stdout.write, demo=demo)
+                lab.up(log=self.stdout.write, demo=demo, count=options["hosts"])
             elif action == "down":
                 lab.down(log=self.stdout.write)
             elif options["json"]:
