@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 BIND ?= 127.0.0.1:8000
 
-.PHONY: setup run test lab-down bench
+.PHONY: setup run test lab-down bench api-schema
 
 $(VENV)/.ready-$(shell cat requirements.txt | md5sum | cut -c1-8): requirements.txt
 	bash scripts/setup-system.sh  # python3-venv first
@@ -38,3 +38,8 @@ lab-down: setup
 bench: setup
 	$(PY) manage.py lab up --demo
 	$(PY) manage.py bench_downtime --runs 10
+
+# The API's OpenAPI schema, checked in for readers and client generators;
+# tests/test_api.py fails when it differs from what the code serves.
+api-schema: setup
+	$(PY) manage.py spectacular --validate --fail-on-warn --file docs/api-schema.yaml

@@ -1,9 +1,10 @@
 from django import forms
 from django.contrib import admin
+from django.template.response import TemplateResponse
 
 from . import ssh
 from .forms import HostFieldsMixin, check_host_key
-from .models import Checkpoint, Host, MigrationRun, Phase, TrustedPair
+from .models import ApiToken, Checkpoint, Host, MigrationRun, Phase, TrustedPair
 
 
 class HostAdminForm(HostFieldsMixin, forms.ModelForm):
@@ -86,3 +87,34 @@ class CheckpointAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return False
+
+@admin.register(ApiToken)
+class ApiTokenAdmin(admin.ModelAdmin):
+    """Issue and revoke (delete) users' API tokens; a secret is shown once, on the page after adding."""
+
+    list_display = ["name", "user", "prefix", "created", "last_used"]
+    list_filter = ["user"]
+    list_select_related = ["user"]
+    search_fields = ["name", "user__username", "prefix"]
+    readonly_fields = ["prefix", "created", "last_used"]
+
+    def get_fields(self, request, obj=None):
+        return ["user", "name"] if obj is None else ["user", "name", "prefix", "created", "last_used"]
+
+    def get_readonly_fields(self, request, obj=None):
+        # A token stays its user's: another user would get a secret someone else was given.
+        return self.readonly_fields + (["user"] if obj else [])
+
+    def save_model(self, request, obj, form, change):
+        if change:
+            return super().save_model(request, obj, form, change)
+        token, secret = ApiToken.issue(obj.user, obj.name)
+        obj.pk, obj.prefix, obj.digest, obj.created = token.pk, token.prefix, token.digest, token.created
+        obj._state.adding = False
+        request._api_token_secret = secret
+
+    def response_add(self, request, obj, post_url_continue=None):
+        # The secret goes into this page only, never into a message (kept in a cookie or the session).
+        ctx = {**self.admin_site.each_context(request), "token": obj, "secret": request._api_token_secret,
+               "title": "API token issued", "opts": self.model._meta}  # fmt: skip
+        return TemplateResponse(request, "admin/migrations_app/apitoken/issued.html", ctx)

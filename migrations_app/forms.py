@@ -291,3 +291,6 @@ class ImportForm(forms.Form):
 class RetentionForm(forms.Form):
     keep = forms.IntegerField(min_value=0, max_value=1000, label="keep the last",
                               help_text="checkpoints per workload on this host; 0 keeps them all")  # fmt: skip
+
+class ApiTokenForm(forms.Form):
+    name = forms.CharField(max_length=100, help_text="what it is for: a script, a pipeline")

@@ -1,3 +1,5 @@
+import hashlib
+import secrets
 import uuid
 
 from django.db import models
@@ -458,3 +460,39 @@ class Phase(models.Model):
             "criu_stats": self.criu_stats or None,
             "detail": self.detail or None,
         }
+
+class ApiToken(models.Model):
+    """A user's secret for the API (migrations_app/api): the user's permissions, without a session.
+
+    Only a SHA-256 digest of the secret is stored: the secret is shown once,
+    when it is issued. A plain digest suffices (no slow password hash): the
+    secret is 256 random bits, so a stolen digest cannot be guessed back.
+    """
+
+    PREFIX = "cw_"
+
+    user = models.ForeignKey("auth.User", models.CASCADE, related_name="api_tokens")
+    name = models.CharField(max_length=100, help_text="What this token is for (a script, a pipeline).")
+    # The secret's first characters, shown in lists to tell tokens apart.
+    prefix = models.CharField(max_length=16, editable=False)
+    digest = models.CharField(max_length=64, unique=True, editable=False)
+    created = models.DateTimeField(default=timezone.now, editable=False)
+    last_used = models.DateTimeField(null=True, blank=True, editable=False)
+
+    class Meta:
+        ordering = ["-created"]
+        verbose_name = "API token"
+
+    def __str__(self):
+        return f"{self.name} ({self.prefix}…, {self.user})"
+
+    @staticmethod
+    def hash(secret: str) -> str:
+        return hashlib.sha256(secret.encode()).hexdigest()
+
+    @classmethod
+    def issue(cls, user, name: str) -> tuple["ApiToken", str]:
+        """A new token for a user, and its secret (stored nowhere: show it once)."""
+        secret = cls.PREFIX + secrets.token_urlsafe(32)
+        token = cls.objects.create(user=user, name=name, prefix=secret[:10], digest=cls.hash(secret))
+        return token, secret

@@ -29,5 +29,7 @@ urlpatterns = [
     path("runs/<uuid:code>/logs.txt", views.run_logs, name="cw-run-logs"),
     path("runs/<uuid:code>/recover/", views.run_recover, name="cw-run-recover"),
     path("compare/", views.compare, name="cw-compare"),
+    path("account/tokens/", views.account_tokens, name="cw-account-tokens"),
+    path("account/tokens/<int:pk>/revoke/", views.account_token_revoke, name="cw-account-token-revoke"),
     path("compare/data.json", views.compare_json, name="cw-compare-json"),
 ]

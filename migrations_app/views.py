@@ -17,6 +17,7 @@ from . import engine, inventory, reports, ssh, worker
 from .docker_engine import EngineError
 from .engine import keep, plans, recovery
 from .forms import (
+    ApiTokenForm,
     CheckpointForm,
     HostForm,
     HostKeyForm,
@@ -26,7 +27,7 @@ from .forms import (
     RetentionForm,
     RunFilterForm,
 )
-from .models import CLONE, FINISHED, RESTORE, SUCCEEDED, Checkpoint, Host, MigrationRun
+from .models import CLONE, FINISHED, RESTORE, SUCCEEDED, ApiToken, Checkpoint, Host, MigrationRun
 
 RUNS_PER_PAGE = 50
 CAN_LAUNCH = "migrations_app.launch_migration"
@@ -488,3 +489,26 @@ def host_retention(request, name):
         kept = host.checkpoint_retention or "all"
         messages.success(request, f"{host.name} keeps the last {kept} checkpoints per workload.")
     return redirect("cw-host-checkpoints", name=host.name)
+
+# -- API tokens ------------------------------------------------------------------------------
+
+
+@login_required
+def account_tokens(request):
+    """The user's API tokens; a new one's secret is on this response only (only its hash is kept)."""
+    form = ApiTokenForm(request.POST or None)
+    secret = None
+    if request.method == "POST" and form.is_valid():
+        token, secret = ApiToken.issue(request.user, form.cleaned_data["name"])
+        form = ApiTokenForm()
+    ctx = {"form": form, "secret": secret, "tokens": request.user.api_tokens.all()}
+    return render(request, "account/tokens.html", ctx)
+
+
+@require_POST
+@login_required
+def account_token_revoke(request, pk):
+    token = get_object_or_404(ApiToken, pk=pk, user=request.user)  # someone else's token is no business of theirs
+    token.delete()
+    messages.success(request, f"Token {token.name} ({token.prefix}…) revoked.")
+    return redirect("cw-account-tokens")

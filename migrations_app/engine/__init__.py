@@ -8,12 +8,12 @@
 - hostcheck.py: checks on a host that several plans share.
 """
 
-from .errors import MigrationError
+from .errors import MigrationError, WorkloadBusy
 from .lifecycle import claim, create_run, worker_alive, worker_id
 from .plan import Measured, Plan, Step
 from .runner import Context, execute
 
 __all__ = [
-    "Context", "Measured", "MigrationError", "Plan", "Step", "claim", "create_run", "execute", "worker_alive",
-    "worker_id",
+    "Context", "Measured", "MigrationError", "Plan", "Step", "WorkloadBusy", "claim", "create_run", "execute",
+    "worker_alive", "worker_id",
 ]

@@ -12,7 +12,7 @@ from django.utils import timezone
 from .. import validation
 from ..models import CONTAINER, INTERRUPTED, PENDING, RUNNING, TCP_CHOICES, TCP_CLOSE, MigrationRun
 from . import observe, plans
-from .errors import MigrationError
+from .errors import MigrationError, WorkloadBusy
 
 
 def create_run(
@@ -51,7 +51,7 @@ def create_run(
         source=source, target=target, kind=kind, workload=workload, keep_source=keep_source, strategy=strategy,
         probe_address=probe, tcp=tcp, shared_storage=shared_storage, freeze_limit=freeze_limit,
     )  # fmt: skip
-    busy = MigrationError(f"{workload} on {source.name} is already being migrated")
+    busy = WorkloadBusy(f"{workload} on {source.name} is already being migrated")
     for other in MigrationRun.objects.unfinished().filter(source=source, kind=kind):
         if not _same_workload(kind, workload, other):
             continue
