@@ -14,10 +14,12 @@ from django.core.management import call_command
 from django.utils import timezone
 
 from migrations_app import worker
+from migrations_app.docker_engine import Engine
 from migrations_app.models import (
     CONTAINER,
     ENGINE,
     FAILED,
+    FINISHED,
     PENDING,
     PROCESS,
     STOP_AND_COPY,
@@ -28,6 +30,8 @@ from migrations_app.models import (
     MigrationRun,
     Phase,
 )
+from tests.support import wait_for
+from tests.test_migration_lab import assert_consecutive, values
 from tests.test_views import FakeEngine, make_host, make_run, ready_host
 
 SCHEMA_FILE = Path(__file__).resolve().parent.parent / "docs" / "api-schema.yaml"
@@ -456,3 +460,44 @@ def test_the_api_token_command_refuses_an_unknown_user(db):
     with pytest.raises(CommandError, match="no user 'ghost'"):
         call_command("api_token", "create", "--user", "ghost", "--name", "ci")
     assert User.objects.filter(username="ghost").count() == 0
+
+
+# -- end to end on the lab --------------------------------------------------------------------
+
+
+@pytest.mark.lab
+@pytest.mark.django_db(transaction=True)
+def test_a_script_migrates_a_container_through_the_api(client, hosts, counter_container, operator, monkeypatch):
+    threads = []
+    start = worker.start
+    monkeypatch.setattr(worker, "start", lambda run: threads.append(start(run)) or threads[-1])
+    _, secret = ApiToken.issue(operator, "pipeline")
+    name = counter_container
+    body = {"source": "lab-1", "target": "lab-2", "kind": CONTAINER, "workload": name}  # the default strategy
+    response = client.post("/api/v1/runs/", body, content_type="application/json", **bearer(secret))
+    assert response.status_code == 201, response.json()
+    url = response["Location"].removeprefix("http://testserver")
+
+    def finished():
+        data = client.get(url, **bearer(secret)).json()
+        return data if data["status"] in FINISHED else None
+
+    data = wait_for(finished, 120, "the run did not finish in 120 s", interval=1)
+    for thread in threads:
+        thread.join(30)
+    assert data["status"] == SUCCEEDED, data["error"]
+    assert data["strategy"] == ENGINE and data["stage"] == "done" and data["created_by"] == "operator"
+    assert data["downtime_ms"] > 0 and data["bytes"] > 0 and data["duration_ms"] >= data["downtime_ms"]
+    phases = {p["name"]: p for p in data["phases"]}
+    assert {"checkpoint", "transfer", "restore", "verify"} <= set(phases)
+    assert phases["restore"]["criu_stats"]["restore_time"] > 0
+    # Exactly one copy, running on the target, counting on from where it stopped.
+    with Engine(hosts[1]) as engine:
+        assert engine.inspect(name)["State"]["Running"]
+        counted = wait_for(lambda: values(engine.logs(name)) if len(values(engine.logs(name))) >= 2 else None)
+    assert_consecutive(counted)
+    with Engine(hosts[0]) as engine:
+        assert not engine.exists(name)
+    # The run is in the history the API lists, found by its filters.
+    listed = client.get("/api/v1/runs/", {"host": "lab-2", "workload": name}, **bearer(secret)).json()
+    assert [r["id"] for r in listed["results"]] == [data["id"]]
