@@ -278,7 +278,8 @@ def test_a_run_with_its_phases(api, viewer):
 
 def test_an_unknown_run_is_404_json(api, viewer):
     response = api(viewer).get("/api/v1/runs/00000000-0000-0000-0000-000000000000/")
-    assert response.status_code == 404 and response.json()["detail"]
+    assert response.status_code == 404
+    assert response.json() == {"detail": "No MigrationRun matches the given query."}
 
 
 def test_the_run_list_filters_as_the_history_page(api, viewer):
