@@ -11,6 +11,7 @@ from django.core.paginator import Paginator
 from django.db.models import BooleanField, ExpressionWrapper, F, Q
 from django.http import FileResponse, Http404, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_POST
 
 from . import engine, inventory, reports, ssh, worker
@@ -493,6 +494,7 @@ def host_retention(request, name):
 # -- API tokens ------------------------------------------------------------------------------
 
 
+@never_cache  # a new token's secret is on the page: no copy kept by a browser or proxy
 @login_required
 def account_tokens(request):
     """The user's API tokens; a new one's secret is on this response only (only its hash is kept)."""

@@ -416,6 +416,7 @@ def test_a_user_creates_sees_once_and_revokes_a_token(client, viewer, admin_user
     token = ApiToken.objects.get(user=viewer)
     secret = response.context["secret"]
     assert ApiToken.hash(secret) == token.digest and secret in response.content.decode()
+    assert "no-store" in response["Cache-Control"]
     assert secret not in client.get("/account/tokens/").content.decode()
     assert client.get("/api/v1/hosts/", **bearer(secret)).status_code == 200
     # Someone else's token is not theirs to revoke.
