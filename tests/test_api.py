@@ -243,6 +243,9 @@ def test_launch_refuses_a_body_that_is_not_json(client, operator):
     assert response.status_code == 400 and response.json()["detail"].startswith("JSON parse error")
     response = client.post("/api/v1/runs/", {"source": "a"}, **bearer(secret))  # a form post
     assert response.status_code == 415
+    response = client.post("/api/v1/runs/", [], content_type="application/json", **bearer(secret))
+    assert response.status_code == 400
+    assert response.json()["errors"] == {"non_field_errors": ["Invalid data. Expected a dictionary, but got list."]}
 
 
 def test_launch_of_a_workload_being_migrated_is_409(api, operator, launches):
