@@ -8,22 +8,19 @@ the lab they expect.
 import itertools
 import json
 import os
-import signal
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from io import StringIO
 from pathlib import Path
 
 import pytest
-from django.conf import settings
 from django.core.management import call_command
 from django.db import connection
 from django.test import Client
 
+from migrations_app import fleet as fleet_workloads
 from migrations_app import inventory, lab, ssh
-from migrations_app.benchmark import copies
 from migrations_app.docker_engine import Engine
 from migrations_app.engine import plans
 from migrations_app.models import CONTAINER, FINISHED, PROCESS, SUCCEEDED, Host, MigrationRun, TrustedPair
@@ -94,131 +91,59 @@ def test_lab_up_hosts_builds_every_host_and_status_lists_them(fleet_lab, fleet):
 # -- eight runs at once on four hosts -------------------------------------------------
 
 
-@dataclass
-class Move:
-    """One workload of the fleet test and the run that moves it."""
-
-    kind: str
-    source: Host
-    target: Host
-    ref: str = ""  # container name or PID
-    argv: list[str] = field(default_factory=list)  # a process's command line, unique to it
-    counter: Path | None = None  # where a process counts
-    code: str = ""  # the run's code, from the run page the form redirects to
-
-
-def plan_moves(hosts):
-    """Eight moves on four hosts: each host the source of two and the target of two, kinds mixed."""
-    n = len(hosts)
-    moves = []
-    for i in range(2 * n):
-        src = i % n
-        dst = (src + 1 + i // n) % n  # the next host, then the one after it
-        kind = CONTAINER if (i + i // n) % 2 == 0 else PROCESS
-        moves.append(Move(kind, hosts[src], hosts[dst]))
-    return moves
-
-
-def start_workload(move, tag):
-    if move.kind == CONTAINER:
-        move.ref = f"fleet-{tag}"
-        with Engine(move.source) as engine:
-            engine.run_container(lab.IMAGE, ["sh", "-c", lab.COUNTER_SCRIPT], move.ref)
-        return
-    move.counter = settings.LAB_ROOT / f"fleet-{tag}.log"
-    move.argv = ["sh", "-c", lab.PROCESS_COUNTER_SCRIPT, "sh", str(move.counter)]
-    with ssh.Connection(move.source) as conn:
-        move.ref = str(lab.start_process(conn, lab.PROCESS_COUNTER_SCRIPT, str(move.counter)))
-
-
-def running_on(hosts, move):
-    """Names of the hosts where the workload runs now: every engine, or this machine's process table."""
-    if move.kind == CONTAINER:
-        where = []
-        for host in hosts:
-            with Engine(host) as engine:
-                found = engine.find_container(move.ref)
-                if found and found["State"]["Running"]:
-                    where.append(host.name)
-        return where
-    return sorted(lab.host_of_pid(pid) or f"PID {pid} outside the lab" for pid in copies(move.argv))
-
-
-def counter(move):
-    if move.kind == CONTAINER:
-        with Engine(move.target) as engine:
-            return lab.counter_values(engine.logs(move.ref))
-    return lab.counter_values(move.counter.read_text())
-
-
 def post_at_once(moves, user):
-    """The migration form posted for every move at once, each by its own client; the runs' codes."""
+    """The migration form posted for every (workload, target) at once, each by its own client; the runs."""
     barrier = threading.Barrier(len(moves))
 
     def post(move):
+        w, target = move
         client = Client()
         client.force_login(user)
-        data = {"source": move.source.name, "target": move.target.name, "kind": move.kind,
-                "strategy": plans.default_strategy(move.kind)}  # fmt: skip
-        data["container" if move.kind == CONTAINER else "pid"] = move.ref
+        data = {"source": w.host.name, "target": target.name, "kind": w.kind,
+                "strategy": plans.default_strategy(w.kind), "container" if w.kind == CONTAINER else "pid": w.ref}
         barrier.wait(timeout=60)
         try:
             response = client.post("/migrate/", data)
         finally:
-            connection.close()  # this thread's own connection
-        assert response.status_code == 302, f"{move.source} -> {move.target}: {response.content.decode()[:2000]}"
-        return response["Location"].rstrip("/").rsplit("/", 1)[1]
+            connection.close()  # this thread's own
+        assert response.status_code == 302, f"{w.ref} -> {target}: {response.content.decode()[:3000]}"
+        return MigrationRun.objects.get(code=response["Location"].rstrip("/").rsplit("/", 1)[1])
 
     with ThreadPoolExecutor(len(moves)) as pool:
-        for move, code in zip(moves, pool.map(post, moves)):
-            move.code = code
+        return list(pool.map(post, moves))
 
 
 def test_eight_runs_at_once_on_four_hosts_each_run_once(fleet, operator):
     hosts = fleet
-    moves = plan_moves(hosts)
-    assert {h.name: sum(m.source == h for m in moves) for h in hosts} == dict.fromkeys(NAMES, 2)
-    assert {h.name: sum(m.target == h for m in moves) for h in hosts} == dict.fromkeys(NAMES, 2)
+    tag = f"fleet-{uuid.uuid4().hex[:6]}"
     for host in hosts:
-        # Fresh probes now, so that the eight posts do not each probe the hosts.
+        # Probed now, so that the eight posts do not each probe the hosts.
         assert inventory.probe(host)["ok"], host.capabilities
-    tag = uuid.uuid4().hex[:6]
+    workloads = fleet_workloads.spread(hosts, 2 * FLEET, [CONTAINER, PROCESS], tag)
     try:
-        for i, move in enumerate(moves):
-            start_workload(move, f"{tag}-{i}")
-        for move in moves:
-            wait_for(lambda: len(counter_on_source(move)) >= 2, 30, f"{move.ref} did not start counting")
-        post_at_once(moves, operator)
-        runs = {m.code: MigrationRun.objects.get(code=m.code) for m in moves}
-        wait_for(
-            lambda: all(r.status in FINISHED for r in _refreshed(runs.values())), 600,
-            "the runs did not all end",
-        )
-        for move in moves:
-            run = runs[move.code]
+        moves = [(w, fleet_workloads.target(hosts, w)) for w in workloads]
+        for host in hosts:
+            assert sum(w.host == host for w, _ in moves) == 2 and sum(t == host for _, t in moves) == 2
+        for w in workloads:
+            wait_for(lambda: len(fleet_workloads.values(w)) >= 2, 30, f"{w.ref} did not start counting")
+        runs = post_at_once(moves, operator)
+        wait_for(lambda: all(r.status in FINISHED for r in _refreshed(runs)), 600, "the runs did not all end")
+        for run in runs:
             assert run.status == SUCCEEDED, f"{run.source} -> {run.target} {run.workload}: {run.status}: {run.error}"
-        for move in moves:
+        for w, target in moves:
             # Exactly one copy, on the target: every engine and the process table looked at.
-            assert running_on(hosts, move) == [move.target.name], move
-            before = counter(move)
-            wait_for(lambda: len(counter(move)) >= len(before) + 1, 15, f"{move.ref}: the counter stopped")
-            values = counter(move)
-            if move.kind == PROCESS:
-                # One file from start to end: a second copy would repeat values.
-                assert values == list(range(len(values))), f"{move.ref}: {values}"
-            else:
-                assert values == list(range(values[0], values[0] + len(values))), f"{move.ref}: {values}"
-        check_one_worker_per_run(runs.values())
+            assert fleet_workloads.running_on(hosts, w) == [target.name], (w, target)
+            fleet_workloads.moved(w, target)
+            before = fleet_workloads.values(w)
+            wait_for(lambda: len(fleet_workloads.values(w)) > len(before), 15, f"{w.ref}: the counter stopped")
+            values = fleet_workloads.values(w)
+            # A process counts into one file from start to end, a second copy would repeat values;
+            # a container's log on the target starts where its checkpoint was.
+            first = 0 if w.kind == PROCESS else values[0]
+            assert values == list(range(first, first + len(values))), f"{w.ref}: {values}"
+        check_one_worker_per_run(runs)
     finally:
-        for move in moves:
-            stop_workload(hosts, move)
-
-
-def counter_on_source(move):
-    if move.kind == CONTAINER:
-        with Engine(move.source) as engine:
-            return lab.counter_values(engine.logs(move.ref))
-    return lab.counter_values(move.counter.read_text()) if move.counter.exists() else []
+        fleet_workloads.stop_all(hosts, workloads)
 
 
 def _refreshed(runs):
@@ -234,35 +159,6 @@ def check_one_worker_per_run(runs):
         steps = [(p.name, p.host) for p in run.phases.all()]
         assert len(steps) == len(set(steps)), f"{run.code}: phases recorded twice: {steps}"
         assert run.worker, f"{run.code}: no worker recorded"
-
-
-def stop_workload(hosts, move):
-    if move.kind == CONTAINER and move.ref:
-        for host in hosts:
-            with Engine(host) as engine:
-                if engine.exists(move.ref):
-                    engine.remove(move.ref)
-    elif move.argv:
-        for pid in copies(move.argv):
-            _kill_tree(pid)
-        if move.counter:
-            move.counter.unlink(missing_ok=True)
-
-
-def _kill_tree(pid):
-    # A restored process sits under a namespace holder (its parent, a
-    # python3 that keeps the PID namespace): both go, by PID.
-    try:
-        ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        holder = ppid if ppid > 1 and Path(f"/proc/{ppid}/cmdline").read_bytes().startswith(b"python3") else 0
-    except (OSError, ValueError, IndexError):
-        holder = 0
-    for p in (pid, holder):
-        if p:
-            try:
-                os.kill(p, signal.SIGKILL)
-            except OSError:
-                pass
 
 
 def test_lab_up_with_fewer_hosts_removes_the_rest(fleet_lab, fleet):
