@@ -40,17 +40,22 @@ class Workload:
     counter: Path | None = None  # where a process counts
 
 
-def spread(hosts: list[Host], count: int, kinds: list[str], tag: str) -> list[Workload]:
-    """Start count counters, count/len(hosts) on each host, kinds taken in turn; stop them on failure."""
+def placement(hosts: list[Host], count: int, kinds: list[str]) -> list[tuple[Host, int, str]]:
+    """(host, step, kind) of count workloads: count/len(hosts) on each host, kinds taken in turn."""
     if count % len(hosts) or not 0 < count // len(hosts) < len(hosts):
         raise ValueError(f"{count} workloads do not spread evenly over {len(hosts)} hosts (1 to {len(hosts) - 1} each)")
+    # With two kinds, each host gets both: the kind turns with the host
+    # and with the round of hosts.
+    return [
+        (hosts[i % len(hosts)], 1 + i // len(hosts), kinds[(i + i // len(hosts)) % len(kinds)]) for i in range(count)
+    ]
+
+
+def spread(hosts: list[Host], count: int, kinds: list[str], tag: str) -> list[Workload]:
+    """Start count counters as placement() has them; those started are stopped if one fails."""
     started: list[Workload] = []
     try:
-        for i in range(count):
-            host, step = hosts[i % len(hosts)], 1 + i // len(hosts)
-            # Each host gets both kinds when there are two: the kind turns
-            # with the host and with the round of hosts.
-            kind = kinds[(i + i // len(hosts)) % len(kinds)]
+        for i, (host, step, kind) in enumerate(placement(hosts, count, kinds)):
             started.append(start(kind, host, step, f"{tag}-{i}"))
     except BaseException:
         stop_all(hosts, started)
