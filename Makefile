@@ -28,8 +28,11 @@ run: setup
 	$(PY) manage.py collectstatic --no-input --verbosity 0
 	$(VENV)/bin/gunicorn criuweb.wsgi --bind $(BIND) --workers 1 --threads 8 --timeout 300 --graceful-timeout 300 --access-logfile -
 
+# The database tests run twice: on a throwaway PostgreSQL server of their own
+# (CRIUWEB_TEST_DB=postgres, docs/testing.md), then on SQLite with the rest.
 test: setup
 	$(VENV)/bin/ruff check .
+	CRIUWEB_TEST_DB=postgres $(VENV)/bin/pytest -m "db and not lab"
 	$(VENV)/bin/pytest
 
 lab-down: setup

@@ -171,9 +171,11 @@ main() {
     if [ -f "$STAMP" ] && [ -x "$MEMHOG" ] && criu_works; then
         return
     fi
+    # postgresql: the binaries of the throwaway servers that `make test` and
+    # scripts/bench-pages.sh --postgres start (criuweb/throwaway_postgres.py).
     need_packages docker.io containerd runc openssh-server openssh-client busybox-static \
         iproute2 iptables patchelf tar procps util-linux ca-certificates python3 python3-venv chromium \
-        gcc libc6-dev
+        gcc libc6-dev postgresql
     install_criu
     build_memhog
     mkdir -p "$(dirname "$STAMP")"

@@ -11,6 +11,24 @@ from migrations_app.models import Host
 from tests.support import wait_for
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Mark what each test needs, so that `-m` can pick them (Makefile).
+
+    lab: uses the lab (directly or through a fixture that does);
+    db: touches the database (these run a second time on PostgreSQL).
+    Before `-m` deselects anything, hence tryfirst.
+    """
+    for item in items:
+        needs = set(getattr(item, "fixturenames", ()))
+        if "lab_up" in needs:
+            item.add_marker(pytest.mark.lab)
+        # django_db_setup is behind db, transactional_db and live_server;
+        # the marker alone asks for the database at run time.
+        if "django_db_setup" in needs or item.get_closest_marker("django_db"):
+            item.add_marker(pytest.mark.db)
+
+
 @pytest.fixture(scope="session")
 def lab_up(django_db_setup, django_db_blocker):
     """The test lab: two real hosts with sshd, Docker and CRIU, for the whole session.
