@@ -21,7 +21,13 @@ MAX_FREEZE_LIMIT = 24 * 3600  # lifecycle.create_run's bound
 CRIU_STATS = {"type": "object", "additionalProperties": {"type": "number"}, "nullable": True}
 
 
+# Integer fields of the models declared again with bounds of their own: taken
+# from the model, their bounds are the database's integer range (64 bits on
+# SQLite, 32 on PostgreSQL), and the schema would change with the database.
+
+
 class PhaseSerializer(serializers.ModelSerializer):
+    seq = serializers.IntegerField(min_value=0, read_only=True, help_text="The phase's place in the run, from 0.")
     criu_stats = serializers.SerializerMethodField()
 
     class Meta:
@@ -158,6 +164,12 @@ class LaunchSerializer(serializers.Serializer):
 class HostSerializer(serializers.ModelSerializer):
     """A host and what its last probe found."""
 
+    ssh_port = serializers.IntegerField(min_value=1, max_value=65535, read_only=True)
+    checkpoint_retention = serializers.IntegerField(
+        min_value=0,
+        read_only=True,
+        help_text="Kept checkpoints per workload on this host (older ones are deleted); 0 keeps them all.",
+    )
     host_key_pinned = serializers.SerializerMethodField()
     probe = serializers.SerializerMethodField()
     strategies = serializers.SerializerMethodField(help_text="Per workload kind, the strategies its probe allows.")
