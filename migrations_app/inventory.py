@@ -45,6 +45,9 @@ def probe(host):
                 "api_version": version.get("ApiVersion"),
                 "checkpoints": bool(info.get("ExperimentalBuild")),
                 "storage_driver": info.get("Driver"),
+                # OCI runtimes the engine registers: criuweb's wrapper there
+                # offers the runc path to kept checkpoints (a plan's "runtime:" need).
+                "runtimes": sorted(info.get("Runtimes") or {}),
             }
     except (ssh.SSHError, EngineError) as e:
         caps["error"] = str(e)

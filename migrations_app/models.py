@@ -145,7 +145,10 @@ class Host(models.Model):
         return self.has_feature("mem_dirty_track")
 
     def passes(self, need):
-        """Whether the last probe found a capability: a self-test it passed or a CRIU feature."""
+        """Whether the last probe found a capability: a self-test it passed, a CRIU feature, or a
+        Docker runtime ("runtime:NAME", registered with the host's engine)."""
+        if need.startswith("runtime:"):
+            return need.partition(":")[2] in (self.capabilities.get("docker") or {}).get("runtimes", [])
         test = self.capabilities.get("self_tests", {}).get(need)
         if test is not None:
             return bool(test.get("ok"))

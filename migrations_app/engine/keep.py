@@ -105,7 +105,15 @@ def _workload(kind: str, workload: object) -> str:
         raise MigrationError(str(e)) from None
 
 
-def _create(operation, kind, source, target, workload, state, checkpoint=None, user=None, keep_source=False):
+def _strategy(operation: str, kind: str, *hosts: Host) -> str:
+    """The strategy of the operation's plan these hosts support best (engine/plans OPERATIONS)."""
+    from . import plans  # the registry imports the plans, which import this module
+
+    return plans.for_operation(operation, kind, hosts).strategy
+
+
+def _create(operation, kind, source, target, workload, state, checkpoint=None, user=None, keep_source=False,
+            strategy=None):  # fmt: skip
     busy = MigrationError(f"{workload} on {source.name} is busy with another run")
     for other in MigrationRun.objects.unfinished().filter(source=source, kind=kind, workload=workload):
         if lifecycle.worker_alive(other.worker) if other.worker else lifecycle._young(other):
@@ -113,7 +121,7 @@ def _create(operation, kind, source, target, workload, state, checkpoint=None, u
     try:
         with transaction.atomic():
             return MigrationRun.objects.create(
-                operation=operation, strategy=operation, kind=kind, source=source, target=target,
+                operation=operation, strategy=strategy or operation, kind=kind, source=source, target=target,
                 workload=workload, state=state, checkpoint=checkpoint, created_by=user, keep_source=keep_source,
             )  # fmt: skip
     except IntegrityError:
@@ -125,7 +133,8 @@ def create_checkpoint_run(host, kind, workload, name=None, leave_running=False, 
     workload = _workload(kind, workload)
     name = name_free(name) if name else default_name(workload if kind == CONTAINER else f"pid{workload}")
     state = {"keep_name": name, "leave_running": leave_running}
-    return _create(CHECKPOINT, kind, host, host, workload, state, user=user)
+    return _create(CHECKPOINT, kind, host, host, workload, state, user=user,
+                   strategy=_strategy(CHECKPOINT, kind, host))  # fmt: skip
 
 
 def create_restore_run(checkpoint, target=None, new_name=None, user=None, operation=RESTORE):
@@ -139,7 +148,8 @@ def create_restore_run(checkpoint, target=None, new_name=None, user=None, operat
     elif operation == CLONE and checkpoint.kind == CONTAINER:
         raise MigrationError("a container clone needs a new name (--as)")
     return _create(operation, checkpoint.kind, checkpoint.host, target, checkpoint.name, state,
-                   checkpoint=checkpoint, user=user, keep_source=True)  # fmt: skip
+                   checkpoint=checkpoint, user=user, keep_source=True,
+                   strategy=_strategy(operation, checkpoint.kind, target))  # fmt: skip
 
 
 def create_live_clone_run(host, kind, workload, new_name=None, target=None, user=None):
@@ -150,7 +160,9 @@ def create_live_clone_run(host, kind, workload, new_name=None, target=None, user
         if not new_name:
             raise MigrationError("a clone needs a new name (--as)")
         state["final_name"] = _workload(CONTAINER, new_name)
-    return _create(CLONE, kind, host, target or host, workload, state, user=user)
+    target = target or host
+    return _create(CLONE, kind, host, target, workload, state, user=user,
+                   strategy=_strategy(CLONE, kind, host, target))  # fmt: skip
 
 
 def create_export_run(checkpoint, output: str, user=None):

@@ -18,6 +18,7 @@ from . import (
     container_runc_pageserver,
     keep_archive,
     keep_container,
+    keep_container_runc,
     keep_process,
     process_copy,
     process_lazy,
@@ -40,11 +41,30 @@ PLANS: dict[tuple[str, str], Plan] = {
 KINDS = [kind for kind, _ in KIND_CHOICES]
 
 # The operations on kept checkpoints (checkpoint, restore, clone, export,
-# import): one plan per (operation, workload kind), beside the migrations and
-# out of their choices. A run stores the operation's name as its strategy.
-OPERATIONS: dict[tuple[str, str], Plan] = {
-    (plan.operation, plan.kind): plan for plan in (*keep_container.PLANS, *keep_process.PLANS, *keep_archive.PLANS)
-}
+# import): per (operation, workload kind), its plans in order of preference,
+# beside the migrations and out of their choices. A run stores the chosen
+# plan's strategy: the operation's name, or for the runc path of containers
+# "<operation>-runc" (so the comparison pages tell the two apart).
+OPERATIONS: dict[tuple[str, str], tuple[Plan, ...]] = {}
+for _plan in (*keep_container_runc.PLANS, *keep_container.PLANS, *keep_process.PLANS, *keep_archive.PLANS):
+    OPERATIONS[(_plan.operation, _plan.kind)] = (*OPERATIONS.get((_plan.operation, _plan.kind), ()), _plan)
+OPERATION_PLANS: dict[tuple[str, str], Plan] = {p.key: p for ps in OPERATIONS.values() for p in ps}
+
+
+def for_operation(operation: str, kind: str, hosts) -> Plan:
+    """The first plan of an operation whose needs every host it works on meets, by their last probe.
+
+    The last plan of each operation needs nothing (Docker's API, CRIU
+    driven directly), so there always is one; a host never probed gets it.
+    """
+    try:
+        choices = OPERATIONS[(operation, kind)]
+    except KeyError:
+        raise MigrationError(f"no {operation} for a {kind}") from None
+    for plan in choices:
+        if all(host.passes(need) for host in hosts for need in plan.needs):
+            return plan
+    return choices[-1]
 
 
 def for_run(run) -> Plan:
@@ -52,9 +72,9 @@ def for_run(run) -> Plan:
     if run.operation == MIGRATE:
         return get(run.kind, run.strategy)
     try:
-        return OPERATIONS[(run.operation, run.kind)]
+        return OPERATION_PLANS[(run.kind, run.strategy)]
     except KeyError:
-        raise MigrationError(f"no {run.operation} for a {run.kind}") from None
+        raise MigrationError(f"no {run.operation} for a {run.kind} by {run.strategy!r}") from None
 
 
 def get(kind: str, strategy: str) -> Plan:
@@ -76,7 +96,7 @@ def default_strategy(kind: str) -> str:
 
 
 def label(kind: str, strategy: str) -> str:
-    plan = PLANS.get((kind, strategy)) or OPERATIONS.get((strategy, kind))
+    plan = PLANS.get((kind, strategy)) or OPERATION_PLANS.get((kind, strategy))
     if plan:
         return plan.label
     return next((p.label for p in PLANS.values() if p.strategy == strategy), strategy)

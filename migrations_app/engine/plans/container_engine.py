@@ -87,8 +87,16 @@ def _engine_ready(engine):
 SECOND_CHECKPOINT_WAIT = 10 * 60
 
 
+# The plans whose checkpoint goes through Docker's API (containerd): only
+# they can meet containerd#8401, and only their kept checkpoints and clones
+# leave its blob behind. The runc plans checkpoint beside containerd.
+DOCKER_API_STRATEGIES = (ENGINE, CHECKPOINT, CLONE)
+
+
 def _refuse_second_checkpoint(ctx: Context, container, info):
     if int(info.get("ServerVersion", "0").split(".")[0] or 0) >= 25:
+        return
+    if ctx.plan.strategy not in DOCKER_API_STRATEGIES:
         return
     since = timezone.now() - timezone.timedelta(seconds=SECOND_CHECKPOINT_WAIT)
     # Only a checkpoint that was taken leaves containerd's blob behind; a
@@ -97,7 +105,12 @@ def _refuse_second_checkpoint(ctx: Context, container, info):
         MigrationRun.objects.filter(source=ctx.source, kind=CONTAINER, finished__gte=since)
         .filter(
             Q(operation=MIGRATE, status=ROLLED_BACK, result_workload=container["Id"][:12])
-            | Q(operation__in=(CHECKPOINT, CLONE), state__checkpointed=True, state__container__Id=container["Id"])
+            | Q(
+                operation__in=(CHECKPOINT, CLONE),
+                strategy__in=DOCKER_API_STRATEGIES,
+                state__checkpointed=True,
+                state__container__Id=container["Id"],
+            )
         )
         .filter(Q(state__checkpointed=True) | Q(phases__name="checkpoint", phases__status=PHASE_OK))
         .distinct()
