@@ -429,3 +429,75 @@ def test_a_container_with_a_volume_is_refused_and_runs_on(hosts, clones):
         with Engine(lab1) as engine:
             engine.remove(name)
             engine.api.remove_volume(f"{name}-data")
+
+
+def test_published_ports_are_refused_before_anything_is_done(runc_hosts, clones):
+    lab1, lab2 = runc_hosts
+    name = f"web-{os.getpid()}"
+    port = 20000 + os.getpid() % 10000
+    clones += [name, f"{name}-2", f"{name}-3"]
+    with Engine(lab1) as engine:
+        config = engine.api.create_host_config(port_bindings={8080: port})
+        cid = engine.api.create_container(
+            lab.IMAGE, ["sh", "-c", lab.COUNTER_SCRIPT], name=name, host_config=config, ports=[8080]
+        )["Id"]
+        engine.api.start(cid)
+        logged(engine, name)
+        pid = engine.inspect(cid)["State"]["Pid"]
+    before = host_listing(lab1)
+    taken = rf"lab-1: the container publishes host port {port}->8080/tcp \(held by container {name}\) there"
+
+    # A live clone beside the original: refused in the target's pre-flight,
+    # before the checkpoint, and nothing was made on the host.
+    with pytest.raises(CommandError, match=taken):
+        cli("clone", "--host", "lab-1", "--container", name, "--as", f"{name}-2")
+    run = MigrationRun.objects.get(operation=CLONE)
+    assert [p.name for p in run.phases.all()] == ["pre-flight", "pre-flight"]
+    assert host_listing(lab1) == before
+    with Engine(lab1) as engine:
+        assert engine.inspect(cid)["State"]["Pid"] == pid
+
+    # A kept checkpoint restored under a new name beside it: the same.
+    made = cli("checkpoint", "--host", "lab-1", "--container", name, "--leave-running")
+    assert made["status"] == SUCCEEDED, made["error"]
+    before = host_listing(lab1)
+    with pytest.raises(CommandError, match=taken):
+        cli("restore", "--checkpoint", made["checkpoint"], "--as", f"{name}-3")
+    assert host_listing(lab1) == before
+
+    # On the other host the port is free: the clone runs there, published.
+    run = cli("clone", "--host", "lab-1", "--container", name, "--as", f"{name}-2", "--target", "lab-2")
+    assert run["status"] == SUCCEEDED, run["error"]
+    with Engine(lab2) as engine:
+        clone = engine.inspect(f"{name}-2")
+        assert clone["State"]["Running"]
+        assert clone["HostConfig"]["PortBindings"]["8080/tcp"][0]["HostPort"] == str(port)
+    with Engine(lab1) as engine:
+        assert engine.inspect(cid)["State"]["Pid"] == pid
+
+
+def test_restore_refuses_an_image_neither_host_has(runc_hosts, clones, tmp_path):
+    import io
+
+    lab1, lab2 = runc_hosts
+    name = f"img-{os.getpid()}"
+    tag = f"criuweb-test-{os.getpid()}:1"
+    clones.append(name)
+    with Engine(lab1) as engine:
+        # An image of its own (the lab's image with one more label): removable.
+        dockerfile = io.BytesIO(f"FROM {lab.IMAGE}\nLABEL criuweb.test={name}\n".encode())
+        engine.call("docker build", lambda: list(engine.api.build(fileobj=dockerfile, tag=tag, rm=True)))
+        cid = engine.api.create_container(tag, ["sh", "-c", lab.COUNTER_SCRIPT], name=name)["Id"]
+        engine.api.start(cid)
+        logged(engine, name)
+    made = cli("checkpoint", "--host", "lab-1", "--container", name)
+    assert made["status"] == SUCCEEDED, made["error"]
+    with Engine(lab1) as engine:
+        engine.remove(cid)
+        engine.api.remove_image(tag, force=True)
+    before = host_listing(lab2)
+    with pytest.raises(CommandError, match=f"lab-2: the checkpoint's image {tag} .* is missing there and on lab-1"):
+        cli("restore", "--checkpoint", made["checkpoint"], "--host", "lab-2")
+    assert host_listing(lab2) == before
+    run = MigrationRun.objects.get(operation=RESTORE)
+    assert [p.name for p in run.phases.all()] == ["pre-flight", "pre-flight"]

@@ -233,7 +233,7 @@ def _refuse_missing_image(ctx: Context) -> None:
     cp = ctx.run.checkpoint
     image = cp.config["Image"]
     if not ctx.dst.has_image(image) and not ctx.src.has_image(image):
-        where = "there" if ctx.source.pk == ctx.target.pk else f"there nor on {ctx.source.name}, its checkpoint's host"
+        where = "there" if ctx.source.pk == ctx.target.pk else f"there and on {ctx.source.name}, its checkpoint's host"
         raise MigrationError(
             f"{ctx.target.name}: the checkpoint's image {cp.image or '?'} ({image[:19]}) is missing {where}; "
             "load it first"
