@@ -27,6 +27,7 @@ urlpatterns = [
     path("runs/<uuid:code>/", views.run_detail, name="cw-run"),
     path("runs/<uuid:code>.json", views.run_json, name="cw-run-json"),
     path("runs/<uuid:code>/logs.txt", views.run_logs, name="cw-run-logs"),
+    path("runs/<uuid:code>/archive/", views.run_archive, name="cw-run-archive"),
     path("runs/<uuid:code>/recover/", views.run_recover, name="cw-run-recover"),
     path("compare/", views.compare, name="cw-compare"),
     path("account/tokens/", views.account_tokens, name="cw-account-tokens"),

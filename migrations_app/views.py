@@ -2,6 +2,7 @@ import csv
 import os
 import shutil
 import tempfile
+from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings
@@ -11,6 +12,8 @@ from django.core.paginator import Paginator
 from django.db.models import BooleanField, ExpressionWrapper, F, Q
 from django.http import FileResponse, Http404, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
+from django.utils import timezone
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_POST
 
@@ -28,7 +31,7 @@ from .forms import (
     RetentionForm,
     RunFilterForm,
 )
-from .models import CLONE, FINISHED, RESTORE, SUCCEEDED, ApiToken, Checkpoint, Host, MigrationRun
+from .models import CLONE, EXPORT, FINISHED, RESTORE, SUCCEEDED, ApiToken, Checkpoint, Host, MigrationRun
 
 RUNS_PER_PAGE = 50
 CAN_LAUNCH = "migrations_app.launch_migration"
@@ -216,7 +219,15 @@ def run_detail(request, code):
     run = _get_run(code)
     can_recover = request.user.has_perm(CAN_LAUNCH) and recovery.recoverable(run)
     return render(request, "runs/detail.html", {"run": run, "finished": run.status in FINISHED,
-                                                "can_recover": can_recover})
+                                                "can_recover": can_recover,
+                                                "archive_url": _archive_url(request, run)})  # fmt: skip
+
+
+def _archive_url(request, run) -> str | None:
+    """Where a finished web export's archive downloads, for a user who may fetch it."""
+    if request.user.has_perm(CAN_LAUNCH) and _export_file(run):
+        return reverse("cw-run-archive", args=[run.code])
+    return None
 
 
 @require_POST
@@ -247,6 +258,7 @@ def run_json(request, code):
         finished=run.status in FINISHED,
         expected_bytes=run.expected_bytes,
         started=run.started.isoformat() if run.started else None,
+        archive_url=_archive_url(request, run),
     )
     return JsonResponse(data)
 
@@ -434,27 +446,64 @@ def checkpoint_delete(request, name):
     return redirect("cw-checkpoints")
 
 
+# How long an exported archive waits on the controller for its download.
+EXPORT_KEEP = timedelta(hours=24)
+
+
+def _exports_dir() -> Path:
+    path = Path(settings.VAR_DIR) / "exports"
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def _purge_exports() -> None:
+    """Remove exported archives older than EXPORT_KEEP (one directory each)."""
+    old = (timezone.now() - EXPORT_KEEP).timestamp()
+    for d in _exports_dir().iterdir():
+        if d.is_dir() and d.stat().st_mtime < old:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _export_file(run) -> Path | None:
+    """The archive a web export wrote, while it is there; None for any other run.
+
+    Only a file under the exports directory: a CLI export's output is
+    wherever its user wrote it, and no run names a file the web may send.
+    """
+    if run.operation != EXPORT or run.status != SUCCEEDED:
+        return None
+    try:
+        path = Path(run.state.get("output") or "").resolve(strict=True)
+    except (OSError, RuntimeError):
+        return None
+    return path if _exports_dir().resolve() in path.parents and path.is_file() else None
+
+
 @require_POST
 @_permission(CAN_LAUNCH)
 def checkpoint_export(request, name):
-    """Export in this request (timed and stored as a run), then send the archive."""
+    """Export in the background, as a run like the others; its page offers the archive when it is written.
+
+    A large checkpoint takes minutes to read and compress: no request waits for it.
+    """
     cp = _get_checkpoint(name)
-    tmp = Path(tempfile.mkdtemp(dir=settings.VAR_DIR))
-    path = tmp / f"{cp.name}.tar.zst"
-    try:
-        run = engine.execute(keep.create_export_run(cp, str(path), user=request.user))
-    except engine.MigrationError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        messages.error(request, str(e))
+    _purge_exports()
+    output = Path(tempfile.mkdtemp(dir=_exports_dir())) / f"{cp.name}.tar.zst"
+    response = _start(request, keep.create_export_run, cp, str(output))
+    if response is None:
+        shutil.rmtree(output.parent, ignore_errors=True)
         return redirect("cw-checkpoints")
-    if run.status != SUCCEEDED:
-        shutil.rmtree(tmp, ignore_errors=True)
-        messages.error(request, f"Export of {cp.name} failed: {run.error}")
-        return redirect("cw-run", code=run.code)
-    f = open(path, "rb")
-    path.unlink()  # the open file stays readable; nothing is left behind
-    tmp.rmdir()
-    return FileResponse(f, as_attachment=True, filename=f"{cp.name}.tar.zst", content_type="application/zstd")
+    return response
+
+
+@_permission(CAN_LAUNCH)
+def run_archive(request, code):
+    """The archive of a finished web export, sent from the controller's disk."""
+    run = _get_run(code)
+    path = _export_file(run)
+    if path is None:
+        raise Http404("this run has no archive to download (not a finished export, or removed after 24 hours)")
+    return FileResponse(open(path, "rb"), as_attachment=True, filename=path.name, content_type="application/zstd")
 
 
 @require_POST

@@ -4,6 +4,9 @@ Hosts and checkpoints are made with the ORM (fake addresses: nothing
 connects); the lab tests (test_keep_lab, test_browser) do the real thing.
 """
 
+import os
+from pathlib import Path
+
 import pytest
 from django.urls import reverse
 
@@ -117,3 +120,65 @@ def test_the_run_filter_knows_operations(client, viewer, host):
     client.force_login(viewer)
     page = client.get(reverse("cw-runs"), {"operation": CHECKPOINT}).content.decode()
     assert "checkpoint (Docker engine)" in page and "w2" not in page
+
+
+@pytest.fixture
+def var_dir(settings, tmp_path):
+    settings.VAR_DIR = tmp_path
+    return tmp_path
+
+
+def test_export_runs_in_the_background_and_its_page_offers_the_archive(
+    client, operator, viewer, checkpoint, var_dir, monkeypatch
+):
+    from migrations_app import worker
+    from migrations_app.models import EXPORT, SUCCEEDED
+
+    # The run is not executed: its host is a fake address nothing may connect to.
+    started = []
+    monkeypatch.setattr(worker, "start", started.append)
+    stale = var_dir / "exports" / "old"
+    stale.mkdir(parents=True)
+    os.utime(stale, (0, 0))
+    client.force_login(operator)
+    response = client.post(reverse("cw-checkpoint-export", args=["cp1"]))
+    run = MigrationRun.objects.get(operation=EXPORT)
+    # The request only created the run: no archive was built in it.
+    assert response.status_code == 302 and response.url == reverse("cw-run", args=[run.code])
+    assert started == [run]
+    output = Path(run.state["output"])
+    assert output.parent.parent == var_dir / "exports" and output.name == "cp1.tar.zst" and not output.exists()
+    assert not stale.exists(), "archives older than a day are removed"
+    url = reverse("cw-run-archive", args=[run.code])
+    assert client.get(url).status_code == 404  # not written yet
+    assert client.get(reverse("cw-run-json", args=[run.code])).json()["archive_url"] is None
+
+    # Once the run wrote it: offered on the run page and sent.
+    output.write_bytes(b"archive bytes")
+    MigrationRun.objects.filter(pk=run.pk).update(status=SUCCEEDED)
+    assert client.get(reverse("cw-run-json", args=[run.code])).json()["archive_url"] == url
+    assert url in client.get(reverse("cw-run", args=[run.code])).content.decode()
+    response = client.get(url)
+    assert response.status_code == 200 and b"".join(response.streaming_content) == b"archive bytes"
+    assert response["Content-Disposition"] == 'attachment; filename="cp1.tar.zst"'
+    # Who may not export may not download either.
+    client.force_login(viewer)
+    assert client.get(url).status_code == 403
+    assert client.get(reverse("cw-run-json", args=[run.code])).json()["archive_url"] is None
+
+
+def test_no_run_names_a_file_the_web_sends(client, operator, checkpoint, host, var_dir, tmp_path_factory):
+    from migrations_app.models import EXPORT, SUCCEEDED
+
+    # A CLI export's output (anywhere on the controller) and a path that
+    # leaves the exports directory: neither is sent.
+    elsewhere = tmp_path_factory.mktemp("cli") / "cp1.tar.zst"
+    elsewhere.write_bytes(b"secret")
+    (var_dir / "exports").mkdir()
+    for output in (str(elsewhere), f"{var_dir}/exports/../{elsewhere.name}", "/etc/passwd"):
+        run = MigrationRun.objects.create(
+            source=host, target=host, kind=CONTAINER, workload="cp1", operation=EXPORT, strategy=EXPORT,
+            status=SUCCEEDED, checkpoint=checkpoint, state={"output": output},
+        )  # fmt: skip
+        client.force_login(operator)
+        assert client.get(reverse("cw-run-archive", args=[run.code])).status_code == 404

@@ -118,6 +118,11 @@
     renderTransfer(run);
     if (run.finished) {
       renderStats(run);
+      const archive = document.getElementById("run-archive");
+      if (archive && run.archive_url) {
+        document.getElementById("run-archive-link").href = run.archive_url;
+        archive.hidden = false;
+      }
       if (!drawn && run.phases.length) drawTimeline(run);
       return;
     }
