@@ -172,6 +172,7 @@ def test_checkpoint_then_clone_in_browser(live_server, hosts, operator):
     """Take a checkpoint from the host page, then clone it onto lab-2 from the checkpoints page."""
     from playwright.sync_api import expect, sync_playwright
 
+    from migrations_app import archive
     from migrations_app.models import CHECKPOINT, CLONE, Checkpoint
 
     lab1, lab2 = hosts
@@ -222,10 +223,26 @@ def test_checkpoint_then_clone_in_browser(live_server, hosts, operator):
                         clone_form.get_by_role("button", name="Clone").click()
                     _wait_run_finished(page, expect)
                     page.screenshot(path=str(RESULTS / "clone-run.png"), full_page=True)
+
+                    # Export: written in the background, then offered on its run page.
+                    page.get_by_role("navigation").get_by_role("link", name="Checkpoints").click()
+                    row = page.locator(f'tr[data-checkpoint="{name}-cp"]')
+                    with page.expect_navigation():
+                        row.get_by_role("button", name="Export").click()
+                    _wait_run_finished(page, expect)
+                    link = page.get_by_role("link", name="Download the archive")
+                    expect(link).to_be_visible()
+                    with page.expect_download() as download:
+                        link.click()
+                    exported = RESULTS / "exported.tar.zst"
+                    download.value.save_as(exported)  # the browser's own copy goes with its context
         assert not errors, "JavaScript errors in the browser:\n" + "\n".join(errors)
 
         cp = Checkpoint.objects.get(name=f"{name}-cp")
         assert cp.host == lab1 and cp.leave_running and cp.created_by.username == "operator"
+        # The downloaded archive is whole and is this checkpoint.
+        assert archive.verify(exported)["checkpoint"]["name"] == cp.name
+        exported.unlink()
         assert cp.runs.filter(operation=CHECKPOINT).count() == 1 and cp.runs.filter(operation=CLONE).count() == 1
         with Engine(lab2) as engine:
             assert engine.inspect(clone)["State"]["Running"]

@@ -105,10 +105,19 @@ def _workload(kind: str, workload: object) -> str:
         raise MigrationError(str(e)) from None
 
 
-def _strategy(operation: str, kind: str, *hosts: Host) -> str:
-    """The strategy of the operation's plan these hosts support best (engine/plans OPERATIONS)."""
+def _strategy(operation: str, kind: str, *hosts: Host, wanted: str | None = None) -> str:
+    """The strategy of the operation's plan these hosts support best (engine/plans OPERATIONS).
+
+    wanted: one of the operation's strategies, chosen by the caller (the
+    benchmark compares them on the same hosts).
+    """
     from . import plans  # the registry imports the plans, which import this module
 
+    if wanted:
+        known = [p.strategy for p in plans.OPERATIONS.get((operation, kind), ())]
+        if wanted not in known:
+            raise MigrationError(f"no {operation} of a {kind} by {wanted!r} (choose from: {', '.join(known)})")
+        return wanted
     return plans.for_operation(operation, kind, hosts).strategy
 
 
@@ -128,16 +137,16 @@ def _create(operation, kind, source, target, workload, state, checkpoint=None, u
         raise busy from None
 
 
-def create_checkpoint_run(host, kind, workload, name=None, leave_running=False, user=None):
+def create_checkpoint_run(host, kind, workload, name=None, leave_running=False, user=None, strategy=None):
     """A pending run that takes a kept checkpoint of a running workload."""
     workload = _workload(kind, workload)
     name = name_free(name) if name else default_name(workload if kind == CONTAINER else f"pid{workload}")
     state = {"keep_name": name, "leave_running": leave_running}
     return _create(CHECKPOINT, kind, host, host, workload, state, user=user,
-                   strategy=_strategy(CHECKPOINT, kind, host))  # fmt: skip
+                   strategy=_strategy(CHECKPOINT, kind, host, wanted=strategy))  # fmt: skip
 
 
-def create_restore_run(checkpoint, target=None, new_name=None, user=None, operation=RESTORE):
+def create_restore_run(checkpoint, target=None, new_name=None, user=None, operation=RESTORE, strategy=None):
     """A pending run that restores a kept checkpoint (in place, elsewhere, or as a clone under new_name)."""
     target = target or checkpoint.host
     state = {}
@@ -149,7 +158,7 @@ def create_restore_run(checkpoint, target=None, new_name=None, user=None, operat
         raise MigrationError("a container clone needs a new name (--as)")
     return _create(operation, checkpoint.kind, checkpoint.host, target, checkpoint.name, state,
                    checkpoint=checkpoint, user=user, keep_source=True,
-                   strategy=_strategy(operation, checkpoint.kind, target))  # fmt: skip
+                   strategy=_strategy(operation, checkpoint.kind, target, wanted=strategy))  # fmt: skip
 
 
 def create_live_clone_run(host, kind, workload, new_name=None, target=None, user=None):
