@@ -338,8 +338,10 @@ class Engine:
         )
         return [cp.get("Name") for cp in res or []]
 
-    def logs(self, container_id, tail="all", timestamps=False):
-        raw = self.call("container logs", self.api.logs, container_id, tail=tail, timestamps=timestamps)
+    def logs(self, container_id, tail="all", timestamps=False, since=None, until=None):
+        """The container's log; since/until (UNIX seconds, float) bound it by the lines' timestamps."""
+        raw = self.call("container logs", self.api.logs, container_id, tail=tail, timestamps=timestamps,
+                        since=since, until=until)  # fmt: skip
         return raw.decode(errors="replace")
 
 

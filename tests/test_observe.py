@@ -15,7 +15,7 @@ from migrations_app import lab, ssh
 from migrations_app.docker_engine import Engine
 from migrations_app.engine import MigrationError, create_run, execute
 from migrations_app.engine.observe import LogLine, Probe, log_gap, parse_address, parse_log
-from migrations_app.models import CONTAINER, ENGINE, PROCESS, SUCCEEDED
+from migrations_app.models import CONTAINER, ENGINE, PROCESS, STOP_AND_COPY, SUCCEEDED
 from tests.support import wait_for
 
 # -- pieces -------------------------------------------------------------------------------------
@@ -146,6 +146,34 @@ def test_observed_downtime_from_docker_logs(hosts):
         checkpoint, verify = run.phases.get(name="checkpoint"), run.phases.get(name="verify")
         assert run.observed_downtime_ms < (verify.ended - checkpoint.started).total_seconds() * 1000
         assert run.to_dict()["observed_downtime_ms"] == run.observed_downtime_ms
+    finally:
+        for host in hosts:
+            with Engine(host) as engine:
+                if engine.exists(name):
+                    engine.remove(name)
+
+
+# A line every millisecond or so: hundreds of lines by the end of the
+# verification, more than any fixed tail of the target's log holds.
+CHATTY_COUNTER = "i=0; while true; do echo $i; i=$((i+1)); usleep 1000; done"
+
+
+@pytest.mark.lab
+def test_observed_downtime_ends_with_the_resume_even_when_the_copy_talked_a_lot_since(hosts):
+    lab1, lab2 = hosts
+    name = f"chatty-{uuid.uuid4().hex[:8]}"
+    with Engine(lab1) as engine:
+        engine.run_container(lab.IMAGE, ["sh", "-c", CHATTY_COUNTER], name)
+        wait_for(lambda: len(engine.logs(name).split()) >= 50, message="counter did not start")
+    try:
+        run = execute(create_run(lab1, lab2, CONTAINER, name, strategy=STOP_AND_COPY))
+        assert run.status == SUCCEEDED, run.error
+        assert run.observed_method.startswith("docker logs --timestamps"), run.observed_method
+        # Silent at most from the freeze to the end of the restore: a first
+        # line taken from the end of the target's log would come after the
+        # verification instead.
+        checkpoint, restore = run.phases.get(name="checkpoint"), run.phases.get(name="restore")
+        assert 0 <= run.observed_downtime_ms < (restore.ended - checkpoint.started).total_seconds() * 1000
     finally:
         for host in hosts:
             with Engine(host) as engine:

@@ -50,6 +50,9 @@ PROBE_REQUEST = b"HEAD / HTTP/1.0\r\n\r\n"
 # outage to be reported as one.
 MAX_LOG_INTERVAL_MS = 100.0
 LOG_TAIL = 50
+# Seconds of the target's log read after the source's last line: the first
+# line after the move is in it unless the copy was silent that long.
+TARGET_LOG_WINDOW = 120.0
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -284,7 +287,14 @@ class Watch:
 
     def _from_logs(self, run) -> None:
         target_id = self.ctx.state.target_id
-        raw = self.ctx.dst.logs(target_id, tail=LOG_TAIL * 4, timestamps=True) if self.ctx.dst else ""
+        raw = ""
+        if self.ctx.dst and self.source_lines:
+            # The target's lines from the source's last one on, not its last
+            # lines: a run whose copy ran for seconds before this (a post-copy's
+            # page pull, a slow verify) has long pushed its first lines out of
+            # any tail, and the first line seen would overstate the gap.
+            last = self.source_lines[-1].at.timestamp()
+            raw = self.ctx.dst.logs(target_id, timestamps=True, since=last, until=last + TARGET_LOG_WINDOW)
         found = log_gap(self.source_lines or [], parse_log(raw))
         if found is None:
             run.observed_method = "docker logs: too few lines before and after the move to measure"
