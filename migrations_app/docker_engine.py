@@ -66,6 +66,27 @@ class _PinnedSSHAdapter(SSHHTTPAdapter):
             raise docker.errors.DockerException("SSH connection closed")
 
 
+class ExitWait:
+    """A wait registered with an engine for a container to stop."""
+
+    def __init__(self, response):
+        self.response = response
+
+    def wait(self):
+        """True once the engine saw the container stop; False if it did not answer within the wait's timeout."""
+        try:
+            self.response.content  # noqa: B018 - the body comes when the container has stopped
+            return True
+        except (requests.RequestException, OSError):
+            return False
+        finally:
+            self.response.close()
+
+    def close(self):
+        """Give up the wait (its connection is dropped, not reused)."""
+        self.response.close()
+
+
 class Engine:
     """The Docker engine of one host; use as a context manager."""
 
@@ -287,6 +308,24 @@ class Engine:
                 )
             ),
         )
+
+    def exit_waiter(self, container_id, timeout):
+        """Register with the engine a wait for the container to stop (an ExitWait).
+
+        The engine answers the wait's headers once the waiter is registered
+        and its body when the container has stopped, after its output was
+        drained into its log (moby daemon/monitor.go, handleContainerExit):
+        no polling, and no round trip after the exit.
+        """
+
+        def register():
+            # No condition: "not-running" is the default, and some engine
+            # versions refuse it by name (their router knows only the others).
+            r = self.api._post(self.api._url("/containers/{0}/wait", container_id), stream=True, timeout=timeout)
+            self.api._raise_for_status(r)
+            return r
+
+        return ExitWait(self.call("docker wait", register))
 
     def delete_checkpoint(self, container_id, checkpoint, timeout=None):
         self.call(

@@ -108,6 +108,73 @@ def checkpoint(
         raise RuncError(f"{conn.name}: runc checkpoint failed: {cause}", excerpt, definitive=r.rc != -1)
 
 
+# A checkpoint set up before the freeze: a shell that makes the directories,
+# then waits on its stdin. On the word "go" it checkpoints and prints
+# "checkpoint <status>"; after a good checkpoint, on the word "send", it runs
+# the rest of its arguments (the sender of the run's files, to its stdout).
+# So the freeze opens no SSH session and starts no shell. EOF (a closed
+# channel) before "go" checkpoints nothing. $1 runc, $2 root, $3 images dir,
+# $4 work dir, $5 container id, then the sender's argv.
+WAITING_CHECKPOINT_SCRIPT = r"""
+runc=$1 root=$2 images=$3 work=$4 id=$5; shift 5
+umask 077  # the images hold the container's memory
+rm -rf "$images" "$work" && mkdir -p "$images" "$work" || exit 90
+read -r go || exit 4
+[ "$go" = go ] || exit 4
+"$runc" --root "$root" checkpoint --image-path "$images" --work-path "$work" "$id" </dev/null >"$work/runc.out" 2>&1
+rc=$?
+echo "checkpoint $rc"
+[ $rc -eq 0 ] || exit 0
+read -r send || exit 4
+[ "$send" = send ] || exit 4
+exec "$@"
+"""
+
+
+def open_waiting_checkpoint(conn: ssh.Connection, state: RuncState, container_id: str, images: str, work: str,
+                            sender: list[str]):  # fmt: skip
+    """Start a WAITING_CHECKPOINT_SCRIPT shell; its channel."""
+    return conn.open_command(
+        ["sh", "-c", WAITING_CHECKPOINT_SCRIPT, "sh", state.binary, state.root, images, work, container_id, *sender]
+    )
+
+
+def run_waiting_checkpoint(conn: ssh.Connection, chan, work: str, timeout: float = 600) -> None:
+    """Make a waiting checkpoint run; return once it succeeded, raise RuncError otherwise.
+
+    The channel is left waiting for "send".
+    """
+    idle = chan.gettimeout()
+    chan.settimeout(timeout)  # a big container's dump may be silent longer than a stream's idle limit
+    line = b""
+    try:
+        chan.sendall(b"go\n")
+        # Byte by byte: the stream that follows "send" must stay unread.
+        while not line.endswith(b"\n"):
+            b = chan.recv(1)
+            if not b:
+                break
+            line += b
+    except OSError:
+        line = b""
+    finally:
+        chan.settimeout(idle)
+    words = line.split()
+    if len(words) == 2 and words[0] == b"checkpoint" and words[1] == b"0":
+        return
+    if len(words) == 2 and words[0] == b"checkpoint":
+        excerpt = criu.log_excerpt(conn.read_file(f"{work}/dump.log", check=False))
+        runc_out = (conn.read_file(f"{work}/runc.out", check=False) or "").strip()
+        cause = criu.first_error(excerpt) or runc_out[-300:] or f"exit status {words[1].decode()}"
+        raise RuncError(f"{conn.name}: runc checkpoint failed: {cause}", excerpt)
+    # No outcome: the shell ended before the checkpoint, or the channel broke.
+    rc = chan.recv_exit_status() if chan.status_event.wait(5) else -1
+    raise RuncError(
+        f"{conn.name}: runc checkpoint did not report ({'channel lost' if rc == -1 else f'exit status {rc}'})",
+        definitive=rc in (4, 90),
+    )
+
+
 def is_running(conn: ssh.Connection, state: RuncState, container_id: str) -> bool:
     """Whether runc has the container running (after a failed checkpoint, CRIU resumes it)."""
     r = conn.run([state.binary, "--root", state.root, "state", container_id], check=False)

@@ -14,7 +14,16 @@ from migrations_app import lab, runc
 from migrations_app.docker_engine import Engine
 from migrations_app.engine import create_run, execute
 from migrations_app.engine.plans import container_runc
-from migrations_app.models import CONTAINER, LAZY, PAGE_SERVER, ROLLED_BACK, STOP_AND_COPY, SUCCEEDED, TrustedPair
+from migrations_app.models import (
+    CONTAINER,
+    FAILED,
+    LAZY,
+    PAGE_SERVER,
+    ROLLED_BACK,
+    STOP_AND_COPY,
+    SUCCEEDED,
+    TrustedPair,
+)
 from tests.support import wait_for
 from tests.test_fidelity_lab import _connects, _echo, _free_port, containers  # noqa: F401 (a fixture)
 
@@ -232,6 +241,35 @@ def test_restore_failure_rolls_back(hosts, workload, strategy, runtime, how, bre
         assert not engine.exists(name)
     one_copy(token)
     assert not list(Path(runc.MARKS_DIR).glob(f"{run.state['target_id']}*"))
+
+
+def _break_source_images(ctx):
+    # A file where runc must write the images: its checkpoint fails, for
+    # real, before it touches the container. The checkpoint's shell makes
+    # the directory as it starts (before the freeze), so wait for that.
+    ctx.src.conn.sh(
+        'i=0; while [ ! -d "$1" ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done; rm -rf -- "$1" && : >"$1"',
+        f"{ctx.state.src_base}/images",
+    )
+
+
+def test_checkpoint_failure_leaves_the_source_running(hosts, workload):
+    lab1, lab2 = hosts
+    name, token = workload()
+    run = migrate(lab1, lab2, name, STOP_AND_COPY, after_phase={"prepare target": _break_source_images})
+    # Nothing was frozen: a failure before the freeze, undone, not a rollback.
+    assert run.status == FAILED, run.error
+    assert run.error.startswith("lab-1: runc checkpoint failed: "), run.error
+    assert "not a directory" in run.error, run.error
+    assert [(p.name, p.status) for p in run.phases.all()][-1] == ("checkpoint", "failed")
+    with Engine(lab1) as engine:
+        assert engine.inspect(name)["State"]["Running"]
+        before = values(engine.logs(name))[-1]
+        logged = wait_for(lambda: values(engine.logs(name))[-1] > before + 1 and engine.logs(name))
+    assert_consecutive(values(logged))
+    with Engine(lab2) as engine:
+        assert not engine.exists(name)
+    one_copy(token)
 
 
 def test_auto_remove_container_is_refused_before_the_freeze(hosts, workload):

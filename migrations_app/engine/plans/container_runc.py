@@ -134,8 +134,13 @@ def prepare_target(ctx: Context):
     s.dst_log = f"{s.dst_root}/containers/{s.target_id}/{s.target_id}-json.log"
     # Private: the images will hold the container's memory.
     ctx.dst.conn.sh('umask 077 && mkdir -p -- "$1"', s.dst_base)
-    open_transfer(ctx, lazy=ctx.plan.strategy == LAZY)
-    measured.detail += "; the transfer's both ends started, waiting for the freeze"
+    stop_and_copy = ctx.plan.strategy == STOP_AND_COPY
+    open_transfer(ctx, lazy=ctx.plan.strategy == LAZY, checkpoint=stop_and_copy)
+    measured.detail += (
+        "; the checkpoint and the transfer's both ends started, waiting for the freeze"
+        if stop_and_copy
+        else "; the transfer's both ends started, waiting for the freeze"
+    )
     return measured
 
 
@@ -143,12 +148,14 @@ def prepare_target(ctx: Context):
 AFTER_GO = 'read -r go || exit 4\n[ "$go" = go ] || exit 4\nexec "$@"\n'
 
 
-def open_transfer(ctx: Context, lazy: bool = False) -> None:
+def open_transfer(ctx: Context, lazy: bool = False, checkpoint: bool = False) -> None:
     """Both ends of the transfer, started before the freeze: each SSH session costs downtime inside it.
 
     The source's tar waits for "go", sent once the checkpoint is done; the
     target's unpack waits for the stream (an empty or cut stream fails its
-    tar before anything is put in place).
+    tar before anything is put in place). checkpoint: the source's shell
+    also runs the checkpoint first (runc.WAITING_CHECKPOINT_SCRIPT: "go"
+    checkpoints, "send" then sends).
     """
     s = ctx.state
     c = s.container
@@ -167,7 +174,14 @@ def open_transfer(ctx: Context, lazy: bool = False) -> None:
         ["sh", "-c", UNPACK_SCRIPT, "sh", f"{s.dst_base}/stage", f"{s.dst_base}/images", s.target_upper, log_name,
          s.dst_log, count, runc.marker_path(s.target_id), mark, *pairs]
     )  # fmt: skip
-    ctx.transfer_src = ctx.src.conn.open_command(["sh", "-c", AFTER_GO, "sh", *argv])
+    if checkpoint:
+        state = runc.RuncState(s.runc_binary, s.runc_root)
+        ctx.transfer_src = runc.open_waiting_checkpoint(
+            ctx.src.conn, state, c["Id"], f"{s.src_base}/images", f"{s.src_base}/work", argv
+        )
+    else:
+        ctx.transfer_src = ctx.src.conn.open_command(["sh", "-c", AFTER_GO, "sh", *argv])
+    ctx.transfer_checkpoints = checkpoint
 
 
 def close_transfer(ctx: Context) -> None:
@@ -195,26 +209,33 @@ def checkpoint(ctx: Context):
     cid = s.container["Id"]
     state = runc.RuncState(s.runc_binary, s.runc_root)
     close_tcp(ctx)
+    # The shim reports the exit to Docker, which then drains the
+    # container's output into its log: the log is copied only after that.
+    # A wait registered now answers then, with no polling.
+    exited = ctx.src.exit_waiter(cid, EXIT_WAIT)
     t0 = time.perf_counter()
+    waiting = getattr(ctx, "transfer_checkpoints", False) and getattr(ctx, "transfer_src", None) is not None
     try:
-        runc.checkpoint(ctx.src.conn, state, cid, f"{s.src_base}/images", f"{s.src_base}/work")
+        if waiting:
+            runc.run_waiting_checkpoint(ctx.src.conn, ctx.transfer_src, f"{s.src_base}/work")
+        else:
+            # A run resumed by a recovery: no shell waits; one SSH command.
+            runc.checkpoint(ctx.src.conn, state, cid, f"{s.src_base}/images", f"{s.src_base}/work")
     except runc.RuncError as e:
+        exited.close()
         # CRIU resumes the container when a dump fails: then nothing stopped.
         if e.definitive and runc.is_running(ctx.src.conn, state, cid):
             ctx.set_stage(Stage.PREPARING)
         raise MigrationError(str(e)) from e
     s.checkpointed = True
-    # The shim reports the exit to Docker, which then drains the
-    # container's output into its log: wait for that before copying the log.
     t1 = time.perf_counter()
-    deadline = time.monotonic() + EXIT_WAIT
-    while ctx.src.inspect(cid)["State"]["Running"] and time.monotonic() < deadline:
-        time.sleep(0.02)
+    exited.wait()
     t2 = time.perf_counter()
     # CRIU's statistics and log are read after the restore (record_dump):
     # two more SSH round trips here would be downtime.
+    how = "in the shell started before the freeze" if waiting else "over one SSH command"
     return Measured(
-        detail=f"runc checkpoint {(t1 - t0) * 1000:.0f} ms, Docker saw the exit {(t2 - t1) * 1000:.0f} ms later",
+        detail=f"runc checkpoint {how} {(t1 - t0) * 1000:.0f} ms, Docker saw the exit {(t2 - t1) * 1000:.0f} ms later",
     )
 
 
@@ -274,8 +295,10 @@ def transfer(ctx: Context, lazy: bool = False):
         # A run resumed by a recovery has no waiting commands: start them now.
         open_transfer(ctx, lazy)
         src, dst = ctx.transfer_src, ctx.transfer_dst
+    checkpointed_there = getattr(ctx, "transfer_checkpoints", False)
     ctx.transfer_src = ctx.transfer_dst = None
-    src.sendall(b"go\n")
+    ctx.transfer_checkpoints = False
+    src.sendall(b"send\n" if checkpointed_there else b"go\n")
     n = streams.pipe(ctx, src, dst, "the images, writable layer and log")
     what = "images, writable layer" + (" and log" if s.log_path else "")
     if s.volumes:
