@@ -97,3 +97,29 @@ def test_bench_matrix_container(hosts):
     assert seed.downtime_ms == pytest.approx(sum(p.duration_ms for p in seed.phases.all()))
     assert "| container | 8 MiB | seed-flow | 1 |" in out
     assert not benchmark.copies_of_benchmark("t-cont")
+
+
+def test_bench_matrix_container_baselines(hosts):
+    out, _ = call(
+        "bench_matrix", "--sizes", "8", "--runs", "1", "--kinds", "container",
+        "--strategies", f"stop-and-copy,{benchmark.DOCKER_LOCAL}", "--name", "t-cbase", "--json",
+    )  # fmt: skip
+    runs = MigrationRun.objects.filter(benchmark="t-cbase").select_related("source", "target")
+    assert sorted(r.strategy for r in runs) == sorted(["stop-and-copy", benchmark.DOCKER_LOCAL, benchmark.BASELINE])
+    assert all(r.status == SUCCEEDED and r.downtime_ms > 0 for r in runs), [(r.strategy, r.error) for r in runs]
+    # CRIU through runc on one host: dumped and restored there, nothing moved.
+    base = runs.get(strategy=benchmark.BASELINE)
+    assert base.kind == "container" and base.source == base.target
+    phases = list(base.phases.all())
+    assert [p.name for p in phases] == ["dump", "restore"]
+    assert base.downtime_ms == pytest.approx(sum(p.duration_ms for p in phases))
+    assert "CRIU's own" in phases[0].detail and "CRIU's own" in phases[1].detail
+    local = runs.get(strategy=benchmark.DOCKER_LOCAL)
+    assert local.source == local.target
+    assert [p.name for p in local.phases.all()] == ["checkpoint", "restore"]
+    rows = {row["variant"]: row for row in json.loads(out)["rows"]}
+    assert rows["baseline"]["ratio"] == 1.0
+    assert rows["stop-and-copy"]["ratio"] == pytest.approx(
+        rows["stop-and-copy"]["downtime_ms"] / rows["baseline"]["downtime_ms"]
+    )
+    assert not benchmark.copies_of_benchmark("t-cbase")

@@ -5,7 +5,7 @@ from django.utils import timezone
 
 from migrations_app import benchmark, engine, lab, ssh
 from migrations_app.docker_engine import EngineError
-from migrations_app.models import KIND_CHOICES, PROCESS
+from migrations_app.models import KIND_CHOICES
 
 
 def _ints(text):
@@ -52,7 +52,7 @@ class Command(BaseCommand):
             variants = {k: benchmark.variants_for(k, _names(strategies) or None) for k in kinds_list}
         except benchmark.BenchmarkError as e:
             raise CommandError(str(e))
-        if not any(variants.values()) and not (PROCESS in variants and not no_baseline):
+        if not any(variants.values()) and no_baseline:
             raise CommandError("nothing to measure: no strategy of these kinds")
         matrix = benchmark.Matrix(
             sizes=_ints(sizes),
@@ -65,7 +65,7 @@ class Command(BaseCommand):
         log(
             f"benchmark {matrix.name}: sizes {matrix.sizes} MiB, {runs} run(s) each, "
             + "; ".join(
-                f"{k}: {', '.join(v + ([benchmark.BASELINE] if k == PROCESS and matrix.baseline else []))}"
+                f"{k}: {', '.join(v + ([benchmark.BASELINE] if matrix.baseline else []))}"
                 for k, v in variants.items()
             )
         )
