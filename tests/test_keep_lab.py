@@ -145,6 +145,15 @@ def test_report_sequence(either_hosts, counter_container, clones):
         assert after[0] == last + 1, (last, after[:5])
         assert_consecutive(after)
 
+    if runc_path:
+        # The restored container runs under criuweb's runtime, which passes
+        # runc's checkpoint through: it can be checkpointed again at once.
+        again = cli("checkpoint", "--host", "lab-1", "--container", name, "--leave-running")
+        assert again["status"] == SUCCEEDED, again["error"]
+        with Engine(lab1) as engine:
+            assert engine.inspect(name)["HostConfig"]["Runtime"] == runc.RUNTIME_NAME
+            assert engine.inspect(name)["Id"] == now["Id"] and engine.inspect(name)["State"]["Running"]
+
     # 3. Clone it as cr-clone on the same host, then on the other one.
     for target in (lab1, lab2):
         with Engine(lab1) as engine:
@@ -501,3 +510,72 @@ def test_restore_refuses_an_image_neither_host_has(runc_hosts, clones, tmp_path)
     assert host_listing(lab2) == before
     run = MigrationRun.objects.get(operation=RESTORE)
     assert [p.name for p in run.phases.all()] == ["pre-flight", "pre-flight"]
+
+
+def test_a_failed_keep_brings_the_stopped_container_back(runc_hosts, counter_container):
+    """The checkpoint stopped the container, then keeping it failed: it runs again from its images."""
+    from migrations_app.engine import execute, keep
+    from migrations_app.models import ROLLED_BACK
+
+    lab1, _ = runc_hosts
+    name = counter_container
+    run = keep.create_checkpoint_run(lab1, CONTAINER, name, f"{name}-cp")
+    assert run.strategy == "checkpoint-runc"
+    kept = keep.kept_dir(lab1, f"{name}-cp")
+
+    stopped_at = []
+
+    def block_the_rename(ctx):
+        with Engine(lab1) as engine:
+            stopped_at.extend(values(engine.logs(name)))
+        # A file where the kept directory goes: the keep step's last rename fails for real.
+        with ssh.Connection(lab1) as conn:
+            conn.run(["touch", "--", kept])
+
+    with Engine(lab1) as engine:
+        cid = engine.inspect(name)["Id"]
+    run = execute(run, after_phase={"checkpoint": block_the_rename})
+    assert run.status == ROLLED_BACK, run.error
+    assert [p.name for p in run.phases.all()][-2:] == ["keep", "rollback"]
+    with Engine(lab1) as engine:
+        assert engine.inspect(name)["Id"] == cid and engine.inspect(name)["State"]["Running"]
+        after = logged(engine, name, len(stopped_at) + 2)
+    # Restored from its images, not started afresh: the log goes on from
+    # where the checkpoint stopped it, no value lost or repeated.
+    assert len(stopped_at) >= 2 and after[: len(stopped_at)] == stopped_at
+    assert_consecutive(after)
+    assert not Checkpoint.objects.exists()
+    assert not files_exist(lab1, f"{kept}.part")
+    with ssh.Connection(lab1) as conn:
+        assert conn.run(["test", "-e", kept], check=False).rc != 0
+
+
+def test_a_failed_restore_elsewhere_leaves_nothing_there(runc_hosts, counter_container, clones):
+    """CRIU's restore fails on the other host: the new container and its files go, the checkpoint stays."""
+    from migrations_app.engine import execute, keep
+    from migrations_app.models import FAILED, ROLLED_BACK
+
+    lab1, lab2 = runc_hosts
+    name = counter_container
+    clones.append(f"{name}-2")
+    made = cli("checkpoint", "--host", "lab-1", "--container", name, "--leave-running")
+    assert made["status"] == SUCCEEDED, made["error"]
+    cp = Checkpoint.objects.get(name=made["checkpoint"])
+    digest = images_digest(lab1, f"{cp.path}/checkpoint")
+    before = host_listing(lab2)
+
+    def damage_the_copy(ctx):
+        # The copy on lab-2 loses its memory pages: CRIU's restore fails there for real.
+        with ssh.Connection(lab2) as conn:
+            conn.sh('rm -f -- "$1"/pages-*.img', ctx.state.images)
+
+    run = keep.create_restore_run(cp, target=lab2, new_name=f"{name}-2", operation=CLONE)
+    assert run.strategy == "clone-runc"
+    run = execute(run, after_phase={"transfer": damage_the_copy})
+    assert run.status in (FAILED, ROLLED_BACK) and "restore" in run.error, run.error
+    assert host_listing(lab2) == before
+    with Engine(lab2) as engine:
+        assert not engine.exists(f"{name}-2")
+    assert images_digest(lab1, f"{cp.path}/checkpoint") == digest
+    with Engine(lab1) as engine:
+        assert engine.inspect(name)["State"]["Running"]
