@@ -116,6 +116,8 @@ def bindir() -> Path:
 
 def start(timeout: float = 60.0) -> Server:
     """A fresh cluster, initialised and started; stop it with Server.stop()."""
+    if os.geteuid() != 0:
+        raise PostgresError(f"must run as root: the server runs as the {SYSTEM_USER!r} system user")
     sweep()
     try:
         account = pwd.getpwnam(SYSTEM_USER)
@@ -268,8 +270,6 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("name a command to run after --")
-    if os.geteuid() != 0:
-        parser.error("must run as root: the server runs as the postgres system user")
     try:
         with running() as server:
             server.create_database(args.database)
