@@ -9,6 +9,7 @@ import json
 import os
 from io import StringIO
 
+import docker
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
@@ -579,3 +580,41 @@ def test_a_failed_restore_elsewhere_leaves_nothing_there(runc_hosts, counter_con
     assert images_digest(lab1, f"{cp.path}/checkpoint") == digest
     with Engine(lab1) as engine:
         assert engine.inspect(name)["State"]["Running"]
+
+
+def test_a_fixed_address_taken_on_the_target_is_refused_before_anything_is_done(runc_hosts, clones):
+    lab1, _ = runc_hosts
+    name = f"ip-{os.getpid()}"
+    network = f"{name}-net"
+    ip = "172.31.77.10"
+    clones += [name, f"{name}-2"]
+    with Engine(lab1) as engine:
+        ipam = docker.types.IPAMConfig(pool_configs=[docker.types.IPAMPool(subnet="172.31.77.0/24")])
+        engine.api.create_network(network, driver="bridge", ipam=ipam)
+        try:
+            cid = engine.api.create_container(
+                lab.IMAGE, ["sh", "-c", lab.COUNTER_SCRIPT], name=name,
+                host_config=engine.api.create_host_config(network_mode=network),
+                networking_config=engine.api.create_networking_config(
+                    {network: engine.api.create_endpoint_config(ipv4_address=ip)}
+                ),
+            )["Id"]  # fmt: skip
+            engine.api.start(cid)
+            logged(engine, name)
+            pid = engine.inspect(cid)["State"]["Pid"]
+            before = host_listing(lab1)
+            with pytest.raises(
+                CommandError, match=f"lab-1: the container has the fixed address {ip} on network {network} "
+                rf"\(held by container {name}\) there"
+            ):  # fmt: skip
+                cli("clone", "--host", "lab-1", "--container", name, "--as", f"{name}-2")
+            assert [p.name for p in MigrationRun.objects.get(operation=CLONE).phases.all()] == [
+                "pre-flight",
+                "pre-flight",
+            ]
+            assert host_listing(lab1) == before
+            assert engine.inspect(cid)["State"]["Pid"] == pid
+        finally:
+            if engine.exists(name):
+                engine.remove(name)
+            engine.api.remove_network(network)

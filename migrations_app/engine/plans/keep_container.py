@@ -228,6 +228,25 @@ def refuse_taken_ports(ctx: Context) -> None:
         )
 
 
+def refuse_taken_addresses(ctx: Context) -> None:
+    """A fixed IP address (`--ip`) another container holds on the target's network, refused before anything
+    is done: Docker would refuse it only when the new container joins the network. A clone beside its
+    original always hits it."""
+    s = ctx.state
+    taken = []
+    for name, want in (s.facts.get("networks") or {}).items():
+        ip = want.get("fixed_ip")
+        network = ctx.dst.network(name) if ip else None
+        for cid, ep in ((network or {}).get("Containers") or {}).items():
+            if cid != s.replace_id and (ep.get("IPv4Address") or "").split("/")[0] == ip:
+                taken.append(f"{ip} on network {name} (held by container {ep.get('Name') or cid[:12]})")
+    if taken:
+        raise MigrationError(
+            f"{ctx.target.name}: the container has the fixed address {', '.join(taken)} there; two containers "
+            "cannot have one address. Restore or clone it onto another host, or stop what holds the address"
+        )
+
+
 def _refuse_missing_image(ctx: Context) -> None:
     """Neither host has the checkpoint's image: nothing to ship it from, found before anything is made."""
     cp = ctx.run.checkpoint
@@ -261,6 +280,7 @@ def restore_preflight_target(ctx: Context):
         s.name = f"{s.final_name}-cw{ctx.run.code.hex[:8]}"
     measured = ce.preflight_target(ctx)
     refuse_taken_ports(ctx)
+    refuse_taken_addresses(ctx)
     measured.detail = f"{facts}, {measured.detail}"
     return measured
 
@@ -350,6 +370,7 @@ def clone_preflight_target(ctx: Context):
     ctx.state.name = ctx.state.final_name
     measured = ce.preflight_target(ctx)
     refuse_taken_ports(ctx)
+    refuse_taken_addresses(ctx)
     return measured
 
 

@@ -342,6 +342,7 @@ def clone_preflight_target(ctx: Context):
     ctx.state.name = ctx.state.final_name
     measured = cr.preflight_target(ctx)
     kc.refuse_taken_ports(ctx)
+    kc.refuse_taken_addresses(ctx)
     return measured
 
 
