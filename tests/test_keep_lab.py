@@ -618,3 +618,27 @@ def test_a_fixed_address_taken_on_the_target_is_refused_before_anything_is_done(
             if engine.exists(name):
                 engine.remove(name)
             engine.api.remove_network(network)
+
+
+def test_a_container_with_a_terminal_is_cloned_on_the_runc_path(runc_hosts, clones):
+    lab1, _ = runc_hosts
+    name = f"tty-{os.getpid()}"
+    clones += [name, f"{name}-2"]
+    with Engine(lab1) as engine:
+        cid = engine.api.create_container(lab.IMAGE, ["sh", "-c", lab.COUNTER_SCRIPT], name=name, tty=True)["Id"]
+        engine.api.start(cid)
+        logged(engine, name)
+    made = cli("checkpoint", "--host", "lab-1", "--container", name, "--leave-running")
+    assert made["status"] == SUCCEEDED and made["strategy"] == "checkpoint-runc", made["error"]
+    with Engine(lab1) as engine:
+        at = values(engine.logs(name))[-1]
+    run = cli("clone", "--checkpoint", made["checkpoint"], "--as", f"{name}-2")
+    assert run["status"] == SUCCEEDED, run["error"]
+    with Engine(lab1) as engine:
+        clone = engine.inspect(f"{name}-2")
+        assert clone["Config"]["Tty"] and clone["State"]["Running"]
+        copied = logged(engine, f"{name}-2", 3)
+        assert engine.inspect(cid)["State"]["Running"]
+    # Its new terminal carries its output on from the checkpoint.
+    assert 0 < copied[0] <= at + 1
+    assert_consecutive(copied)

@@ -57,11 +57,6 @@ class KeepRuncState(cr.RuncContainerState):
 def _runc_state(ctx: Context) -> None:
     s = ctx.state
     c = s.container
-    if c["Config"].get("Tty"):
-        raise MigrationError(
-            f"{ctx.source.name}: container {c['Name'].lstrip('/')} has a terminal (-t); runc cannot restore "
-            "a container with one here"
-        )
     try:
         state = runc.runc_state(ctx.src.conn, c["Id"])
     except runc.RuncError as e:
@@ -219,11 +214,6 @@ def _same_host(ctx: Context) -> bool:
 def restore_preflight_target(ctx: Context):
     measured = kc.restore_preflight_target(ctx)
     s = ctx.state
-    if s.container["Config"].get("Tty"):
-        raise MigrationError(
-            f"{ctx.target.name}: the checkpointed container has a terminal (-t); the {runc.RUNTIME_NAME!r} "
-            "runtime cannot restore one"
-        )
     try:
         runc.runtime_ready(ctx.dst.conn, ctx.dst.info())
     except runc.RuncError as e:
