@@ -486,13 +486,13 @@ def test_published_ports_are_refused_before_anything_is_done(runc_hosts, clones)
         assert engine.inspect(cid)["State"]["Pid"] == pid
 
 
-def test_restore_refuses_an_image_neither_host_has(runc_hosts, clones, tmp_path):
+def test_an_image_is_shipped_and_one_neither_host_has_is_refused(runc_hosts, clones, tmp_path):
     import io
 
     lab1, lab2 = runc_hosts
     name = f"img-{os.getpid()}"
     tag = f"criuweb-test-{os.getpid()}:1"
-    clones.append(name)
+    clones += [name, f"{name}-2"]
     with Engine(lab1) as engine:
         # An image of its own (the lab's image with one more label): removable.
         dockerfile = io.BytesIO(f"FROM {lab.IMAGE}\nLABEL criuweb.test={name}\n".encode())
@@ -503,14 +503,30 @@ def test_restore_refuses_an_image_neither_host_has(runc_hosts, clones, tmp_path)
     made = cli("checkpoint", "--host", "lab-1", "--container", name)
     assert made["status"] == SUCCEEDED, made["error"]
     with Engine(lab1) as engine:
+        at = values(engine.logs(name))[-1]
+
+    # lab-2 lacks the image: shipped from the checkpoint's host, then the clone runs.
+    run = cli("clone", "--checkpoint", made["checkpoint"], "--as", f"{name}-2", "--target", "lab-2")
+    assert run["status"] == SUCCEEDED, run["error"]
+    assert "ship image" in [p["name"] for p in run["phases"]] and run["image_bytes"] > 0
+    with Engine(lab2) as engine:
+        copied = logged(engine, f"{name}-2", 3)
+        engine.remove(f"{name}-2")
+        # Shipped by its id (docker save of an id carries no tag).
+        engine.api.remove_image(Checkpoint.objects.get(name=made["checkpoint"]).image_id, force=True)
+    assert copied[0] == at + 1
+    assert_consecutive(copied)
+
+    # Gone from both hosts: nothing to ship it from, refused before anything is made.
+    with Engine(lab1) as engine:
         engine.remove(cid)
         engine.api.remove_image(tag, force=True)
     before = host_listing(lab2)
     with pytest.raises(CommandError, match=f"lab-2: the checkpoint's image {tag} .* is missing there and on lab-1"):
         cli("restore", "--checkpoint", made["checkpoint"], "--host", "lab-2")
     assert host_listing(lab2) == before
-    run = MigrationRun.objects.get(operation=RESTORE)
-    assert [p.name for p in run.phases.all()] == ["pre-flight", "pre-flight"]
+    refused = MigrationRun.objects.get(operation=RESTORE)
+    assert [p.name for p in refused.phases.all()] == ["pre-flight", "pre-flight"]
 
 
 def test_a_failed_keep_brings_the_stopped_container_back(runc_hosts, counter_container):
