@@ -94,7 +94,7 @@ def files_exist(host, path):
         return conn.run(["test", "-d", path], check=False).rc == 0
 
 
-def test_report_sequence(either_hosts, counter_container, clones):
+def test_report_sequence(either_hosts, counter_container, clones, tmp_path):
     (lab1, lab2), path = either_hosts
     runc_path = path == "runc"
     name = counter_container
@@ -181,6 +181,15 @@ def test_report_sequence(either_hosts, counter_container, clones):
                 engine.remove("cr-clone")
     # The kept checkpoint is still there for the next restore.
     assert files_exist(lab1, f"{cp.path}/checkpoint")
+    if runc_path:
+        # Its archive carries CRIU's statistics with the images.
+        from migrations_app import archive
+
+        out = tmp_path / "cp1.tar.zst"
+        exported = cli("export", "--checkpoint", cp.name, "--output", str(out))
+        assert exported["status"] == SUCCEEDED, exported["error"]
+        files = [f[0] for f in archive.verify(out)["payload"]["files"]]
+        assert "checkpoint/stats-dump" in files and "checkpoint/inventory.img" in files
 
 
 def test_clone_of_a_running_container_leaves_it_alone(either_hosts, counter_container, clones):
