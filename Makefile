@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 BIND ?= 127.0.0.1:8000
 
-.PHONY: setup run test lab-down bench api-schema
+.PHONY: setup run worker test lab-down bench api-schema
 
 $(VENV)/.ready-$(shell cat requirements.txt | md5sum | cut -c1-8): requirements.txt
 	bash scripts/setup-system.sh  # python3-venv first
@@ -26,7 +26,20 @@ run: setup
 	$(PY) manage.py lab up --demo
 	BIND=$(BIND) $(PY) manage.py ensure_admin
 	$(PY) manage.py collectstatic --no-input --verbosity 0
+	@# Runs are executed by workers, not by gunicorn (docs/workers.md). The
+	@# worker is in a session of its own so that Ctrl-C reaches gunicorn only;
+	@# when gunicorn exits, the worker gets SIGTERM (by its PID) and stops after
+	@# the run in hand.
+	@setsid $(PY) manage.py criuweb_worker & worker=$$!; \
+	trap "echo 'make run: stopping the worker (PID $$worker) after its run in hand'; kill -TERM $$worker; wait $$worker" EXIT; \
+	trap 'exit 130' INT TERM; \
+	echo "make run: one worker (PID $$worker) executes the runs; gunicorn serves http://$(BIND)/"; \
 	$(VENV)/bin/gunicorn criuweb.wsgi --bind $(BIND) --workers 1 --threads 8 --timeout 300 --graceful-timeout 300 --access-logfile -
+
+# One worker in the foreground: it executes queued runs and takes over the
+# runs of workers that died (docs/workers.md). Ctrl-C stops it after the run in hand.
+worker: setup
+	$(PY) manage.py criuweb_worker
 
 # The database tests run twice: on a throwaway PostgreSQL server of their own
 # (CRIUWEB_TEST_DB=postgres, docs/testing.md), then on SQLite with the rest.

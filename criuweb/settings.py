@@ -85,6 +85,8 @@ INSTALLED_APPS = [
     "axes",
     "rest_framework",
     "drf_spectacular",
+    "django_tasks",
+    "django_tasks_db",
     "criuweb.apps.CriuwebConfig",
     "migrations_app",
 ]
@@ -219,6 +221,18 @@ FREEZE_LIMIT = envint("CRIUWEB_FREEZE_LIMIT", "60")
 FREEZE_LIMIT_PER_GIB = envint("CRIUWEB_FREEZE_LIMIT_PER_GIB", "30")
 # Seconds a host-to-host transfer may move no byte before it fails.
 STREAM_IDLE_TIMEOUT = envint("CRIUWEB_STREAM_IDLE_TIMEOUT", "20")
+
+# Runs are executed by workers (`manage.py criuweb_worker`, docs/workers.md)
+# that take them from a queue kept in the database (django-tasks' database
+# backend, the backport of Django 6's django.tasks).
+TASKS = {"default": {"BACKEND": "django_tasks_db.DatabaseBackend"}}
+# Seconds a worker's claim on a run lasts unless it renews it (it does, a
+# few times per period, while it executes the run). A run whose lease ran
+# out, its worker gone, is recovered by another worker.
+RUN_LEASE = envint("CRIUWEB_RUN_LEASE", "30")
+# Seconds between two looks of a queued run at its hosts' free places
+# (a run that ends also wakes the runs waiting for its hosts at once).
+QUEUE_RETRY = envint("CRIUWEB_QUEUE_RETRY", "5")
 
 LOGGING = {
     "version": 1,

@@ -68,7 +68,9 @@ if TEST_DB == "postgres":
             "PORT": "5432",
             "USER": "criuweb",
             # Never created: only the test database is (xdist workers add _gwN).
-            "NAME": "criuweb",
+            # A process a test starts (a worker) is given that test database
+            # (tests/support.py process_env).
+            "NAME": os.environ.get("CRIUWEB_TEST_PG_DATABASE", "criuweb"),
             "TEST": {"NAME": "test_criuweb"},
         }
     }

@@ -4,9 +4,5 @@ from django.core.wsgi import get_wsgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "criuweb.settings")
 application = get_wsgi_application()
-
-# Runs that were in progress when the server last stopped are marked
-# interrupted, and their workloads looked up on both hosts.
-from migrations_app.worker import recover_on_startup  # noqa: E402
-
-recover_on_startup()
+# Runs are executed and recovered by workers (manage.py criuweb_worker), not
+# here: the server can stop and start at any time without touching a run.

@@ -30,7 +30,9 @@ class HostAdminForm(HostFieldsMixin, forms.ModelForm):
 @admin.register(Host)
 class HostAdmin(admin.ModelAdmin):
     form = HostAdminForm
-    list_display = ["name", "address", "ssh_port", "user", "key_fingerprint", "probed"]
+    list_display = [
+        "name", "address", "ssh_port", "user", "key_fingerprint", "probed", "max_source_runs", "max_target_runs",
+    ]  # fmt: skip
     search_fields = ["name", "address"]
     readonly_fields = ["capabilities", "probed", "created"]
 

@@ -1,7 +1,9 @@
+import functools
 import hashlib
 import secrets
 import uuid
 
+from django.core.validators import MinValueValidator
 from django.db import models
 from django.utils import timezone
 
@@ -13,7 +15,8 @@ FAILED = "failed"
 ROLLED_BACK = "rolled_back"
 INTERRUPTED = "interrupted"
 STATUS_CHOICES = [
-    (PENDING, "pending"),
+    # Waiting in the workers' queue: for a worker, or for a place on its hosts.
+    (PENDING, "queued"),
     (RUNNING, "running"),
     (SUCCEEDED, "succeeded"),
     (FAILED, "failed"),
@@ -21,6 +24,9 @@ STATUS_CHOICES = [
     (INTERRUPTED, "interrupted"),
 ]
 FINISHED = (SUCCEEDED, FAILED, ROLLED_BACK, INTERRUPTED)
+# Runs that hold a place on their hosts: executing, or interrupted and
+# waiting for (or under) their recovery, their workload maybe frozen.
+HOLDING = (RUNNING, INTERRUPTED)
 
 # Workload kinds
 CONTAINER = "container"
@@ -122,6 +128,16 @@ class Host(models.Model):
     # Kept checkpoints per workload on this host; older ones are deleted
     # (files and record) after each new checkpoint. 0 keeps them all.
     checkpoint_retention = models.PositiveIntegerField(default=0)
+    # How many runs the host takes at once; more wait in the queue. A run
+    # that checkpoints or restores on one host takes a place as source only.
+    max_source_runs = models.PositiveIntegerField(
+        "runs at once as source", default=1, validators=[MinValueValidator(1)],
+        help_text="Runs beyond this many from this host wait in the queue.",
+    )  # fmt: skip
+    max_target_runs = models.PositiveIntegerField(
+        "runs at once as target", default=1, validators=[MinValueValidator(1)],
+        help_text="Runs beyond this many to this host wait in the queue.",
+    )  # fmt: skip
 
     class Meta:
         ordering = ["name"]
@@ -220,6 +236,30 @@ class RunQuerySet(models.QuerySet):
         """Runs from or to a host."""
         return self.filter(models.Q(source=host) | models.Q(target=host))
 
+    def queued(self):
+        """Runs waiting in the workers' queue, first in line first."""
+        return self.filter(status=PENDING).order_by("created", "pk")
+
+
+def queue_positions(runs):
+    """Set queue_position on each queued run of runs, with one query for all of them.
+
+    A queued run's position is 1 plus the number of runs queued before it
+    that want one of its hosts: 1 is next in line.
+    """
+    runs = [r for r in runs if r.status == PENDING]
+    if not runs:
+        return
+    line = list(MigrationRun.objects.queued().values_list("pk", "source_id", "target_id"))
+    for run in runs:
+        mine = {run.source_id, run.target_id}
+        ahead = 0
+        for pk, source_id, target_id in line:
+            if pk == run.pk:
+                break
+            ahead += bool(mine & {source_id, target_id})
+        run.__dict__["queue_position"] = ahead + 1
+
 
 class MigrationRun(models.Model):
     code = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
@@ -272,6 +312,9 @@ class MigrationRun(models.Model):
     # "hostname:pid" of the process executing the run, to tell a run whose
     # worker died from one another process is still working on.
     worker = models.CharField(max_length=100, blank=True)
+    # Until when the worker's claim holds: it renews it while it works, and
+    # another worker takes the run over (recovers it) once it ran out.
+    lease_expires = models.DateTimeField(null=True, blank=True)
     stage = models.CharField(max_length=16, choices=Stage.choices, default=Stage.PREPARING)
     # The plan's state (its dataclass as a dict) after the last phase: what a
     # recovery needs to know (checkpoint names, image directories, ids).
@@ -326,6 +369,14 @@ class MigrationRun(models.Model):
 
         return plans.label(self.kind, self.strategy)
 
+    @functools.cached_property
+    def queue_position(self):
+        """Where a queued run stands in the queue for its hosts (1: next), None once it left it."""
+        if self.status != PENDING:
+            return None
+        queue_positions([self])
+        return self.__dict__.get("queue_position")
+
     def to_dict(self, phases=None):
         """The run as the CLI's --json and the run page's JSON show it."""
         phases = self.phases.all() if phases is None else phases
@@ -352,6 +403,7 @@ class MigrationRun(models.Model):
             "volume_bytes": self.volume_bytes,
             "phases": [p.to_dict() for p in phases],
             "error": self.error or None,
+            "queue_position": self.queue_position if self.status == PENDING else None,
         }
 
 

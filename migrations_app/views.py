@@ -31,7 +31,18 @@ from .forms import (
     RetentionForm,
     RunFilterForm,
 )
-from .models import CLONE, EXPORT, FINISHED, RESTORE, SUCCEEDED, ApiToken, Checkpoint, Host, MigrationRun
+from .models import (
+    CLONE,
+    EXPORT,
+    FINISHED,
+    RESTORE,
+    SUCCEEDED,
+    ApiToken,
+    Checkpoint,
+    Host,
+    MigrationRun,
+    queue_positions,
+)  # fmt: skip
 
 RUNS_PER_PAGE = 50
 CAN_LAUNCH = "migrations_app.launch_migration"
@@ -70,10 +81,17 @@ def _filtered_runs(request):
 def index(request):
     ctx = {
         "hosts": Host.objects.all(),
-        "runs": MigrationRun.objects.select_related("source", "target")[:10],
+        "runs": _with_positions(MigrationRun.objects.select_related("source", "target")[:10]),
         "can_launch": request.user.has_perm(CAN_LAUNCH),
     }
     return render(request, "index.html", ctx)
+
+
+def _with_positions(runs):
+    """The runs as a list, each queued one with its queue_position (one query for all)."""
+    runs = list(runs)
+    queue_positions(runs)
+    return runs
 
 
 # -- hosts -------------------------------------------------------------------------
@@ -91,7 +109,7 @@ def host_detail(request, name):
         "host": host,
         "can_launch": request.user.has_perm(CAN_LAUNCH),
         "can_manage": request.user.has_perm(CAN_MANAGE_HOSTS),
-        "runs": MigrationRun.objects.for_host(host).select_related("source", "target")[:10],
+        "runs": _with_positions(MigrationRun.objects.for_host(host).select_related("source", "target")[:10]),
         "checkpoint_form": CheckpointForm(),
     }
     return render(request, "hosts/detail.html", ctx)
@@ -190,15 +208,15 @@ def migrate(request):
     if request.method == "POST" and form.is_valid():
         data = form.cleaned_data
         try:
-            run = engine.create_run(
-                data["source"], data["target"], data["kind"], form.workload(),
+            # A worker executes it (docs/workers.md); this process only queues it.
+            run = worker.submit(
+                engine.create_run, data["source"], data["target"], data["kind"], form.workload(),
                 keep_source=data["keep_source"], strategy=data["strategy"], probe=data["probe"], tcp=data["tcp"],
                 shared_storage=data["shared_storage"],
             )
         except engine.MigrationError as e:
             form.add_error(None, str(e))
         else:
-            worker.start(run)
             return redirect("cw-run", code=run.code)
     table = plans.offer_table(Host.objects.all())
     return render(request, "migrate.html", {"form": form, "strategy_table": table})
@@ -208,6 +226,7 @@ def migrate(request):
 def run_list(request):
     form, runs = _filtered_runs(request)
     page = Paginator(runs, RUNS_PER_PAGE).get_page(request.GET.get("page"))
+    queue_positions(page.object_list)
     query = request.GET.copy()
     query.pop("page", None)
     ctx = {"form": form, "page": page, "query": query.urlencode()}
@@ -238,8 +257,8 @@ def run_recover(request, code):
     if not recovery.recoverable(run):
         messages.error(request, "This run has nothing to recover, or its worker is still at work on it.")
     else:
-        worker.recover_one(run)
-        messages.success(request, "Recovery started; this page shows its outcome.")
+        worker.enqueue_recovery(run)
+        messages.success(request, "Recovery queued for a worker; this page shows its outcome.")
     return redirect("cw-run", code=run.code)
 
 
@@ -369,13 +388,12 @@ def _get_checkpoint(name):
 
 
 def _start(request, factory, *args, **kwargs):
-    """Create an operation's run and start it in the background; redirect to it, or back with the error."""
+    """Create an operation's run and queue it for a worker; redirect to it, or back with the error."""
     try:
-        run = factory(*args, user=request.user, **kwargs)
+        run = worker.submit(factory, *args, user=request.user, **kwargs)
     except engine.MigrationError as e:
         messages.error(request, str(e))
         return None
-    worker.start(run)
     return redirect("cw-run", code=run.code)
 
 

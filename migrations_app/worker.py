@@ -1,71 +1,176 @@
-"""Runs in the background of the web process, and what is left after it stops."""
+"""Runs executed by workers, through Django's task framework.
+
+The web and `migrate_workload --enqueue` create a run and enqueue it
+(`enqueue`); workers (`manage.py criuweb_worker`, django-tasks-db's
+`db_worker` with a sweeper beside it) take the tasks from the queue kept in
+the database and execute them (`execute_run`). A run whose hosts have no free
+place waits in the queue and looks again later; a run that ends wakes the
+runs waiting for its hosts. A worker also takes over the runs of workers that
+are gone (`sweep`). docs/workers.md tells the whole flow.
+"""
+
+from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
+from datetime import timedelta
 
+from django.conf import settings
 from django.db import close_old_connections, connection
+from django.db.models import Q
+from django.utils import timezone
+from django_tasks import task
 
 from . import engine
-from .engine import recovery
-from .models import MigrationRun
+from .engine import lifecycle, recovery
+from .engine.lifecycle import Claim
+from .models import FAILED, PENDING, MigrationRun, Stage
 
 log = logging.getLogger(__name__)
 
-
-def _thread(target, *args, name=None, daemon=True):
-    """Start target(*args) in a thread with its own database connection."""
-
-    def body():
-        close_old_connections()
-        try:
-            target(*args)
-        except Exception:  # a thread has nobody to raise to
-            log.exception("background %s failed", name or target.__name__)
-        finally:
-            connection.close()
-
-    thread = threading.Thread(target=body, name=name, daemon=daemon)
-    thread.start()
-    return thread
+# Recoveries go before new runs: their workload may be frozen.
+RECOVERY_PRIORITY = 50
+# How many waiting runs an ending run wakes at once (the others look again
+# on their own, every QUEUE_RETRY seconds).
+WAKE_AT_MOST = 10
 
 
-def start(run):
-    """Execute a pending run in a thread of this process."""
-    # Not a daemon: a stopping server process waits for the run to end
-    # (up to gunicorn's graceful timeout) rather than cutting it off mid-freeze.
-    return _thread(_work, run.pk, name=f"run-{run.code}", daemon=False)
+def enqueue(run: MigrationRun) -> MigrationRun:
+    """Put a pending run in the workers' queue; a worker executes it when its hosts have room."""
+    execute_run.enqueue(str(run.code))
+    return run
 
 
-def _work(run_pk):
-    run = MigrationRun.objects.select_related("source", "target").get(pk=run_pk)
-    engine.execute(run)
+def submit(factory: Callable[..., MigrationRun], *args, **kwargs) -> MigrationRun:
+    """Create a run with factory(*args, **kwargs) and enqueue it, both or neither.
+
+    factory is engine.create_run or one of engine.keep's create_*_run; its
+    MigrationError (bad input, a busy workload) goes to the caller.
+    """
+    with lifecycle.write_transaction():
+        return enqueue(factory(*args, **kwargs))
 
 
-def mark_interrupted():
-    """Mark runs whose worker is gone as interrupted, naming that worker; return them."""
-    return recovery.mark_gone()
+def enqueue_recovery(run: MigrationRun) -> None:
+    """Have a worker recover a run (the run page's "Recover now")."""
+    recover_run.using(priority=RECOVERY_PRIORITY).enqueue(str(run.code))
 
 
-def recover_all():
-    """Recover every interrupted run and clear leftovers (see engine.recovery)."""
-    runs = recovery.recover_all()
+@task()
+def execute_run(code: str, retry: bool = True) -> str:
+    """Claim the run if its hosts have room and execute it; else wait in the queue.
+
+    retry: look again in QUEUE_RETRY seconds when the hosts are full. A
+    wake-up (see _wake) does not: the run's own chain of looks goes on.
+    """
+    run = MigrationRun.objects.select_related("source", "target").filter(code=code).first()
+    if run is None or run.status != PENDING:
+        return "gone" if run is None else f"already {run.status}"
+    taken = lifecycle.take(run)
+    if taken == Claim.FULL:
+        if retry:
+            later = timezone.now() + timedelta(seconds=settings.QUEUE_RETRY)
+            execute_run.using(run_after=later).enqueue(code, retry=True)
+        return "queued"
+    if taken == Claim.TAKEN:
+        return "taken by another worker"
+    try:
+        engine.execute(run)
+    finally:
+        _wake(run)
+    return run.status
+
+
+@task()
+def recover_run(code: str) -> str:
+    """Recover one run from what the database recorded (engine.recovery.recover)."""
+    run = MigrationRun.objects.select_related("source", "target").filter(code=code).first()
+    if run is None:
+        return "gone"
+    if not recovery.recoverable(run):
+        return "nothing to recover, or its worker is at work on it"
+    done = recovery.recover(run)
+    _wake(run)
+    return done.status if done else "taken by another worker"
+
+
+def _wake(run: MigrationRun) -> None:
+    """Wake the queued runs that wait for one of this run's hosts: a place may be free now."""
+    hosts = {run.source_id, run.target_id}
+    waiting = (
+        MigrationRun.objects.queued()
+        .filter(worker="")
+        .filter(Q(source_id__in=hosts) | Q(target_id__in=hosts))
+        .values_list("code", flat=True)[:WAKE_AT_MOST]
+    )
+    for code in waiting:
+        execute_run.enqueue(str(code), retry=False)
+
+
+def run_here(run: MigrationRun, say: Callable[[str], None] | None = None, **execute_options) -> MigrationRun:
+    """Execute a pending run in this process, waiting for room on its hosts; return it.
+
+    The CLI's foreground mode: the run is not enqueued but reserved for this
+    process, and executed here within the same per-host limits. Waiting, it
+    keeps its lease.
+    """
+    if not lifecycle.reserve(run):
+        raise engine.MigrationError(f"run {run.code} was already started")
+    said = False
+    try:
+        with lifecycle.Lease(run):
+            while (taken := lifecycle.take(run)) == Claim.FULL:
+                if say and not said:
+                    say(f"queued: position {run.queue_position}, waiting for a free place on "
+                        f"{run.source.name} or {run.target.name}")  # fmt: skip
+                    said = True
+                time.sleep(min(settings.QUEUE_RETRY, 1))
+                run.__dict__.pop("queue_position", None)
+    except BaseException:
+        # Ctrl-C while it waits: nothing was done, nothing is left to recover.
+        MigrationRun.objects.filter(pk=run.pk, status=PENDING, worker=lifecycle.worker_id()).update(
+            status=FAILED, stage=Stage.DONE, error="stopped while waiting in the queue", finished=timezone.now()
+        )
+        raise
+    if taken != Claim.CLAIMED:
+        raise engine.MigrationError(f"run {run.code} was already started")
+    return engine.execute(run, **execute_options)
+
+
+def sweep(startup: bool = False) -> list[MigrationRun]:
+    """Take over the runs whose worker is gone and finish their recovery; return them.
+
+    startup: also clear what finished runs left on their hosts (once, when a
+    worker starts, as the web server used to: a failing host is not retried
+    every few seconds).
+    """
+    runs = recovery.recover_all() if startup else recovery.take_over()
     for run in runs:
         log.warning("run %s recovered: %s: %s", run.code, run.status, run.error)
+        _wake(run)
     return runs
 
 
-def recover_on_startup():
-    """Mark stale runs interrupted now, and recover them in the background.
+class Sweeper(threading.Thread):
+    """A worker's thread that takes over gone workers' runs, a few times per lease period."""
 
-    Called when the web server starts: a run in progress when its worker
-    died would otherwise keep its workload frozen, or leave two halves.
-    """
-    runs = mark_interrupted()
-    if runs:
-        log.warning("%d run(s) were interrupted: their worker is gone", len(runs))
-    return _thread(recover_all, name="recovery", daemon=False)
+    def __init__(self, period: float | None = None):
+        super().__init__(name="criuweb-sweeper", daemon=True)
+        self.period = period or max(settings.RUN_LEASE / 3, 0.5)
+        self.stopped = threading.Event()
 
-
-def recover_one(run):
-    """Recover one run (the run page's button) in a thread of this process."""
-    return _thread(recovery.recover, run, name=f"recover-{run.code}", daemon=False)
+    def run(self) -> None:
+        startup = True
+        while True:
+            close_old_connections()
+            try:
+                sweep(startup=startup)
+                startup = False
+            except Exception:  # the next round tries again
+                log.exception("sweeping for runs of gone workers failed")
+            finally:
+                connection.close()
+            if self.stopped.wait(self.period):
+                return

@@ -112,3 +112,32 @@ def key_file(key_dir):
     path = key_dir / "id_ed25519"
     path.write_bytes(new_private_key())
     return str(path)
+
+
+@pytest.fixture
+def start_worker(transactional_db, tmp_path):
+    """start(**env) starts a real worker process on the test database; each is stopped by its PID at the end.
+
+    Transactional: a worker sees only what the test committed. Its output
+    is in tmp_path/worker-N.log (proc.log).
+    """
+    from tests import support
+
+    procs = []
+
+    def start(**env):
+        log = tmp_path / f"worker-{len(procs)}.log"
+        proc = support.start_worker(log, **env)
+        proc.log = log
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        support.stop_worker(proc)
+
+
+@pytest.fixture
+def worker_process(start_worker):
+    """One real worker process, with the default lease."""
+    return start_worker()

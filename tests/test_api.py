@@ -63,10 +63,10 @@ def api(client):
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Runs handed to the worker, recorded instead of started; the source's engine faked."""
+    """Runs handed to the workers, recorded instead of queued; the source's engine faked."""
     monkeypatch.setattr("migrations_app.forms.Engine", FakeEngine)
     started = []
-    monkeypatch.setattr(worker, "start", started.append)
+    monkeypatch.setattr(worker, "enqueue", started.append)
     return started
 
 
@@ -472,10 +472,7 @@ def test_the_api_token_command_refuses_an_unknown_user(db):
 
 @pytest.mark.lab
 @pytest.mark.django_db(transaction=True)
-def test_a_script_migrates_a_container_through_the_api(client, hosts, counter_container, operator, monkeypatch):
-    threads = []
-    start = worker.start
-    monkeypatch.setattr(worker, "start", lambda run: threads.append(start(run)) or threads[-1])
+def test_a_script_migrates_a_container_through_the_api(client, hosts, counter_container, operator, worker_process):
     _, secret = ApiToken.issue(operator, "pipeline")
     name = counter_container
     body = {"source": "lab-1", "target": "lab-2", "kind": CONTAINER, "workload": name}  # the default strategy
@@ -488,8 +485,6 @@ def test_a_script_migrates_a_container_through_the_api(client, hosts, counter_co
         return data if data["status"] in FINISHED else None
 
     data = wait_for(finished, 120, "the run did not finish in 120 s", interval=1)
-    for thread in threads:
-        thread.join(30)
     assert data["status"] == SUCCEEDED, data["error"]
     assert data["strategy"] == ENGINE and data["stage"] == "done" and data["created_by"] == "operator"
     assert data["downtime_ms"] > 0 and data["bytes"] > 0 and data["duration_ms"] >= data["downtime_ms"]

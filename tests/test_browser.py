@@ -1,7 +1,8 @@
 """In a real browser: log in, launch a container migration from the form, watch the run page.
 
 Debian's chromium driven by Playwright, against the live server (the app in a
-thread of this process, on the test database) and the test lab.
+thread of this process, on the test database), a real worker process that
+executes the runs, and the test lab.
 """
 
 import os
@@ -37,7 +38,7 @@ def counter_values(engine, name):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_migrate_container_in_browser(live_server, hosts, operator):
+def test_migrate_container_in_browser(live_server, hosts, operator, worker_process):
     # Imported here so that collecting the other tests never needs Playwright.
     from playwright.sync_api import expect, sync_playwright
 
@@ -168,7 +169,7 @@ def _wait_run_finished(page, expect):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_checkpoint_then_clone_in_browser(live_server, hosts, operator):
+def test_checkpoint_then_clone_in_browser(live_server, hosts, operator, worker_process):
     """Take a checkpoint from the host page, then clone it onto lab-2 from the checkpoints page."""
     from playwright.sync_api import expect, sync_playwright
 

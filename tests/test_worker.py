@@ -1,61 +1,293 @@
+"""Workers, leases and per-host limits, without the lab.
+
+What is under test: which runs count as gone (dead PID here, lease run out
+elsewhere), that a takeover and a claim are atomic between real processes,
+that a host takes no more runs than its limits, the queue positions, and the
+commands that queue runs. tests/test_workers_lab.py does the same with real
+workers and workloads.
+"""
+
+import json
 import os
 import socket
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from io import StringIO
 
 import pytest
+from django.core.management import call_command
+from django.utils import timezone
 
 from migrations_app import engine, worker
-from migrations_app.models import CONTAINER, INTERRUPTED, RUNNING, SUCCEEDED, Host, MigrationRun
+from migrations_app.engine import lifecycle, recovery
+from migrations_app.engine.lifecycle import Claim
+from migrations_app.models import (
+    CHECKPOINT,
+    CONTAINER,
+    FAILED,
+    INTERRUPTED,
+    PENDING,
+    RUNNING,
+    SUCCEEDED,
+    Host,
+    MigrationRun,
+    Stage,
+    queue_positions,
+)
+from tests.support import BASE_DIR, process_env, queued_runs, wait_for, worker_pid
 
 
-def make_run(source, target, status=RUNNING, worker_id="", kind=CONTAINER, workload="web"):
+def make_run(source, target, status=RUNNING, worker_id="", kind=CONTAINER, workload="web", lease=None, **fields):
     return MigrationRun.objects.create(source=source, target=target, kind=kind, workload=workload,
-                                       status=status, worker=worker_id)
+                                       status=status, worker=worker_id, lease_expires=lease, **fields)
+
+
+def host(name, **fields):
+    return Host.objects.create(name=name, address="127.0.0.1", ssh_port=1, key_path="/k", **fields)
 
 
 @pytest.fixture
 def two_hosts(db):
-    return (Host.objects.create(name="a", address="10.0.0.1", key_path="/k"),
-            Host.objects.create(name="b", address="10.0.0.2", key_path="/k"))
+    return host("a"), host("b")
+
+
+def dead_here():
+    boot = engine.worker_id().split(":")[1]
+    return f"{socket.gethostname()}:{boot}:{2**22 + 12345}:1"  # no such PID
 
 
 def test_runs_of_a_dead_worker_are_marked_interrupted(two_hosts):
     a, b = two_hosts
     here = socket.gethostname()
     parent = engine.worker_id(os.getppid())  # a live process: still working
-    host, boot, pid, started = parent.split(":")
-    dead = make_run(a, b, workload="w1", worker_id=f"{here}:{boot}:{2**22 + 12345}:1")  # no such PID
+    host_, boot, pid, started = parent.split(":")
+    now = timezone.now()
+    dead = make_run(a, b, workload="w1", worker_id=dead_here())
     reused = make_run(a, b, workload="w2", worker_id=f"{here}:{boot}:{pid}:{int(started) - 1}")  # PID reused
     rebooted = make_run(a, b, workload="w3", worker_id=f"{here}:00000000:{pid}:{started}")
-    elsewhere = make_run(a, b, workload="w4", worker_id="another-machine:abcd:1:1")  # not ours to judge
-    alive = make_run(a, b, workload="w5", worker_id=parent)
-    done = make_run(a, b, workload="w6", status=SUCCEEDED, worker_id=f"{here}:{boot}:{2**22 + 12345}:1")
-    marked = worker.mark_interrupted()
-    assert {r.pk for r in marked} == {dead.pk, reused.pk, rebooted.pk}
+    # On another machine only the lease tells (that machine cannot be had
+    # here: its worker is named, its PID is never looked at).
+    leased = make_run(a, b, workload="w4", worker_id="another-machine:abcd:1:1", lease=now + timedelta(seconds=30))
+    expired = make_run(a, b, workload="w7", worker_id="another-machine:abcd:2:1", lease=now - timedelta(seconds=1))
+    no_lease = make_run(a, b, workload="w8", worker_id="another-machine:abcd:3:1")  # from before leases
+    # A live worker here keeps its run even when its lease ran out (stalled, not gone).
+    alive = make_run(a, b, workload="w5", worker_id=parent, lease=now - timedelta(seconds=60))
+    done = make_run(a, b, workload="w6", status=SUCCEEDED, worker_id=dead_here())
+    queued = make_run(a, b, workload="w9", status=PENDING)  # waits for a worker, not on one
+    marked = recovery.mark_gone()
+    assert {r.pk for r in marked} == {dead.pk, reused.pk, rebooted.pk, expired.pk}
     statuses = dict(MigrationRun.objects.values_list("pk", "status"))
     assert statuses == {dead.pk: INTERRUPTED, reused.pk: INTERRUPTED, rebooted.pk: INTERRUPTED,
-                        elsewhere.pk: RUNNING, alive.pk: RUNNING, done.pk: SUCCEEDED}
+                        expired.pk: INTERRUPTED, leased.pk: RUNNING, no_lease.pk: RUNNING, alive.pk: RUNNING,
+                        done.pk: SUCCEEDED, queued.pk: PENDING}
 
 
 def test_interrupted_message_names_the_dead_worker(two_hosts):
     a, b = two_hosts
-    here = socket.gethostname()
-    boot = engine.worker_id().split(":")[1]
-    dead = make_run(a, b, workload="w1", worker_id=f"{here}:{boot}:{2**22 + 12345}:1")
-    worker.mark_interrupted()
+    dead = make_run(a, b, workload="w1", worker_id=dead_here())
+    recovery.mark_gone()
     dead.refresh_from_db()
     # Not "the server stopped": a killed CLI is no server.
-    assert dead.error == (f"interrupted: the worker process that ran it (PID {2**22 + 12345} on {here}, "
-                          f"worker {dead.worker}) is gone")
+    assert dead.error == (f"interrupted: the worker process that ran it (PID {2**22 + 12345} on "
+                          f"{socket.gethostname()}, worker {dead.worker}) is gone")
 
 
 def test_a_run_whose_process_is_gone_blocks_nothing(two_hosts):
     a, b = two_hosts
-    here = socket.gethostname()
-    stale = make_run(a, b, workload="web", worker_id=f"{here}:{engine.worker_id().split(':')[1]}:{2**22 + 9}:1")
+    stale = make_run(a, b, workload="web", worker_id=dead_here())
     run = engine.create_run(a, b, CONTAINER, "web")
     stale.refresh_from_db()
-    assert stale.status == INTERRUPTED and run.status == "pending"
-    # ... while a run claimed by a live process (this one) does block.
+    assert stale.status == INTERRUPTED and run.status == PENDING
+    # A queued run holds its workload ...
+    with pytest.raises(engine.MigrationError, match="already being migrated"):
+        engine.create_run(a, b, CONTAINER, "web")
+    # ... and so does a run claimed by a live process (this one), once the
+    # interrupted one, which holds its place on a until then, is recovered.
+    assert not engine.claim(run)
+    MigrationRun.objects.filter(pk=stale.pk).update(status=FAILED, stage=Stage.DONE)
     assert engine.claim(run)
     with pytest.raises(engine.MigrationError, match="already being migrated"):
         engine.create_run(a, b, CONTAINER, "web")
+
+
+def test_a_takeover_is_made_once(two_hosts):
+    a, b = two_hosts
+    gone = make_run(a, b, worker_id="another-machine:abcd:1:1", lease=timezone.now() - timedelta(seconds=1),
+                    stage=Stage.PREPARING)
+    stale = MigrationRun.objects.get(pk=gone.pk)
+    assert recovery._claim(gone)
+    gone.refresh_from_db()
+    assert gone.worker == engine.worker_id() and gone.status == INTERRUPTED and gone.lease_expires > timezone.now()
+    # Another worker that read the run before: its conditional UPDATE changes nothing.
+    assert not recovery._claim(stale)
+
+
+# -- per-host limits ----------------------------------------------------------------------
+
+
+def test_a_host_takes_runs_up_to_its_limits(db):
+    a, b, c = host("a"), host("b"), host("c", max_target_runs=2)
+    first = make_run(a, b, status=PENDING, workload="w1")
+    second = make_run(a, c, status=PENDING, workload="w2")  # a is full as source
+    third = make_run(b, c, status=PENDING, workload="w3")  # b is a target, not a source: free
+    fourth = make_run(c, b, status=PENDING, workload="w4")  # b is full as target
+    assert lifecycle.take(first) == Claim.CLAIMED
+    assert lifecycle.take(second) == Claim.FULL
+    assert lifecycle.take(third) == Claim.CLAIMED
+    assert lifecycle.take(fourth) == Claim.FULL
+    assert lifecycle.take(first) == Claim.TAKEN
+    # Positions: 1 is next in line for its hosts; the fourth shares c with the second.
+    waiting = [MigrationRun.objects.get(pk=r.pk) for r in (second, fourth)]
+    queue_positions(waiting)
+    assert [r.queue_position for r in waiting] == [1, 2]
+    # An interrupted run still holds its place (its workload may be frozen) ...
+    MigrationRun.objects.filter(pk=first.pk).update(status=INTERRUPTED)
+    assert lifecycle.take(second) == Claim.FULL
+    # ... until it is recovered.
+    MigrationRun.objects.filter(pk=first.pk).update(status=FAILED, stage=Stage.DONE)
+    assert lifecycle.take(second) == Claim.CLAIMED
+    # c is full as target now (the second and the third); a takes a second run once allowed.
+    d = host("d")
+    fifth = make_run(a, d, status=PENDING, workload="w5")
+    assert lifecycle.take(fifth) == Claim.FULL
+    a.max_source_runs = 2
+    a.save()
+    assert lifecycle.take(fifth) == Claim.CLAIMED
+
+
+def test_a_run_on_one_host_takes_a_place_as_source_only(db):
+    a, b = host("a"), host("b")
+    checkpoint = make_run(a, a, status=PENDING, workload="w1", operation=CHECKPOINT)
+    incoming = make_run(b, a, status=PENDING, workload="w2")
+    assert lifecycle.take(checkpoint) == Claim.CLAIMED
+    assert lifecycle.take(incoming) == Claim.CLAIMED
+
+
+def test_queue_positions_count_the_runs_ahead_for_the_same_hosts(db):
+    a, b, c, d = host("a"), host("b"), host("c"), host("d")
+    runs = [make_run(a, b, status=PENDING, workload="w1"), make_run(c, d, status=PENDING, workload="w2"),
+            make_run(a, c, status=PENDING, workload="w3"), make_run(d, b, status=PENDING, workload="w4"),
+            make_run(a, b, status=SUCCEEDED, workload="w5")]
+    queue_positions(runs)
+    assert [r.__dict__.get("queue_position") for r in runs] == [1, 1, 3, 3, None]
+    assert MigrationRun.objects.get(pk=runs[2].pk).to_dict()["queue_position"] == 3
+
+
+def test_the_run_pages_show_the_queue(client, db):
+    from django.contrib.auth.models import User
+
+    a, b = host("a"), host("b")
+    make_run(a, b, workload="w1")
+    waiting = make_run(a, b, status=PENDING, workload="w2")
+    client.force_login(User.objects.create_user("viewer", password="pw"))
+    assert "queued (position 1)" in client.get("/runs/").content.decode()
+    assert "queued (position 1)" in client.get(f"/runs/{waiting.code}/").content.decode()
+    assert client.get(f"/runs/{waiting.code}.json").json()["queue_position"] == 1
+
+
+# -- claims between real processes ------------------------------------------------------------
+
+CLAIM_SCRIPT = """
+import sys, time, django
+django.setup()
+from migrations_app.engine import lifecycle
+from migrations_app.models import MigrationRun
+run = MigrationRun.objects.select_related("source", "target").get(pk=int(sys.argv[1]))
+start = float(sys.argv[2])
+time.sleep(max(0.0, start - time.time()))
+print(lifecycle.take(run).value, flush=True)
+"""
+
+
+def race(runs, per_run=3):
+    """take() on each run from per_run processes at once; the results by run pk."""
+    start = time.time() + 4  # once every process has started Django
+    procs = [(run.pk, subprocess.Popen([sys.executable, "-c", CLAIM_SCRIPT, str(run.pk), str(start)], cwd=BASE_DIR,
+                                       env=process_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+             for run in runs for _ in range(per_run)]
+    results = {}
+    for pk, proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        results.setdefault(pk, []).append(out.strip())
+    return results
+
+
+@pytest.mark.django_db(transaction=True)
+def test_one_run_is_claimed_by_one_process():
+    a, b = host("a"), host("b")
+    run = make_run(a, b, status=PENDING)
+    results = race([run], per_run=4)
+    assert sorted(results[run.pk]) == ["claimed", "taken", "taken", "taken"]
+    run.refresh_from_db()
+    assert run.status == RUNNING and run.worker
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_last_place_of_a_host_goes_to_one_process():
+    a, b, c = host("a"), host("b"), host("c")
+    one, other = make_run(a, b, status=PENDING, workload="w1"), make_run(a, c, status=PENDING, workload="w2")
+    results = race([one, other], per_run=2)
+    outcomes = sorted(results[one.pk] + results[other.pk])
+    assert outcomes.count("claimed") == 1, results
+    assert MigrationRun.objects.filter(status=RUNNING).count() == 1
+
+
+# -- the commands and the web queue, workers execute ---------------------------------------------
+
+
+def test_migrate_workload_enqueue_prints_the_id(two_hosts):
+    out = StringIO()
+    call_command("migrate_workload", "--source", "a", "--target", "b", "--container", "web", "--enqueue", "--json",
+                 stdout=out)
+    data = json.loads(out.getvalue())
+    run = MigrationRun.objects.get()
+    assert data["id"] == str(run.code) and data["status"] == PENDING and data["queue_position"] == 1
+    assert queued_runs() == [run]
+
+
+def test_checkpoint_enqueue_prints_the_id(two_hosts):
+    out = StringIO()
+    call_command("checkpoint", "--host", "a", "--pid", "4242", "--enqueue", stdout=out)
+    run = MigrationRun.objects.get()
+    assert out.getvalue() == f"queued run {run.code}\n"
+    assert run.operation == CHECKPOINT and queued_runs() == [run]
+
+
+def test_a_run_waiting_for_its_host_is_woken_when_a_run_ends(db, settings):
+    settings.QUEUE_RETRY = 3600  # only the wake-up can bring it
+    a, b = host("a"), host("b")
+    first = make_run(a, b, status=PENDING, workload="w1")
+    second = make_run(a, b, status=PENDING, workload="w2")
+    assert lifecycle.take(first) == Claim.CLAIMED
+    assert worker.execute_run.call(str(second.code)) == "queued"
+    MigrationRun.objects.filter(pk=first.pk).update(status=SUCCEEDED, stage=Stage.DONE)
+    worker._wake(first)
+    from django_tasks_db.models import DBTaskResult
+
+    tasks = DBTaskResult.objects.filter(task_path="migrations_app.worker.execute_run")
+    # Its own later look (in an hour), and the wake-up, ready now.
+    assert [t.args_kwargs for t in tasks.ready()] == [{"args": [str(second.code)], "kwargs": {"retry": False}}]
+    assert [t.args_kwargs for t in tasks.exclude(pk__in=tasks.ready())] == [
+        {"args": [str(second.code)], "kwargs": {"retry": True}}]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_worker_executes_what_the_web_queued_and_recovers_at_start(start_worker):
+    # Hosts nobody listens for (port 1 on loopback): the run fails in its
+    # pre-flight, before anything is frozen, which is all this test needs.
+    a, b = host("a"), host("b")
+    gone = make_run(a, b, workload="w0", worker_id=dead_here(), stage=Stage.PREPARING)
+    run = worker.submit(engine.create_run, a, b, CONTAINER, "web")
+    proc = start_worker()
+    run = wait_for(lambda: MigrationRun.objects.filter(pk=run.pk, status=FAILED).first(), 60,
+                   f"the worker did not execute the run: {proc.log.read_text()}")
+    assert worker_pid(run) == proc.pid != os.getpid()
+    assert "a:" in run.error or "a " in run.error, run.error
+    # The run its dead worker left: recovered by the new worker at its start.
+    gone = wait_for(lambda: MigrationRun.objects.filter(pk=gone.pk, stage=Stage.DONE).first(), 30,
+                    f"not recovered: {proc.log.read_text()}")
+    assert gone.status == FAILED and "before anything was frozen" in gone.error
+    assert worker_pid(gone) == proc.pid

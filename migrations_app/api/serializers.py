@@ -110,9 +110,17 @@ class RunDetailSerializer(RunSerializer):
     """A run with its phases: timings, bytes, CRIU's statistics, log excerpts."""
 
     phases = PhaseSerializer(many=True, read_only=True)
+    queue_position = serializers.SerializerMethodField(
+        help_text="While the run is queued (status pending): 1 plus the runs queued before it for one of its "
+        "hosts (1: next in line); null once a worker took it. See docs/workers.md."
+    )
 
     class Meta(RunSerializer.Meta):
-        fields = RunSerializer.Meta.fields + ["phases"]
+        fields = RunSerializer.Meta.fields + ["queue_position", "phases"]
+
+    @extend_schema_field({"type": "integer", "nullable": True})
+    def get_queue_position(self, run) -> int | None:
+        return run.queue_position
 
 
 class LaunchSerializer(serializers.Serializer):

@@ -20,7 +20,7 @@ from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
 from .. import engine, inventory, worker
-from ..engine import plans
+from ..engine import lifecycle, plans
 from ..forms import MigrationForm, RunFilterForm
 from ..models import CONTAINER, Checkpoint, Host, MigrationRun, Phase
 from . import serializers as s
@@ -147,25 +147,28 @@ def _launch(data: dict, user) -> MigrationRun:
         raise _bad_input(form.errors, {"container": "workload", "pid": "workload"})
     clean = form.cleaned_data
     try:
-        run = engine.create_run(
-            clean["source"],
-            clean["target"],
-            clean["kind"],
-            form.workload(),
-            keep_source=clean["keep_source"],
-            strategy=clean["strategy"],
-            probe=clean["probe"],
-            tcp=clean["tcp"],
-            shared_storage=clean["shared_storage"],
-            freeze_limit=data["freeze_limit"],
-        )
+        # Created, owned and queued for a worker in one transaction: a worker
+        # never sees it without its owner (its last save would drop it).
+        with lifecycle.write_transaction():
+            run = engine.create_run(
+                clean["source"],
+                clean["target"],
+                clean["kind"],
+                form.workload(),
+                keep_source=clean["keep_source"],
+                strategy=clean["strategy"],
+                probe=clean["probe"],
+                tcp=clean["tcp"],
+                shared_storage=clean["shared_storage"],
+                freeze_limit=data["freeze_limit"],
+            )
+            MigrationRun.objects.filter(pk=run.pk).update(created_by=user)
+            run.created_by = user
+            worker.enqueue(run)  # what the migration page does (worker.submit)
     except engine.WorkloadBusy as e:
         raise WorkloadBusy(str(e)) from None
     except engine.MigrationError as e:
         raise _bad_input({"__all__": [str(e)]}) from None
-    MigrationRun.objects.filter(pk=run.pk).update(created_by=user)
-    run.created_by = user
-    worker.start(run)  # what the migration page calls
     return run
 
 

@@ -125,7 +125,7 @@ def _create(operation, kind, source, target, workload, state, checkpoint=None, u
             strategy=None):  # fmt: skip
     busy = MigrationError(f"{workload} on {source.name} is busy with another run")
     for other in MigrationRun.objects.unfinished().filter(source=source, kind=kind, workload=workload):
-        if lifecycle.worker_alive(other.worker) if other.worker else lifecycle._young(other):
+        if lifecycle.holds_workload(other):
             raise busy
     try:
         with transaction.atomic():

@@ -1,18 +1,40 @@
-"""A run's life outside its steps: creating it, claiming it, and telling
-whether the process that claimed it still lives."""
+"""A run's life outside its steps: creating it, claiming it within its
+hosts' limits, the lease its worker holds on it, and telling whether that
+worker still lives."""
 
 from __future__ import annotations
 
+import contextlib
+import enum
+import logging
 import os
 import socket
+import threading
+from collections.abc import Iterator
+from datetime import datetime, timedelta
 
-from django.db import IntegrityError, transaction
+from django.conf import settings
+from django.db import IntegrityError, OperationalError, connection, transaction
+from django.db.models import F
 from django.utils import timezone
 
 from .. import validation
-from ..models import CONTAINER, INTERRUPTED, PENDING, RUNNING, TCP_CHOICES, TCP_CLOSE, MigrationRun
+from ..models import (
+    CONTAINER,
+    HOLDING,
+    INTERRUPTED,
+    PENDING,
+    RUNNING,
+    TCP_CHOICES,
+    TCP_CLOSE,
+    Host,
+    MigrationRun,
+    Stage,
+)
 from . import observe, plans
 from .errors import MigrationError, WorkloadBusy
+
+log = logging.getLogger(__name__)
 
 
 def create_run(
@@ -55,9 +77,7 @@ def create_run(
     for other in MigrationRun.objects.unfinished().filter(source=source, kind=kind):
         if not _same_workload(kind, workload, other):
             continue
-        # Busy while the process that claimed it lives, or, not yet
-        # claimed, while its thread is about to.
-        if worker_alive(other.worker) if other.worker else _young(other):
+        if holds_workload(other):
             raise busy
         # Its process is gone (a killed CLI, a crashed server): it blocks nothing.
         MigrationRun.objects.filter(pk=other.pk, status=other.status).update(
@@ -102,6 +122,28 @@ def claim_workload(run, workload_id):
     run.workload_id = workload_id
 
 
+def holds_workload(run: MigrationRun) -> bool:
+    """Whether an unfinished run still has its workload: queued, or its worker at work on it."""
+    if run.status == PENDING and not run.worker:
+        return True  # in the workers' queue
+    return not worker_gone(run)
+
+
+def reserve(run: MigrationRun) -> bool:
+    """Reserve a queued run for this process (the CLI's foreground mode); False if another has it.
+
+    Reserved under this process's worker id and lease, it is no longer the
+    workers' to take, and is known gone if this process dies before it ends.
+    """
+    me, lease = worker_id(), lease_until()
+    n = MigrationRun.objects.filter(pk=run.pk, status=PENDING, worker__in=("", me)).update(
+        worker=me, lease_expires=lease
+    )
+    if n == 1:
+        run.worker, run.lease_expires = me, lease
+    return n == 1
+
+
 def gone_message(worker: str) -> str:
     """What happened to a run whose worker died, naming that worker."""
     if not worker:
@@ -143,15 +185,144 @@ def _start_time(pid):
         return None
 
 
-def _young(run, seconds=60):
-    return (timezone.now() - run.created).total_seconds() < seconds
+def worker_gone(run: MigrationRun, now: datetime | None = None) -> bool:
+    """Whether the process that claimed a run (or reserved it, or recovers it) is gone.
+
+    On this machine its PID tells at once. Elsewhere only its lease does: it
+    is gone once the lease ran out (a run with no lease, from before leases,
+    is not ours to judge).
+    """
+    if not run.worker:
+        return True  # nobody claimed it (a queued run is not a claimed one: see holds_workload)
+    if run.worker.split(":")[0] == socket.gethostname():
+        return not worker_alive(run.worker)
+    return run.lease_expires is not None and run.lease_expires < (now or timezone.now())
 
 
-def claim(run):
-    """Mark a pending run running; False if someone else already did."""
-    now = timezone.now()
+def lease_until(now: datetime | None = None) -> datetime:
+    return (now or timezone.now()) + timedelta(seconds=settings.RUN_LEASE)
+
+
+class Claim(enum.Enum):
+    CLAIMED = "claimed"  # this process runs it now
+    TAKEN = "taken"  # another worker has it, or it ended
+    FULL = "full"  # one of its hosts has no free place: it waits in the queue
+
+
+def claim(run: MigrationRun) -> bool:
+    """Mark a pending run running for this process; False if someone else did, or its hosts are full."""
+    return take(run) == Claim.CLAIMED
+
+
+def take(run: MigrationRun) -> Claim:
+    """Claim a pending run for this process if its hosts have a free place.
+
+    The count of the runs its hosts hold and the conditional UPDATE of the
+    claim happen under a lock on the host rows, so two workers never both
+    take the last place of a host, and never both take one run.
+    """
     me = worker_id()
-    n = MigrationRun.objects.filter(pk=run.pk, status=PENDING).update(status=RUNNING, started=now, worker=me)
-    if n == 1:
-        run.status, run.started, run.worker = RUNNING, now, me
-    return n == 1
+    with _hosts_locked({run.source_id, run.target_id}):
+        # A run reserved by this process (the CLI's foreground mode) or queued.
+        mine = MigrationRun.objects.filter(pk=run.pk, status=PENDING, worker__in=("", me))
+        if not mine.exists():
+            return Claim.TAKEN
+        if not has_room(run):
+            return Claim.FULL
+        now = timezone.now()
+        n = mine.update(status=RUNNING, started=now, worker=me, lease_expires=lease_until(now))
+    if n != 1:
+        return Claim.TAKEN
+    run.status, run.started, run.worker = RUNNING, now, me
+    return Claim.CLAIMED
+
+
+def has_room(run: MigrationRun) -> bool:
+    """Whether the run's hosts take one more run (see Host.max_source_runs, max_target_runs)."""
+    hosts = {h.pk: h for h in Host.objects.filter(pk__in={run.source_id, run.target_id})}
+    holding = MigrationRun.objects.filter(status__in=HOLDING).exclude(stage=Stage.DONE).exclude(pk=run.pk)
+    if holding.filter(source_id=run.source_id).count() >= hosts[run.source_id].max_source_runs:
+        return False
+    if run.target_id == run.source_id:
+        return True  # one place, as source
+    as_target = holding.filter(target_id=run.target_id).exclude(source_id=F("target_id"))
+    return as_target.count() < hosts[run.target_id].max_target_runs
+
+
+@contextlib.contextmanager
+def write_transaction() -> Iterator[None]:
+    """A transaction that takes SQLite's write lock at its start (atomic() elsewhere).
+
+    A deferred SQLite transaction that reads, then writes, fails at once
+    (not after the busy timeout) when another connection writes meanwhile;
+    one that begins IMMEDIATE waits its turn instead.
+    """
+    if connection.vendor != "sqlite" or connection.in_atomic_block:
+        with transaction.atomic():
+            yield
+        return
+    connection.ensure_connection()
+    previous = connection.transaction_mode
+    connection.transaction_mode = "IMMEDIATE"
+    try:
+        with transaction.atomic():
+            yield
+    finally:
+        connection.transaction_mode = previous
+
+
+@contextlib.contextmanager
+def _hosts_locked(host_ids: set[int]) -> Iterator[None]:
+    """A transaction that no other claim on these hosts runs beside.
+
+    PostgreSQL locks the host rows (in id order, so two claims on crossed
+    hosts cannot deadlock); SQLite has no row locks, and its write lock,
+    taken at the start, makes the claims run one after the other.
+    """
+    with write_transaction():
+        list(Host.objects.select_for_update().filter(pk__in=host_ids).order_by("pk").values_list("pk"))
+        yield
+
+
+class Lease:
+    """Keeps this process's lease on a run alive while it works on it.
+
+    A thread renews it a few times per lease period. If the run's worker is
+    no longer this process (another worker took it over after this one
+    stalled longer than the lease), it stops renewing and says so in the
+    log: the run is the other worker's now.
+    """
+
+    def __init__(self, run: MigrationRun):
+        self.pk = run.pk
+        self.code = run.code
+        self.worker = worker_id()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._renew, name=f"lease-{run.code}", daemon=True)
+
+    def __enter__(self) -> Lease:
+        # A run inside a transaction not yet committed (a test's) is seen by
+        # no other process, and another connection's write would wait on it.
+        if not connection.in_atomic_block:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopped.set()
+        if self.thread.is_alive():
+            self.thread.join(10)
+
+    def _renew(self) -> None:
+        period = max(settings.RUN_LEASE / 3, 0.2)
+        try:
+            while not self.stopped.wait(period):
+                try:
+                    n = MigrationRun.objects.filter(pk=self.pk, worker=self.worker).update(lease_expires=lease_until())
+                except OperationalError as e:  # a busy database: the next renewal may pass
+                    log.warning("run %s: renewing the lease failed: %s", self.code, e)
+                    continue
+                if n == 0:
+                    log.error("run %s: its lease is no longer this worker's (%s)", self.code, self.worker)
+                    return
+        finally:
+            connection.close()

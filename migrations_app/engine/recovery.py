@@ -48,17 +48,23 @@ LEFTOVER_STAGES = (Stage.LEFTOVERS, Stage.VERIFIED)
 
 
 def mark_gone() -> list[MigrationRun]:
-    """Mark unfinished runs whose worker is dead as interrupted; return them."""
+    """Mark unfinished runs whose worker is gone as interrupted; return them.
+
+    Queued runs are left alone: they wait for a worker, not on one. The
+    conditional UPDATE (same status, worker and lease as read) makes the
+    takeover atomic: of two workers that find the same run gone, one marks it.
+    """
     marked = []
+    now = timezone.now()
     for run in MigrationRun.objects.unfinished().select_related("source", "target"):
-        if lifecycle.worker_alive(run.worker):
+        if run.status == PENDING and not run.worker:
             continue
-        if run.status == PENDING and not run.worker and lifecycle._young(run):
-            continue  # its thread is about to claim it
+        if not lifecycle.worker_gone(run, now):
+            continue
         message = lifecycle.gone_message(run.worker)
-        n = MigrationRun.objects.filter(pk=run.pk, status=run.status, worker=run.worker).update(
-            status=INTERRUPTED, error=message
-        )
+        n = MigrationRun.objects.filter(
+            pk=run.pk, status=run.status, worker=run.worker, lease_expires=run.lease_expires
+        ).update(status=INTERRUPTED, error=message)
         if n == 1:
             run.status, run.error = INTERRUPTED, message
             marked.append(run)
@@ -80,10 +86,10 @@ def recoverable(run: MigrationRun) -> bool:
     """Whether a person may ask for this run's recovery now (the run page's button)."""
     if run.stage == Stage.DONE:
         return False
-    if run.status in (PENDING, RUNNING):
-        return not lifecycle.worker_alive(run.worker)
-    if run.status == INTERRUPTED:
-        return not lifecycle.worker_alive(run.worker)  # else a recovery is at work on it
+    if run.status in (PENDING, RUNNING, INTERRUPTED):
+        # A queued run may be ended here (before any worker takes it); an
+        # interrupted one whose worker lives is being recovered by it.
+        return lifecycle.worker_gone(run)
     return True
 
 
@@ -92,7 +98,28 @@ def recover_all(report: Callable[[MigrationRun], None] | None = None) -> list[Mi
     mark_gone()
     done = []
     for run in pending_recovery():
-        if lifecycle.worker_alive(run.worker) and run.status == INTERRUPTED:
+        if run.status == INTERRUPTED and not lifecycle.worker_gone(run):
+            continue  # another process is recovering it
+        result = recover(run)
+        if result is not None:
+            done.append(result)
+            if report:
+                report(result)
+    return done
+
+
+def take_over(report: Callable[[MigrationRun], None] | None = None) -> list[MigrationRun]:
+    """Recover the runs whose worker is gone (dead here, or its lease run out); return them.
+
+    What a worker's sweeper does every few seconds: unlike recover_all, it
+    leaves the leftovers of finished runs alone (a host that stays
+    unreachable is not retried every few seconds).
+    """
+    mark_gone()
+    done = []
+    interrupted = MigrationRun.objects.filter(status=INTERRUPTED).exclude(stage=Stage.DONE)
+    for run in interrupted.select_related("source", "target").order_by("created"):
+        if not lifecycle.worker_gone(run):
             continue  # another process is recovering it
         result = recover(run)
         if result is not None:
@@ -110,15 +137,18 @@ def _claim(run: MigrationRun) -> bool:
     """
     fields = {}
     if run.status in (PENDING, RUNNING):
-        if lifecycle.worker_alive(run.worker):
+        if not lifecycle.worker_gone(run):
             return False
         fields["error"] = lifecycle.gone_message(run.worker)
     me = lifecycle.worker_id()
-    n = MigrationRun.objects.filter(pk=run.pk, status=run.status, worker=run.worker).update(
-        status=INTERRUPTED, worker=me, **fields
-    )
+    lease = lifecycle.lease_until()
+    # On the worker, status and lease as read: of two workers taking over one
+    # run whose lease ran out, exactly one changes the row.
+    n = MigrationRun.objects.filter(
+        pk=run.pk, status=run.status, worker=run.worker, lease_expires=run.lease_expires
+    ).update(status=INTERRUPTED, worker=me, lease_expires=lease, **fields)
     if n == 1:
-        run.status, run.worker = INTERRUPTED, me
+        run.status, run.worker, run.lease_expires = INTERRUPTED, me, lease
     return n == 1
 
 
@@ -127,6 +157,11 @@ def recover(run: MigrationRun) -> MigrationRun | None:
     previous_status = run.status
     if run.stage == Stage.DONE or not _claim(run):
         return None
+    with lifecycle.Lease(run):
+        return _recover_claimed(run, previous_status)
+
+
+def _recover_claimed(run: MigrationRun, previous_status: str) -> MigrationRun:
     run = MigrationRun.objects.select_related("source", "target").get(pk=run.pk)
     cause = run.error or "interrupted"
     plan = plans.for_run(run)

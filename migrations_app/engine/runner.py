@@ -226,7 +226,9 @@ def _describe(error):
 
 
 def execute(run, after_phase=None, on_phase=None, on_progress=None):
-    """Claim a pending run and run it to its end; return the run.
+    """Claim a pending run (unless this process claimed it) and run it to its end; return the run.
+
+    Its lease is renewed while it runs (lifecycle.Lease).
 
     after_phase: optional {phase name: callable(ctx)} called after a phase
     succeeds — how tests make a real failure happen at a chosen point.
@@ -235,8 +237,17 @@ def execute(run, after_phase=None, on_phase=None, on_progress=None):
     on_progress: optional callable(phase name, bytes so far, bytes expected)
     called while a transfer or a page pull runs, a few times a second.
     """
-    if not lifecycle.claim(run):
-        raise MigrationError(f"run {run.code} was already started")
+    if run.status != RUNNING or run.worker != lifecycle.worker_id():
+        taken = lifecycle.take(run)
+        if taken == lifecycle.Claim.FULL:
+            raise MigrationError(f"run {run.code} must wait: {run.source.name} or {run.target.name} has no free place")
+        if taken != lifecycle.Claim.CLAIMED:
+            raise MigrationError(f"run {run.code} was already started")
+    with lifecycle.Lease(run):
+        return _execute(run, after_phase, on_phase, on_progress)
+
+
+def _execute(run, after_phase, on_phase, on_progress):
     plan = plans.for_run(run)
     on_phase = on_phase or (lambda phase: None)
     ctx = Context(run, plan)

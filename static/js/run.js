@@ -38,7 +38,9 @@
 
   function renderSummary(run) {
     const status = $("run-status");
-    status.textContent = run.status.replace("_", " ");
+    // A pending run waits in the workers' queue: its place in the line for its hosts.
+    status.textContent = run.status === "pending"
+      ? `queued (position ${run.queue_position})` : run.status.replace("_", " ");
     status.className = `status ${run.status}`;
     $("run-downtime").textContent = fmtMs(run.downtime_ms);
     $("run-observed").textContent = fmtMs(run.observed_downtime_ms);

@@ -8,7 +8,7 @@ import json
 
 from django.core.management.base import BaseCommand, CommandError
 
-from migrations_app import engine
+from migrations_app import engine, worker
 from migrations_app.models import PHASE_FAILED, SUCCEEDED, Checkpoint, Host
 
 
@@ -35,6 +35,25 @@ def create(factory, *args, **kwargs):
         raise CommandError(str(e))
 
 
+def add_enqueue(parser) -> None:
+    parser.add_argument(
+        "--enqueue", action="store_true",
+        help="only queue the run for a worker (manage.py criuweb_worker) and print its id",
+    )  # fmt: skip
+
+
+def create_or_enqueue(command: BaseCommand, options: dict, factory, *args, **kwargs):
+    """With --enqueue: queue the run for a worker, print its id, return None; else a pending run for this process."""
+    if not options.get("enqueue"):
+        return create(factory, *args, **kwargs)
+    try:
+        run = worker.submit(factory, *args, **kwargs)
+    except engine.MigrationError as e:
+        raise CommandError(str(e))
+    command.stdout.write(json.dumps(run.to_dict(), indent=2) if options["json"] else f"queued run {run.code}")
+    return None
+
+
 def execute(command: BaseCommand, run, as_json: bool, extra=None):
     """Run it here, print each phase (or one JSON object at the end); CommandError unless it succeeded."""
 
@@ -46,7 +65,10 @@ def execute(command: BaseCommand, run, as_json: bool, extra=None):
                 f"  {phase.status}{': ' + phase.detail if phase.detail else ''}"
             )
 
-    run = engine.execute(run, on_phase=show)
+    try:
+        run = worker.run_here(run, say=command.stderr.write, on_phase=show)
+    except engine.MigrationError as e:
+        raise CommandError(str(e))
     run.refresh_from_db()
     result = run.to_dict()
     cp = run.checkpoint

@@ -19,8 +19,12 @@ class Command(BaseCommand):
             "--leave-running", action="store_true", help="keep the workload running after its freeze (else it stops)"
         )
         parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
+        op.add_enqueue(parser)
 
     def handle(self, host, container, pid, name, leave_running, **options):
         kind, workload = (CONTAINER, container) if container is not None else (PROCESS, pid)
-        run = op.create(keep.create_checkpoint_run, op.host(host), kind, workload, name, leave_running)
-        op.execute(self, run, options["json"])
+        run = op.create_or_enqueue(
+            self, options, keep.create_checkpoint_run, op.host(host), kind, workload, name, leave_running
+        )
+        if run is not None:
+            op.execute(self, run, options["json"])

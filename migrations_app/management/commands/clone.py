@@ -21,6 +21,7 @@ class Command(BaseCommand):
         parser.add_argument("--as", dest="new_name", help="the clone's name (containers)")
         parser.add_argument("--target", help="clone onto this host (default: the source's)")
         parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
+        op.add_enqueue(parser)
 
     def handle(self, checkpoint, host, container, pid, new_name, target, **options):
         live = host is not None or container is not None or pid is not None
@@ -31,13 +32,16 @@ class Command(BaseCommand):
             cp = op.checkpoint(checkpoint)
             if cp.kind == CONTAINER and not new_name:
                 raise CommandError("a container clone needs a new name: --as NAME")
-            run = op.create(keep.create_restore_run, cp, dest, new_name if cp.kind == CONTAINER else None,
-                            operation=CLONE)  # fmt: skip
+            new = new_name if cp.kind == CONTAINER else None
+            run = op.create_or_enqueue(self, options, keep.create_restore_run, cp, dest, new, operation=CLONE)
         else:
             if host is None or (container is None and pid is None):
                 raise CommandError("a live clone needs --host and --container or --pid")
             kind, workload = (CONTAINER, container) if container is not None else (PROCESS, pid)
             if kind == CONTAINER and not new_name:
                 raise CommandError("a container clone needs a new name: --as NAME")
-            run = op.create(keep.create_live_clone_run, op.host(host), kind, workload, new_name, dest)
-        op.execute(self, run, options["json"])
+            run = op.create_or_enqueue(
+                self, options, keep.create_live_clone_run, op.host(host), kind, workload, new_name, dest
+            )
+        if run is not None:
+            op.execute(self, run, options["json"])

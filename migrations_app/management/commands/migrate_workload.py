@@ -2,7 +2,7 @@ import json
 
 from django.core.management.base import BaseCommand, CommandError
 
-from migrations_app import engine, progress
+from migrations_app import engine, progress, worker
 from migrations_app.engine import plans, recovery
 from migrations_app.models import CONTAINER, PROCESS, SUCCEEDED, TCP_CLOSE, TCP_ESTABLISHED, Host
 
@@ -39,6 +39,10 @@ class Command(BaseCommand):
         )  # fmt: skip
         parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
         parser.add_argument(
+            "--enqueue", action="store_true",
+            help="only queue the run for a worker (manage.py criuweb_worker) and print its id",
+        )  # fmt: skip
+        parser.add_argument(
             "--probe", metavar="HOST:PORT", default="",
             help="poll this address every 10 ms during the run and record the longest outage as observed downtime",
         )
@@ -55,14 +59,22 @@ class Command(BaseCommand):
         src, dst = _host(source), _host(target)
         # `is not None`: --container '' is an empty name, not "no container".
         kind, workload = (CONTAINER, container) if container is not None else (PROCESS, pid)
+        fields = dict(
+            keep_source=keep_source, probe=probe, tcp=options["tcp"], shared_storage=options["shared_storage"],
+            strategy=strategy, freeze_limit=options["freeze_limit"],
+        )  # fmt: skip
+        if options["enqueue"]:
+            try:
+                run = worker.submit(engine.create_run, src, dst, kind, workload, **fields)
+            except engine.MigrationError as e:
+                raise CommandError(str(e))
+            self.stdout.write(json.dumps(run.to_dict(), indent=2) if as_json else f"queued run {run.code}")
+            return
         # Runs an earlier CLI or server left behind go first: one of them
         # may hold this very workload frozen.
         recovery.recover_all(lambda r: self.stderr.write(f"recovered run {r.code}: {r.status}: {r.error}"))
         try:
-            run = engine.create_run(
-                src, dst, kind, workload, keep_source=keep_source, probe=probe, tcp=options["tcp"],
-                shared_storage=options["shared_storage"], strategy=strategy, freeze_limit=options["freeze_limit"],
-            )  # fmt: skip
+            run = engine.create_run(src, dst, kind, workload, **fields)
         except engine.MigrationError as e:
             raise CommandError(str(e))
         if not as_json:
@@ -80,12 +92,14 @@ class Command(BaseCommand):
         # Bytes, rate and time left while a transfer or a page pull runs.
         on_progress = None if as_json else progress.Printer(self.stdout.write)
         try:
-            run = engine.execute(run, on_phase=show, on_progress=on_progress)
+            run = worker.run_here(run, say=self.stderr.write, on_phase=show, on_progress=on_progress)
         except KeyboardInterrupt:
             # execute() has brought the workload back (or said where it is)
             # before letting the interrupt through: say that, not a traceback.
             run.refresh_from_db()
             raise CommandError(f"interrupted: run {run.code} ended {run.status}: {run.error or '-'}") from None
+        except engine.MigrationError as e:
+            raise CommandError(str(e))
         if as_json:
             self.stdout.write(json.dumps(run.to_dict(), indent=2))
         else:
