@@ -113,8 +113,9 @@ def post_at_once(moves, user):
         return list(pool.map(post, moves))
 
 
-def test_eight_runs_at_once_on_four_hosts_each_run_once(fleet, operator):
+def test_eight_runs_at_once_on_four_hosts_each_run_once(fleet, operator, start_worker):
     hosts = fleet
+    workers = [start_worker() for _ in range(2)]  # real worker processes execute the runs
     tag = f"fleet-{uuid.uuid4().hex[:6]}"
     for host in hosts:
         # Probed now, so that the eight posts do not each probe the hosts.
@@ -142,6 +143,7 @@ def test_eight_runs_at_once_on_four_hosts_each_run_once(fleet, operator):
             first = 0 if w.kind == PROCESS else values[0]
             assert values == list(range(first, first + len(values))), f"{w.ref}: {values}"
         check_one_worker_per_run(runs)
+        assert {int(r.worker.split(":")[2]) for r in runs} <= {w.pid for w in workers}
     finally:
         fleet_workloads.stop_all(hosts, workloads)
 

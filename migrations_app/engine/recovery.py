@@ -86,9 +86,10 @@ def recoverable(run: MigrationRun) -> bool:
     """Whether a person may ask for this run's recovery now (the run page's button)."""
     if run.stage == Stage.DONE:
         return False
+    if run.status == PENDING and not run.worker:
+        return False  # queued: a worker will take it
     if run.status in (PENDING, RUNNING, INTERRUPTED):
-        # A queued run may be ended here (before any worker takes it); an
-        # interrupted one whose worker lives is being recovered by it.
+        # An interrupted run whose worker lives is being recovered by it.
         return lifecycle.worker_gone(run)
     return True
 
