@@ -276,7 +276,8 @@ def test_recover_now_button(client, operator, viewer, worker_process):
     assert client.get(url).status_code == 405
     assert client.post(url).status_code == 302
     # Recovered by the worker process, not by this one (the web's).
-    run = wait_for(lambda: (r := MigrationRun.objects.get(pk=run.pk)).stage == Stage.DONE and r, 60)
+    # Done and saved: the stage is stored first, the outcome (with finished) last.
+    run = wait_for(lambda: (r := MigrationRun.objects.get(pk=run.pk)).stage == Stage.DONE and r.finished and r, 60)
     assert run.status == FAILED and "before anything was frozen" in run.error
     assert int(run.worker.split(":")[2]) == worker_process.pid
     assert b"Recover now" not in client.get(f"/runs/{run.code}/").content

@@ -16,7 +16,7 @@ from django.test import Client
 from migrations_app import engine, lab, worker
 from migrations_app.docker_engine import Engine
 from migrations_app.engine.runner import TEST_PAUSE_ENV
-from migrations_app.models import FINISHED, PENDING, ROLLED_BACK, RUNNING, SUCCEEDED, MigrationRun, Stage
+from migrations_app.models import FINISHED, INTERRUPTED, PENDING, ROLLED_BACK, RUNNING, SUCCEEDED, MigrationRun, Stage
 from tests.support import BASE_DIR, process_env, stop_worker, wait_for, worker_pid
 from tests.test_faults_lab import assert_consecutive, running_copies, values
 
@@ -65,8 +65,9 @@ def test_worker_killed_the_run_is_taken_over_after_its_lease(hosts, counter_cont
             before = values(eng.logs(name))
         first.kill()  # SIGKILL, by its PID
         first.wait()
-        run = wait_for(lambda: MigrationRun.objects.filter(pk=run.pk, stage=Stage.DONE).first(), 120,
-                       f"not taken over: {second.log.read_text()}")
+        # Done, and its outcome saved (the stage is stored first, the status last).
+        run = wait_for(lambda: MigrationRun.objects.filter(pk=run.pk, stage=Stage.DONE).exclude(status=INTERRUPTED)
+                       .first(), 120, f"not taken over: {second.log.read_text()}")
     finally:
         stop_worker(second)
     assert run.worker.startswith(OTHER_MACHINE + ":") and worker_pid(run) == second.pid
