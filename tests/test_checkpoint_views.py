@@ -182,3 +182,26 @@ def test_no_run_names_a_file_the_web_sends(client, operator, checkpoint, host, v
         )  # fmt: skip
         client.force_login(operator)
         assert client.get(reverse("cw-run-archive", args=[run.code])).status_code == 404
+
+
+def test_the_path_follows_the_hosts_probe(host, checkpoint):
+    """runc where the probe found criuweb's runtime on every host the operation works on, else Docker's API."""
+    from migrations_app.engine import keep
+    from migrations_app.models import CLONE
+
+    other = Host.objects.create(name="h2", address="10.99.0.2", key_path="/nonexistent/key")
+    host.capabilities = {"ok": True, "docker": {"runtimes": ["criuweb", "runc"]}}
+    host.save()
+    other.capabilities = {"ok": True, "docker": {"runtimes": ["runc"]}}
+    other.save()
+    assert keep.create_checkpoint_run(host, CONTAINER, "web").strategy == "checkpoint-runc"
+    assert keep.create_checkpoint_run(other, CONTAINER, "db").strategy == "checkpoint"
+    # A restore or clone of a kept checkpoint: by its target.
+    assert keep.create_restore_run(checkpoint, new_name="web2").strategy == "restore-runc"
+    MigrationRun.objects.filter(operation="restore").delete()  # one run per checkpoint at a time
+    assert keep.create_restore_run(checkpoint, other, "web3", operation=CLONE).strategy == "clone"
+    # A live clone: both hosts.
+    assert keep.create_live_clone_run(host, CONTAINER, "api", "api2").strategy == "clone-runc"
+    assert keep.create_live_clone_run(host, CONTAINER, "app", "app2", target=other).strategy == "clone"
+    # Processes have one path.
+    assert keep.create_checkpoint_run(host, PROCESS, "1234").strategy == "checkpoint"
