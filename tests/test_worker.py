@@ -12,7 +12,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from datetime import timedelta
 from io import StringIO
 
@@ -190,49 +189,59 @@ def test_the_run_pages_show_the_queue(client, operator):
 # -- claims between real processes ------------------------------------------------------------
 
 CLAIM_SCRIPT = """
-import sys, time, django
+import os, sys, time, django
 django.setup()
 from migrations_app.engine import lifecycle
 from migrations_app.models import MigrationRun
 run = MigrationRun.objects.select_related("source", "target").get(pk=int(sys.argv[1]))
-start = float(sys.argv[2])
-time.sleep(max(0.0, start - time.time()))
+open(sys.argv[2] + ".ready." + str(os.getpid()), "w").close()
+while not os.path.exists(sys.argv[2] + ".go"):
+    time.sleep(0.005)
 print(lifecycle.take(run).value, flush=True)
 """
 
 
-def race(runs, per_run=3):
-    """take() on each run from per_run processes at once; the results by run pk."""
-    start = time.time() + 4  # once every process has started Django
-    procs = [(run.pk, subprocess.Popen([sys.executable, "-c", CLAIM_SCRIPT, str(run.pk), str(start)], cwd=BASE_DIR,
+def race(plan, tmp_path):
+    """take() from several processes at once: plan is [(run, how many processes)]; the results by run pk.
+
+    Each process starts Django and reads its run, then waits for the go file,
+    so that their claims meet in the database at the same moment.
+    """
+    barrier = str(tmp_path / "race")
+    procs = [(run.pk, subprocess.Popen([sys.executable, "-c", CLAIM_SCRIPT, str(run.pk), barrier], cwd=BASE_DIR,
                                        env=process_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-             for run in runs for _ in range(per_run)]
-    results = {}
-    for pk, proc in procs:
-        out, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0, err
-        results.setdefault(pk, []).append(out.strip())
-    return results
+             for run, n in plan for _ in range(n)]
+    try:
+        wait_for(lambda: len(list(tmp_path.glob("race.ready.*"))) == len(procs) or any(
+            p.poll() is not None for _, p in procs), 120, "the racing processes did not start")
+        (tmp_path / "race.go").touch()
+        results = {}
+        for pk, proc in procs:
+            out, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err
+            results.setdefault(pk, []).append(out.strip())
+        return results
+    finally:
+        for _, proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 @pytest.mark.django_db(transaction=True)
-def test_one_run_is_claimed_by_one_process():
-    a, b = host("a"), host("b")
-    run = make_run(a, b, status=PENDING)
-    results = race([run], per_run=4)
-    assert sorted(results[run.pk]) == ["claimed", "taken", "taken", "taken"]
-    run.refresh_from_db()
-    assert run.status == RUNNING and run.worker
-
-
-@pytest.mark.django_db(transaction=True)
-def test_the_last_place_of_a_host_goes_to_one_process():
-    a, b, c = host("a"), host("b"), host("c")
-    one, other = make_run(a, b, status=PENDING, workload="w1"), make_run(a, c, status=PENDING, workload="w2")
-    results = race([one, other], per_run=2)
-    outcomes = sorted(results[one.pk] + results[other.pk])
-    assert outcomes.count("claimed") == 1, results
-    assert MigrationRun.objects.filter(status=RUNNING).count() == 1
+def test_claims_between_processes_never_give_one_run_or_one_place_twice(tmp_path):
+    a, b, c, d, e = host("a"), host("b"), host("c"), host("d"), host("e")
+    # Three processes claim one run; four more race for a's last place as
+    # source, two on each of two runs.
+    one = make_run(d, e, status=PENDING, workload="w0")
+    first, second = make_run(a, b, status=PENDING, workload="w1"), make_run(a, c, status=PENDING, workload="w2")
+    results = race([(one, 3), (first, 2), (second, 2)], tmp_path)
+    assert sorted(results[one.pk]) == ["claimed", "taken", "taken"], results
+    for_a = results[first.pk] + results[second.pk]
+    assert for_a.count("claimed") == 1 and set(for_a) <= {"claimed", "taken", "full"}, results
+    running = MigrationRun.objects.filter(status=RUNNING)
+    assert sorted(r.workload for r in running) in (["w0", "w1"], ["w0", "w2"])
+    assert all(r.worker for r in running)
 
 
 # -- the commands and the web queue, workers execute ---------------------------------------------
