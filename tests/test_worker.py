@@ -9,6 +9,7 @@ workers and workloads.
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -300,3 +301,40 @@ def test_a_worker_executes_what_the_web_queued_and_recovers_at_start(start_worke
                     f"not recovered: {proc.log.read_text()}")
     assert gone.status == FAILED and "before anything was frozen" in gone.error
     assert worker_pid(gone) == proc.pid
+
+
+def cli(*args):
+    return subprocess.Popen([sys.executable, "manage.py", "migrate_workload", *args], cwd=BASE_DIR, env=process_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_line(proc, text):
+    """Read the process's standard error until a line holds text; return that line."""
+    for line in proc.stderr:
+        if text in line:
+            return line
+    raise AssertionError(f"never said {text!r}: {proc.communicate()}")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_foreground_cli_waits_for_its_hosts_like_a_worker():
+    a, b = host("a"), host("b")
+    # a's one place as source, held by a live process (this one).
+    holder = make_run(a, b, workload="w0", worker_id=engine.worker_id())
+    stopped = cli("--source", "a", "--target", "b", "--pid", "4242")
+    line = wait_line(stopped, "queued: position 1, waiting for a free place on a or b")
+    assert line.strip() == "queued: position 1, waiting for a free place on a or b", line
+    stopped.send_signal(signal.SIGINT)  # Ctrl-C while it waits: nothing done, nothing left to recover
+    stopped.communicate(timeout=60)
+    run = MigrationRun.objects.get(workload="4242")
+    assert (run.status, run.stage, run.error) == (FAILED, Stage.DONE, "stopped while waiting in the queue")
+    waiting = cli("--source", "a", "--target", "b", "--pid", "4343")
+    wait_line(waiting, "queued: position 1")
+    MigrationRun.objects.filter(pk=holder.pk).update(status=SUCCEEDED, stage=Stage.DONE)
+    _, err = waiting.communicate(timeout=60)
+    # Then claimed and executed by the CLI itself: its pre-flight finds nobody
+    # listening on a (port 1 on loopback).
+    assert waiting.returncode == 1, err
+    run = MigrationRun.objects.get(workload="4343")
+    assert run.status == FAILED and worker_pid(run) == waiting.pid, run.error
+    assert queued_runs() == []  # never handed to the workers
