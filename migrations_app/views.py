@@ -212,7 +212,7 @@ def migrate(request):
             run = worker.submit(
                 engine.create_run, data["source"], data["target"], data["kind"], form.workload(),
                 keep_source=data["keep_source"], strategy=data["strategy"], probe=data["probe"], tcp=data["tcp"],
-                shared_storage=data["shared_storage"],
+                shared_storage=data["shared_storage"], user=request.user,
             )
         except engine.MigrationError as e:
             form.add_error(None, str(e))

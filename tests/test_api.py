@@ -13,7 +13,6 @@ from django.contrib.auth.models import User
 from django.core.management import call_command
 from django.utils import timezone
 
-from migrations_app import worker
 from migrations_app.docker_engine import Engine
 from migrations_app.models import (
     CONTAINER,
@@ -30,7 +29,7 @@ from migrations_app.models import (
     MigrationRun,
     Phase,
 )
-from tests.support import wait_for
+from tests.support import queued_runs, wait_for
 from tests.test_migration_lab import assert_consecutive, values
 from tests.test_views import FakeEngine, make_host, make_run, ready_host
 
@@ -62,12 +61,10 @@ def api(client):
 
 
 @pytest.fixture
-def launches(monkeypatch):
-    """Runs handed to the workers, recorded instead of queued; the source's engine faked."""
+def queue(monkeypatch):
+    """The source's engine faked; returns what the workers' queue holds (nothing here executes it)."""
     monkeypatch.setattr("migrations_app.forms.Engine", FakeEngine)
-    started = []
-    monkeypatch.setattr(worker, "enqueue", started.append)
-    return started
+    return queued_runs
 
 
 def launch_body(**fields):
@@ -135,14 +132,14 @@ def test_a_logged_in_browser_reads_the_api(client, viewer):
 # -- permissions ------------------------------------------------------------------------------
 
 
-def test_a_viewer_reads_but_may_not_launch(api, viewer, launches):
+def test_a_viewer_reads_but_may_not_launch(api, viewer, queue):
     ready_host("a"), ready_host("b")
     as_viewer = api(viewer)
     assert as_viewer.get("/api/v1/runs/").status_code == 200
     response = as_viewer.post("/api/v1/runs/", launch_body())
     assert response.status_code == 403
     assert response.json() == {"detail": "Launching needs the permission 'Can launch migrations'."}
-    assert MigrationRun.objects.count() == 0 and launches == []
+    assert MigrationRun.objects.count() == 0 and queue() == []
 
 
 def test_probing_a_host_is_for_host_managers(api, operator, admin_user):
@@ -158,7 +155,7 @@ def test_probing_a_host_is_for_host_managers(api, operator, admin_user):
 # -- launching --------------------------------------------------------------------------------
 
 
-def test_launch_creates_and_starts_a_run(api, operator, launches):
+def test_launch_creates_and_starts_a_run(api, operator, queue):
     a, b = ready_host("a"), ready_host("b")
     body = launch_body(
         keep_source=True, tcp=TCP_ESTABLISHED, probe="10.0.0.9:8080", shared_storage=True, freeze_limit=12.5
@@ -177,10 +174,10 @@ def test_launch_creates_and_starts_a_run(api, operator, launches):
         True,
     )
     assert run.freeze_limit == 12.5 and run.created_by == operator and data["created_by"] == "operator"
-    assert launches == [run]
+    assert queue() == [run]
 
 
-def test_launch_takes_the_kinds_default_strategy(api, operator, launches):
+def test_launch_takes_the_kinds_default_strategy(api, operator, queue):
     ready_host("a"), ready_host("b")
     for strategy in (None, ""):
         MigrationRun.objects.all().delete()
@@ -210,7 +207,7 @@ def test_launch_takes_the_kinds_default_strategy(api, operator, launches):
         ({"freeze_limit": 90000}, "freeze_limit", "Give seconds between 0 and 86400"),
     ],
 )
-def test_launch_refuses_bad_input_naming_the_field(api, operator, launches, fields, field, message):
+def test_launch_refuses_bad_input_naming_the_field(api, operator, queue, fields, field, message):
     ready_host("a"), ready_host("b")
     response = api(operator).post("/api/v1/runs/", launch_body(**fields))
     assert response.status_code == 400
@@ -218,10 +215,10 @@ def test_launch_refuses_bad_input_naming_the_field(api, operator, launches, fiel
     assert list(data["errors"]) == [field], data
     assert data["errors"][field][0].startswith(message), data
     assert data["detail"].startswith(f"{field}: ")
-    assert MigrationRun.objects.count() == 0 and launches == []
+    assert MigrationRun.objects.count() == 0 and queue() == []
 
 
-def test_launch_refuses_a_strategy_a_host_lacks(api, operator, launches):
+def test_launch_refuses_a_strategy_a_host_lacks(api, operator, queue):
     # The probe passed, but without the lazy self-test: the form's refusal, naming the field.
     ready_host("a"), ready_host("b")
     response = api(operator).post("/api/v1/runs/", launch_body(strategy="lazy"))
@@ -229,7 +226,7 @@ def test_launch_refuses_a_strategy_a_host_lacks(api, operator, launches):
     assert response.json()["errors"]["strategy"][0].startswith("Both hosts must support this strategy")
 
 
-def test_launch_refuses_a_host_failing_its_probe(api, operator, launches):
+def test_launch_refuses_a_host_failing_its_probe(api, operator, queue):
     make_host("a", capabilities={"ok": False, "error": "criu check fails"}, probed=timezone.now())
     ready_host("b")
     response = api(operator).post("/api/v1/runs/", launch_body())
@@ -248,13 +245,13 @@ def test_launch_refuses_a_body_that_is_not_json(client, operator):
     assert response.json()["errors"] == {"non_field_errors": ["Invalid data. Expected a dictionary, but got list."]}
 
 
-def test_launch_of_a_workload_being_migrated_is_409(api, operator, launches):
+def test_launch_of_a_workload_being_migrated_is_409(api, operator, queue):
     a, b = ready_host("a"), ready_host("b")
     busy = make_run(a, b, status=PENDING, workload="web")
     response = api(operator).post("/api/v1/runs/", launch_body())
     assert response.status_code == 409
     assert response.json() == {"detail": "web on a is already being migrated"}
-    assert list(MigrationRun.objects.all()) == [busy] and launches == []
+    assert list(MigrationRun.objects.all()) == [busy] and queue() == []
 
 
 # -- reading runs -----------------------------------------------------------------------------
@@ -329,13 +326,28 @@ def test_the_run_list_is_paginated(api, viewer):
     assert len(runs) == 5
 
 
+def test_queued_runs_show_their_place_in_the_queue(api, viewer):
+    a, b, c = make_host("a"), make_host("b"), make_host("c")
+    now = timezone.now()
+    first = make_run(a, b, status=PENDING, workload="w1", created=now - timezone.timedelta(seconds=3))
+    second = make_run(c, b, status=PENDING, workload="w2", created=now - timezone.timedelta(seconds=2))
+    elsewhere = make_run(c, a, status=PENDING, workload="w3", created=now - timezone.timedelta(seconds=1))
+    done = make_run(a, b, workload="w4")
+    as_viewer = api(viewer)
+    listed = {r["workload"]: r["queue_position"] for r in as_viewer.get("/api/v1/runs/").json()["results"]}
+    # w3 waits behind w1 (host a) and w2 (host c); w2 behind w1 (host b).
+    assert listed == {"w1": 1, "w2": 2, "w3": 3, "w4": None}
+    assert as_viewer.get(f"/api/v1/runs/{second.code}/").json()["queue_position"] == 2
+    assert [first.pk, elsewhere.pk, done.pk]
+
+
 def test_the_run_list_costs_the_same_queries_for_many_runs(api, viewer, django_assert_max_num_queries):
     a, b = make_host("a"), make_host("b")
     for i in range(30):
-        make_run(a, b, workload=f"w{i}", created_by=viewer)
+        make_run(a, b, workload=f"w{i}", created_by=viewer, status=PENDING if i % 2 else SUCCEEDED)
     as_viewer = api(viewer)
-    # Token lookup, last_used, count, page: no query per run for its hosts or user.
-    with django_assert_max_num_queries(4):
+    # Token lookup, last_used, count, page, queue: no query per run for its hosts, user or queue position.
+    with django_assert_max_num_queries(5):
         response = as_viewer.get("/api/v1/runs/")
     assert len(response.json()["results"]) == 30
 

@@ -320,7 +320,7 @@ def test_migration_form_starts_a_run(launcher, db):
     run = MigrationRun.objects.get(status=PENDING)
     assert response.status_code == 302 and response.url == f"/runs/{run.code}/"
     assert (run.source, run.target, run.kind, run.workload, run.keep_source) == (a, b, CONTAINER, "web", True)
-    assert run.probe_address == "10.0.0.9:8080"
+    assert run.probe_address == "10.0.0.9:8080" and run.created_by.username == "operator"
     assert queued_runs() == [run]  # for a worker: this process only queued it
 
 

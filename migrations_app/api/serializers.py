@@ -62,6 +62,10 @@ class RunSerializer(serializers.ModelSerializer):
     probe = serializers.CharField(source="probe_address")
     bytes = serializers.IntegerField(source="total_bytes", help_text="Bytes of the workload's state moved.")
     duration_ms = serializers.SerializerMethodField(help_text="From the start to the end of the run.")
+    queue_position = serializers.SerializerMethodField(
+        help_text="While the run is queued (status pending): 1 plus the runs queued before it for one of its "
+        "hosts (1: next in line); null once a worker took it. See docs/workers.md."
+    )
 
     class Meta:
         model = MigrationRun
@@ -69,6 +73,7 @@ class RunSerializer(serializers.ModelSerializer):
             "id",
             "url",
             "status",
+            "queue_position",
             "stage",
             "operation",
             "kind",
@@ -99,6 +104,11 @@ class RunSerializer(serializers.ModelSerializer):
             "created_by",
         ]
 
+    @extend_schema_field({"type": "integer", "nullable": True})
+    def get_queue_position(self, run) -> int | None:
+        # The list sets it for its whole page in one query (RunList.paginate_queryset).
+        return run.queue_position
+
     @extend_schema_field(OpenApiTypes.DOUBLE)
     def get_duration_ms(self, run) -> float | None:
         if run.started and run.finished:
@@ -110,17 +120,9 @@ class RunDetailSerializer(RunSerializer):
     """A run with its phases: timings, bytes, CRIU's statistics, log excerpts."""
 
     phases = PhaseSerializer(many=True, read_only=True)
-    queue_position = serializers.SerializerMethodField(
-        help_text="While the run is queued (status pending): 1 plus the runs queued before it for one of its "
-        "hosts (1: next in line); null once a worker took it. See docs/workers.md."
-    )
 
     class Meta(RunSerializer.Meta):
-        fields = RunSerializer.Meta.fields + ["queue_position", "phases"]
-
-    @extend_schema_field({"type": "integer", "nullable": True})
-    def get_queue_position(self, run) -> int | None:
-        return run.queue_position
+        fields = RunSerializer.Meta.fields + ["phases"]
 
 
 class LaunchSerializer(serializers.Serializer):

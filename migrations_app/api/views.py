@@ -20,9 +20,9 @@ from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
 from .. import engine, inventory, worker
-from ..engine import lifecycle, plans
+from ..engine import plans
 from ..forms import MigrationForm, RunFilterForm
-from ..models import CONTAINER, Checkpoint, Host, MigrationRun, Phase
+from ..models import CONTAINER, Checkpoint, Host, MigrationRun, Phase, queue_positions
 from . import serializers as s
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,11 @@ class RunList(generics.ListAPIView):
             raise _bad_input(form.errors)
         return form.filter(runs)
 
+    def paginate_queryset(self, queryset):
+        page = super().paginate_queryset(queryset)
+        queue_positions(page)  # one query for the queued runs of the page, not one each
+        return page
+
     @extend_schema(
         parameters=FILTERS,
         responses={200: s.RunSerializer(many=True), **ERRORS},
@@ -147,29 +152,25 @@ def _launch(data: dict, user) -> MigrationRun:
         raise _bad_input(form.errors, {"container": "workload", "pid": "workload"})
     clean = form.cleaned_data
     try:
-        # Created, owned and queued for a worker in one transaction: a worker
-        # never sees it without its owner (its last save would drop it).
-        with lifecycle.write_transaction():
-            run = engine.create_run(
-                clean["source"],
-                clean["target"],
-                clean["kind"],
-                form.workload(),
-                keep_source=clean["keep_source"],
-                strategy=clean["strategy"],
-                probe=clean["probe"],
-                tcp=clean["tcp"],
-                shared_storage=clean["shared_storage"],
-                freeze_limit=data["freeze_limit"],
-            )
-            MigrationRun.objects.filter(pk=run.pk).update(created_by=user)
-            run.created_by = user
-            worker.enqueue(run)  # what the migration page does (worker.submit)
+        # The migration page's entry point: created and queued for a worker in one transaction.
+        return worker.submit(
+            engine.create_run,
+            clean["source"],
+            clean["target"],
+            clean["kind"],
+            form.workload(),
+            keep_source=clean["keep_source"],
+            strategy=clean["strategy"],
+            probe=clean["probe"],
+            tcp=clean["tcp"],
+            shared_storage=clean["shared_storage"],
+            freeze_limit=data["freeze_limit"],
+            user=user,
+        )
     except engine.WorkloadBusy as e:
         raise WorkloadBusy(str(e)) from None
     except engine.MigrationError as e:
         raise _bad_input({"__all__": [str(e)]}) from None
-    return run
 
 
 class RunDetail(generics.RetrieveAPIView):

@@ -39,9 +39,11 @@ log = logging.getLogger(__name__)
 
 def create_run(
     source, target, kind, workload, keep_source=False, strategy=None, probe="", tcp=TCP_CLOSE, shared_storage=False,
-    freeze_limit=None,
+    freeze_limit=None, user=None,
 ):
     """Validate and store a pending run; MigrationError says what is wrong.
+
+    user: who asked for it (the web's or the API's user; none from the CLI).
 
     probe: an optional host:port the controller polls during the run to
     see the downtime from outside (engine/observe.py).
@@ -71,7 +73,7 @@ def create_run(
         raise MigrationError(f"the freeze limit must be between 0 and 86400 seconds, not {freeze_limit}")
     fields = dict(
         source=source, target=target, kind=kind, workload=workload, keep_source=keep_source, strategy=strategy,
-        probe_address=probe, tcp=tcp, shared_storage=shared_storage, freeze_limit=freeze_limit,
+        probe_address=probe, tcp=tcp, shared_storage=shared_storage, freeze_limit=freeze_limit, created_by=user,
     )  # fmt: skip
     busy = WorkloadBusy(f"{workload} on {source.name} is already being migrated")
     for other in MigrationRun.objects.unfinished().filter(source=source, kind=kind):
