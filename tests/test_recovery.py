@@ -281,3 +281,33 @@ def test_recover_now_button(client, operator, viewer, worker_process):
     assert run.status == FAILED and "before anything was frozen" in run.error
     assert int(run.worker.split(":")[2]) == worker_process.pid
     assert b"Recover now" not in client.get(f"/runs/{run.code}/").content
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_run_taken_over_by_another_worker_is_left_to_it(monkeypatch, settings):
+    from tests.support import wait_for
+
+    settings.RUN_LEASE = 0.6  # renewed every 0.2 s
+    a = Host.objects.create(name="a", address="10.0.0.1", key_path="/k")
+    b = Host.objects.create(name="b", address="10.0.0.2", key_path="/k")
+    other = "another-machine:abcd:1:1"
+    calls = Calls()
+
+    def freeze(ctx):
+        calls.append(("freeze", ctx.stage.value, {}))
+        # What a worker on another machine does once this one's lease ran out.
+        # Stands for a stall this process cannot have while it runs the test.
+        MigrationRun.objects.filter(pk=ctx.run.pk).update(worker=other, status=INTERRUPTED)
+        wait_for(lambda: ctx.lease.lost.is_set(), 10, "the lease thread did not notice")
+
+    install(monkeypatch, calls, steps=(
+        Step("freeze", "source", freeze, freezes=True),
+        Step("restore", "target", calls.fn("restore"), resumes=True),
+    ))
+    run = engine.create_run(a, b, CONTAINER, "web")
+    with pytest.raises(engine.runner.LeaseLostError, match="taken over by another worker before restore"):
+        engine.execute(run)
+    # Neither the next step nor a rollback here, and the other worker's row as it wrote it.
+    assert [c[0] for c in calls] == ["freeze"]
+    row = MigrationRun.objects.get(pk=run.pk)
+    assert (row.worker, row.status, row.stage) == (other, INTERRUPTED, Stage.FROZEN)

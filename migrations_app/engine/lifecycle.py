@@ -290,9 +290,10 @@ class Lease:
     """Keeps this process's lease on a run alive while it works on it.
 
     A thread renews it a few times per lease period. If the run's worker is
-    no longer this process (another worker took it over after this one
-    stalled longer than the lease), it stops renewing and says so in the
-    log: the run is the other worker's now.
+    no longer this process (a worker on another machine took it over after
+    this one stalled longer than the lease), it stops renewing and sets
+    `lost`: the runner then leaves the run to the other worker at its next
+    step, touching neither the workload nor the run's row.
     """
 
     def __init__(self, run: MigrationRun):
@@ -300,6 +301,7 @@ class Lease:
         self.code = run.code
         self.worker = worker_id()
         self.stopped = threading.Event()
+        self.lost = threading.Event()
         self.thread = threading.Thread(target=self._renew, name=f"lease-{run.code}", daemon=True)
 
     def __enter__(self) -> Lease:
@@ -325,6 +327,7 @@ class Lease:
                     continue
                 if n == 0:
                     log.error("run %s: its lease is no longer this worker's (%s)", self.code, self.worker)
+                    self.lost.set()
                     return
         finally:
             connection.close()

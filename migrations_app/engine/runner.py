@@ -87,6 +87,7 @@ class Context:
         self.watch = observe.Watch(self)  # the downtime seen from outside
         self.watchdog: _Watchdog | None = None
         self.leftovers = ""  # what a rollback could not remove from the target
+        self.lease: lifecycle.Lease | None = None  # this process's lease on the run, while it executes it
 
     # The stage answers the questions a failure asks.
     @property
@@ -243,15 +244,20 @@ def execute(run, after_phase=None, on_phase=None, on_progress=None):
             raise MigrationError(f"run {run.code} must wait: {run.source.name} or {run.target.name} has no free place")
         if taken != lifecycle.Claim.CLAIMED:
             raise MigrationError(f"run {run.code} was already started")
-    with lifecycle.Lease(run):
-        return _execute(run, after_phase, on_phase, on_progress)
+    with lifecycle.Lease(run) as lease:
+        return _execute(run, after_phase, on_phase, on_progress, lease)
 
 
-def _execute(run, after_phase, on_phase, on_progress):
+class LeaseLostError(MigrationError):
+    """Another worker took the run over: this process stalled past its lease, and the run is the other's now."""
+
+
+def _execute(run, after_phase, on_phase, on_progress, lease):
     plan = plans.for_run(run)
     on_phase = on_phase or (lambda phase: None)
     ctx = Context(run, plan)
     ctx.on_progress = on_progress
+    ctx.lease = lease
     ctx.watch.start()
     try:
         failure = _run_steps(ctx, plan.steps, after_phase or {}, on_phase)
@@ -260,6 +266,11 @@ def _execute(run, after_phase, on_phase, on_progress):
         else:
             _recover(ctx, failure, on_phase)
         return run
+    except LeaseLostError:
+        # The worker that took the run over recovers it from the database:
+        # acting on the workload, or writing the run, here would undo that.
+        log.error("run %s: taken over by another worker; this process leaves it", run.code)
+        raise
     except BaseException as e:
         # Ctrl-C in the CLI, or the process told to stop: bring the
         # workload back before going (once: not when recovery itself broke).
@@ -269,25 +280,34 @@ def _execute(run, after_phase, on_phase, on_progress):
     finally:
         ctx.watch.finish()
         ctx.close()
-        if run.status == RUNNING:
-            run.status = FAILED
-            run.error = run.error or "stopped while bringing the workload back; check both hosts"
-        elif run.stage == Stage.VERIFIED and run.status == SUCCEEDED and run.error:
-            pass  # its cleanup failed: a recovery finishes it
-        elif run.stage == Stage.LEFTOVERS:
-            pass  # a recovery removes them
-        elif run.status in (SUCCEEDED, ROLLED_BACK) or run.stage == Stage.PREPARING:
-            # Nothing is left for a later recovery to do.
-            run.stage = Stage.DONE
-        run.finished = timezone.now()
-        run.state = dataclasses.asdict(ctx.state)
-        run.save()
+        if not lease.lost.is_set():
+            _save_end(ctx)
+
+
+def _save_end(ctx: Context) -> None:
+    """Store how the run ended, and whether a recovery has anything left to do."""
+    run = ctx.run
+    if run.status == RUNNING:
+        run.status = FAILED
+        run.error = run.error or "stopped while bringing the workload back; check both hosts"
+    elif run.stage == Stage.VERIFIED and run.status == SUCCEEDED and run.error:
+        pass  # its cleanup failed: a recovery finishes it
+    elif run.stage == Stage.LEFTOVERS:
+        pass  # a recovery removes them
+    elif run.status in (SUCCEEDED, ROLLED_BACK) or run.stage == Stage.PREPARING:
+        # Nothing is left for a later recovery to do.
+        run.stage = Stage.DONE
+    run.finished = timezone.now()
+    run.state = dataclasses.asdict(ctx.state)
+    run.save()
 
 
 def _run_steps(ctx: Context, steps: tuple[Step, ...], after_phase, on_phase):
     """Run the steps in order; return the exception that stopped them, or None."""
     run = ctx.run
     for step in steps:
+        if ctx.lease is not None and ctx.lease.lost.is_set():
+            raise LeaseLostError(f"run {run.code} was taken over by another worker before {step.name}")
         timer = None
         try:
             if step.when and not step.when(ctx):
