@@ -25,7 +25,7 @@ from migrations_app.docker_engine import Engine
 from migrations_app.engine import plans
 from migrations_app.models import CONTAINER, FINISHED, PROCESS, SUCCEEDED, Host, MigrationRun, TrustedPair
 from migrations_app.runc import RUNTIME_NAME
-from tests.support import wait_for
+from tests.support import wait_for, worker_pid
 
 # Transactional, all three: the worker processes read what the test wrote,
 # and pytest-django runs transactional tests after the others, so that the
@@ -114,12 +114,19 @@ def post_at_once(moves, user):
 
 
 def test_eight_runs_at_once_on_four_hosts_each_run_once(fleet, operator, start_worker):
+    """Two real workers; every host the source of two runs and the target of two, with the
+    default limit of one run at a time as source and one as target, so that runs wait their turn."""
     hosts = fleet
-    workers = [start_worker() for _ in range(2)]  # real worker processes execute the runs
     tag = f"fleet-{uuid.uuid4().hex[:6]}"
     for host in hosts:
         # Probed now, so that the eight posts do not each probe the hosts.
         assert inventory.probe(host)["ok"], host.capabilities
+        assert (host.max_source_runs, host.max_target_runs) == (1, 1)
+    workers = [start_worker(), start_worker()]
+    for proc in workers:
+        wait_for(lambda: "Starting worker" in proc.log.read_text() or proc.poll() is not None, 120,
+                 f"worker {proc.pid} did not start")  # fmt: skip
+        assert proc.poll() is None, proc.log.read_text()
     workloads = fleet_workloads.spread(hosts, 2 * FLEET, [CONTAINER, PROCESS], tag)
     try:
         moves = [(w, fleet_workloads.target(hosts, w)) for w in workloads]
@@ -142,8 +149,8 @@ def test_eight_runs_at_once_on_four_hosts_each_run_once(fleet, operator, start_w
             # a container's log on the target starts where its checkpoint was.
             first = 0 if w.kind == PROCESS else values[0]
             assert values == list(range(first, first + len(values))), f"{w.ref}: {values}"
-        check_one_worker_per_run(runs)
-        assert {int(r.worker.split(":")[2]) for r in runs} <= {w.pid for w in workers}
+        check_one_worker_per_run(runs, workers)
+        check_host_limits(runs, hosts)
     finally:
         fleet_workloads.stop_all(hosts, workloads)
 
@@ -154,13 +161,37 @@ def _refreshed(runs):
     return runs
 
 
-def check_one_worker_per_run(runs):
-    """No run was executed by two workers, as far as the runs record it."""
+def check_one_worker_per_run(runs, workers):
+    """No run was executed by two workers, as the runs and the queue record it."""
+    from django_tasks_db.models import DBTaskResult
+
+    pids = {proc.pid for proc in workers}
+    tasks = list(DBTaskResult.objects.filter(task_path="migrations_app.worker.execute_run"))
     for run in runs:
+        assert worker_pid(run) in pids, f"{run.code}: executed by {run.worker}, not one of the workers {pids}"
         # A second execution would record its own phases: each step on each host once.
         steps = [(p.name, p.host) for p in run.phases.all()]
         assert len(steps) == len(set(steps)), f"{run.code}: phases recorded twice: {steps}"
-        assert run.worker, f"{run.code}: no worker recorded"
+        # Of the run's tasks (a run that found its hosts full was queued again), one executed it,
+        # in one worker; the others found it taken, or its hosts full.
+        mine = [t for t in tasks if t.args_kwargs["args"][0] == str(run.code)]
+        executed = [t for t in mine if t.return_value == run.status]
+        assert len(executed) == 1, f"{run.code}: {[(t.return_value, t.worker_ids) for t in mine]}"
+        assert len(executed[0].worker_ids) == 1, executed[0].worker_ids
+    # Both workers took their share.
+    assert {worker_pid(run) for run in runs} == pids
+
+
+def check_host_limits(runs, hosts):
+    """Each host took one run at a time as source and one as target (the default limits): their times do not overlap."""
+    for host in hosts:
+        for role in ("source", "target"):
+            mine = sorted((r for r in runs if getattr(r, f"{role}_id") == host.pk), key=lambda r: r.started)
+            for before, after in zip(mine, mine[1:]):
+                assert after.started >= before.finished, (
+                    f"{host.name} was the {role} of {before.code} ({before.started} to {before.finished}) "
+                    f"and of {after.code} (from {after.started}) at once"
+                )
 
 
 def test_lab_up_with_fewer_hosts_removes_the_rest(fleet_lab, fleet):
