@@ -44,3 +44,20 @@ def test_each_round_makes_every_host_source_and_target_alike(count):
         assert all(w.host != t for w, t in moves)
         for w, t in moves:
             fleet.moved(w, t)
+
+
+def test_most_runs_at_once_counts_overlapping_runs_only():
+    from datetime import datetime, timedelta
+
+    from migrations_app.management.commands.bench_workers import Round
+    from migrations_app.models import MigrationRun
+
+    t0 = datetime(2026, 1, 1)
+
+    def run(start, end):
+        return MigrationRun(started=t0 + timedelta(seconds=start), finished=t0 + timedelta(seconds=end))
+
+    # 0-4 and 4-6 only touch; 1-5 overlaps both; 2-3 inside all three.
+    runs = [run(0, 4), run(4, 6), run(1, 5), run(2, 3)]
+    assert Round(2, runs, 6.0, (0, 0, 0)).most_at_once == 3
+    assert Round(1, [run(0, 1), run(1, 2)], 2.0, (0, 0, 0)).most_at_once == 1

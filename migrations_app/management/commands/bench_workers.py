@@ -51,6 +51,16 @@ class Round:
     def durations_s(self) -> list[float]:
         return sorted((r.finished - r.started).total_seconds() for r in self.runs)
 
+    @property
+    def most_at_once(self) -> int:
+        """The most runs executing at one moment (what the workers and the hosts' limits allowed)."""
+        edges = sorted([(r.started, 1) for r in self.runs] + [(r.finished, -1) for r in self.runs])
+        at_once = most = 0
+        for _, step in edges:  # an end sorts before a start at the same instant
+            at_once += step
+            most = max(most, at_once)
+        return most
+
 
 class Command(BaseCommand):
     help = "Runs per minute and queue wait with 1, 2, 4 ... workers on the lab (runs launched through the queue)."
@@ -142,14 +152,15 @@ class Command(BaseCommand):
     def _table(self, rounds: list[Round]) -> None:
         self.stdout.write("")
         self.stdout.write(
-            "| workers | runs | wall | runs/min | queue wait median | queue wait max | run median | load avg (1 min) |"
+            "| workers | runs | wall | runs/min | queue wait median | queue wait max | run median | most at once "
+            "| load avg (1 min) |"
         )
-        self.stdout.write("|---|---|---|---|---|---|---|---|")
+        self.stdout.write("|---|---|---|---|---|---|---|---|---|")
         for r in rounds:
             self.stdout.write(
                 f"| {r.workers} | {len(r.runs)} | {r.wall_s:.1f} s | {r.per_minute:.1f} | "
                 f"{statistics.median(r.waits_s):.1f} s | {r.waits_s[-1]:.1f} s | "
-                f"{statistics.median(r.durations_s):.1f} s | {r.load[0]:.1f} |"
+                f"{statistics.median(r.durations_s):.1f} s | {r.most_at_once} | {r.load[0]:.1f} |"
             )
 
 
