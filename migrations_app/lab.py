@@ -693,7 +693,8 @@ def _down_host(h: LabHost) -> None:
         pid = _alive(pidfile)
         if pid:
             os.kill(pid, 15)
-            _wait(lambda: not _alive(pidfile), f"{h.name}: {pidfile} process did not stop", 30)
+            # By the PID, not the file: dockerd removes its pidfile before it has exited.
+            _wait(lambda: not pid_running(pid), f"{h.name}: {pidfile} process {pid} did not stop", 30)
     # Processes started or restored inside the host's namespace.
     _kill_netns_processes(h)
     # Engine leftovers (overlay mounts, netns files) can stay mounted.
@@ -721,9 +722,11 @@ def _umount_below(path):
 def _kill_netns_processes(h):
     if not Path(f"/run/netns/{h.netns}").exists():
         return
-    pids = sh("ip", "netns", "pids", h.netns, check=False).stdout.split()
+    pids = [int(pid) for pid in sh("ip", "netns", "pids", h.netns, check=False).stdout.split()]
     for pid in pids:
         try:
-            os.kill(int(pid), 9)
+            os.kill(pid, 9)
         except OSError:
             pass
+    # A killed process takes a moment to go; `down` is over once they are gone.
+    _wait(lambda: not any(pid_running(pid) for pid in pids), f"{h.name}: processes {pids} did not stop", 30)
