@@ -138,6 +138,7 @@ def test_eight_runs_at_once_on_four_hosts_each_run_once(fleet, operator, start_w
         wait_for(lambda: all(r.status in FINISHED for r in _refreshed(runs)), 600, "the runs did not all end")
         for run in runs:
             assert run.status == SUCCEEDED, f"{run.source} -> {run.target} {run.workload}: {run.status}: {run.error}"
+            assert run.created_by == operator  # launched by the form, as its user
         for w, target in moves:
             # Exactly one copy, on the target: every engine and the process table looked at.
             assert fleet_workloads.running_on(hosts, w) == [target.name], (w, target)
