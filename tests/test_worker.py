@@ -296,6 +296,11 @@ def test_a_worker_executes_what_the_web_queued_and_recovers_at_start(start_worke
                    f"the worker did not execute the run: {proc.log.read_text()}")
     assert worker_pid(run) == proc.pid != os.getpid()
     assert "a:" in run.error or "a " in run.error, run.error
+    # The queue's task names the same worker as the run.
+    from django_tasks_db.models import DBTaskResult
+
+    tasks = DBTaskResult.objects.filter(task_path="migrations_app.worker.execute_run")
+    assert ([str(run.code)], [run.worker]) in [(t.args_kwargs["args"], t.worker_ids) for t in tasks]
     # The run its dead worker left: recovered by the new worker at its start.
     gone = wait_for(lambda: MigrationRun.objects.filter(pk=gone.pk, stage=Stage.DONE).exclude(status=INTERRUPTED).first(), 30,
                     f"not recovered: {proc.log.read_text()}")

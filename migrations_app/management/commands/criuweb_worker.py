@@ -14,6 +14,7 @@ from __future__ import annotations
 from django_tasks_db.management.commands.db_worker import Command as DbWorkerCommand
 
 from migrations_app import worker
+from migrations_app.engine import lifecycle
 
 
 class Command(DbWorkerCommand):
@@ -25,8 +26,9 @@ class Command(DbWorkerCommand):
     def add_arguments(self, parser) -> None:
         super().add_arguments(parser)
         # The reloader would run the worker in a child process and the
-        # sweeper in both: never for runs that freeze workloads.
-        parser.set_defaults(reload=False)
+        # sweeper in both: never for runs that freeze workloads. The task
+        # table names the worker as the runs do (hostname:boot id:PID:start).
+        parser.set_defaults(reload=False, worker_id=lifecycle.worker_id()[:64])
 
     def handle(self, *args, **options) -> None:
         sweeper = worker.Sweeper()
