@@ -494,6 +494,15 @@ def test_published_ports_are_refused_before_anything_is_done(runc_hosts, clones)
     with Engine(lab1) as engine:
         assert engine.inspect(cid)["State"]["Pid"] == pid
 
+    # Now lab-2 holds the port: a migration there is refused in its pre-flight
+    # too, before the freeze, where Docker would have failed the restore after it.
+    with pytest.raises(
+        CommandError, match=rf"lab-2: the container publishes host port {port}->8080/tcp \(held by container {name}-2\)"
+    ):
+        cli("migrate_workload", "--source", "lab-1", "--target", "lab-2", "--container", name)
+    with Engine(lab1) as engine:
+        assert engine.inspect(cid)["State"]["Pid"] == pid
+
 
 def test_an_image_is_shipped_and_one_neither_host_has_is_refused(runc_hosts, clones, tmp_path):
     import io

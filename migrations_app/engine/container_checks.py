@@ -204,6 +204,73 @@ def check_target(ctx: Context, facts: dict) -> list[str]:
     return create
 
 
+# Prints "<proto> <port>" for each TCP or UDP socket listening on the host
+# (Docker's userland proxy for a published port among them).
+LISTENING_SCRIPT = r"""
+ss -Hlnt 2>/dev/null | awk '{n = split($4, a, ":"); print "tcp", a[n]}'
+ss -Hlnu 2>/dev/null | awk '{n = split($4, a, ":"); print "udp", a[n]}'
+true
+"""
+
+
+def refuse_taken_ports(ctx: Context) -> None:
+    """A published host port another container or process holds on the target, refused before anything is done.
+
+    Docker would only find out when it starts the new container: after the
+    freeze for a migration, after it was created and filled for a restore. A
+    clone on the original's own host always hits it.
+    Not remapped: a port that changes behind the user's back is worse than a
+    refusal that names it (docs/checkpoints.md).
+    """
+    s = ctx.state
+    replace_id = getattr(s, "replace_id", "")  # a restore in place: the stopped original it replaces
+    wanted = {}
+    for spec, bindings in (s.container["HostConfig"].get("PortBindings") or {}).items():
+        port, _, proto = spec.partition("/")
+        for b in bindings or []:
+            if (b or {}).get("HostPort"):  # "" is a port Docker picks: it cannot collide
+                wanted[(proto or "tcp", str(b["HostPort"]))] = f"{b['HostPort']}->{port}/{proto or 'tcp'}"
+    if not wanted:
+        return
+    held = {}
+    for c in ctx.dst.call("list containers", ctx.dst.api.containers):
+        if c["Id"] == replace_id:
+            continue
+        for p in c.get("Ports") or []:
+            if p.get("PublicPort"):
+                held[(p.get("Type", "tcp"), str(p["PublicPort"]))] = f"container {c['Names'][0].lstrip('/')}"
+    for line in ctx.dst.conn.sh(LISTENING_SCRIPT, check=False).stdout.splitlines():
+        proto, _, port = line.partition(" ")
+        held.setdefault((proto, port.strip()), "a process")
+    taken = [f"{wanted[k]} (held by {held[k]})" for k in wanted if k in held]
+    if taken:
+        raise MigrationError(
+            f"{ctx.target.name}: the container publishes host port{'s' if len(taken) > 1 else ''} "
+            f"{', '.join(taken)} there; two containers cannot publish one port. Choose another host, or stop "
+            "what holds the port"
+        )
+
+
+def refuse_taken_addresses(ctx: Context) -> None:
+    """A fixed IP address (`--ip`) another container holds on the target's network, refused before anything
+    is done: Docker would refuse it only when the new container joins the network. A clone beside its
+    original always hits it."""
+    s = ctx.state
+    replace_id = getattr(s, "replace_id", "")
+    taken = []
+    for name, want in (s.facts.get("networks") or {}).items():
+        ip = want.get("fixed_ip")
+        network = ctx.dst.network(name) if ip else None
+        for cid, ep in ((network or {}).get("Containers") or {}).items():
+            if cid != replace_id and (ep.get("IPv4Address") or "").split("/")[0] == ip:
+                taken.append(f"{ip} on network {name} (held by container {ep.get('Name') or cid[:12]})")
+    if taken:
+        raise MigrationError(
+            f"{ctx.target.name}: the container has the fixed address {', '.join(taken)} there; two containers "
+            "cannot have one address. Choose another host, or stop what holds the address"
+        )
+
+
 def create_networks(ctx: Context, names: list[str]) -> list[str]:
     """Create on the target the bridge networks the container needs, as the source has them."""
     made = []

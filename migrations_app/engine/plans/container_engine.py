@@ -183,6 +183,8 @@ def preflight_target(ctx: Context):
             raise MigrationError(f"{ctx.target.name}: a container named {name!r} already exists there")
         ctx.dst.remove(other["Id"])
     ctx.state.networks_to_create = container_checks.check_target(ctx, ctx.state.facts)
+    container_checks.refuse_taken_ports(ctx)
+    container_checks.refuse_taken_addresses(ctx)
     root = info["DockerRootDir"]
     check_space(ctx.dst.conn, root, ctx.state.rss + SPACE_MARGIN, "the checkpoint")
     ctx.state.dst_root, ctx.state.name = root, name

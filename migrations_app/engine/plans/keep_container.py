@@ -183,70 +183,6 @@ def restore_preflight_source(ctx: Context):
     return Measured(detail=f"checkpoint {cp.name}: {cp.size // 1024} KiB in {cp.path}")
 
 
-# Prints "<proto> <port>" for each TCP or UDP socket listening on the host
-# (Docker's userland proxy for a published port among them).
-LISTENING_SCRIPT = r"""
-ss -Hlnt 2>/dev/null | awk '{n = split($4, a, ":"); print "tcp", a[n]}'
-ss -Hlnu 2>/dev/null | awk '{n = split($4, a, ":"); print "udp", a[n]}'
-true
-"""
-
-
-def refuse_taken_ports(ctx: Context) -> None:
-    """A published host port another container or process holds on the target, refused before anything is done.
-
-    Docker would only find out when it starts the new container, after it was
-    created and filled. A clone on the original's own host always hits it.
-    Not remapped: a port that changes behind the user's back is worse than a
-    refusal that names it (docs/checkpoints.md).
-    """
-    s = ctx.state
-    wanted = {}
-    for spec, bindings in (s.container["HostConfig"].get("PortBindings") or {}).items():
-        port, _, proto = spec.partition("/")
-        for b in bindings or []:
-            if (b or {}).get("HostPort"):  # "" is a port Docker picks: it cannot collide
-                wanted[(proto or "tcp", str(b["HostPort"]))] = f"{b['HostPort']}->{port}/{proto or 'tcp'}"
-    if not wanted:
-        return
-    held = {}
-    for c in ctx.dst.call("list containers", ctx.dst.api.containers):
-        if c["Id"] == s.replace_id:
-            continue
-        for p in c.get("Ports") or []:
-            if p.get("PublicPort"):
-                held[(p.get("Type", "tcp"), str(p["PublicPort"]))] = f"container {c['Names'][0].lstrip('/')}"
-    for line in ctx.dst.conn.sh(LISTENING_SCRIPT, check=False).stdout.splitlines():
-        proto, _, port = line.partition(" ")
-        held.setdefault((proto, port.strip()), "a process")
-    taken = [f"{wanted[k]} (held by {held[k]})" for k in wanted if k in held]
-    if taken:
-        raise MigrationError(
-            f"{ctx.target.name}: the container publishes host port{'s' if len(taken) > 1 else ''} "
-            f"{', '.join(taken)} there; two containers cannot publish one port. Restore or clone it onto "
-            "another host, or stop what holds the port"
-        )
-
-
-def refuse_taken_addresses(ctx: Context) -> None:
-    """A fixed IP address (`--ip`) another container holds on the target's network, refused before anything
-    is done: Docker would refuse it only when the new container joins the network. A clone beside its
-    original always hits it."""
-    s = ctx.state
-    taken = []
-    for name, want in (s.facts.get("networks") or {}).items():
-        ip = want.get("fixed_ip")
-        network = ctx.dst.network(name) if ip else None
-        for cid, ep in ((network or {}).get("Containers") or {}).items():
-            if cid != s.replace_id and (ep.get("IPv4Address") or "").split("/")[0] == ip:
-                taken.append(f"{ip} on network {name} (held by container {ep.get('Name') or cid[:12]})")
-    if taken:
-        raise MigrationError(
-            f"{ctx.target.name}: the container has the fixed address {', '.join(taken)} there; two containers "
-            "cannot have one address. Restore or clone it onto another host, or stop what holds the address"
-        )
-
-
 def _refuse_missing_image(ctx: Context) -> None:
     """Neither host has the checkpoint's image: nothing to ship it from, found before anything is made."""
     cp = ctx.run.checkpoint
@@ -279,8 +215,6 @@ def restore_preflight_target(ctx: Context):
         s.replace_id = other["Id"]
         s.name = f"{s.final_name}-cw{ctx.run.code.hex[:8]}"
     measured = ce.preflight_target(ctx)
-    refuse_taken_ports(ctx)
-    refuse_taken_addresses(ctx)
     measured.detail = f"{facts}, {measured.detail}"
     return measured
 
@@ -368,10 +302,7 @@ def clone_preflight_target(ctx: Context):
     if ctx.run.checkpoint_id:
         return restore_preflight_target(ctx)
     ctx.state.name = ctx.state.final_name
-    measured = ce.preflight_target(ctx)
-    refuse_taken_ports(ctx)
-    refuse_taken_addresses(ctx)
-    return measured
+    return ce.preflight_target(ctx)
 
 
 def from_checkpoint(ctx: Context) -> bool:

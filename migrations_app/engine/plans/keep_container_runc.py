@@ -330,10 +330,7 @@ def clone_preflight_target(ctx: Context):
     if kc.from_checkpoint(ctx):
         return restore_preflight_target(ctx)
     ctx.state.name = ctx.state.final_name
-    measured = cr.preflight_target(ctx)
-    kc.refuse_taken_ports(ctx)
-    kc.refuse_taken_addresses(ctx)
-    return measured
+    return cr.preflight_target(ctx)
 
 
 def clone_prepare_target(ctx: Context):
