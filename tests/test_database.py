@@ -8,14 +8,17 @@ database (not Python) decides who wins.
 
 import multiprocessing
 import os
+import re
 import threading
+from collections import Counter
 
 import pytest
 from django.db import IntegrityError, connection, connections, transaction
 
-from migrations_app import engine
+from migrations_app import engine, worker
 from migrations_app.engine import lifecycle
-from migrations_app.models import CONTAINER, PENDING, PROCESS, RUNNING, SUCCEEDED, Host, MigrationRun
+from migrations_app.models import CONTAINER, FAILED, PENDING, PROCESS, RUNNING, SUCCEEDED, Host, MigrationRun
+from tests.support import wait_for, worker_pid
 
 RACERS = 6
 
@@ -153,3 +156,78 @@ def test_racing_processes_claim_a_run_once(two_hosts):
     run = MigrationRun.objects.get(pk=pk)
     # The run names the one process that won, not one of the losers.
     assert run.status == RUNNING and run.worker == winners[0]
+
+
+def test_racing_queue_claims_take_each_task_once(two_hosts):
+    """The workers' queue claim, as django-tasks-db's db_worker makes it, raced by threads.
+
+    SELECT ... FOR UPDATE SKIP LOCKED on PostgreSQL, an exclusive transaction
+    on SQLite: more claimants than tasks, released at once, each task goes
+    to one claimant and the others find none.
+    """
+    from django_tasks import TaskResultStatus
+    from django_tasks_db.models import DBTaskResult
+    from django_tasks_db.utils import exclusive_transaction
+
+    a, b = two_hosts
+    for i in range(RACERS // 2):
+        worker.submit(engine.create_run, a, b, CONTAINER, f"web{i}")
+    tasks = DBTaskResult.objects.filter(task_path="migrations_app.worker.execute_run")
+
+    def claim_one(i):
+        # db_worker's own claim step (django_tasks_db/management/commands/db_worker.py).
+        with exclusive_transaction():
+            task = DBTaskResult.objects.ready().get_locked()
+            if task is not None:
+                task.claim(f"racer-{i}")
+        return task and str(task.id)
+
+    results = race(claim_one)
+    assert not [r for r in results if isinstance(r, Exception)], results
+    claimed = [r for r in results if r]
+    assert sorted(claimed) == sorted(str(t.id) for t in tasks), results
+    assert results.count(None) == RACERS - len(claimed), results
+    # Each task names the one claimant that got it.
+    owners = {str(t.id): t.worker_ids for t in tasks}
+    assert all(t.status == TaskResultStatus.RUNNING for t in tasks)
+    assert owners == {task_id: [f"racer-{results.index(task_id)}"] for task_id in claimed}
+
+
+def test_racing_workers_take_each_queued_run_once(two_hosts, start_worker):
+    """The workers' queue: real worker processes polling one queue take each task once.
+
+    django-tasks-db claims a task with SELECT ... FOR UPDATE SKIP LOCKED on
+    PostgreSQL and in an exclusive transaction on SQLite; a task taken twice
+    would start twice, and each start is a line in its worker's log.
+    """
+    a, b = two_hosts
+    # Room for every run at once: what races here is the queue, not the hosts' places.
+    Host.objects.update(max_source_runs=10, max_target_runs=10)
+    procs = [start_worker() for _ in range(2)]
+    # All polling the empty queue before the runs come, so that they race for them.
+    for proc in procs:
+        wait_for(lambda: "Starting worker" in proc.log.read_text(), 60, f"worker did not start: {proc.log}")
+    with transaction.atomic():
+        runs = [worker.submit(engine.create_run, a, b, CONTAINER, f"web{i}") for i in range(4)]
+    from django_tasks import TaskResultStatus
+    from django_tasks_db.models import DBTaskResult
+
+    # Besides one task per run, a run that ends queues wake-ups for the runs
+    # waiting for its hosts: tasks too, to be taken once each like the others.
+    tasks = DBTaskResult.objects.filter(task_path="migrations_app.worker.execute_run")
+    finished = [TaskResultStatus.SUCCESSFUL, TaskResultStatus.FAILED]
+
+    def drained():
+        # Nobody listens on the hosts' port 1: each run fails in its
+        # pre-flight, before anything is frozen, which is all this test needs.
+        runs_done = MigrationRun.objects.filter(status=FAILED).count() == len(runs)
+        return runs_done and not tasks.exclude(status__in=finished).exists()
+
+    wait_for(drained, 90, "the workers did not drain the queue: " + " | ".join(p.log.name for p in procs))
+    started = Counter()
+    for proc in procs:
+        started.update(re.findall(r"Task id=(\S+) path=\S+ state=RUNNING", proc.log.read_text()))
+    assert started == Counter({str(t.id): 1 for t in tasks}), started
+    assert all(t.status == TaskResultStatus.SUCCESSFUL and len(t.worker_ids) == 1 for t in tasks)
+    pids = {p.pid for p in procs}
+    assert all(worker_pid(run) in pids for run in MigrationRun.objects.all())
