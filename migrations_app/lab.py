@@ -123,9 +123,9 @@ def host(index: int) -> LabHost:
 # downtime benchmarks migrate between. hosts() is every host of the lab.
 HOSTS = [host(1), host(2)]
 DEFAULT_HOSTS = 2
-# Addresses .11 to .42 of the lab's /24. Each host runs its own dockerd and
-# containerd (about 110 MiB resident together, see docs/lab.md), which is
-# what bounds a lab on one machine long before the addresses do.
+# Addresses .11 to .42 of the lab's /24. Each host runs its own sshd, dockerd
+# and containerd (about 120 MiB resident, 45 MiB of it its own: docs/lab.md),
+# which bounds a lab on one machine long before the addresses do.
 MAX_HOSTS = 32
 
 
