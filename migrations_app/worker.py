@@ -26,7 +26,7 @@ from django_tasks import task
 from . import engine
 from .engine import lifecycle, recovery
 from .engine.lifecycle import Claim
-from .models import FAILED, PENDING, MigrationRun, Stage
+from .models import FAILED, PENDING, RUNNING, MigrationRun, Stage
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,8 @@ def execute_run(code: str, retry: bool = True) -> str:
         return "taken by another worker"
     try:
         engine.execute(run)
+    except lifecycle.LeaseLostError:
+        return "taken over by another worker after this one stalled past its lease"
     finally:
         _wake(run)
     return run.status
@@ -120,7 +122,7 @@ def run_here(run: MigrationRun, say: Callable[[str], None] | None = None, **exec
         raise engine.MigrationError(f"run {run.code} was already started")
     said = False
     try:
-        with lifecycle.Lease(run):
+        with lifecycle.Lease(run, statuses=(PENDING, RUNNING)):
             while (taken := lifecycle.take(run)) == Claim.FULL:
                 if say and not said:
                     say(f"queued: position {run.queue_position}, waiting for a free place on "
@@ -136,7 +138,13 @@ def run_here(run: MigrationRun, say: Callable[[str], None] | None = None, **exec
         raise
     if taken != Claim.CLAIMED:
         raise engine.MigrationError(f"run {run.code} was already started")
-    return engine.execute(run, **execute_options)
+    try:
+        return engine.execute(run, **execute_options)
+    except lifecycle.LeaseLostError:
+        raise engine.MigrationError(
+            f"run {run.code} was taken over by a worker while this process was stopped longer than its lease "
+            f"({settings.RUN_LEASE} s); that worker finishes it: see the run's page"
+        ) from None
 
 
 def sweep(startup: bool = False) -> list[MigrationRun]:

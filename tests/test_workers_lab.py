@@ -5,6 +5,7 @@ started here and stopped by their PID. Runs are queued the way the form
 queues them (worker.submit).
 """
 
+import signal
 import subprocess
 import sys
 import time
@@ -119,3 +120,47 @@ def test_a_second_run_from_a_full_host_waits_queued_then_succeeds(
     assert {worker_pid(r) for r in done} <= {w.pid for w in workers}
     for name in (counter_container, second_counter):
         assert running_copies(hosts, name) == ["lab-2"]
+
+
+def test_a_stalled_worker_whose_run_was_taken_over_does_not_act_when_it_resumes(
+    hosts, counter_container, start_worker, tmp_path
+):
+    """SIGSTOP the worker after the transfer, past its lease: another machine's worker rolls the run back.
+
+    When the first one resumes (SIGCONT), its next step would restore the
+    container on lab-2 and its last save would overwrite the run: it must
+    notice that the run is no longer its own and leave both alone.
+    """
+    from django_tasks_db.models import DBTaskResult
+
+    lab1, lab2 = hosts
+    name = counter_container
+    first = start_worker(CRIUWEB_RUN_LEASE=LEASE, **{TEST_PAUSE_ENV: "transfer=8"})
+    run = worker.submit(engine.create_run, lab1, lab2, "container", name, freeze_limit=300)
+    wait_for(paused_line(first, "transfer"), 120, f"the worker never reached the transfer: {first.log.read_text()}")
+    first.send_signal(signal.SIGSTOP)  # by its PID: a machine that froze, a VM paused
+    second = start_worker_elsewhere(tmp_path, CRIUWEB_RUN_LEASE=LEASE)
+    try:
+        run = wait_for(lambda: MigrationRun.objects.filter(pk=run.pk, stage=Stage.DONE).exclude(status=INTERRUPTED)
+                       .first(), 120, f"not taken over: {second.log.read_text()}")
+        assert run.status == ROLLED_BACK and worker_pid(run) == second.pid, (run.status, run.error)
+        first.send_signal(signal.SIGCONT)
+        # The first worker's task ends once its runner has done whatever it does after the pause.
+        task = next(t for t in DBTaskResult.objects.filter(task_path="migrations_app.worker.execute_run")
+                    if t.args_kwargs["args"][0] == str(run.code))
+        wait_for(lambda: DBTaskResult.objects.get(pk=task.pk).status != "RUNNING", 120,
+                 f"the resumed worker did not end its task: {first.log.read_text()}")
+    finally:
+        first.send_signal(signal.SIGCONT)
+        stop_worker(second)
+    run.refresh_from_db()
+    # Still the second worker's outcome: the resumed one saved nothing over it.
+    assert run.status == ROLLED_BACK and worker_pid(run) == second.pid, (run.status, run.error, first.log.read_text())
+    assert "lost" in first.log.read_text()  # it said why it stopped
+    assert running_copies(hosts, name) == ["lab-1"]
+    with Engine(lab1) as eng:
+        before = values(eng.logs(name))
+        after = wait_for(lambda: (v := values(eng.logs(name))) and len(v) >= len(before) + 2 and v)
+    assert_consecutive(after)
+    with Engine(lab2) as eng:
+        assert not eng.exists(name)

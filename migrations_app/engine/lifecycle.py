@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.db import IntegrityError, OperationalError, connection, transaction
+from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -286,20 +286,48 @@ def _hosts_locked(host_ids: set[int]) -> Iterator[None]:
         yield
 
 
+class LeaseLostError(BaseException):
+    """This process's claim on a run was taken over: it must not act on the run's workload any more.
+
+    A BaseException, so that no step's `except Exception` turns it into a
+    failure to roll back: the worker that took the run over recovers it.
+    (runner.LeaseLostError is this class.)
+    """
+
+
+def owns(run: MigrationRun, worker: str, statuses: tuple[str, ...]) -> bool:
+    """Whether the database still gives the run to worker, in one of these statuses.
+
+    Only a clear "no" counts: when the database does not answer, the caller
+    goes on as it would have without asking (its next write fails anyway).
+    """
+    if run.pk is None:
+        return True
+    try:
+        return MigrationRun.objects.filter(pk=run.pk, worker=worker, status__in=statuses).exists()
+    except DatabaseError as e:
+        log.warning("run %s: could not check its claim: %s", run.code, e)
+        return True
+
+
 class Lease:
     """Keeps this process's lease on a run alive while it works on it.
 
-    A thread renews it a few times per lease period. If the run's worker is
-    no longer this process (a worker on another machine took it over after
-    this one stalled longer than the lease), it stops renewing and sets
-    `lost`: the runner then leaves the run to the other worker at its next
-    step, touching neither the workload nor the run's row.
+    A thread renews it a few times per lease period, as long as the run is
+    this process's in the status it had when the lease began (statuses: more
+    than one for the CLI, whose reserved run becomes running). If it is no
+    longer (a worker on another machine took it over after this one stalled
+    longer than the lease), it stops renewing and sets `lost`; the runner,
+    which also asks the database before each step (Context.ensure_mine),
+    then leaves the run to the other worker, touching neither the workload
+    nor the run's row.
     """
 
-    def __init__(self, run: MigrationRun):
+    def __init__(self, run: MigrationRun, statuses: tuple[str, ...] | None = None):
         self.pk = run.pk
         self.code = run.code
         self.worker = worker_id()
+        self.statuses = statuses or (run.status,)
         self.stopped = threading.Event()
         self.lost = threading.Event()
         self.thread = threading.Thread(target=self._renew, name=f"lease-{run.code}", daemon=True)
@@ -321,12 +349,20 @@ class Lease:
         try:
             while not self.stopped.wait(period):
                 try:
-                    n = MigrationRun.objects.filter(pk=self.pk, worker=self.worker).update(lease_expires=lease_until())
-                except OperationalError as e:  # a busy database: the next renewal may pass
+                    n = MigrationRun.objects.filter(pk=self.pk, worker=self.worker, status__in=self.statuses).update(
+                        lease_expires=lease_until()
+                    )
+                except DatabaseError as e:
+                    # A busy database, or a connection the server dropped (the
+                    # next query on it would fail too): the next renewal, on a
+                    # fresh connection, may pass. A thread that ended here
+                    # would let the lease run out under a live run.
                     log.warning("run %s: renewing the lease failed: %s", self.code, e)
+                    with contextlib.suppress(DatabaseError):
+                        connection.close()
                     continue
                 if n == 0:
-                    log.error("run %s: its lease is no longer this worker's (%s)", self.code, self.worker)
+                    log.error("run %s: lease lost: the run is no longer this worker's (%s)", self.code, self.worker)
                     self.lost.set()
                     return
         finally:

@@ -158,8 +158,11 @@ def recover(run: MigrationRun) -> MigrationRun | None:
     previous_status = run.status
     if run.stage == Stage.DONE or not _claim(run):
         return None
-    with lifecycle.Lease(run):
-        return _recover_claimed(run, previous_status)
+    try:
+        with lifecycle.Lease(run):
+            return _recover_claimed(run, previous_status)
+    except lifecycle.LeaseLostError:
+        return None  # this process stalled past its lease: the worker that took the run over recovers it
 
 
 def _recover_claimed(run: MigrationRun, previous_status: str) -> MigrationRun:
@@ -190,7 +193,7 @@ def _recover_claimed(run: MigrationRun, previous_status: str) -> MigrationRun:
     run.status = status
     run.error = message
     run.finished = run.finished or timezone.now()
-    run.save()
+    ctx.save_run()
     log.info("run %s: %s: %s", run.code, run.status, run.error)
     return run
 

@@ -88,6 +88,9 @@ class Context:
         self.watchdog: _Watchdog | None = None
         self.leftovers = ""  # what a rollback could not remove from the target
         self.lease: lifecycle.Lease | None = None  # this process's lease on the run, while it executes it
+        # Whose run it is, and in which status, as long as this process may act on it.
+        self.owner = (run.worker, run.status)
+        self.lost = False  # another worker took the run over (LeaseLostError)
 
     # The stage answers the questions a failure asks.
     @property
@@ -110,9 +113,37 @@ class Context:
 
     def save_state(self) -> None:
         self.run.state = dataclasses.asdict(self.state)
-        MigrationRun.objects.filter(pk=self.run.pk).update(
-            stage=self.run.stage, state=self.run.state, result_workload=self.run.result_workload
-        )
+        n = self._mine().update(stage=self.run.stage, state=self.run.state, result_workload=self.run.result_workload)
+        if n == 0 and self.run.pk is not None:
+            self._lost()
+
+    def _mine(self):
+        worker, status = self.owner
+        return MigrationRun.objects.filter(pk=self.run.pk, worker=worker, status=status)
+
+    def _lost(self, when: str = "") -> None:
+        self.lost = True
+        message = f"run {self.run.code} was taken over by another worker {when}".strip()
+        log.error("%s (lease lost): this process leaves it", message)
+        raise lifecycle.LeaseLostError(message)
+
+    def ensure_mine(self, when: str = "") -> None:
+        """Raise LeaseLostError if another worker took the run over (this one stalled past its lease).
+
+        Asked before each step and before a rollback: a worker that resumes
+        after the takeover must not restore, resume or remove anything. The
+        lease thread may know it already; else the database tells.
+        """
+        worker, status = self.owner
+        lost = self.lost or (self.lease is not None and self.lease.lost.is_set())
+        if lost or not lifecycle.owns(self.run, worker, (status,)):
+            self._lost(when)
+
+    def save_run(self) -> None:
+        """Save the whole run, unless it is no longer this process's (then LeaseLostError)."""
+        fields = [f.attname for f in MigrationRun._meta.concrete_fields if not f.primary_key]
+        if self.run.pk is None or self.lost or self._mine().update(**{f: getattr(self.run, f) for f in fields}) == 0:
+            self._lost()
 
     def resumed_on_source(self, leftovers: str = "") -> None:
         """Record that the workload runs on the source again (a rollback's last word).
@@ -248,8 +279,8 @@ def execute(run, after_phase=None, on_phase=None, on_progress=None):
         return _execute(run, after_phase, on_phase, on_progress, lease)
 
 
-class LeaseLostError(MigrationError):
-    """Another worker took the run over: this process stalled past its lease, and the run is the other's now."""
+# Another worker took the run over: this process stalled past its lease, and the run is the other's now.
+LeaseLostError = lifecycle.LeaseLostError
 
 
 def _execute(run, after_phase, on_phase, on_progress, lease):
@@ -269,7 +300,6 @@ def _execute(run, after_phase, on_phase, on_progress, lease):
     except LeaseLostError:
         # The worker that took the run over recovers it from the database:
         # acting on the workload, or writing the run, here would undo that.
-        log.error("run %s: taken over by another worker; this process leaves it", run.code)
         raise
     except BaseException as e:
         # Ctrl-C in the CLI, or the process told to stop: bring the
@@ -280,12 +310,12 @@ def _execute(run, after_phase, on_phase, on_progress, lease):
     finally:
         ctx.watch.finish()
         ctx.close()
-        if not lease.lost.is_set():
+        if not ctx.lost:
             _save_end(ctx)
 
 
 def _save_end(ctx: Context) -> None:
-    """Store how the run ended, and whether a recovery has anything left to do."""
+    """Store how the run ended, and whether a recovery has anything left to do (if it is still this process's)."""
     run = ctx.run
     if run.status == RUNNING:
         run.status = FAILED
@@ -299,15 +329,14 @@ def _save_end(ctx: Context) -> None:
         run.stage = Stage.DONE
     run.finished = timezone.now()
     run.state = dataclasses.asdict(ctx.state)
-    run.save()
+    ctx.save_run()
 
 
 def _run_steps(ctx: Context, steps: tuple[Step, ...], after_phase, on_phase):
     """Run the steps in order; return the exception that stopped them, or None."""
     run = ctx.run
     for step in steps:
-        if ctx.lease is not None and ctx.lease.lost.is_set():
-            raise LeaseLostError(f"run {run.code} was taken over by another worker before {step.name}")
+        ctx.ensure_mine(f"before {step.name}")
         timer = None
         try:
             if step.when and not step.when(ctx):
@@ -392,6 +421,7 @@ def _fail_phase(ctx: Context, error, on_phase):
 def _recover(ctx: Context, failure, on_phase):
     """After a failure: bring the workload back where it was, or say where it is."""
     run = ctx.run
+    ctx.ensure_mine("before its rollback")  # a worker that stalled past its lease must not roll back
     ctx.recovering = True
     if ctx.watchdog is not None:
         ctx.watchdog.stop()
