@@ -343,3 +343,32 @@ def test_the_foreground_cli_waits_for_its_hosts_like_a_worker():
     run = MigrationRun.objects.get(workload="4343")
     assert run.status == FAILED and worker_pid(run) == waiting.pid, run.error
     assert queued_runs() == []  # never handed to the workers
+
+
+def test_a_lease_is_renewed_after_the_database_dropped_its_connection(transactional_db, settings):
+    """The server ends the lease thread's connection (as on a PostgreSQL restart or failover).
+
+    Before, the thread kept using the dead connection: no renewal passed
+    again, and the lease of a live run ran out under it (a takeover of a run
+    still in progress).
+    """
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        pytest.skip("SQLite has no server that could drop a connection")
+    settings.RUN_LEASE = 1  # renewed every 0.33 s
+    a, b = host("a"), host("b")
+    run = make_run(a, b, status=PENDING)
+    assert lifecycle.claim(run)
+    claimed = MigrationRun.objects.get(pk=run.pk).lease_expires
+    with lifecycle.Lease(run):
+        wait_for(lambda: MigrationRun.objects.get(pk=run.pk).lease_expires > claimed, 10, "never renewed")
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+            assert cursor.fetchone()[0] >= 1  # the lease thread's connection among them
+        after_drop = MigrationRun.objects.get(pk=run.pk).lease_expires
+        wait_for(lambda: MigrationRun.objects.get(pk=run.pk).lease_expires > after_drop, 10,
+                 "the lease was never renewed after its connection was dropped")
