@@ -312,17 +312,53 @@ def test_wrapper_passes_other_containers_through(hosts):
             engine.remove(cid)
 
 
-def test_page_server_needs_a_trusted_network(hosts, workload):
+@pytest.mark.parametrize("strategy", [PAGE_SERVER, LAZY])
+def test_untrusted_pair_refuses_a_container_runc_cannot_give_tls(hosts, workload, strategy):
     lab1, lab2 = hosts
     TrustedPair.objects.all().delete()
-    name, token = workload()
-    run = migrate(lab1, lab2, name, PAGE_SERVER)
+    name, token = workload()  # under Docker's own runc: no CRIU configuration file of its own
+    run = migrate(lab1, lab2, name, strategy)
     assert run.status == "failed" and run.downtime_ms is None
-    assert "trusted migration network" in run.error and "no TLS" in run.error, run.error
+    assert "needs CRIU's TLS" in run.error and "criuweb's runtime" in run.error, run.error
     with Engine(lab1) as engine:
         assert engine.inspect(name)["State"]["Running"]
     with Engine(lab2) as engine:
         assert not engine.exists(name)
+    one_copy(token)
+
+
+# What the TLS end of each strategy logs: the source's dump (page-server's
+# client) and the target's lazy-pages daemon (post-copy's client).
+TLS_LOG_PHASE = {PAGE_SERVER: "checkpoint", LAZY: "page pull"}
+
+
+@pytest.mark.parametrize("strategy", [PAGE_SERVER, LAZY])
+def test_untrusted_pair_gets_crius_tls_through_the_containers_config(hosts, workload, strategy):
+    lab1, lab2 = hosts
+    TrustedPair.objects.all().delete()
+    name, token = workload(runc.RUNTIME_NAME)
+    with Engine(lab1) as engine:
+        first_sum = sums(engine.logs(name))[0]
+        cid = engine.inspect(name)["Id"]
+    run = migrate(lab1, lab2, name, strategy)
+    assert run.status == SUCCEEDED, run.error
+    assert run.tls is True
+    assert "TLS handshake completed" in run.phases.get(name=TLS_LOG_PHASE[strategy]).log
+    with Engine(lab2) as engine:
+        logged = wait_for(
+            lambda: values(engine.logs(name))[-1] > values(engine.logs(name))[0] + 8 and engine.logs(name)
+        )
+        assert_consecutive(values(logged))
+        assert checksum_now(engine, name) == first_sum
+    one_copy(token)
+    # The TLS options were the run's only: the source's CRIU configuration file is gone.
+    assert not Path(runc.criu_config_path(cid)).exists()
+    # And back, on a trusted pair, in plain TCP.
+    lab.trust_pair()
+    back = migrate(lab2, lab1, name, strategy)
+    assert back.status == SUCCEEDED, back.error
+    assert back.tls is False
+    assert "TLS handshake" not in back.phases.get(name=TLS_LOG_PHASE[strategy]).log
     one_copy(token)
 
 

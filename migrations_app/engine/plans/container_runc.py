@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 from ... import criu, runc, ssh
 from ...docker_engine import Engine, EngineError, NotFoundError
 from ...models import CONTAINER, LAZY, PHASE_OK, STOP_AND_COPY, MigrationRun, Stage, TrustedPair
-from .. import container_checks, streams
+from .. import container_checks, streams, tls
 from ..errors import MigrationError
 from ..hostcheck import SPACE_MARGIN, check_space, settle, unsafe_to_resume
 from ..plan import Measured, Plan, Step
@@ -55,6 +55,8 @@ class RuncContainerState(ContainerState):
     dst_base: str = ""
     log_path: str = ""  # the source's json log, when it has one
     dst_log: str = ""
+    tls: bool = False  # the memory's connection (page-server, post-copy) uses CRIU's TLS
+    criu_config: str = ""  # the source container's CRIU configuration file this run writes TLS options into
 
 
 # Prints /dev/shm's filesystem type, its df line, then "ours" when criuweb's
@@ -372,6 +374,7 @@ def cleanup(ctx: Context):
             pass  # a recovery finishing this cleanup after a crash
         detail = f"source container {c['Id'][:12]} removed"
         detail += container_checks.remove_source_volumes(ctx.src, s.volumes)
+    drop_criu_config(ctx)
     remove_dir(ctx.src.conn, s.src_base)
     remove_dir(ctx.dst.conn, s.dst_base)
     runc.clear_marks(ctx.dst.conn, s.target_id)
@@ -397,12 +400,63 @@ def kill_paused_source(ctx: Context) -> None:
 # -- shared by the runc plans that keep the source paused (page-server, post-copy) --
 
 
-def refuse_untrusted(ctx: Context, strategy: str) -> None:
-    if not TrustedPair.between(ctx.source, ctx.target):
-        raise MigrationError(
-            f"{ctx.source.name} -> {ctx.target.name}: runc passes no TLS options to CRIU, so container "
-            f"{strategy} runs only on a trusted migration network; mark the pair trusted or choose stop-and-copy"
+def preflight_source_tls(ctx: Context, strategy: str):
+    """The source's pre-flight, choosing plain TCP (a trusted pair) or CRIU's TLS for the memory's connection.
+
+    runc's checkpoint has no TLS flags; CRIU gets them from the container's
+    own configuration file (runc.criu_config_path), which runc names only
+    for a container created by criuweb's runtime. Any other container is
+    refused before the freeze on an untrusted pair.
+    """
+    measured = preflight_source(ctx)
+    s = ctx.state
+    s.tls = not TrustedPair.between(ctx.source, ctx.target)
+    ctx.run.tls = s.tls
+    MigrationRun.objects.filter(pk=ctx.run.pk).update(tls=s.tls)
+    if not s.tls:
+        measured.detail += "; trusted migration network: no TLS"
+        return measured
+    cid = s.container["Id"]
+    found = runc.criu_config_of(ctx.src.conn, runc.RuncState(s.runc_binary, s.runc_root), cid)
+    if found != runc.criu_config_path(cid):
+        why = (
+            f"its CRIU configuration file is {found}, not criuweb's"
+            if found
+            else f"it does not run under criuweb's runtime ({runc.RUNTIME_NAME!r}), through which runc passes CRIU "
+            f"the TLS options its checkpoint has no flags for"
         )
+        raise MigrationError(
+            f"{ctx.source.name} -> {ctx.target.name}: container {strategy} needs CRIU's TLS on this untrusted pair, "
+            f"and {why}; move it once with stop-and-copy (it then runs under that runtime), start it with "
+            f"--runtime {runc.RUNTIME_NAME}, or mark the pair a trusted migration network"
+        )
+    s.criu_config = found
+    measured.detail += "; CRIU's TLS through the container's CRIU configuration file"
+    return measured
+
+
+def install_tls(ctx: Context, address: str, server_on_source: bool) -> list[str]:
+    """Certificates for this run's CRIU connection to address; the target side's CRIU arguments.
+
+    The source side's options go into the container's CRIU configuration
+    file, which runc hands CRIU on the checkpoint; the target's CRIU (page
+    server or lazy-pages daemon) gets them as arguments.
+    """
+    s = ctx.state
+    server, client = tls.make_pair(address, f"criuweb run {ctx.run.code}")
+    src_side, dst_side = (server, client) if server_on_source else (client, server)
+    src_dir, dst_dir = f"{s.src_base}/tls", f"{s.dst_base}/tls"
+    tls.install(ctx.src.conn, src_dir, src_side)
+    tls.install(ctx.dst.conn, dst_dir, dst_side)
+    runc.write_criu_config(ctx.src.conn, s.criu_config, tls.criu_args(src_dir))
+    return tls.criu_args(dst_dir)
+
+
+def drop_criu_config(ctx: Context, conn=None) -> None:
+    """Remove the container's CRIU configuration file this run wrote (its certificates go with src_base)."""
+    s = ctx.state
+    if getattr(s, "criu_config", ""):
+        runc.remove_criu_config(conn or ctx.src.conn, s.criu_config)
 
 
 def pause_source(ctx: Context) -> runc.RuncState:
@@ -413,13 +467,6 @@ def pause_source(ctx: Context) -> runc.RuncState:
     s.paused = True
     ctx.save_state()
     return runc.RuncState(s.runc_binary, s.runc_root)
-
-
-def preflight_source_without_tls(ctx: Context):
-    """The source's pre-flight, with the run recorded as not using TLS (runc gives CRIU none)."""
-    ctx.run.tls = False
-    MigrationRun.objects.filter(pk=ctx.run.pk).update(tls=False)
-    return preflight_source(ctx)
 
 
 def cleanup_paused(ctx: Context):
@@ -442,6 +489,7 @@ def finish_unpause(ctx: Context, src: Engine, leftovers: str) -> Measured:
     if not settle(lambda: (st := src.inspect(c["Id"])["State"])["Running"] and not st.get("Paused")):
         raise MigrationError(f"{ctx.source.name}: the container does not run again after rollback")
     engine_plan._restore_restart_policy(src, ctx)
+    drop_criu_config(ctx, src.conn)
     if s.src_base:
         remove_dir(src.conn, s.src_base)
     note = f"; {leftovers}" if leftovers else ""
@@ -581,6 +629,8 @@ def abort(ctx: Context):
     close_transfer(ctx)
     engine_plan.abort(ctx)
     s = ctx.state
+    if s.criu_config and ctx.src is not None:
+        drop_criu_config(ctx)
     for engine, host, path in ((ctx.src, ctx.source, s.src_base), (ctx.dst, ctx.target, s.dst_base)):
         if not path:
             continue
@@ -594,6 +644,8 @@ def abort(ctx: Context):
             try:
                 with ssh.Connection(host) as conn:
                     remove_dir(conn, path)
+                    if host is ctx.source:
+                        drop_criu_config(ctx, conn)
                     if host is ctx.target and s.target_id:
                         runc.clear_marks(conn, s.target_id)
             except ssh.SSHError:

@@ -19,7 +19,9 @@ finishes with --leave-running; when it dies before, the tasks run again
 on their own, so the rollback freezes them once more and lets Docker
 unpause them, keeping Docker's view and the container's state the same.)
 
-runc passes CRIU no TLS options: trusted migration networks only.
+The pages' connection uses CRIU's TLS unless the pair is a trusted
+migration network (the source's options through the container's CRIU
+configuration file, see container_runc.preflight_source_tls).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import TYPE_CHECKING
 from ... import criu, runc, ssh
 from ...docker_engine import Engine
 from ...models import CONTAINER, LAZY
+from .. import tls
 from ..errors import MigrationError
 from ..plan import Measured, Plan, Step
 from . import container_engine as engine_plan
@@ -60,11 +63,11 @@ class RuncLazyState(RuncContainerState):
 # Start `criu lazy-pages` in the background and report "listening <pid>" once
 # its socket exists in the work directory (where the restore looks for it),
 # then "exit <status>" when it has served every page. $1 images, $2 work,
-# $3 source address, $4 port.
+# $3 source address, $4 port, then more options (TLS).
 LAZY_PAGES_SCRIPT = r"""
-images=$1 work=$2 addr=$3 port=$4
+images=$1 work=$2 addr=$3 port=$4; shift 4
 mkdir -p "$work" && rm -f "$work/lazy-pages.socket" || { echo "exit 90"; exit 0; }
-criu lazy-pages --page-server --address "$addr" --port "$port" -D "$images" -W "$work" -v4 -o lazy-pages.log \
+criu lazy-pages --page-server --address "$addr" --port "$port" -D "$images" -W "$work" -v4 -o lazy-pages.log "$@" \
     </dev/null >/dev/null 2>&1 &
 pid=$!
 i=0
@@ -83,11 +86,13 @@ echo "exit $?"
 class LazyPagesDaemon:
     """`criu lazy-pages` on the target, on an SSH channel of its own."""
 
-    def __init__(self, conn: ssh.Connection, images: str, work: str, address: str, port: int, timeout: int = 600):
+    def __init__(self, conn: ssh.Connection, images: str, work: str, address: str, port: int,
+                 extra: list[str] | None = None, timeout: int = 600):  # fmt: skip
         self.conn = conn
         self.work = work
         self.chan = conn.open_command(
-            ["sh", "-c", LAZY_PAGES_SCRIPT, "sh", images, work, address, str(port)], idle_timeout=timeout
+            ["sh", "-c", LAZY_PAGES_SCRIPT, "sh", images, work, address, str(port), *(extra or [])],
+            idle_timeout=timeout,
         )
         self.out = self.chan.makefile("r")
         line = self.out.readline().split()
@@ -107,7 +112,6 @@ class LazyPagesDaemon:
 
 
 def preflight_source(ctx: Context):
-    container_runc.refuse_untrusted(ctx, "post-copy")
     try:
         ctx.state.src_address = str(ipaddress.ip_address(ctx.source.address))
     except ValueError:
@@ -115,7 +119,17 @@ def preflight_source(ctx: Context):
             f"{ctx.source.name}: post-copy needs the host's address as an IP address (CRIU serves pages on it), "
             f"not {ctx.source.address!r}"
         ) from None
-    return container_runc.preflight_source_without_tls(ctx)
+    return container_runc.preflight_source_tls(ctx, "post-copy")
+
+
+def preflight_target(ctx: Context):
+    measured = container_runc.preflight_target(ctx)
+    if ctx.state.tls:
+        # The source serves the pages: its CRIU is the TLS server, the
+        # target's lazy-pages daemon the client; both before the freeze.
+        container_runc.install_tls(ctx, ctx.state.src_address, server_on_source=True)
+        measured.detail += "; CRIU's TLS certificates installed"
+    return measured
 
 
 def checkpoint(ctx: Context):
@@ -137,7 +151,9 @@ def transfer(ctx: Context):
     s = ctx.state
     measured = container_runc.transfer(ctx, lazy=True)
     # Started now, so that the restore finds its socket.
-    daemon = LazyPagesDaemon(ctx.dst.conn, f"{s.dst_base}/images", f"{s.dst_base}/work", s.src_address, s.port)
+    extra = tls.criu_args(f"{s.dst_base}/tls") if s.tls else []
+    daemon = LazyPagesDaemon(ctx.dst.conn, f"{s.dst_base}/images", f"{s.dst_base}/work", s.src_address, s.port,
+                             extra)  # fmt: skip
     ctx.lazy_daemon = daemon
     s.daemon_pid = daemon.pid
     ctx.save_state()
@@ -226,7 +242,7 @@ PLAN = Plan(
     label="post-copy (runc)",
     summary=(
         "the source paused and checkpointed by runc without its memory; restored at once on the target, "
-        "which pulls the pages afterwards (trusted networks only). Until the last page, the workload "
+        "which pulls the pages afterwards (CRIU's TLS unless the pair is trusted). Until the last page, the workload "
         "depends on both hosts: a failed pull removes the target copy, which may have acted, and resumes "
         "the source."
     ),
@@ -234,7 +250,7 @@ PLAN = Plan(
     needs=("lazy",),
     steps=(
         Step("pre-flight", "source", preflight_source),
-        Step("pre-flight", "target", container_runc.preflight_target),
+        Step("pre-flight", "target", preflight_target),
         Step("ship image", "both", engine_plan.ship_image, when=engine_plan.image_missing, workload_bytes=False),
         Step("prepare target", "target", container_runc.prepare_target),
         Step("prepare source", "source", engine_plan.prepare_source, when=engine_plan.has_restart_policy),

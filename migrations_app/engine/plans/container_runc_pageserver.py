@@ -13,8 +13,11 @@ and is killed only then. A rollback is `docker unpause`. (runc has no
 --leave-stopped, and without --leave-running its checkpoint would kill the
 source with its memory already on the target.)
 
-runc passes CRIU no TLS options (its checkpoint has no such flags), so
-this plan runs only between hosts marked as a trusted migration network.
+The memory's connection uses CRIU's TLS unless the pair is a trusted
+migration network. runc's checkpoint has no TLS flags; CRIU reads them from
+the container's own configuration file, which runc names only for a
+container created by criuweb's runtime (runc.criu_config_path): any other
+container moves this way only on a trusted pair.
 """
 
 from __future__ import annotations
@@ -48,8 +51,7 @@ class RuncPageServerState(RuncContainerState):
 
 
 def preflight_source(ctx: Context):
-    container_runc.refuse_untrusted(ctx, "page-server streaming")
-    return container_runc.preflight_source_without_tls(ctx)
+    return container_runc.preflight_source_tls(ctx, "page-server streaming")
 
 
 def preflight_target(ctx: Context):
@@ -70,11 +72,14 @@ def start_page_server(ctx: Context):
     s = ctx.state
     images = f"{s.dst_base}/images"
     ctx.dst.conn.run(["mkdir", "-p", "--", images])
-    server = criu.PageServer(ctx.dst.conn, images, s.address)
+    # The source connects: its CRIU is the TLS client.
+    extra = container_runc.install_tls(ctx, s.address, server_on_source=False) if s.tls else []
+    server = criu.PageServer(ctx.dst.conn, images, s.address, extra=extra)
     ctx.page_server = server
     s.port, s.page_server_pid = server.port, server.pid
     ctx.save_state()
-    return Measured(detail=f"listening on {s.address}:{s.port} (PID {server.pid}), no TLS: trusted network")
+    how = "CRIU's TLS" if s.tls else "no TLS: trusted network"
+    return Measured(detail=f"listening on {s.address}:{s.port} (PID {server.pid}), {how}")
 
 
 def checkpoint(ctx: Context):
@@ -153,7 +158,8 @@ PLAN = Plan(
     label="page-server streaming (runc)",
     summary=(
         "criu page-server on the target before the freeze; the source paused and checkpointed by runc with "
-        "its pages streamed straight into the target's tmpfs (trusted networks only: runc passes no TLS); "
+        "its pages streamed straight into the target's tmpfs, with CRIU's TLS unless the pair is trusted "
+        "(TLS needs a source under criuweb's runtime); "
         "the source stays paused until the target copy is verified."
     ),
     state=RuncPageServerState,
