@@ -181,6 +181,13 @@ DATABASES = {
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Background migration threads write while requests read.
     DATABASES["default"].setdefault("OPTIONS", {})["timeout"] = 30
+    # A run writes its stage and phases while the workload is frozen, about
+    # eight commits in a container move. With SQLite's rollback journal each
+    # one syncs the database and its journal (11 ms median, 24 ms p90 on the
+    # lab's disk under load); the write-ahead log syncs once (3 ms, 10 ms).
+    # synchronous=FULL keeps every commit durable, so a stage stored before
+    # acting on it survives a power loss as before.
+    DATABASES["default"]["OPTIONS"].setdefault("init_command", "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;")
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 

@@ -107,7 +107,8 @@ def variants_for(kind: str, wanted: list[str] | None) -> list[str]:
     for name in names:
         out.append(name)
         # A process's page server uses CRIU's TLS unless the pair is trusted:
-        # measure both (runc passes no TLS options, so containers go plain).
+        # measure both. (A container gets TLS only under criuweb's runtime:
+        # its +tls variants are measured on request.)
         if name == "page-server" and kind == PROCESS:
             out.append(name + TLS_SUFFIX)
     return out
@@ -158,7 +159,7 @@ def copies_of_benchmark(name: str) -> list[int]:
     return found
 
 
-def start(kind: str, mib: int, host: Host, name: str) -> Workload:
+def start(kind: str, mib: int, host: Host, name: str, runtime: str | None = None) -> Workload:
     root = settings.LAB_ROOT / "bench"
     root.mkdir(exist_ok=True)
     if kind == PROCESS:
@@ -181,7 +182,7 @@ def start(kind: str, mib: int, host: Host, name: str) -> Workload:
         # machine, where other labs may run memhog containers of the same size.
         argv = ["memhog", str(mib), "-", f"/{name}.checksum"]
         with Engine(host) as eng:
-            eng.run_container(lab.MEMHOG_IMAGE, argv, name)
+            eng.run_container(lab.MEMHOG_IMAGE, argv, name, runtime=runtime)
         w = Workload(kind, mib, host, name, argv, checksum_file=argv[-1])
     deadline = time.monotonic() + 60 + mib / 20  # filling a GiB with random words takes a while
     while len(counter_values(w)) < 5:
@@ -707,7 +708,10 @@ def run_matrix(m: Matrix, log: Callable[[str], None]) -> list[Result]:
             for mib in m.sizes:
                 if not variants and not m.baseline:
                     continue
-                w = start(kind, mib, lab1, f"{m.name}-{kind[0]}{mib}")
+                # A container's CRIU gets TLS options only under criuweb's runtime
+                # (container_runc.preflight_source_tls): the +tls variants need it.
+                tls_variant = kind == CONTAINER and any(v.endswith(TLS_SUFFIX) for v in variants)
+                w = start(kind, mib, lab1, f"{m.name}-{kind[0]}{mib}", runc.RUNTIME_NAME if tls_variant else None)
                 workloads.append(w)
                 log(f"started {kind} memhog {mib} MiB on {lab1.name} ({w.ref}), checksum {w.checksum}")
         seq = 0

@@ -271,9 +271,10 @@ class Engine:
     def remove_network(self, name):
         self.call(f"remove network {name!r}", self.api.remove_network, name)
 
-    def run_container(self, image, command, name):
+    def run_container(self, image, command, name, runtime=None):
         def run():
-            cid = self.api.create_container(image, command, name=name, detach=True)["Id"]
+            host_config = self.api.create_host_config(runtime=runtime) if runtime else None
+            cid = self.api.create_container(image, command, name=name, detach=True, host_config=host_config)["Id"]
             self.api.start(cid)
             return name
 

@@ -17,6 +17,7 @@ import threading
 import time
 
 from django.conf import settings
+from django.db import transaction
 from django.utils import timezone
 
 from .. import criu, ssh
@@ -361,16 +362,23 @@ def _run_steps(ctx: Context, steps: tuple[Step, ...], after_phase, on_phase):
                 ctx.watchdog.stop()
             if step.commits:
                 ctx.set_stage(Stage.VERIFIED)  # before any bookkeeping that could fail
-            phase = timer.finish(measured)
+            # One commit for the phase and the run: each costs a disk sync,
+            # and between the freeze and the resume that is downtime.
+            try:
+                with transaction.atomic():
+                    phase = timer.finish(measured)
+                    if step.workload_bytes:
+                        run.total_bytes += phase.bytes
+                    else:
+                        run.image_bytes += phase.bytes
+                    if step.resumes and ctx.freeze_t is not None:
+                        run.downtime_ms = ((ctx.resumed_at or time.perf_counter()) - ctx.freeze_t) * 1000
+                    run.state = dataclasses.asdict(ctx.state)
+                    run.save(update_fields=["total_bytes", "image_bytes", "downtime_ms", "expected_bytes", "state"])
+            except Exception:
+                timer.phase.status = PHASE_RUNNING  # not stored: the failure path records it failed
+                raise
             ctx.seq += 1
-            if step.workload_bytes:
-                run.total_bytes += phase.bytes
-            else:
-                run.image_bytes += phase.bytes
-            if step.resumes and ctx.freeze_t is not None:
-                run.downtime_ms = ((ctx.resumed_at or time.perf_counter()) - ctx.freeze_t) * 1000
-            run.state = dataclasses.asdict(ctx.state)
-            run.save(update_fields=["total_bytes", "image_bytes", "downtime_ms", "expected_bytes", "state"])
             on_phase(phase)
             if step.freezes:
                 ctx.watch.after_freeze()

@@ -138,6 +138,10 @@ def prepare_target(ctx: Context):
     ctx.dst.conn.sh('umask 077 && mkdir -p -- "$1"', s.dst_base)
     stop_and_copy = ctx.plan.strategy == STOP_AND_COPY
     open_transfer(ctx, lazy=ctx.plan.strategy == LAZY, checkpoint=stop_and_copy)
+    if stop_and_copy:
+        # Registered now, its round trip is no downtime; the checkpoint ends
+        # the container (runc kills it after the dump), and Docker then answers.
+        ctx.exit_wait = ctx.src.exit_waiter(s.container["Id"], EXIT_WAIT)
     measured.detail += (
         "; the checkpoint and the transfer's both ends started, waiting for the freeze"
         if stop_and_copy
@@ -193,6 +197,10 @@ def close_transfer(ctx: Context) -> None:
         if chan is not None:
             chan.close()
             setattr(ctx, name, None)
+    exit_wait = getattr(ctx, "exit_wait", None)
+    if exit_wait is not None:
+        exit_wait.close()
+        ctx.exit_wait = None
 
 
 def close_tcp(ctx: Context) -> None:
@@ -213,8 +221,10 @@ def checkpoint(ctx: Context):
     close_tcp(ctx)
     # The shim reports the exit to Docker, which then drains the
     # container's output into its log: the log is copied only after that.
-    # A wait registered now answers then, with no polling.
-    exited = ctx.src.exit_waiter(cid, EXIT_WAIT)
+    # A wait registered beforehand (prepare_target; here for a run resumed
+    # by a recovery) answers then, with no polling.
+    exited = getattr(ctx, "exit_wait", None) or ctx.src.exit_waiter(cid, EXIT_WAIT)
+    ctx.exit_wait = None
     t0 = time.perf_counter()
     waiting = getattr(ctx, "transfer_checkpoints", False) and getattr(ctx, "transfer_src", None) is not None
     try:
