@@ -233,11 +233,13 @@ def pause(conn: ssh.Connection, state: RuncState, container_id: str) -> None:
 
 # A lazy checkpoint: runc dumps everything but the memory, then CRIU serves
 # the pages from the frozen container on a port of $6 until a lazy-pages
-# daemon has pulled them all. Prints "ready <runc pid> <port>" when CRIU
-# serves (runc writes a zero byte to --status-fd then), then "exit <status>"
-# when runc ends. A free port is asked of the kernel first (CRIU takes no
-# port 0). $1 runc, $2 root, $3 images, $4 work, $5 container id, $6 address,
-# then more checkpoint options.
+# daemon has pulled them all. Set up before the freeze: it makes the
+# directories, asks the kernel for a free port (CRIU takes no port 0; Python
+# starts slowly, so not inside the freeze), prints "port <port>" and waits
+# for the word "go" (EOF: nothing is run). Then it prints "ready <runc pid>
+# <port>" when CRIU serves (runc writes a zero byte to --status-fd then),
+# and "exit <status>" when runc ends. $1 runc, $2 root, $3 images, $4 work,
+# $5 container id, $6 address, then more checkpoint options.
 LAZY_CHECKPOINT_SCRIPT = r"""
 runc=$1 root=$2 images=$3 work=$4 id=$5 addr=$6; shift 6
 umask 077  # the images hold the container's memory
@@ -248,6 +250,9 @@ s.bind((sys.argv[1], 0))
 print(s.getsockname()[1])' "$addr") || { echo "exit 91"; exit 0; }
 fifo="$work/.lazy-ready"
 mkfifo -m 600 "$fifo" || { echo "exit 92"; exit 0; }
+echo "port $port"
+read -r go || exit 0
+[ "$go" = go ] || exit 0
 "$runc" --root "$root" checkpoint --image-path "$images" --work-path "$work" --lazy-pages \
     --page-server "$addr:$port" --status-fd 9 "$@" "$id" 9>"$fifo" </dev/null >"$work/runc.out" 2>&1 &
 pid=$!
@@ -260,7 +265,11 @@ echo "exit $?"
 
 
 class LazyCheckpoint:
-    """A `runc checkpoint --lazy-pages` serving a container's memory, on an SSH channel of its own."""
+    """A `runc checkpoint --lazy-pages` serving a container's memory, on an SSH channel of its own.
+
+    Made before the freeze (the shell, its directories and its port);
+    start() runs the checkpoint.
+    """
 
     def __init__(self, conn: ssh.Connection, state: RuncState, container_id: str, images: str, work: str,
                  address: str, extra: list[str] | None = None, timeout: int = 600):  # fmt: skip
@@ -272,19 +281,34 @@ class LazyCheckpoint:
             idle_timeout=timeout,
         )  # fmt: skip
         self.out = self.chan.makefile("r")
-        line = self.out.readline().split()
         self.pid: int | None = None
         self.port = 0
+        line = self.out.readline().split()
+        if len(line) == 2 and line[0] == "port":
+            self.port = int(line[1])
+            return
+        self.chan.close()
+        rc = criu.exit_status(line)
+        raise RuncError(f"{conn.name}: the lazy checkpoint could not be set up (exit status {rc})", definitive=True)
+
+    def start(self) -> None:
+        """Checkpoint; return once CRIU serves the pages (self.pid: runc's PID)."""
+        self.chan.sendall(b"go\n")
+        line = self.out.readline().split()
         if len(line) == 3 and line[0] == "ready":
             self.pid, self.port = int(line[1]), int(line[2])
             return
         self.chan.close()
         rc = criu.exit_status(line)
         raise RuncError(
-            f"{conn.name}: runc checkpoint --lazy-pages failed: {self.cause() or f'exit status {rc}'}",
+            f"{self.conn.name}: runc checkpoint --lazy-pages failed: {self.cause() or f'exit status {rc}'}",
             self.log_tail(),
             definitive=rc != -1,
         )
+
+    def close(self) -> None:
+        """Give up a checkpoint not started (its shell exits at EOF and runs nothing)."""
+        self.chan.close()
 
     def log_tail(self) -> str:
         return criu.log_excerpt(self.conn.read_file(f"{self.work}/dump.log", check=False))

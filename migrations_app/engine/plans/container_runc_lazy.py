@@ -60,12 +60,15 @@ class RuncLazyState(RuncContainerState):
     pulled: bool = False  # every page arrived: the target copy is whole
 
 
-# Start `criu lazy-pages` in the background and report "listening <pid>" once
+# On the word "go" (EOF: nothing is run; the shell is set up before the
+# freeze), start `criu lazy-pages` in the background and report "listening <pid>" once
 # its socket exists in the work directory (where the restore looks for it),
 # then "exit <status>" when it has served every page. $1 images, $2 work,
 # $3 source address, $4 port, then more options (TLS).
 LAZY_PAGES_SCRIPT = r"""
 images=$1 work=$2 addr=$3 port=$4; shift 4
+read -r go || exit 0
+[ "$go" = go ] || exit 0
 mkdir -p "$work" && rm -f "$work/lazy-pages.socket" || { echo "exit 90"; exit 0; }
 criu lazy-pages --page-server --address "$addr" --port "$port" -D "$images" -W "$work" -v4 -o lazy-pages.log "$@" \
     </dev/null >/dev/null 2>&1 &
@@ -84,7 +87,7 @@ echo "exit $?"
 
 
 class LazyPagesDaemon:
-    """`criu lazy-pages` on the target, on an SSH channel of its own."""
+    """`criu lazy-pages` on the target, on an SSH channel of its own, set up before the freeze; start() starts it."""
 
     def __init__(self, conn: ssh.Connection, images: str, work: str, address: str, port: int,
                  extra: list[str] | None = None, timeout: int = 600):  # fmt: skip
@@ -95,11 +98,19 @@ class LazyPagesDaemon:
             idle_timeout=timeout,
         )
         self.out = self.chan.makefile("r")
+        self.pid: int | None = None
+
+    def start(self) -> None:
+        """Start the daemon (the images are in place); return once it listens."""
+        self.chan.sendall(b"go\n")
         line = self.out.readline().split()
         if len(line) != 2 or line[0] != "listening":
             self.chan.close()
-            raise criu.CriuError(f"{conn.name}: criu lazy-pages did not start: {self.cause()}", self.log_tail())
+            raise criu.CriuError(f"{self.conn.name}: criu lazy-pages did not start: {self.cause()}", self.log_tail())
         self.pid = int(line[1])
+
+    def close(self) -> None:
+        self.chan.close()
 
     def log_tail(self) -> str:
         return criu.log_excerpt(self.conn.read_file(f"{self.work}/lazy-pages.log", check=False))
@@ -132,16 +143,45 @@ def preflight_target(ctx: Context):
     return measured
 
 
-def checkpoint(ctx: Context):
+def _open_lazy_checkpoint(ctx: Context) -> runc.LazyCheckpoint:
     s = ctx.state
-    cid = s.container["Id"]
-    state = container_runc.pause_source(ctx)
+    state = runc.RuncState(s.runc_binary, s.runc_root)
     try:
-        dump = runc.LazyCheckpoint(ctx.src.conn, state, cid, f"{s.src_base}/images", f"{s.src_base}/work",
-                                   s.src_address, ["--leave-running"])  # fmt: skip
+        return runc.LazyCheckpoint(ctx.src.conn, state, s.container["Id"], f"{s.src_base}/images",
+                                   f"{s.src_base}/work", s.src_address, ["--leave-running"])  # fmt: skip
     except runc.RuncError as e:
         raise criu.CriuError(str(e), e.log_excerpt) from e
+
+
+def prepare_target(ctx: Context):
+    measured = container_runc.prepare_target(ctx)
+    # The source's checkpoint shell too, with its port: inside the freeze
+    # neither an SSH session nor Python starts for it.
+    ctx.lazy_dump = _open_lazy_checkpoint(ctx)
+    ctx.lazy_daemon = _open_lazy_daemon(ctx, ctx.lazy_dump.port)
+    measured.detail += (
+        f"; the source's lazy checkpoint (port {ctx.lazy_dump.port}) and the target's lazy-pages daemon set up, "
+        f"waiting for the freeze"
+    )
+    return measured
+
+
+def _open_lazy_daemon(ctx: Context, port: int) -> LazyPagesDaemon:
+    s = ctx.state
+    extra = tls.criu_args(f"{s.dst_base}/tls") if s.tls else []
+    return LazyPagesDaemon(ctx.dst.conn, f"{s.dst_base}/images", f"{s.dst_base}/work", s.src_address, port, extra)
+
+
+def checkpoint(ctx: Context):
+    s = ctx.state
+    # A run resumed by a recovery has no shell waiting: one is set up now.
+    dump = getattr(ctx, "lazy_dump", None) or _open_lazy_checkpoint(ctx)
     ctx.lazy_dump = dump
+    container_runc.pause_source(ctx)
+    try:
+        dump.start()
+    except runc.RuncError as e:
+        raise criu.CriuError(str(e), e.log_excerpt) from e
     s.runc_pid, s.port = dump.pid, dump.port
     ctx.save_state()
     return Measured(detail=f"source paused; everything but memory dumped; pages served on {s.src_address}:{s.port}")
@@ -150,11 +190,11 @@ def checkpoint(ctx: Context):
 def transfer(ctx: Context):
     s = ctx.state
     measured = container_runc.transfer(ctx, lazy=True)
-    # Started now, so that the restore finds its socket.
-    extra = tls.criu_args(f"{s.dst_base}/tls") if s.tls else []
-    daemon = LazyPagesDaemon(ctx.dst.conn, f"{s.dst_base}/images", f"{s.dst_base}/work", s.src_address, s.port,
-                             extra)  # fmt: skip
+    # Started now (it reads the images as it starts), so that the restore
+    # finds its socket; its shell was set up before the freeze.
+    daemon = getattr(ctx, "lazy_daemon", None) or _open_lazy_daemon(ctx, s.port)
     ctx.lazy_daemon = daemon
+    daemon.start()
     s.daemon_pid = daemon.pid
     ctx.save_state()
     measured.detail += f"; criu lazy-pages listening (PID {daemon.pid})"
@@ -194,8 +234,17 @@ def cleanup(ctx: Context):
     return container_runc.cleanup_paused(ctx)
 
 
+def _close_unstarted_dump(ctx: Context) -> None:
+    """Close the shells set up before the freeze that were never told to go (they then run nothing)."""
+    for name in ("lazy_dump", "lazy_daemon"):
+        waiting = getattr(ctx, name, None)
+        if waiting is not None and waiting.pid is None:
+            waiting.close()
+
+
 def rollback(ctx: Context):
     container_runc.close_transfer(ctx)
+    _close_unstarted_dump(ctx)
     s = ctx.state
     c = s.container
     # The target copy first (it may run on part of its memory), with its daemon.
@@ -233,6 +282,7 @@ def adopt(ctx: Context) -> bool:
 
 def abort(ctx: Context):
     container_runc.close_transfer(ctx)
+    _close_unstarted_dump(ctx)
     container_runc.abort(ctx)
 
 
@@ -252,7 +302,7 @@ PLAN = Plan(
         Step("pre-flight", "source", preflight_source),
         Step("pre-flight", "target", preflight_target),
         Step("ship image", "both", engine_plan.ship_image, when=engine_plan.image_missing, workload_bytes=False),
-        Step("prepare target", "target", container_runc.prepare_target),
+        Step("prepare target", "target", prepare_target),
         Step("prepare source", "source", engine_plan.prepare_source, when=engine_plan.has_restart_policy),
         Step("checkpoint", "source", checkpoint, freezes=True),
         Step("transfer", "both", transfer),
