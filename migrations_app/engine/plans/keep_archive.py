@@ -159,7 +159,7 @@ mkdir -p -- "$1.part"
 tar --numeric-owner --xattrs --xattrs-include='*' --same-owner -xpf - -C "$1.part"
 odd=$(find "$1.part/checkpoint" ! -type f ! -type d -print -quit)
 if [ -n "$odd" ]; then echo "refusing the checkpoint: $odd is not a regular file" >&2; rm -rf -- "$1.part"; exit 3; fi
-mv -- "$1.part" "$1"
+mv -T -- "$1.part" "$1"  # -T: never into a directory made meanwhile
 du -sb -- "$1" | cut -f1
 """
 

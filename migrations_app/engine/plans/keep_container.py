@@ -101,7 +101,7 @@ rm -rf -- "$3.part"
 mkdir -p -- "$3.part"
 cp -a -- "$1" "$3.part/checkpoint"
 cp -a -- "$2" "$3.part/diff"
-mv -- "$3.part" "$3"
+mv -T -- "$3.part" "$3"  # -T: never into a directory made meanwhile
 du -sb -- "$3" | cut -f1
 """
 

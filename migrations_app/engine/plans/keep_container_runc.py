@@ -122,7 +122,7 @@ cp -a -- "$2" "$1/diff"
 if [ -f "$1/work/stats-dump" ]; then cp -- "$1/work/stats-dump" "$1/images/stats-dump"; fi
 rm -rf -- "$1/work"
 mv -- "$1/images" "$1/checkpoint"
-mv -- "$1" "$3"
+mv -T -- "$1" "$3"  # -T: never into a directory made meanwhile
 du -sb -- "$3" | cut -f1
 """
 

@@ -63,7 +63,7 @@ def keep_images(ctx: Context):
     s = ctx.state
     # The images directory becomes the kept one's checkpoint/ (one rename, same disk).
     out = ctx.src.sh(
-        'set -e; mkdir -p -- "$2"; mv -- "$1" "$2/checkpoint"; du -sb -- "$2" | cut -f1', s.src_images, s.kept
+        'set -e; mkdir -p -- "$2"; mv -T -- "$1" "$2/checkpoint"; du -sb -- "$2" | cut -f1', s.src_images, s.kept
     ).stdout
     stats = criu.read_stats(ctx.src, f"{s.kept}/{keep.IMAGES}/stats-dump")
     frozen = stats["frozen_time"] / 1000 if stats.get("frozen_time") else None
