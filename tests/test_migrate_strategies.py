@@ -9,6 +9,7 @@ from django.utils import timezone
 
 from migrations_app.engine import plans
 from migrations_app.models import LAZY, PAGE_SERVER, PROCESS, STOP_AND_COPY, MigrationRun
+from tests.support import queued_runs
 from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
 from tests.test_views import OK_CAPS, assert_shows, launcher, make_host, page_text, ready_host  # noqa: F401
 
@@ -53,7 +54,7 @@ def test_a_strategy_a_host_failed_is_refused_with_the_reason(launcher, db):
                                            "strategy": LAZY, "tcp": "tcp-close"})
     assert response.status_code == 200
     assert_shows(response, f"Both hosts must support this strategy (b: its lazy self-test fails ({LAZY_ERROR})).")
-    assert MigrationRun.objects.count() == 0 and launcher.started == []
+    assert MigrationRun.objects.count() == 0 and queued_runs() == []
 
 
 def test_a_host_never_probed_offers_everything_until_the_form_probes_it(launcher, db):

@@ -26,6 +26,7 @@ from criuweb.private_files import make_private, private_dir, write_private_file
 from migrations_app import ssh, validation
 from migrations_app.models import CONTAINER, PROCESS, Host, MigrationRun
 from tests.conftest import new_private_key
+from tests.support import queued_runs
 from tests.test_views import (  # noqa: F401  (launcher and site are fixtures)
     assert_shows,
     launcher,
@@ -218,7 +219,7 @@ def test_migration_form_refuses_bad_workload_references(launcher, db, fields, fi
     assert response.status_code == 200
     assert_shows(response, field_message)
     assert "&#x27;None&#x27;" not in page_text(response)
-    assert MigrationRun.objects.count() == 0 and launcher.started == []
+    assert MigrationRun.objects.count() == 0 and queued_runs() == []
 
 
 def test_migration_form_ignores_the_other_kinds_field(launcher, db):
@@ -345,6 +346,8 @@ def admin_host(key_path=None, **fields):
         "key_path": key_path,
         "host_key": "",
         "work_dir": "/var/lib/criuweb",
+        "max_source_runs": 1,
+        "max_target_runs": 1,
     }
     data.update(fields)
     return data
