@@ -429,12 +429,18 @@ def preflight_source_tls(ctx: Context, strategy: str):
     cid = s.container["Id"]
     found = runc.criu_config_of(ctx.src.conn, runc.RuncState(s.runc_binary, s.runc_root), cid)
     if found != runc.criu_config_path(cid):
-        why = (
-            f"its CRIU configuration file is {found}, not criuweb's"
-            if found
-            else f"it does not run under criuweb's runtime ({runc.RUNTIME_NAME!r}), through which runc passes CRIU "
-            f"the TLS options its checkpoint has no flags for"
-        )
+        if found:
+            why = f"its CRIU configuration file is {found}, not criuweb's"
+        elif s.src_runtime == runc.RUNTIME_NAME:
+            why = (
+                "its runc state names no CRIU configuration file (it was created before criuweb's runtime named "
+                "one, or its bundle had annotations of its own, which the runtime leaves alone)"
+            )
+        else:
+            why = (
+                f"it does not run under criuweb's runtime ({runc.RUNTIME_NAME!r}), through which runc passes CRIU "
+                f"the TLS options its checkpoint has no flags for"
+            )
         raise MigrationError(
             f"{ctx.source.name} -> {ctx.target.name}: container {strategy} needs CRIU's TLS on this untrusted pair, "
             f"and {why}; move it once with stop-and-copy (it then runs under that runtime), start it with "
