@@ -6,27 +6,42 @@ import os
 
 from django.core.exceptions import ImproperlyConfigured
 
+# Lab ids the test suite may take. Each one names a bridge `cwlab<id>`, veths
+# `cwv<id>-<n>` and namespaces `cw<id>-lab-<n>` (within Linux's 15 characters
+# up to id 254) and the addresses 10.213.<id>.0/24 (an octet: below 255).
+# Many at once: up to eight developers on a machine, each session with one
+# lab per pytest-xdist worker, and tests that build a second lab beside it.
+TEST_LAB_IDS = range(1, 255)
+# Which process claimed the id in CRIUWEB_LAB_ID: the xdist worker's name
+# ("" outside xdist). A worker inherits its controller's environment and must
+# claim a lab of its own; a process a test starts (manage.py on the test
+# database) inherits its worker's and must use that worker's lab.
+_OWNER_ENV = "CRIUWEB_TEST_LAB_OWNER"
 
-def _claim_lab_id():
-    """The first lab id (1-9) no other test session holds, held until we exit.
 
-    Two test sessions at once (two developers, or CI beside a developer)
-    would otherwise build, use and tear down the same lab and database.
+def claim_lab_id():
+    """The first lab id no other process holds, with its lock file (open; the lock lasts while it is).
+
+    Two test sessions at once (two developers, CI beside a developer, or two
+    xdist workers) would otherwise build, use and tear down the same lab and
+    database. The lock dies with the process, so a killed session frees its id.
     """
-    for lab_id in range(1, 10):
+    for lab_id in TEST_LAB_IDS:
         lock = open(f"/run/criuweb-testlab-{lab_id}.lock", "w")
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock.close()
             continue
-        globals()["_LAB_LOCK"] = lock  # kept open: the lock lives as long as the process
-        return str(lab_id)
-    raise RuntimeError("all test lab ids 1-9 are in use")
+        return lab_id, lock
+    raise RuntimeError(f"all test lab ids {TEST_LAB_IDS.start}-{TEST_LAB_IDS.stop - 1} are in use")
 
 
-if "CRIUWEB_LAB_ID" not in os.environ:
-    os.environ["CRIUWEB_LAB_ID"] = _claim_lab_id()
+_worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+if "CRIUWEB_LAB_ID" not in os.environ or os.environ.get(_OWNER_ENV, "") != _worker:
+    _lab_id, _LAB_LOCK = claim_lab_id()  # kept open: the lock lives as long as the process
+    os.environ["CRIUWEB_LAB_ID"] = str(_lab_id)
+    os.environ[_OWNER_ENV] = _worker
 
 from .settings import *  # noqa: E402,F401,F403
 

@@ -21,6 +21,7 @@ import shlex
 import statistics
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -488,7 +489,8 @@ def baseline(w: Workload, name: str, seq: int) -> Result:
     """CRIU alone on the workload's host: dump to a tmpfs, restore from it, nothing moved."""
     host = w.host
     what = f"baseline, process memhog {w.mib} MiB on {host.name}"
-    images = f"{BASELINE_DIR}/criuweb-{name}-{seq}"
+    # /dev/shm is the machine's, and other labs may run a benchmark of the same name.
+    images = f"{BASELINE_DIR}/criuweb-{name}-{seq}-{uuid.uuid4().hex[:8]}"
     run = MigrationRun.objects.create(
         source=host,
         target=host,

@@ -6,6 +6,8 @@ place that may. Everything else reaches the lab hosts over SSH, exactly as
 it would reach a remote machine.
 """
 
+import contextlib
+import fcntl
 import hashlib
 import itertools
 import json
@@ -235,9 +237,10 @@ def up(log=print, demo=False, count: int | None = None):
     # Recorded first: a lab that fails half-way still lists (and removes) every host it was to have.
     _count_file().write_text(f"{count}\n")
     _ensure_pipe_limits()
-    _ensure_bridge()
+    with _labs_lock():
+        _ensure_bridge()
+        _ensure_user()
     _ensure_client_key()
-    _ensure_user()
     for h in [host(i) for i in range(1, count + 1)]:
         _ensure_netns(h)
         _ensure_sshd(h)
@@ -270,6 +273,20 @@ def _ensure_pipe_limits():
         # For pipe-user-pages-soft 0 is the highest setting (no limit).
         if (wanted == 0 and current != 0) or (wanted and current < wanted):
             Path(path).write_text(f"{wanted}\n")
+
+
+@contextlib.contextmanager
+def _labs_lock():
+    """Held while a lab adds its bridge and the shared user, or removes its bridge and maybe the user.
+
+    The last lab's `down` removes the user that every lab logs in as. Without
+    this, a lab coming up at that moment (another test session, or another
+    xdist worker of the same one) could find the user still there, then
+    lose it.
+    """
+    with open("/run/criuweb-labs.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _ensure_bridge():
@@ -669,12 +686,13 @@ def down(log=print):
     for h in every:
         _down_host(h)
         log(f"{h.name}: down")
-    sh("ip", "link", "del", bridge(), check=False)
     shutil.rmtree(settings.LAB_ROOT, ignore_errors=True)
-    others = sh("ip", "-o", "link", "show", "type", "bridge", check=False).stdout
-    if "cwlab" not in others:  # the last lab on this machine
-        sh("userdel", "--force", LAB_USER, check=False)
-        shutil.rmtree(LAB_HOME, ignore_errors=True)
+    with _labs_lock():
+        sh("ip", "link", "del", bridge(), check=False)
+        others = sh("ip", "-o", "link", "show", "type", "bridge", check=False).stdout
+        if "cwlab" not in others:  # the last lab on this machine
+            sh("userdel", "--force", LAB_USER, check=False)
+            shutil.rmtree(LAB_HOME, ignore_errors=True)
     _forget(every)
 
 

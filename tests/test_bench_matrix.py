@@ -1,6 +1,7 @@
 """bench_matrix end to end on the lab, and its checks failing loudly."""
 
 import json
+import uuid
 from io import StringIO
 
 import pytest
@@ -19,10 +20,17 @@ def call(*args):
     return out.getvalue(), err.getvalue()
 
 
+def bench_name(prefix):
+    # Of its own: the memhogs and /dev/shm images of a benchmark carry its
+    # name, and other test sessions' labs run the same benchmark on this machine.
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
 def test_bench_matrix_tiny(hosts):
-    out, _ = call("bench_matrix", "--sizes", "8", "--runs", "1", "--kinds", "process", "--name", "t-tiny", "--json")
+    name = bench_name("t-tiny")
+    out, _ = call("bench_matrix", "--sizes", "8", "--runs", "1", "--kinds", "process", "--name", name, "--json")
     result = json.loads(out)
-    runs = MigrationRun.objects.filter(benchmark="t-tiny").select_related("source", "target")
+    runs = MigrationRun.objects.filter(benchmark=name).select_related("source", "target")
     variants = benchmark.variants_for(PROCESS, None)
     # One run per strategy (page-server twice: plain and TLS) and the baseline, each stored and succeeded.
     assert sorted(r.strategy for r in runs) == sorted([v.removesuffix("+tls") for v in variants] + ["baseline"])
@@ -43,7 +51,7 @@ def test_bench_matrix_tiny(hosts):
         assert rows[variant]["mib"] == 8 and rows[variant]["n"] == 1
         assert rows[variant]["ratio"] == pytest.approx(rows[variant]["downtime_ms"] / rows["baseline"]["downtime_ms"])
     # Every memhog the benchmark started is stopped.
-    left = benchmark.copies_of_benchmark("t-tiny")
+    left = benchmark.copies_of_benchmark(name)
     assert not left, [(open(f"/proc/{p}/cmdline").read(), open(f"/proc/{p}/status").read()[:400]) for p in left]
 
 
@@ -58,7 +66,7 @@ def test_bench_matrix_refuses_bad_input(db):
 
 def test_checks_fail_loudly(hosts):
     lab1, _ = hosts
-    w = benchmark.start(PROCESS, 4, lab1, "t-check")
+    w = benchmark.start(PROCESS, 4, lab1, bench_name("t-check"))
     try:
         benchmark.check(w, "untouched")  # passes: same memory, counting, one copy
         real = w.checksum
@@ -78,10 +86,11 @@ def test_checks_fail_loudly(hosts):
 
 
 def test_bench_matrix_container(hosts):
+    name = bench_name("t-cont")
     out, _ = call(
-        "bench_matrix", "--sizes", "8", "--runs", "1", "--kinds", "container", "--no-baseline", "--name", "t-cont"
+        "bench_matrix", "--sizes", "8", "--runs", "1", "--kinds", "container", "--no-baseline", "--name", name
     )
-    runs = MigrationRun.objects.filter(benchmark="t-cont")
+    runs = MigrationRun.objects.filter(benchmark=name)
     assert sorted(r.strategy for r in runs) == sorted(
         v.removesuffix("+tls") for v in benchmark.variants_for("container", None)
     )
@@ -96,15 +105,16 @@ def test_bench_matrix_container(hosts):
     assert [p.name for p in seed.phases.all()] == ["checkpoint", "copy", "restore"]
     assert seed.downtime_ms == pytest.approx(sum(p.duration_ms for p in seed.phases.all()))
     assert "| container | 8 MiB | seed-flow | 1 |" in out
-    assert not benchmark.copies_of_benchmark("t-cont")
+    assert not benchmark.copies_of_benchmark(name)
 
 
 def test_bench_matrix_container_baselines(hosts):
+    name = bench_name("t-cbase")
     out, _ = call(
         "bench_matrix", "--sizes", "8", "--runs", "1", "--kinds", "container",
-        "--strategies", f"stop-and-copy,{benchmark.DOCKER_LOCAL}", "--name", "t-cbase", "--json",
+        "--strategies", f"stop-and-copy,{benchmark.DOCKER_LOCAL}", "--name", name, "--json",
     )  # fmt: skip
-    runs = MigrationRun.objects.filter(benchmark="t-cbase").select_related("source", "target")
+    runs = MigrationRun.objects.filter(benchmark=name).select_related("source", "target")
     assert sorted(r.strategy for r in runs) == sorted(["stop-and-copy", benchmark.DOCKER_LOCAL, benchmark.BASELINE])
     assert all(r.status == SUCCEEDED and r.downtime_ms > 0 for r in runs), [(r.strategy, r.error) for r in runs]
     # CRIU through runc on one host: dumped and restored there, nothing moved.
@@ -122,4 +132,4 @@ def test_bench_matrix_container_baselines(hosts):
     assert rows["stop-and-copy"]["ratio"] == pytest.approx(
         rows["stop-and-copy"]["downtime_ms"] / rows["baseline"]["downtime_ms"]
     )
-    assert not benchmark.copies_of_benchmark("t-cbase")
+    assert not benchmark.copies_of_benchmark(name)

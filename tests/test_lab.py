@@ -1,6 +1,5 @@
 """The lab itself: what `lab up` and `lab down` leave for other labs and for the hosts."""
 
-import fcntl
 import os
 import pwd
 import re
@@ -14,6 +13,7 @@ from django.conf import settings
 from django.core.management import call_command
 from django.test import override_settings
 
+from criuweb.settings_test import claim_lab_id
 from migrations_app import lab, ssh
 from migrations_app.docker_engine import Engine
 from tests.support import wait_for
@@ -22,34 +22,27 @@ pytestmark = pytest.mark.lab
 
 
 def _claim_another_lab_id():
-    """A lab id for a second lab beside this session's, with its lock (as settings_test claims).
-
-    From 10 up: test sessions take 1-9, and under load all of them may be held.
-    """
-    for lab_id in range(10, 30):
-        lock = open(f"/run/criuweb-testlab-{lab_id}.lock", "w")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.close()
-            continue
-        return lab_id, lock
-    pytest.skip("no free lab id for a second lab")
+    """A lab id for a second lab beside this session's, with its lock (as settings_test claims)."""
+    try:
+        return claim_lab_id()
+    except RuntimeError:
+        pytest.skip("no free lab id for a second lab")
 
 
 def _up_one_host(h):
     """Only what SSH needs of a lab: bridge, user, namespace and sshd (no engine)."""
     settings.LAB_ROOT.mkdir(parents=True, exist_ok=True)
-    lab._ensure_bridge()
+    with lab._labs_lock():
+        lab._ensure_bridge()
+        lab._ensure_user()
     lab._ensure_client_key()
-    lab._ensure_user()
     lab._ensure_netns(h)
     lab._ensure_sshd(h)
     lab.register(h)
 
 
 def test_lab_user_home_outlives_another_labs_down(hosts):
-    """make run's lab (id 0) and test labs (1-9) share the lab user: one lab's
+    """make run's lab (id 0) and test labs (1-254) share the lab user: one lab's
     down must leave the others' SSH sessions clean (it once deleted the home)."""
     lab1 = hosts[0]
     other_id, lock = _claim_another_lab_id()
