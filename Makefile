@@ -4,6 +4,11 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 BIND ?= 127.0.0.1:8000
+# pytest-xdist workers for `make test`, each with a lab and database of its
+# own (criuweb/settings_test.py). The lab tests mostly wait on SSH, CRIU and
+# Docker, so more workers than cores pay (docs/lab.md has the figures).
+# TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 3
 
 .PHONY: setup run worker test lab-down bench api-schema
 
@@ -42,11 +47,12 @@ worker: setup
 	$(PY) manage.py criuweb_worker
 
 # The database tests run twice: on a throwaway PostgreSQL server of their own
-# (CRIUWEB_TEST_DB=postgres, docs/testing.md), then on SQLite with the rest.
+# (CRIUWEB_TEST_DB=postgres, docs/testing.md), then on SQLite with the rest,
+# in TEST_WORKERS processes (the PostgreSQL pass takes some 20 s: one process).
 test: setup
 	$(VENV)/bin/ruff check .
 	CRIUWEB_TEST_DB=postgres $(VENV)/bin/pytest -m "db and not lab"
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist worksteal
 
 lab-down: setup
 	$(PY) manage.py lab down
