@@ -154,18 +154,20 @@ def counter_process(hosts):
 def counter_pids(path):
     """PIDs of the counter processes writing to path, wherever they run."""
     wanted = ["sh", "-c", lab.PROCESS_COUNTER_SCRIPT, "sh", str(path)]
-    pids = []
+    parents = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             argv = [a.decode() for a in (entry / "cmdline").read_bytes().split(b"\0")[:-1]]
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if argv == wanted and state != "Z":
-            pids.append(int(entry.name))
-    return pids
+        if argv == wanted and stat[0] != "Z":
+            parents[int(entry.name)] = int(stat[1])
+    # The shell forks for each `sleep 1`; until that child execs, it has the
+    # counter's command line too. A copy's parent is never another copy.
+    return [pid for pid, ppid in parents.items() if ppid not in parents]
 
 
 def _kill_with_holder(pid):
