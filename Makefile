@@ -52,7 +52,7 @@ worker: setup
 test: setup
 	$(VENV)/bin/ruff check .
 	CRIUWEB_TEST_DB=postgres $(VENV)/bin/pytest -m "db and not lab"
-	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist worksteal
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadgroup
 
 lab-down: setup
 	$(PY) manage.py lab down

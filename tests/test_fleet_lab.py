@@ -29,8 +29,10 @@ from tests.support import wait_for, worker_pid
 
 # Transactional, all three: the worker processes read what the test wrote,
 # and pytest-django runs transactional tests after the others, so that the
-# module's tests stay together and in order (grown, used, shrunk).
-pytestmark = [pytest.mark.lab, pytest.mark.django_db(transaction=True)]
+# module's tests stay together and in order (grown, used, shrunk). Under
+# pytest-xdist (`make test`: --dist loadgroup) the group keeps them on one
+# worker, in order, on that worker's lab.
+pytestmark = [pytest.mark.lab, pytest.mark.django_db(transaction=True), pytest.mark.xdist_group("fleet")]
 
 FLEET = 4
 NAMES = [f"lab-{i}" for i in range(1, FLEET + 1)]
