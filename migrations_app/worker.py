@@ -21,7 +21,7 @@ from django.conf import settings
 from django.db import close_old_connections, connection
 from django.db.models import Q
 from django.utils import timezone
-from django_tasks import task
+from django_tasks import TaskResultStatus, task
 
 from . import engine
 from .engine import lifecycle, recovery
@@ -35,6 +35,7 @@ RECOVERY_PRIORITY = 50
 # How many waiting runs an ending run wakes at once (the others look again
 # on their own, every QUEUE_RETRY seconds).
 WAKE_AT_MOST = 10
+EXECUTE_RUN = "migrations_app.worker.execute_run"  # the task's path in the queue's table
 
 
 def enqueue(run: MigrationRun) -> MigrationRun:
@@ -147,6 +148,33 @@ def run_here(run: MigrationRun, say: Callable[[str], None] | None = None, **exec
         ) from None
 
 
+def requeue_orphans() -> list[str]:
+    """Queue again the queued runs that no task will look at any more; return their codes.
+
+    A worker killed between taking a run's task and claiming the run leaves
+    that task "running" for good, and a task that failed before the claim (a
+    database error) ends the run's chain of looks: either way the run would
+    stay queued forever. A run has a live task while one is ready (now or
+    later), or was started lately: its worker is between taking it and
+    claiming the run, or queueing its next look.
+    """
+    from django_tasks_db.models import DBTaskResult
+
+    queued = {str(code) for code in MigrationRun.objects.queued().filter(worker="").values_list("code", flat=True)}
+    if not queued:
+        return []
+    # Generous: the task's start is stamped by its worker's clock.
+    lately = timezone.now() - timedelta(seconds=max(2 * settings.RUN_LEASE, 60))
+    live = DBTaskResult.objects.filter(task_path=EXECUTE_RUN).filter(
+        Q(status=TaskResultStatus.READY) | Q(status=TaskResultStatus.RUNNING, started_at__gte=lately)
+    )
+    orphans = sorted(queued - {t["args"][0] for t in live.values_list("args_kwargs", flat=True)})
+    for code in orphans:
+        log.warning("run %s: queued with no task left to execute it (its worker died?): queued again", code)
+        execute_run.enqueue(code)
+    return orphans
+
+
 def sweep(startup: bool = False) -> list[MigrationRun]:
     """Take over the runs whose worker is gone and finish their recovery; return them.
 
@@ -154,6 +182,7 @@ def sweep(startup: bool = False) -> list[MigrationRun]:
     worker starts, as the web server used to: a failing host is not retried
     every few seconds).
     """
+    requeue_orphans()
     runs = recovery.recover_all() if startup else recovery.take_over()
     for run in runs:
         log.warning("run %s recovered: %s: %s", run.code, run.status, run.error)

@@ -372,3 +372,22 @@ def test_a_lease_is_renewed_after_the_database_dropped_its_connection(transactio
         after_drop = MigrationRun.objects.get(pk=run.pk).lease_expires
         wait_for(lambda: MigrationRun.objects.get(pk=run.pk).lease_expires > after_drop, 10,
                  "the lease was never renewed after its connection was dropped")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_queued_run_whose_task_died_with_its_worker_is_queued_again(start_worker):
+    from django_tasks_db.models import DBTaskResult
+
+    a, b = host("a"), host("b")
+    run = worker.submit(engine.create_run, a, b, CONTAINER, "web")
+    # What a worker SIGKILLed between taking the run's task and claiming the
+    # run leaves: the task "running" for good, the run queued. The window is
+    # a few statements long and has no pause hook, too short to kill a real
+    # worker in, so the task's row is written here as that worker left it.
+    tasks = DBTaskResult.objects.filter(task_path="migrations_app.worker.execute_run")
+    assert tasks.update(status="RUNNING", started_at=timezone.now() - timedelta(hours=1), worker_ids=[dead_here()]) == 1
+    proc = start_worker()
+    # Hosts nobody listens for: the run fails in its pre-flight once a worker executes it.
+    run = wait_for(lambda: MigrationRun.objects.filter(pk=run.pk).exclude(status=PENDING).first(), 30,
+                   f"the run stayed queued: {proc.log.read_text()}")
+    assert worker_pid(run) == proc.pid
