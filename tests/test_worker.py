@@ -391,3 +391,26 @@ def test_a_queued_run_whose_task_died_with_its_worker_is_queued_again(start_work
     run = wait_for(lambda: MigrationRun.objects.filter(pk=run.pk).exclude(status=PENDING).first(), 30,
                    f"the run stayed queued: {proc.log.read_text()}")
     assert worker_pid(run) == proc.pid
+
+
+@pytest.mark.parametrize("skew", [-120, 120])
+def test_leases_follow_the_database_clock_not_a_skewed_machine_clock(two_hosts, monkeypatch, skew):
+    """Workers on machines whose clocks disagree by more than a lease.
+
+    Behind, a worker wrote leases already run out (taken over at once while
+    it worked); ahead, a sweeper saw every other machine's lease run out. The
+    machine's clock cannot be set off for one process (it would move every
+    other test's and helper's too), so this process's Python clock is.
+    """
+    a, b = two_hosts
+    elsewhere = "another-machine:abcd:1:1"  # judged by its lease alone
+    run = make_run(a, b, status=PENDING)
+    assert lifecycle.reserve(run)  # the lease this (well-clocked) process writes
+    run = MigrationRun.objects.get(pk=run.pk)
+    MigrationRun.objects.filter(pk=run.pk).update(worker=elsewhere)
+    run.worker = elsewhere
+    real_now = timezone.now
+    monkeypatch.setattr(timezone, "now", lambda: real_now() + timedelta(seconds=skew))
+    assert not lifecycle.worker_gone(run)  # a live lease, whatever this machine's clock says
+    assert lifecycle.lease_until() > real_now()  # and the leases it writes are live for the others
+    assert [r.pk for r in recovery.mark_gone()] == []

@@ -11,7 +11,7 @@ import os
 import socket
 import threading
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
 from django.db import DatabaseError, IntegrityError, connection, transaction
@@ -198,11 +198,26 @@ def worker_gone(run: MigrationRun, now: datetime | None = None) -> bool:
         return True  # nobody claimed it (a queued run is not a claimed one: see holds_workload)
     if run.worker.split(":")[0] == socket.gethostname():
         return not worker_alive(run.worker)
-    return run.lease_expires is not None and run.lease_expires < (now or timezone.now())
+    return run.lease_expires is not None and run.lease_expires < (now or db_now())
 
 
 def lease_until(now: datetime | None = None) -> datetime:
-    return (now or timezone.now()) + timedelta(seconds=settings.RUN_LEASE)
+    return (now or db_now()) + timedelta(seconds=settings.RUN_LEASE)
+
+
+def db_now() -> datetime:
+    """The database's clock: leases are written and judged by it.
+
+    Workers on several machines share the database, not a clock: by their
+    own clocks, one behind by more than a lease would write leases already
+    run out, and one ahead would see every other machine's run out.
+    """
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute("SELECT statement_timestamp()")  # now() would be the transaction's start
+            return cursor.fetchone()[0]
+        cursor.execute("SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')")  # SQLite: UTC
+        return datetime.fromisoformat(cursor.fetchone()[0]).replace(tzinfo=UTC)
 
 
 class Claim(enum.Enum):
@@ -232,7 +247,7 @@ def take(run: MigrationRun) -> Claim:
         if not has_room(run):
             return Claim.FULL
         now = timezone.now()
-        n = mine.update(status=RUNNING, started=now, worker=me, lease_expires=lease_until(now))
+        n = mine.update(status=RUNNING, started=now, worker=me, lease_expires=lease_until())
     if n != 1:
         return Claim.TAKEN
     run.status, run.started, run.worker = RUNNING, now, me

@@ -55,7 +55,7 @@ def mark_gone() -> list[MigrationRun]:
     takeover atomic: of two workers that find the same run gone, one marks it.
     """
     marked = []
-    now = timezone.now()
+    now = lifecycle.db_now()
     for run in MigrationRun.objects.unfinished().select_related("source", "target"):
         if run.status == PENDING and not run.worker:
             continue
