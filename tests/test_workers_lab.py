@@ -164,3 +164,34 @@ def test_a_stalled_worker_whose_run_was_taken_over_does_not_act_when_it_resumes(
     assert_consecutive(after)
     with Engine(lab2) as eng:
         assert not eng.exists(name)
+
+
+def test_a_worker_told_to_stop_while_its_sweeper_rolls_a_run_back_finishes_the_rollback(
+    hosts, counter_container, start_worker
+):
+    """SIGTERM stops a worker after the work in hand: the sweeper's recovery is work in hand too.
+
+    The run's first worker is SIGKILLed after the checkpoint (the container
+    frozen, its checkpoint taken); the second takes the run over at its start
+    and gets SIGTERM as soon as it has. It must not exit with the container
+    half rolled back.
+    """
+    lab1, lab2 = hosts
+    name = counter_container
+    first = start_worker(CRIUWEB_RUN_LEASE=LEASE, **{TEST_PAUSE_ENV: "checkpoint=120"})
+    run = worker.submit(engine.create_run, lab1, lab2, "container", name, freeze_limit=300)
+    wait_for(paused_line(first, "checkpoint"), 120, f"the worker never reached the checkpoint: {first.log.read_text()}")
+    first.kill()  # SIGKILL, by its PID
+    first.wait()
+    second = start_worker(CRIUWEB_RUN_LEASE=LEASE)
+    try:
+        # Its sweeper claimed the run (a dead PID on this machine: at once).
+        wait_for(lambda: MigrationRun.objects.filter(pk=run.pk, status=INTERRUPTED, worker__contains=f":{second.pid}:")
+                 .exists(), 60, f"not taken over: {second.log.read_text()}")
+        second.send_signal(signal.SIGTERM)  # by its PID
+        second.wait(120)
+    finally:
+        stop_worker(second)
+    run.refresh_from_db()
+    assert run.stage == Stage.DONE and run.status == ROLLED_BACK, (run.status, run.stage, run.error, second.log.read_text())
+    assert running_copies(hosts, name) == ["lab-1"]

@@ -37,3 +37,7 @@ class Command(DbWorkerCommand):
             super().handle(*args, **options)
         finally:
             sweeper.stopped.set()
+            # A recovery in its hands is work in hand too: a daemon thread
+            # would be cut at the interpreter's exit, a workload half rolled
+            # back (a second signal still stops the process at once).
+            sweeper.join()
