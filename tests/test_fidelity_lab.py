@@ -24,6 +24,7 @@ from migrations_app.models import (
     ROLLED_BACK,
     SUCCEEDED,
     TCP_ESTABLISHED,
+    Host,
     MigrationRun,
 )
 from tests.support import wait_for
@@ -338,6 +339,11 @@ def test_a_process_inside_a_container_is_refused_before_the_freeze(hosts):
 
 def test_one_container_by_name_and_by_id_is_one_workload(hosts, counter_container):
     lab1, lab2 = hosts
+    # Room for both runs at once (the default is one run per host as source
+    # and one as target): otherwise the second waits in the queue and never
+    # meets the first at pre-flight, which is what this test is about.
+    Host.objects.filter(pk=lab1.pk).update(max_source_runs=2)
+    Host.objects.filter(pk=lab2.pk).update(max_target_runs=2)
     name = counter_container
     with Engine(lab1) as engine:
         cid = engine.inspect(name)["Id"]
