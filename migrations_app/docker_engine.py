@@ -20,7 +20,7 @@ from . import ssh
 CONFIG_FIELDS = [
     "Hostname", "Domainname", "User", "Tty", "OpenStdin", "StdinOnce", "Env", "Cmd",
     "Entrypoint", "WorkingDir", "Labels", "StopSignal", "StopTimeout", "ExposedPorts",
-    "Volumes", "AttachStdin", "AttachStdout", "AttachStderr",
+    "Volumes", "AttachStdin", "AttachStdout", "AttachStderr", "Healthcheck",
 ]
 HOST_CONFIG_FIELDS = [
     "NetworkMode", "Binds", "PortBindings", "RestartPolicy", "Memory", "MemorySwap",

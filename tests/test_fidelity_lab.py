@@ -566,6 +566,22 @@ def test_read_only_root_and_fixed_ip_on_a_new_network_arrive_as_they_were(hosts,
         assert c["Config"]["Labels"]["fid.label"] == "kept"
 
 
+@pytest.mark.parametrize("strategy", ["engine", "stop-and-copy"])
+def test_a_healthcheck_moves_with_its_container(hosts, containers, strategy):
+    lab1, lab2 = hosts
+    run_container, _, _ = containers
+    health = {"Test": ["CMD-SHELL", "true"], "Interval": 2_000_000_000, "Retries": 3}
+    name = run_container(["sh", "-c", lab.COUNTER_SCRIPT], healthcheck=health)
+
+    run = execute(create_run(lab1, lab2, CONTAINER, name, strategy=strategy))
+    assert run.status == SUCCEEDED, run.error
+    with Engine(lab2) as engine:
+        assert engine.inspect(name)["Config"].get("Healthcheck") == health
+        # Docker runs it again on the target: the container turns healthy there.
+        wait_for(lambda: (engine.inspect(name)["State"].get("Health") or {}).get("Status") == "healthy",
+                 message="the healthcheck does not run on the target")  # fmt: skip
+
+
 def test_user_container_refused_before_the_freeze_where_criu_cannot_dump_it(hosts, containers):
     lab1, lab2 = hosts
     run_container, _, _ = containers

@@ -504,7 +504,7 @@ def verify_fidelity(
     t = ctx.dst.inspect(ctx.state.target_id)
     sc, tc, sh, th = source["Config"], t["Config"], source["HostConfig"], t["HostConfig"]
     wrong, fixed = [], []
-    for key in ("User", "WorkingDir", "Hostname", "Domainname", "Entrypoint", "Cmd"):
+    for key in ("User", "WorkingDir", "Hostname", "Domainname", "Entrypoint", "Cmd", "Healthcheck"):
         if (sc.get(key) or None) != (tc.get(key) or None):
             wrong.append(f"{key} {tc.get(key)!r} (source {sc.get(key)!r})")
     if set(sc.get("Env") or []) != set(tc.get("Env") or []):
