@@ -414,3 +414,17 @@ def test_leases_follow_the_database_clock_not_a_skewed_machine_clock(two_hosts, 
     assert not lifecycle.worker_gone(run)  # a live lease, whatever this machine's clock says
     assert lifecycle.lease_until() > real_now()  # and the leases it writes are live for the others
     assert [r.pk for r in recovery.mark_gone()] == []
+
+
+def test_a_worker_on_another_machine_with_the_same_host_name_is_judged_by_its_lease(two_hosts):
+    # Cloned VMs, "localhost" everywhere: the host name alone does not say the
+    # worker is on this machine, where its PID could be looked at; the boot id does.
+    a, b = two_hosts
+    twin = f"{socket.gethostname()}:{'f' * 8}:{2**22 + 12345}:1"  # no such PID here, another kernel's boot
+    assert twin.split(":")[1] != engine.worker_id().split(":")[1]
+    run = make_run(a, b, worker_id=twin, lease=timezone.now() + timedelta(hours=1))
+    assert not lifecycle.worker_gone(run)
+    assert recovery.mark_gone() == []
+    # Once its lease ran out, it is gone like any other machine's.
+    MigrationRun.objects.filter(pk=run.pk).update(lease_expires=timezone.now() - timedelta(seconds=1))
+    assert [r.pk for r in recovery.mark_gone()] == [run.pk]

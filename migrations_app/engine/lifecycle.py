@@ -165,12 +165,24 @@ def worker_alive(worker):
     if not worker:
         return False  # never claimed: its thread died before it began
     host, boot, pid, started = (worker.split(":") + ["", "", "", ""])[:4]
-    if host != socket.gethostname():
+    if not _on_this_machine(worker):
         return True  # another machine's worker: not ours to judge
     if not pid.isdigit():
         return False
     # Same boot and the same start time: the same process, not a reused PID.
     return started != "None" and worker == worker_id(int(pid))
+
+
+def _on_this_machine(worker: str) -> bool:
+    """Whether a worker id names this machine: its host name and its boot.
+
+    The host name alone does not (cloned machines, "localhost"): a PID of
+    another machine looked at here would say its live worker is gone. A
+    worker of this machine from before its last boot counts as elsewhere:
+    its lease, which nobody renews any more, tells.
+    """
+    host, boot = (worker.split(":") + ["", ""])[:2]
+    return host == socket.gethostname() and boot == _boot_id()
 
 
 def _boot_id():
@@ -196,8 +208,11 @@ def worker_gone(run: MigrationRun, now: datetime | None = None) -> bool:
     """
     if not run.worker:
         return True  # nobody claimed it (a queued run is not a claimed one: see holds_workload)
-    if run.worker.split(":")[0] == socket.gethostname():
+    if _on_this_machine(run.worker):
         return not worker_alive(run.worker)
+    if run.lease_expires is None:
+        # From before leases: this host name's worker from an earlier boot is gone, as it always was.
+        return run.worker.split(":")[0] == socket.gethostname()
     return run.lease_expires is not None and run.lease_expires < (now or db_now())
 
 
