@@ -89,7 +89,7 @@ def workload(hosts):
     """The checksum counter on lab-1 (optionally under criuweb's runtime); removed from both hosts."""
     made = []
 
-    def start(runtime=None):
+    def start(runtime=None, tty=False):
         name = f"fast-{uuid.uuid4().hex[:8]}"
         token = uuid.uuid4().hex
         with Engine(hosts[0]) as engine:
@@ -99,6 +99,7 @@ def workload(hosts):
                 lab.IMAGE,
                 ["sh", "-c", WORKLOAD.format(token=token)],
                 name=name,
+                tty=tty,
                 host_config=engine.api.create_host_config(runtime=runtime),
             )["Id"]
             engine.api.start(cid)
@@ -268,6 +269,29 @@ def test_checkpoint_failure_leaves_the_source_running(hosts, workload):
         logged = wait_for(lambda: values(engine.logs(name))[-1] > before + 1 and engine.logs(name))
     assert_consecutive(values(logged))
     with Engine(lab2) as engine:
+        assert not engine.exists(name)
+    one_copy(token)
+
+
+@pytest.mark.parametrize("strategy", [STOP_AND_COPY, PAGE_SERVER])
+def test_a_container_with_a_terminal_moves(hosts, workload, strategy):
+    """A -t container: criuweb's runtime hands the restored terminal to the
+    shim (--console-socket), as containerd's own restore does."""
+    lab1, lab2 = hosts
+    lab.trust_pair()
+    name, token = workload(tty=True)
+    with Engine(lab1) as engine:
+        first_sum = sums(engine.logs(name))[0]
+    run = migrate(lab1, lab2, name, strategy)
+    assert run.status == SUCCEEDED, run.error
+    with Engine(lab2) as engine:
+        c = engine.inspect(name)
+        assert c["Config"]["Tty"] and c["State"]["Running"]
+        # The terminal carries the output on: no value skipped or repeated.
+        logged = wait_for(lambda: values(engine.logs(name))[-1] > values(engine.logs(name))[0] + 8 and engine.logs(name))
+        assert_consecutive(values(logged))
+        assert checksum_now(engine, name) == first_sum
+    with Engine(lab1) as engine:
         assert not engine.exists(name)
     one_copy(token)
 

@@ -101,8 +101,6 @@ def preflight_source(ctx: Context):
     if c["HostConfig"].get("AutoRemove"):
         # Docker removes it when the checkpoint stops it: nothing to roll back to.
         raise MigrationError(f"{ctx.source.name}: the container was started with --rm; the fast path cannot move it")
-    if c["Config"].get("Tty"):
-        raise MigrationError(f"{ctx.source.name}: the container has a terminal (-t); the fast path cannot move it")
     try:
         state = runc.runc_state(ctx.src.conn, c["Id"])
     except runc.RuncError as e:
