@@ -8,7 +8,8 @@ import pytest
 from django.utils import timezone
 
 from migrations_app.engine import plans
-from migrations_app.models import LAZY, PAGE_SERVER, PROCESS, STOP_AND_COPY, MigrationRun
+from migrations_app.engine.plans import container_engine
+from migrations_app.models import CONTAINER, LAZY, PAGE_SERVER, PROCESS, STOP_AND_COPY, MigrationRun
 from tests.support import queued_runs
 from tests.test_browser import CHROMIUM, CHROMIUM_ARGS
 from tests.test_views import OK_CAPS, assert_shows, launcher, make_host, page_text, ready_host  # noqa: F401
@@ -20,7 +21,11 @@ LAZY_ERROR = "dump: page-pipe: tee: 65536: Operation not permitted"
 
 
 def host_with_tests(name, **tests):
-    caps = dict(OK_CAPS, self_tests={"sockets": PASSED, "page-server": PASSED, "lazy": PASSED, **tests})
+    caps = dict(
+        OK_CAPS,
+        self_tests={"sockets": PASSED, "page-server": PASSED, "lazy": PASSED, **tests},
+        docker={"runtimes": ["criuweb", "runc"]},
+    )
     return make_host(name, capabilities=caps, probed=timezone.now())
 
 
@@ -55,6 +60,23 @@ def test_a_strategy_a_host_failed_is_refused_with_the_reason(launcher, db):
     assert response.status_code == 200
     assert_shows(response, f"Both hosts must support this strategy (b: its lazy self-test fails ({LAZY_ERROR})).")
     assert MigrationRun.objects.count() == 0 and queued_runs() == []
+
+
+def test_the_runc_strategies_need_criuwebs_runtime_on_both_hosts(db):
+    with_runtime = host_with_tests("a")
+    without = host_with_tests("b")
+    without.capabilities = dict(without.capabilities, docker={"runtimes": ["runc"]})
+    without.save()
+    runc_plans = {p.strategy for p in plans.PLANS.values() if p.kind == CONTAINER and p is not container_engine.PLAN}
+    assert runc_plans, "no runc plans registered"
+    why = {s: w for s, _, w in plans.available(CONTAINER, with_runtime, without)}
+    # Docker's own path needs nothing of the kind; each runc plan names what b lacks.
+    assert why[container_engine.PLAN.strategy] == ""
+    for strategy in runc_plans:
+        assert "b: its Docker engine has no 'criuweb' runtime" in why[strategy], why
+        assert "a:" not in why[strategy]
+    both = {s for s, _, w in plans.available(CONTAINER, with_runtime, with_runtime) if not w}
+    assert runc_plans <= both
 
 
 def test_a_host_never_probed_offers_everything_until_the_form_probes_it(launcher, db):

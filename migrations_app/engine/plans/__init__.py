@@ -120,6 +120,8 @@ def missing(plan: Plan, host) -> list[str]:
 
 def _why(host, need: str) -> str:
     """A missing need in words, with CRIU's own error where a self-test failed."""
+    if need.startswith("runtime:"):
+        return f"its Docker engine has no {need.partition(':')[2]!r} runtime (scripts/setup-system.sh registers it)"
     test = host.capabilities.get("self_tests", {}).get(need)
     if test is None:
         return f"no {need} support found"

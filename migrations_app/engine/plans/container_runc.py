@@ -667,6 +667,12 @@ def abort(ctx: Context):
                     raise
 
 
+# The target's engine restores through criuweb's runtime (a plain docker
+# start that the runtime turns into runc restore): a host whose probe did not
+# find it registered is not offered these plans, rather than refused at
+# pre-flight.
+NEEDS = (f"runtime:{runc.RUNTIME_NAME}",)
+
 PLAN = Plan(
     kind=CONTAINER,
     strategy=STOP_AND_COPY,
@@ -690,4 +696,5 @@ PLAN = Plan(
     abort=abort,
     moves_volumes=True,
     adopt=engine_plan.adopt,
+    needs=NEEDS,
 )

@@ -297,7 +297,7 @@ PLAN = Plan(
         "the source."
     ),
     state=RuncLazyState,
-    needs=("lazy",),
+    needs=("lazy", *container_runc.NEEDS),
     steps=(
         Step("pre-flight", "source", preflight_source),
         Step("pre-flight", "target", preflight_target),

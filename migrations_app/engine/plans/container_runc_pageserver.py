@@ -180,4 +180,5 @@ PLAN = Plan(
     abort=abort,
     moves_volumes=True,
     adopt=engine_plan.adopt,
+    needs=container_runc.NEEDS,
 )
