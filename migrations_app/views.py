@@ -238,7 +238,7 @@ def run_detail(request, code):
     run = _get_run(code)
     can_recover = request.user.has_perm(CAN_LAUNCH) and recovery.recoverable(run)
     return render(request, "runs/detail.html", {"run": run, "finished": run.status in FINISHED,
-                                                "can_recover": can_recover,
+                                                "can_recover": can_recover, "unattended": worker.unattended_for(run),
                                                 "archive_url": _archive_url(request, run)})  # fmt: skip
 
 

@@ -36,6 +36,11 @@ RECOVERY_PRIORITY = 50
 # on their own, every QUEUE_RETRY seconds).
 WAKE_AT_MOST = 10
 EXECUTE_RUN = "migrations_app.worker.execute_run"  # the task's path in the queue's table
+# Seconds a queued run's task may stay due, no worker taking it, before the
+# run page says so (an idle worker looks at the queue every second).
+UNATTENDED_AFTER = 15
+# What --enqueue adds on stderr: nothing executes the run unless a worker runs.
+ENQUEUED_HINT = "a worker executes it: if none runs, start one (make worker, or manage.py criuweb_worker)"
 
 
 def enqueue(run: MigrationRun) -> MigrationRun:
@@ -146,6 +151,27 @@ def run_here(run: MigrationRun, say: Callable[[str], None] | None = None, **exec
             f"run {run.code} was taken over by a worker while this process was stopped longer than its lease "
             f"({settings.RUN_LEASE} s); that worker finishes it: see the run's page"
         ) from None
+
+
+def unattended_for(run: MigrationRun) -> float | None:
+    """Seconds a queued run's task has been due with no worker taking it, once past UNATTENDED_AFTER; else None.
+
+    Then every worker is busy, or none runs: the web cannot execute it, so
+    the run page says so rather than "queued" alone.
+    """
+    from django_tasks_db.models import DBTaskResult, get_date_max
+
+    if run.status != PENDING or run.worker:
+        return None
+    now = timezone.now()
+    due = [
+        enqueued if run_after == get_date_max() else run_after
+        for enqueued, run_after in DBTaskResult.objects.ready()
+        .filter(task_path=EXECUTE_RUN, args_kwargs__args__0=str(run.code))
+        .values_list("enqueued_at", "run_after")
+    ]
+    waited = (now - min(due)).total_seconds() if due else 0
+    return waited if waited > UNATTENDED_AFTER else None
 
 
 def requeue_orphans() -> list[str]:

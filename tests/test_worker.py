@@ -249,13 +249,30 @@ def test_claims_between_processes_never_give_one_run_or_one_place_twice(tmp_path
 
 
 def test_migrate_workload_enqueue_prints_the_id(two_hosts):
-    out = StringIO()
+    out, err = StringIO(), StringIO()
     call_command("migrate_workload", "--source", "a", "--target", "b", "--container", "web", "--enqueue", "--json",
-                 stdout=out)
+                 stdout=out, stderr=err)
     data = json.loads(out.getvalue())
     run = MigrationRun.objects.get()
     assert data["id"] == str(run.code) and data["status"] == PENDING and data["queue_position"] == 1
     assert queued_runs() == [run]
+    assert "a worker executes it: if none runs, start one (make worker" in err.getvalue()  # the web never will
+
+
+def test_the_run_page_says_when_no_worker_takes_a_queued_run(client, operator):
+    from django_tasks_db.models import DBTaskResult
+
+    a, b = host("a"), host("b")
+    run = worker.submit(engine.create_run, a, b, CONTAINER, "web")
+    client.force_login(operator)
+    assert "No worker has taken this run" not in client.get(f"/runs/{run.code}/").content.decode()  # just queued
+    # A minute later with no worker: its task still due, taken by none.
+    DBTaskResult.objects.update(enqueued_at=timezone.now() - timedelta(minutes=1))
+    page = client.get(f"/runs/{run.code}/").content.decode()
+    assert "No worker has taken this run for 6" in page and "make worker" in page
+    # A task ready only later (the run's next look at full hosts) is not one a worker failed to take.
+    DBTaskResult.objects.update(run_after=timezone.now() + timedelta(minutes=1))
+    assert "No worker has taken this run" not in client.get(f"/runs/{run.code}/").content.decode()
 
 
 def test_checkpoint_enqueue_prints_the_id(two_hosts):

@@ -42,6 +42,8 @@
     status.textContent = run.status === "pending"
       ? `queued (position ${run.queue_position})` : run.status.replace("_", " ");
     status.className = `status ${run.status}`;
+    const unattended = $("run-unattended");
+    if (unattended) unattended.hidden = run.status !== "pending";  // a worker took it
     $("run-downtime").textContent = fmtMs(run.downtime_ms);
     $("run-observed").textContent = fmtMs(run.observed_downtime_ms);
     $("run-observed-method").textContent = run.observed_method || "";

@@ -51,6 +51,7 @@ def create_or_enqueue(command: BaseCommand, options: dict, factory, *args, **kwa
     except engine.MigrationError as e:
         raise CommandError(str(e))
     command.stdout.write(json.dumps(run.to_dict(), indent=2) if options["json"] else f"queued run {run.code}")
+    command.stderr.write(worker.ENQUEUED_HINT)
     return None
 
 

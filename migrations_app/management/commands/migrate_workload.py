@@ -69,6 +69,7 @@ class Command(BaseCommand):
             except engine.MigrationError as e:
                 raise CommandError(str(e))
             self.stdout.write(json.dumps(run.to_dict(), indent=2) if as_json else f"queued run {run.code}")
+            self.stderr.write(worker.ENQUEUED_HINT)
             return
         # Runs an earlier CLI or server left behind go first: one of them
         # may hold this very workload frozen.
