@@ -305,7 +305,7 @@ def test_a_run_taken_over_by_another_worker_is_left_to_it(monkeypatch, settings)
         Step("restore", "target", calls.fn("restore"), resumes=True),
     ))
     run = engine.create_run(a, b, CONTAINER, "web")
-    with pytest.raises(engine.runner.LeaseLostError, match="taken over by another worker before restore"):
+    with pytest.raises(engine.runner.LeaseLostError, match="taken over by another worker after freeze"):
         engine.execute(run)
     # Neither the next step nor a rollback here, and the other worker's row as it wrote it.
     assert [c[0] for c in calls] == ["freeze"]

@@ -374,7 +374,9 @@ def _run_steps(ctx: Context, steps: tuple[Step, ...], after_phase, on_phase):
                     if step.resumes and ctx.freeze_t is not None:
                         run.downtime_ms = ((ctx.resumed_at or time.perf_counter()) - ctx.freeze_t) * 1000
                     run.state = dataclasses.asdict(ctx.state)
-                    run.save(update_fields=["total_bytes", "image_bytes", "downtime_ms", "expected_bytes", "state"])
+                    fields = ("total_bytes", "image_bytes", "downtime_ms", "expected_bytes", "state")
+                    if ctx._mine().update(**{f: getattr(run, f) for f in fields}) == 0:
+                        ctx._lost(f"after {step.name}")  # its phase is rolled back with this write
             except Exception:
                 timer.phase.status = PHASE_RUNNING  # not stored: the failure path records it failed
                 raise
