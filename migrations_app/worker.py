@@ -208,11 +208,16 @@ def sweep(startup: bool = False) -> list[MigrationRun]:
     worker starts, as the web server used to: a failing host is not retried
     every few seconds).
     """
-    requeue_orphans()
     runs = recovery.recover_all() if startup else recovery.take_over()
     for run in runs:
         log.warning("run %s recovered: %s: %s", run.code, run.status, run.error)
         _wake(run)
+    # After the recoveries (a frozen workload goes first), and apart: a failure
+    # here must not stop the takeovers of the next rounds.
+    try:
+        requeue_orphans()
+    except Exception:
+        log.exception("queueing again the queued runs whose task died failed")
     return runs
 
 
