@@ -14,7 +14,7 @@ from django.utils import timezone
 from migrations_app import lab, ssh
 from migrations_app.criu import CriuError
 from migrations_app.docker_engine import Engine
-from migrations_app.engine import Context, MigrationError, create_run, execute, plans, tree
+from migrations_app.engine import Context, MigrationError, container_checks, create_run, execute, plans, tree
 from migrations_app.engine.plans import container_engine
 from migrations_app.models import (
     CONTAINER,
@@ -564,6 +564,17 @@ def test_read_only_root_and_fixed_ip_on_a_new_network_arrive_as_they_were(hosts,
         c = engine.inspect(name)
         assert c["HostConfig"]["RestartPolicy"] == {"Name": "on-failure", "MaximumRetryCount": 3}
         assert c["Config"]["Labels"]["fid.label"] == "kept"
+
+
+def test_a_container_gone_while_it_is_read_is_said_so_without_a_traceback(hosts):
+    # A real PID that no longer exists on lab-1: what pre-flight meets when a
+    # container stops on its own between its inspect and this read.
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    with ssh.Connection(hosts[0]) as conn:
+        with pytest.raises(MigrationError) as err:
+            container_checks.inside(conn, gone.pid, "container fid-gone")
+    assert str(err.value) == f"lab-1: container fid-gone stopped (its process {gone.pid} is gone)"
 
 
 @pytest.mark.parametrize("strategy", ["engine", "stop-and-copy"])

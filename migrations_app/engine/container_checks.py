@@ -154,7 +154,7 @@ def check_source(ctx: Context, c: dict) -> dict:
         else:
             facts["close_tcp"] = True
     facts["sockets"] = found.summary()
-    facts["inside"] = inside(ctx.src.conn, c["State"]["Pid"])
+    facts["inside"] = inside(ctx.src.conn, c["State"]["Pid"], f"container {c['Name'].lstrip('/')}")
     if why:
         raise MigrationError(f"{source.name}: container {c['Name'].lstrip('/')} cannot move: {'; '.join(why)}")
     return facts
@@ -424,7 +424,11 @@ INSIDE_SCRIPT = r"""
 import json, subprocess, sys
 pid = sys.argv[1]
 out = {}
-for line in open("/proc/%s/status" % pid):
+try:
+    status = open("/proc/%s/status" % pid).readlines()
+except FileNotFoundError:
+    sys.exit(3)
+for line in status:
     if line.startswith(("Uid:", "Gid:")):
         out[line[:3].lower()] = line.split()[1:]
     elif line.startswith("CapEff:"):
@@ -469,10 +473,16 @@ if libc.mount(None, b"/", None, 32 | 4096 | 1 | keep, None) != 0:  # MS_REMOUNT 
 """
 
 
-def inside(conn, pid: int) -> dict:
+def inside(conn, pid: int, what: str = "the restored container") -> dict:
     result = conn.run(["python3", "-c", INSIDE_SCRIPT, str(pid)], check=False)
+    # Exit 3: its process ended meanwhile (a workload that stops on its own
+    # during pre-flight or right after its restore), not a fault of ours.
+    if result.rc == 3:
+        raise MigrationError(f"{conn.name}: {what} stopped (its process {pid} is gone)")
     if result.rc != 0:
-        raise MigrationError(f"{conn.name}: cannot read what the restored container runs with: {result.stderr[-300:]}")
+        # The last line only: the error, not the script's traceback.
+        last = (result.stderr.strip().splitlines() or ["no error output"])[-1]
+        raise MigrationError(f"{conn.name}: cannot read what {what} runs with: {last[-300:]}")
     return json.loads(result.stdout)
 
 
