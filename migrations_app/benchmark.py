@@ -463,25 +463,36 @@ def seed_flow(w: Workload, target: Host, name: str, seq: int) -> Result:
     return Result(run, SEED_FLOW, w.mib, run.downtime_ms)
 
 
-# $1 the images directory (on a tmpfs), then criu's dump argv. Prints the
-# dump's wall time in ns, measured on the host so no SSH round trip counts.
-TIMED_DUMP = r"""
-d=$1; shift
+# CRIU alone on one host, as the strategies' own runs use it, in one
+# command so that no SSH round trip falls between the dump and the restore.
+# $1: the images directory (on a tmpfs); $2: criu's dump argv, shlex-quoted
+# by the controller; then the restore argv (criuweb's namespace holder with
+# --go-fd 3, as every process restore). As in criu.RestoreReceiver, the
+# holder (Python) starts first and waits, so that its start-up is not
+# counted, as it is not in a migration. Then the dump (the migrations'
+# options; --leave-stopped, as page-server and lazy use), right after it
+# the restore; the controller kills the stopped original afterwards.
+# Prints "<dump ns> <restore ns> <image bytes> <holder's status> <restored
+# PID>", each time taken on the host itself.
+TIMED_BASELINE = r"""
+d=$1; dump=$2; shift 2
 [ "$(stat -f -c %T "$(dirname "$d")")" = tmpfs ] || { echo "$(dirname "$d") is not a tmpfs" >&2; exit 5; }
-rm -rf "$d" && mkdir -p "$d" || exit 5
+rm -rf "$d" "$d.go" && mkdir -p "$d" || exit 5
+mkfifo -m 600 "$d.go" || exit 5
+out=$(mktemp) || exit 5
+"$@" 3<>"$d.go" >"$out" &
+holder=$!
+sleep 0.5
 t0=$(date +%s%N)
-"$@" || exit $?
+# $dump is shlex-quoted by the controller: eval only splits it back into words.
+eval "$dump" || { kill -KILL "$holder"; rm -f "$d.go" "$out"; exit 6; }
 t1=$(date +%s%N)
-echo $((t1 - t0)) $(du -sb "$d" | cut -f1)
-"""
-
-# criu's restore argv (under criuweb's namespace holder, as every process
-# restore is). Prints the holder's "<status> <pid>" then the wall time in ns.
-TIMED_RESTORE = r"""
-t0=$(date +%s%N)
-out=$("$@")
-t1=$(date +%s%N)
-echo "$out" $((t1 - t0))
+printf g >"$d.go"
+wait "$holder"
+t2=$(date +%s%N)
+rm -f "$d.go"
+res=$(cat "$out"); rm -f "$out"
+echo $((t1 - t0)) $((t2 - t1)) $(du -sb --exclude=holder.pid "$d" | cut -f1) $res
 """
 
 
@@ -507,19 +518,19 @@ def baseline(w: Workload, name: str, seq: int) -> Result:
         with ssh.Connection(host) as conn, FileWatch(w.counter) as watch:
             resolved = criu.resolve_process(conn, int(w.ref))
             mode, inner, _ = resolved
-            dump_argv = criu.dump_argv(int(w.ref), images, None if mode == "root" else inner)
+            dump_argv = criu.dump_argv(int(w.ref), images, None if mode == "root" else inner, ["--leave-stopped"])
+            restore_argv = criu.restore_argv(images, go_fd=3)
             started = timezone.now()
-            out = conn.sh(TIMED_DUMP, images, *dump_argv, check=False, timeout=600)
-            if out.rc != 0:
-                raise BenchmarkError(f"{what}: criu dump failed: {out.stderr.strip()[-300:]}")
-            dump_ns, nbytes = (int(x) for x in out.stdout.split())
-            dump_stats = criu.read_stats(conn, f"{images}/stats-dump")
-            restored = timezone.now()
-            out = conn.sh(TIMED_RESTORE, *criu.restore_argv(images), check=False, timeout=600)
+            out = conn.sh(TIMED_BASELINE, images, shlex.join(dump_argv), *restore_argv, check=False, timeout=600)
             parts = out.stdout.split()
-            if len(parts) != 3 or parts[0] != "0":
-                raise BenchmarkError(f"{what}: criu restore failed: {out.stdout.strip()} {out.stderr.strip()[-300:]}")
-            pid, restore_ns = int(parts[1]), int(parts[2])
+            if out.rc != 0 or len(parts) != 5 or parts[3] != "0":
+                raise BenchmarkError(f"{what}: criu dump or restore failed: {out.stdout.strip()} "
+                                     f"{out.stderr.strip()[-300:]}")  # fmt: skip
+            dump_ns, restore_ns, nbytes, pid = int(parts[0]), int(parts[1]), int(parts[2]), int(parts[4])
+            restored = started + timezone.timedelta(milliseconds=dump_ns / 1e6)
+            # The original, left stopped by the dump as in the migrations, goes now.
+            conn.run(["kill", "-KILL", w.ref], check=False)
+            dump_stats = criu.read_stats(conn, f"{images}/stats-dump")
             restore_stats = criu.read_stats(conn, f"{images}/stats-restore")
             # The holder keeps running in its namespaces; only the images go.
             conn.run(["rm", "-rf", "--", images], check=False)

@@ -717,24 +717,152 @@ class Background:
 
 # -- dump and restore started before the freeze (page-server) ---------------------
 
-# Waits for "go" on stdin, then runs the criu dump in "$@" and, once it has
-# succeeded, sends the images directory $1 as a tar on stdout (all but
-# CRIU's own log and statistics, which stay there and are read after the
-# resume). stderr says
-# "criuweb-dumped" between the two, or "criuweb-dump-failed <status>".
+# Says "criuweb-waiting" on stderr, waits for "go" on stdin, then runs the
+# criu dump in "$@" and, once it has succeeded, sends the images directory
+# $1 as a tar on stdout (all but CRIU's own log and statistics, which stay
+# there and are read after the resume). stderr says "criuweb-dumped"
+# between the two, or "criuweb-dump-failed <status>". $2: "5" when fd 5
+# leads to UNCORK (the dump's PID is written there), else "-".
 # Started before the freeze: the SSH session and the shell then cost no
 # downtime. Nothing is dumped without "go" (EOF, a closed channel, ends it).
 SEND_SCRIPT = r"""
-d=$1; shift
+d=$1; report=$2; shift 2
+echo criuweb-waiting >&2
 read -r go || exit 4
 [ "$go" = go ] || exit 4
-"$@" </dev/null >&2; rc=$?
+if [ "$report" = 5 ]; then
+    "$@" </dev/null >&2 5>&- &
+    pid=$!
+    echo "$pid" >&5
+    exec 5>&-
+    wait "$pid"; rc=$?
+else
+    "$@" </dev/null >&2; rc=$?
+fi
 if [ "$rc" != 0 ]; then echo "criuweb-dump-failed $rc" >&2; exit 70; fi
 echo "criuweb-dumped" >&2
 exec tar --exclude=./dump.log --exclude=./stats-dump -cf - -C "$d" .
 """
 DUMPED = b"criuweb-dumped\n"
 DUMP_FAILED = b"criuweb-dump-failed"
+WAITING = b"criuweb-waiting\n"
+
+# Runs the command after its first two arguments (SEND_SCRIPT's shell) with a
+# pipe on its fd 5, on which that shell writes the PID of the criu dump it
+# starts; then takes TCP_CORK off the dump's socket to the page server
+# (argv[1]:argv[2]). Why: CRIU corks that socket when it connects
+# (connect_to_page_server() in criu/page-xfer.c) and never uncorks it; its
+# last page entries and PS_IOV_CLOSE then wait in the source's kernel until
+# TCP's 200 ms cork limit before disconnect_from_page_server() gets its
+# answer, 200 ms of every dump with the workload frozen. A duplicate of the
+# socket (pidfd_getfd, Linux >= 5.6, root) is enough to uncork it: the
+# stream's bytes and their order do not change, only when they leave. Each
+# duplicate is closed at once, so CRIU's own close still ends the
+# connection. Anything that fails here only leaves the 200 ms in place.
+UNCORK = r"""
+import ctypes, ipaddress, os, socket, sys, time
+peer = (ipaddress.ip_address(sys.argv[1]), int(sys.argv[2]))
+r, w = os.pipe()
+shell = os.fork()
+if shell == 0:
+    os.close(r)
+    os.dup2(w, 5)
+    if w != 5:
+        os.close(w)
+    os.execvp(sys.argv[3], sys.argv[3:])
+os.close(w)
+# The channel's stdio is the shell's alone.
+null = os.open(os.devnull, os.O_RDWR)
+for fd in (0, 1, 2):
+    os.dup2(null, fd)
+libc = ctypes.CDLL(None, use_errno=True)
+SYS_pidfd_getfd = 438  # the same number on every architecture
+
+def criu_under(pid):
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            if os.path.basename(os.readlink("/proc/%d/exe" % p)) == "criu":
+                return p
+            with open("/proc/%d/task/%d/children" % (p, p)) as f:
+                todo += [int(c) for c in f.read().split()]
+        except (OSError, ValueError):
+            pass
+    return None
+
+def grab(pidfd, fd):
+    got = libc.syscall(SYS_pidfd_getfd, pidfd, fd, 0)
+    return socket.socket(fileno=got) if got >= 0 else None
+
+def is_peer(s):
+    try:
+        if s.type != socket.SOCK_STREAM or s.family not in (socket.AF_INET, socket.AF_INET6):
+            return False
+        host, port = s.getpeername()[:2]
+        return (ipaddress.ip_address(host.split("%")[0]), port) == peer
+    except (OSError, ValueError):
+        return False
+
+def uncork(pid, deadline):
+    criu = None
+    while criu is None:
+        if time.monotonic() > deadline or not os.path.exists("/proc/%d" % pid):
+            return
+        criu = criu_under(pid)
+        if criu is None:
+            time.sleep(0.001)
+    pidfd = os.pidfd_open(criu)
+    sk, seen = None, set()
+    while time.monotonic() < deadline:
+        if sk is None:
+            try:
+                fds = os.listdir("/proc/%d/fd" % criu)
+            except OSError:
+                return
+            for name in fds:
+                try:
+                    link = os.readlink("/proc/%d/fd/%s" % (criu, name))
+                except OSError:
+                    continue
+                if not link.startswith("socket:") or (name, link) in seen:
+                    continue
+                seen.add((name, link))
+                s = grab(pidfd, int(name))
+                if s is not None:
+                    if is_peer(s):
+                        sk = (int(name), link)
+                    s.close()
+                if sk:
+                    break
+        else:
+            # CRIU corks once, right after connecting (and its TLS handshake).
+            try:
+                if os.readlink("/proc/%d/fd/%d" % (criu, sk[0])) != sk[1]:
+                    return
+            except OSError:
+                return
+            s = grab(pidfd, sk[0])
+            if s is None:
+                return
+            try:
+                if s.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK):
+                    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+                    return
+            finally:
+                s.close()
+        time.sleep(0.001)
+
+said = os.read(r, 32).split()
+if said and said[0].isdigit():
+    try:
+        uncork(int(said[0]), time.monotonic() + 60)
+    except Exception:
+        pass
+_, status = os.waitpid(shell, 0)
+code = os.waitstatus_to_exitcode(status)
+sys.exit(code if code >= 0 else 128 - code)
+"""
 
 
 # The lazy dump's sender: waits for "go", starts the dump (--lazy-pages) in
@@ -776,14 +904,38 @@ class DumpSender:
     size then say which process serves them and how many bytes the images are.
     """
 
-    def __init__(self, conn, images_dir, argv, timeout=600, lazy=False):
+    def __init__(self, conn, images_dir, argv, timeout=600, lazy=False, page_server=None):
+        """page_server: (address, port) the dump sends its pages to, whose socket UNCORK uncorks."""
         self.conn, self.images_dir = conn, images_dir
         self.pid: int | None = None
         self.size: int | None = None
-        script = ["sh", "-c", SEND_LAZY_SCRIPT, "sh", images_dir, f"{images_dir}.ready"] if lazy else [
-            "sh", "-c", SEND_SCRIPT, "sh", images_dir,
-        ]
+        if lazy:
+            script = ["sh", "-c", SEND_LAZY_SCRIPT, "sh", images_dir, f"{images_dir}.ready"]
+        elif page_server:
+            address, port = page_server
+            script = ["python3", "-c", UNCORK, address, str(port), "sh", "-c", SEND_SCRIPT, "sh", images_dir, "5"]
+        else:
+            script = ["sh", "-c", SEND_SCRIPT, "sh", images_dir, "-"]
         self.chan = conn.open_command([*script, *argv], idle_timeout=timeout)
+        if not lazy:
+            self._await_waiting(timeout)
+
+    def _await_waiting(self, timeout: float) -> None:
+        """Return once the shell waits for "go" (before the freeze: a slow start-up is then no downtime)."""
+        err = bytearray()
+        deadline = time.monotonic() + timeout
+        while WAITING not in err and time.monotonic() < deadline:
+            try:
+                data = self.chan.recv_stderr(1)
+            except TimeoutError:
+                continue
+            if not data:
+                break
+            err += data
+        if WAITING not in err:
+            self.chan.close()
+            said = bytes(err).decode(errors="replace").strip()[-300:]
+            raise CriuError(f"{self.conn.name}: the dump could not be prepared: {said or 'no answer'}")
 
     def dump(self, timeout: float) -> None:
         """Start the dump now and return once it has succeeded; raise CriuError when it fails."""

@@ -238,6 +238,7 @@ def up(log=print, demo=False, count: int | None = None):
     _count_file().write_text(f"{count}\n")
     _ensure_pipe_limits()
     with _labs_lock():
+        _ensure_criu_kdat_cache()
         _ensure_bridge()
         _ensure_user()
     _ensure_client_key()
@@ -287,6 +288,54 @@ def _labs_lock():
     with open("/run/criuweb-labs.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
+
+
+# CRIU learns the kernel's features at every start (kerndat_init in
+# criu/kerndat.c: `iptables -L`, ptrace and userfaultfd probes, ...) unless
+# it finds them in /run/criu.kdat, which it saves only when /run is a tmpfs
+# (so that a reboot clears it: kerndat_save_cache). /run on this machine is
+# not one, so every criu here probed again: 40-180 ms (by load) before a
+# dump reached its freeze, and as much again inside the downtime for every
+# restore and lazy-pages daemon, where a usual host loads its cache in
+# microseconds. CRIU loads the file wherever /run is (kerndat_try_load_cache
+# checks only its magics), so the lab makes it as CRIU would on a tmpfs:
+# `criu check` in a mount namespace of its own with a tmpfs at /run, its
+# file copied out. Made again after a reboot (a new kernel may differ) and
+# when criu is newer than it (another build's cache is rejected anyway).
+KDAT_CACHE = Path("/run/criu.kdat")
+KDAT_MAGIC = 0x57023458  # criu/include/magic.h
+KDAT_SCRIPT = "mount -t tmpfs criuweb-kdat /run && criu check >/dev/null 2>&1; cat /run/criu.kdat"
+
+
+def _boot_time() -> float:
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("btime "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def _ensure_criu_kdat_cache():
+    if sh("stat", "-f", "-c", "%T", "/run").stdout.strip() == "tmpfs":
+        return  # CRIU keeps its own cache there
+    criu_bin = shutil.which("criu")
+    if criu_bin is None:
+        return
+    try:
+        made = KDAT_CACHE.stat().st_mtime
+        if made > _boot_time() and made > Path(criu_bin).resolve().stat().st_mtime:
+            return
+    except OSError:
+        pass
+    out = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", KDAT_SCRIPT], capture_output=True
+    ).stdout
+    if len(out) < 8 or int.from_bytes(out[:4], "little") != KDAT_MAGIC:
+        return  # CRIU then probes at every start, as before: slower, not wrong
+    tmp = KDAT_CACHE.with_name(f"criu.kdat.criuweb-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(out)
+    os.replace(tmp, KDAT_CACHE)
 
 
 def _ensure_bridge():

@@ -350,9 +350,10 @@ def _run_steps(ctx: Context, steps: tuple[Step, ...], after_phase, on_phase):
                 # From here a failure must bring the workload back; stored
                 # first, so that a recovery after a crash knows it too.
                 ctx.set_stage(Stage.FROZEN)
-                # Downtime counts from the start of the freezing phase, as
-                # its timer does (the stage write above is part of it).
-                ctx.freeze_t = timer.t0
+                # Downtime counts from here: the freezing phase starts with
+                # this stage write (a disk sync), and nothing is frozen
+                # before the step itself acts.
+                ctx.freeze_t = time.perf_counter()
                 ctx.watchdog = _Watchdog(ctx, freeze_limit(run))
             measured = step.run(ctx) or Measured()
             _test_pause(step.name)

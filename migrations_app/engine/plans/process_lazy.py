@@ -137,13 +137,14 @@ def prepare(ctx: Context):
 def dump(ctx: Context):
     """Ends once the small images are written and the source serves its pages."""
     s = ctx.state
-    # Written down before it starts: from here the tree may be frozen.
+    # Neither is stored on its own (each commit is downtime here): the stage
+    # (frozen) already tells a recovery to wake the source, a rollback finds
+    # the dump by its images directory, and the state goes with the next
+    # stage write.
     s.source_stopped = True
-    ctx.save_state()
     # When the dump fails CRIU resumes the tree; the rollback checks.
     ctx.sender.dump(ctx.call_timeout())
     s.dump_pid = ctx.sender.pid
-    ctx.save_state()
     return Measured(
         detail=f"small images written; PID {s.dump_pid} serves the memory on {s.address}:{s.port}"
         f"{' over TLS' if s.tls else ''}",
@@ -164,8 +165,9 @@ def start_lazy_pages(ctx: Context):
     """Started by the waiting restore's shell once the images are in place; here its readiness is awaited."""
     s = ctx.state
     ctx.receiver.unpacked()
+    # Stored with the restore's stage write; until then the receiving
+    # shell kills it if the controller goes.
     s.lazy_pid = ctx.receiver.lazy_pid
-    ctx.save_state()
     return Measured(detail=f"PID {s.lazy_pid}, connected to {s.address}:{s.port} once the restore starts")
 
 

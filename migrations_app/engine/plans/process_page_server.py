@@ -137,7 +137,7 @@ def start_page_server(ctx: Context):
     mode, inner, _ = s.resolved
     argv = criu.dump_argv(s.pid, s.src_images, None if mode == "root" else inner, dump_extra)
     ctx.receiver = criu.RestoreReceiver(ctx.dst, s.dst_images, s.criu_opts)
-    ctx.sender = criu.DumpSender(ctx.src, s.src_images, argv)
+    ctx.sender = criu.DumpSender(ctx.src, s.src_images, argv, page_server=(s.address, s.port))
     return Measured(
         detail=f"listening on {s.address}:{s.port}{' with TLS' if s.tls else ''} (PID {server.pid}); "
         "dump and restore waiting for the freeze"
@@ -154,8 +154,9 @@ def dump(ctx: Context):
         if server_log:
             e.log_excerpt = f"{e.log_excerpt}\n--- {ctx.target.name}: page-server.log ---\n{server_log}"
         raise
+    # Not stored on its own: the stage (frozen) already tells a recovery to
+    # wake the source, and the state goes with the next stage write.
     s.source_stopped = True
-    ctx.save_state()
     rc = ctx.page_server.wait()
     if rc != 0:
         raise criu.CriuError(
