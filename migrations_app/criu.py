@@ -370,18 +370,14 @@ def dump_argv(pid, images_dir, inner_pid=None, extra=()):
 # removes a restore whose outcome it never heard.
 HOLDER = r"""
 import ctypes, os, select, sys
+go = parent = None
 if sys.argv[1] == "--go-fd":
-    # Started before the freeze, so that Python's start-up is no downtime:
-    # nothing happens until a "g" comes on this fd; a parent gone first
-    # (the run ended otherwise) means never.
+    # Started before the freeze: Python's start-up, the namespaces, the
+    # mounts and the PID file are all done before it; only criu waits for
+    # a "g" on this fd. A parent gone first (the run ended otherwise) means
+    # never: the holder then ends, and its inner half with it.
     go, parent = int(sys.argv[2]), os.getppid()
     del sys.argv[1:3]
-    while not select.select([go], [], [], 0.5)[0]:
-        if os.getppid() != parent:
-            sys.exit(4)
-    if os.read(go, 1) != b"g":
-        sys.exit(4)
-    os.close(go)
 pidfile, argv = sys.argv[1], sys.argv[2:]
 libc = ctypes.CDLL(None, use_errno=True)
 def ok(rc):
@@ -393,17 +389,27 @@ host_proc = os.open("/proc", os.O_RDONLY)
 ok(libc.unshare(0x00020000 | 0x20000000))  # CLONE_NEWNS | CLONE_NEWPID
 r, w = os.pipe()
 go_r, go_w = os.pipe()
+# Never written: its end of file tells the inner half the outer one is gone.
+alive_r, alive_w = os.pipe()
 holder = os.fork()
 if holder == 0:
     os.close(r)
     os.close(go_w)
-    os.read(go_r, 1)  # criu starts only once the PID file is written
+    os.close(alive_w)
+    if os.read(go_r, 1) != b"g":  # criu starts only once the PID file is written
+        os._exit(4)
     os.setsid()
     null = os.open("/dev/null", os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)
     ok(libc.mount(None, b"/", None, 16384 | (1 << 19), None))  # MS_REC | MS_SLAVE
     ok(libc.mount(b"proc", b"/proc", b"proc", 0, None))
+    if go is not None:
+        # The outer half gone before the "g" (its shell ended: no restore) ends this one.
+        if go not in select.select([go, alive_r], [], [])[0] or os.read(go, 1) != b"g":
+            os._exit(4)
+        os.close(go)
+    os.close(alive_r)
     criu = os.fork()
     if criu == 0:
         os.execvp(argv[0], argv)
@@ -426,8 +432,8 @@ if holder == 0:
             select.select([], [], [], 0.005)
     sys.exit(0)
 try:
-    # O_EXCL|O_NOFOLLOW: the directory came from another host, and a link
-    # planted there must not make us write through it.
+    # O_EXCL|O_NOFOLLOW: the directory may come from another host, and a
+    # link planted there must not make us write through it.
     fd = os.open(pidfile + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write("%d\n" % holder)
@@ -437,6 +443,12 @@ except OSError:
     raise
 os.write(go_w, b"g")
 os.close(w)
+os.close(alive_r)
+if go is not None:
+    os.close(go)  # the inner half alone reads it
+    while not select.select([r], [], [], 0.5)[0]:
+        if os.getppid() != parent:
+            sys.exit(4)
 status = os.read(r, 16).decode() or "252"
 root = []
 if status == "0":
@@ -872,21 +884,27 @@ sys.exit(code if code >= 0 else 128 - code)
 # on stdout; then "exit <status>" on stdout when the dump has served every
 # page. The controller reads exactly the tar's bytes, then waits for that
 # line. $1: images directory; $2: a path for the status fifo.
+# Between "go" and the tar on stdout the workload is frozen, so as few
+# processes as possible start there (each start is a few ms, tens under
+# load): the fifo is made before, CRIU's status byte is read by one od, the
+# tar's size comes from tar itself (--totals), the removals come after.
 SEND_LAZY_SCRIPT = r"""
 d=$1; fifo=$2; shift 2
-read -r go || exit 4
-[ "$go" = go ] || exit 4
 rm -f "$fifo" && mkfifo -m 600 "$fifo" || exit 3
+read -r go || { rm -f "$fifo"; exit 4; }
+[ "$go" = go ] || { rm -f "$fifo"; exit 4; }
 "$@" --status-fd 9 9>"$fifo" </dev/null >/dev/null 2>&1 &
 pid=$!
-ready=$(head -c1 "$fifo" | od -An -tx1 | tr -d ' \n')
-rm -f "$fifo"
-if [ "$ready" != 00 ]; then wait "$pid"; echo "criuweb-dump-failed $?" >&2; exit 70; fi
-tar --exclude=./dump.log --exclude=./stats-dump --exclude=./.images.tar -cf "$d/.images.tar" -C "$d" . \
-    || { echo "criuweb-dump-failed (tar)" >&2; exit 71; }
-echo "criuweb-dumped-lazy $pid $(wc -c < "$d/.images.tar")" >&2
+# CRIU writes one \0 once ready, nothing if it fails first.
+ready=$(od -An -tx1 -N1 <"$fifo")
+if [ "$ready" != " 00" ]; then rm -f "$fifo"; wait "$pid"; echo "criuweb-dump-failed $?" >&2; exit 70; fi
+said=$(tar --totals --exclude=./dump.log --exclude=./stats-dump --exclude=./.images.tar \
+    -cf "$d/.images.tar" -C "$d" . 2>&1 >/dev/null) || { echo "criuweb-dump-failed (tar)" >&2; exit 71; }
+size=${said##*Total bytes written: }; size=${size%% *}
+case $size in ''|*[!0-9]*) echo "criuweb-dump-failed (tar: $said)" >&2; exit 71 ;; esac
+echo "criuweb-dumped-lazy $pid $size" >&2
 cat "$d/.images.tar"
-rm -f "$d/.images.tar"
+rm -f "$d/.images.tar" "$fifo"
 wait "$pid"
 echo "exit $?"
 """
@@ -993,7 +1011,8 @@ mkfifo -m 600 "$go"
 "$@" 3<>"$go" &
 holder=$!
 trap 'kill -KILL "$holder" 2>/dev/null; rm -f "$go"' EXIT
-tar --numeric-owner --xattrs --xattrs-include='*' --same-owner -xpf - -C "$d"
+tar --numeric-owner --xattrs --xattrs-include='*' --same-owner --exclude=./holder.pid \
+    --exclude=./holder.pid.tmp -xpf - -C "$d"
 odd=$(find "$d" ! -type f ! -type d -print -quit)
 if [ -n "$odd" ]; then
     echo "refusing the images: $odd is not a regular file or directory" >&2
@@ -1083,37 +1102,35 @@ class RestoreReceiver:
 # in --status-fd 9) and says "criuweb-unpacked <its PID>" once it listens;
 # on "go" the restore in "$@" runs, and "exit <status>" follows when
 # lazy-pages has moved every page. Without "go", lazy-pages is killed.
-# $3: a path for the status fifo.
+# $3: a path for the status fifo, made before the freeze with the other.
 RECEIVE_LAZY_SCRIPT = r"""
 set -e
 d=$1; go=$2; lazy=$3; fifo=$4; shift 4
-rm -f "$go"
-mkfifo -m 600 "$go"
+rm -f "$go" "$fifo"
+mkfifo -m 600 "$go" "$fifo"
 "$@" 3<>"$go" &
 holder=$!
 lpid=
-trap 'kill -KILL "$holder" $lpid 2>/dev/null; rm -f "$go"' EXIT
-tar --numeric-owner --xattrs --xattrs-include='*' --same-owner -xpf - -C "$d"
+trap 'kill -KILL "$holder" $lpid 2>/dev/null; rm -f "$go" "$fifo"' EXIT
+tar --numeric-owner --xattrs --xattrs-include='*' --same-owner --exclude=./holder.pid \
+    --exclude=./holder.pid.tmp -xpf - -C "$d"
 odd=$(find "$d" ! -type f ! -type d -print -quit)
 if [ -n "$odd" ]; then
     echo "refusing the images: $odd is not a regular file or directory" >&2
     exit 3
 fi
-rm -f "$fifo"
-mkfifo -m 600 "$fifo"
 # $lazy is shlex-quoted by the controller: eval only splits it back into words.
 eval "$lazy" 9>"$fifo" </dev/null >/dev/null 2>&1 &
 lpid=$!
-ready=$(head -c1 "$fifo" | od -An -tx1 | tr -d ' \n')
-rm -f "$fifo"
+ready=$(od -An -tx1 -N1 <"$fifo")
 set +e
-if [ "$ready" != 00 ]; then wait "$lpid"; echo "criu lazy-pages did not start (exit status $?)" >&2; exit 5; fi
+if [ "$ready" != " 00" ]; then wait "$lpid"; echo "criu lazy-pages did not start (exit status $?)" >&2; exit 5; fi
 echo "criuweb-unpacked $lpid"
 read -r word
 [ "$word" = go ] || exit 4
 printf g >"$go"
 trap - EXIT
-rm -f "$go"
+rm -f "$go" "$fifo"
 wait "$holder"
 wait "$lpid"
 echo "exit $?"
