@@ -478,20 +478,22 @@ TIMED_BASELINE = r"""
 d=$1; dump=$2; shift 2
 [ "$(stat -f -c %T "$(dirname "$d")")" = tmpfs ] || { echo "$(dirname "$d") is not a tmpfs" >&2; exit 5; }
 rm -rf "$d" "$d.go" && mkdir -p "$d" || exit 5
-mkfifo -m 600 "$d.go" || exit 5
-out=$(mktemp) || exit 5
-"$@" 3<>"$d.go" >"$out" &
+mkfifo -m 600 "$d.go" "$d.res" || exit 5
+# Its answer is read as soon as it is written, as a migration's controller
+# reads it (the holder's own exit comes after).
+exec 4<>"$d.res"
+"$@" 3<>"$d.go" >"$d.res" &
 holder=$!
 sleep 0.5
 t0=$(date +%s%N)
 # $dump is shlex-quoted by the controller: eval only splits it back into words.
-eval "$dump" || { kill -KILL "$holder"; rm -f "$d.go" "$out"; exit 6; }
+eval "$dump" || { kill -KILL "$holder"; rm -f "$d.go" "$d.res"; exit 6; }
 t1=$(date +%s%N)
 printf g >"$d.go"
-wait "$holder"
+read -r res <&4
 t2=$(date +%s%N)
-rm -f "$d.go"
-res=$(cat "$out"); rm -f "$out"
+wait "$holder"
+rm -f "$d.go" "$d.res"
 echo $((t1 - t0)) $((t2 - t1)) $(du -sb --exclude=holder.pid "$d" | cut -f1) $res
 """
 
