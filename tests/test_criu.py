@@ -177,3 +177,53 @@ def test_preflight_probe_checks_criu_without_self_tests(hosts):
     # The self-tests are the host probe's job; a run's pre-flight skips them.
     assert all(t == {"ok": False, "error": "not tried"} for t in facts["self_tests"].values())
     assert facts["features"] == {}
+
+
+# Stands in for a criu dump: connects to the page server at argv[1]:argv[2]
+# and to a bystander at argv[3], corks both as CRIU does, then waits up to
+# 10 s for the page server's socket to be uncorked; prints both states.
+CORKED_CLIENT = r"""
+import socket, sys, time
+def corked(port):
+    s = socket.create_connection((sys.argv[1], port))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+    return s
+ps, other = corked(int(sys.argv[2])), corked(int(sys.argv[3]))
+deadline = time.monotonic() + 10
+while ps.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK) and time.monotonic() < deadline:
+    time.sleep(0.01)
+print(ps.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK), other.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK))
+"""
+
+
+def test_uncork_takes_the_cork_off_the_dump_socket_to_the_page_server_only(tmp_path):
+    """CRIU corks its page-server socket for good; UNCORK lifts it on that socket, no other.
+
+    Real sockets and a real process found the way UNCORK finds a dump: by
+    its executable's name, criu (a copy of Python under that name stands in
+    for it: a real dump needs a page server and a workload, which the lab
+    tests bring).
+    """
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    listeners = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]
+    ps_port, other_port = (s.getsockname()[1] for s in listeners)
+    fake = tmp_path / "criu"
+    shutil.copy(sys.executable, fake)
+    # What SEND_SCRIPT does with fd 5: start the dump, say its PID there.
+    shell = '"$@" & pid=$!; echo "$pid" >&5; exec 5>&-; wait "$pid"'
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", criu.UNCORK, "127.0.0.1", str(ps_port), "sh", "-c", shell, "sh",
+             str(fake), "-c", CORKED_CLIENT, "127.0.0.1", str(ps_port), str(other_port)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        for s in listeners:
+            s.close()
+    # UNCORK hands its own stdio to the shell: the dump's output comes through.
+    assert out.stdout.split() == ["0", "1"], out
+    assert out.returncode == 0, out
