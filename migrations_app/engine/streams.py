@@ -6,8 +6,6 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from django.db import transaction
-
 from .. import ssh
 from ..models import Phase
 from .errors import MigrationError
@@ -37,10 +35,7 @@ def pipe(ctx: Context, src, dst, what: str, keep_dst: bool = False, limit: int |
         now = time.monotonic()
         if now - last[0] >= PROGRESS_INTERVAL and ctx.current_timer is not None:
             last[0] = now
-            # A commit anyway: the phase rows held back while frozen go with it.
-            with transaction.atomic():
-                ctx.flush_writes()
-                Phase.objects.filter(pk=ctx.current_timer.phase.pk).update(bytes=n)
+            Phase.objects.filter(pk=ctx.current_timer.phase.pk).update(bytes=n)
             if ctx.on_progress:
                 ctx.on_progress(ctx.current_timer.phase.name, n, ctx.run.expected_bytes)
 
