@@ -729,28 +729,66 @@ class Background:
 
 # -- dump and restore started before the freeze (page-server) ---------------------
 
-# Says "criuweb-waiting" on stderr, waits for "go" on stdin, then runs the
-# criu dump in "$@" and, once it has succeeded, sends the images directory
-# $1 as a tar on stdout (all but CRIU's own log and statistics, which stay
-# there and are read after the resume). stderr says "criuweb-dumped"
-# between the two, or "criuweb-dump-failed <status>". $2: "5" when fd 5
-# leads to UNCORK (the dump's PID is written there), else "-".
-# Started before the freeze: the SSH session and the shell then cost no
-# downtime. Nothing is dumped without "go" (EOF, a closed channel, ends it).
+# CRIU starts before the freeze and waits in its pre-dump action script
+# (run by cr_dump_tasks() in criu/cr-dump.c before it seizes anything, and
+# before it connects to a page server), so that its start-up (exec, kernel
+# feature cache, options, log) is no downtime; the word "go" lets it go on.
+# PREDUMP_SETUP, shared by both senders, writes that script at $hook
+# (beside the images directory, $d) with its two fifos, opened here
+# read-write so that no open blocks: $hook.ready, where the script says
+# "ready" and a watcher says "pid <criu's PID>" and, when it ends, "exit
+# <status>" (fd 6), and $hook.go, where the script waits for "go" (fd 7).
+# The script exits 0 for every other action, and non-zero on anything but
+# "go" (CRIU then stops before touching the tree). A caller that goes away
+# first (EOF) gets criu killed, still before it touched anything.
+PREDUMP_SETUP = r"""
+hook=$d.hook
+rm -f "$hook" "$hook.go" "$hook.ready"
+mkfifo -m 600 "$hook.go" "$hook.ready" || exit 3
+printf '%s\n' '#!/bin/sh' \
+    '[ "$CRTOOLS_SCRIPT_ACTION" = pre-dump ] || exit 0' \
+    'echo ready >"$0.ready"' \
+    'IFS= read -r w <"$0.go" && [ "$w" = go ]' >"$hook" && chmod 700 "$hook" || exit 3
+exec 6<>"$hook.ready" 7<>"$hook.go"
+await_ready() {
+    pid=; state=
+    while [ -z "$pid" ] || [ -z "$state" ]; do
+        read -r said rc <&6 || exit 3
+        case $said in pid) pid=$rc ;; ready) state=ready ;; exit) state=$rc ;; esac
+    done
+    trap 'kill -KILL "$pid" 2>/dev/null; rm -f "$hook" "$hook.go" "$hook.ready"' EXIT
+    if [ "$state" != ready ]; then echo "criuweb-dump-failed $state" >&2; exit 70; fi
+}
+"""
+
+# Says "criuweb-waiting" on stderr once the criu dump in "$@" waits in its
+# pre-dump script (see PREDUMP_SETUP), waits for "go" on stdin, lets the
+# dump go on and, once it has succeeded, sends the images directory $1 as
+# a tar on stdout (all but CRIU's own log and statistics, which stay there
+# and are read after the resume). stderr says "criuweb-dumped" between the
+# two, or "criuweb-dump-failed <status>". $2: "5" when fd 5 leads to
+# UNCORK (the dump's PID is written there after "go"), else "-".
+# Started before the freeze: the SSH session, the shell and criu's own
+# start-up then cost no downtime. Nothing is dumped without "go".
 SEND_SCRIPT = r"""
 d=$1; report=$2; shift 2
+""" + PREDUMP_SETUP + r"""
+(
+    "$@" --action-script "$hook" </dev/null >&2 5>&- 6>&- 7>&- &
+    c=$!
+    echo "pid $c" >&6
+    wait "$c"
+    echo "exit $?" >&6
+) 5>&- &
+await_ready
 echo criuweb-waiting >&2
 read -r go || exit 4
 [ "$go" = go ] || exit 4
-if [ "$report" = 5 ]; then
-    "$@" </dev/null >&2 5>&- &
-    pid=$!
-    echo "$pid" >&5
-    exec 5>&-
-    wait "$pid"; rc=$?
-else
-    "$@" </dev/null >&2; rc=$?
-fi
+echo go >&7
+if [ "$report" = 5 ]; then echo "$pid" >&5; exec 5>&-; fi
+while read -r said rc <&6; do [ "$said" = exit ] && break; done
+trap - EXIT
+rm -f "$hook" "$hook.go" "$hook.ready"
 if [ "$rc" != 0 ]; then echo "criuweb-dump-failed $rc" >&2; exit 70; fi
 echo "criuweb-dumped" >&2
 exec tar --exclude=./dump.log --exclude=./stats-dump -cf - -C "$d" .
@@ -877,36 +915,58 @@ sys.exit(code if code >= 0 else 128 - code)
 """
 
 
-# The lazy dump's sender: waits for "go", starts the dump (--lazy-pages) in
-# the background and, once CRIU says its images are written and its page
-# server listens, writes them as a tar into the images directory, says
-# "criuweb-dumped-lazy <dump PID> <tar bytes>" on stderr and sends the tar
-# on stdout; then "exit <status>" on stdout when the dump has served every
-# page. The controller reads exactly the tar's bytes, then waits for that
-# line. $1: images directory; $2: a path for the status fifo.
-# Between "go" and the tar on stdout the workload is frozen, so as few
-# processes as possible start there (each start is a few ms, tens under
-# load): the fifo is made before, CRIU's status byte is read by one od, the
-# tar's size comes from tar itself (--totals), the removals come after.
+# The lazy dump's sender: starts the dump (--lazy-pages) at once, waiting
+# in its pre-dump script (see PREDUMP_SETUP), says "criuweb-waiting" on
+# stderr, waits for "go", lets the dump go on and, once CRIU says its
+# images are written and its page server listens (its status fd), writes
+# them as a tar into the images directory, says "criuweb-dumped-lazy <dump
+# PID> <tar bytes>" on stderr and sends the tar on stdout; then "exit
+# <status>" on stdout when the dump has served every page. The controller
+# reads exactly the tar's bytes, then waits for that line. $1: images
+# directory; $2: a path for the status fifo. Between "go" and the tar on
+# stdout the workload is frozen, so as few processes as possible start
+# there (each start is a few ms, tens under load): the fifos are made
+# before, CRIU's status byte is read by one od, the tar's size comes from
+# tar itself (--totals), the removals come after. The status fifo is open
+# here too (fd 8), so that criu's open of it never waits; the watcher
+# writes an "x" into it when criu ends, so that a status byte that will
+# never come is not awaited for ever.
 SEND_LAZY_SCRIPT = r"""
 d=$1; fifo=$2; shift 2
 rm -f "$fifo" && mkfifo -m 600 "$fifo" || exit 3
-read -r go || { rm -f "$fifo"; exit 4; }
-[ "$go" = go ] || { rm -f "$fifo"; exit 4; }
-"$@" --status-fd 9 9>"$fifo" </dev/null >/dev/null 2>&1 &
-pid=$!
-# CRIU writes one \0 once ready, nothing if it fails first.
-ready=$(od -An -tx1 -N1 <"$fifo")
-if [ "$ready" != " 00" ]; then rm -f "$fifo"; wait "$pid"; echo "criuweb-dump-failed $?" >&2; exit 70; fi
+""" + PREDUMP_SETUP + r"""
+exec 8<>"$fifo"
+(
+    "$@" --action-script "$hook" --status-fd 9 9>"$fifo" </dev/null >/dev/null 2>&1 6>&- 7>&- 8>&- &
+    c=$!
+    echo "pid $c" >&6
+    wait "$c"
+    echo "exit $?" >&6
+    printf x >&8
+) &
+await_ready
+echo criuweb-waiting >&2
+read -r go || exit 4
+[ "$go" = go ] || exit 4
+echo go >&7
+# CRIU writes one \0 once ready; the watcher an "x" if it ends first.
+ready=$(od -An -tx1 -N1 <&8)
+if [ "$ready" != " 00" ]; then
+    while read -r said rc <&6; do [ "$said" = exit ] && break; done
+    trap - EXIT
+    rm -f "$fifo" "$hook" "$hook.go" "$hook.ready"
+    echo "criuweb-dump-failed $rc" >&2; exit 70
+fi
+trap - EXIT
 said=$(tar --totals --exclude=./dump.log --exclude=./stats-dump --exclude=./.images.tar \
     -cf "$d/.images.tar" -C "$d" . 2>&1 >/dev/null) || { echo "criuweb-dump-failed (tar)" >&2; exit 71; }
 size=${said##*Total bytes written: }; size=${size%% *}
 case $size in ''|*[!0-9]*) echo "criuweb-dump-failed (tar: $said)" >&2; exit 71 ;; esac
 echo "criuweb-dumped-lazy $pid $size" >&2
 cat "$d/.images.tar"
-rm -f "$d/.images.tar" "$fifo"
-wait "$pid"
-echo "exit $?"
+rm -f "$d/.images.tar" "$fifo" "$hook" "$hook.go" "$hook.ready"
+while read -r said rc <&6; do [ "$said" = exit ] && break; done
+echo "exit $rc"
 """
 DUMPED_LAZY = "criuweb-dumped-lazy"
 
@@ -935,11 +995,11 @@ class DumpSender:
         else:
             script = ["sh", "-c", SEND_SCRIPT, "sh", images_dir, "-"]
         self.chan = conn.open_command([*script, *argv], idle_timeout=timeout)
-        if not lazy:
-            self._await_waiting(timeout)
+        self._await_waiting(timeout)
 
     def _await_waiting(self, timeout: float) -> None:
-        """Return once the shell waits for "go" (before the freeze: a slow start-up is then no downtime)."""
+        """Return once criu has started and waits for "go" (before the freeze: its start-up is then no
+        downtime, and a dump that cannot start fails here, the workload untouched)."""
         err = bytearray()
         deadline = time.monotonic() + timeout
         while WAITING not in err and time.monotonic() < deadline:
@@ -952,8 +1012,10 @@ class DumpSender:
             err += data
         if WAITING not in err:
             self.chan.close()
-            said = bytes(err).decode(errors="replace").strip()[-300:]
-            raise CriuError(f"{self.conn.name}: the dump could not be prepared: {said or 'no answer'}")
+            said = bytes(err).decode(errors="replace").replace(DUMP_FAILED.decode(), "exit status").strip()
+            excerpt = log_excerpt(self.conn.read_file(f"{self.images_dir}/dump.log", check=False))
+            cause = first_error(excerpt) or said[-300:] or "no answer"
+            raise CriuError(f"{self.conn.name}: criu dump could not start: {cause}", excerpt)
 
     def dump(self, timeout: float) -> None:
         """Start the dump now and return once it has succeeded; raise CriuError when it fails."""

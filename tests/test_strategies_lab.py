@@ -363,3 +363,59 @@ def test_lazy_cut_off_from_the_source_during_page_pull_rolls_back(hosts, memhog,
     wait_for(lambda: len(values(proc["log"])) >= count + 20, message="the counter stopped")
     assert_same_memory(proc, proc["pid"], lab1)
     assert not os.path.exists(f"{lab2.work_dir}/runs/{run.code}")
+
+
+def _state(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(line.split()[1] for line in f if line.startswith("State:"))
+    except (OSError, StopIteration):
+        return "gone"
+
+
+def _criu_on(images):
+    """PIDs of criu processes whose command line names images (the lab hosts share this machine's /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = open(f"/proc/{entry}/cmdline", "rb").read().split(b"\0")
+            exe = os.readlink(f"/proc/{entry}/exe")
+        except OSError:
+            continue
+        if exe.endswith("/criu") and images.encode() in argv:
+            found.append(int(entry))
+    return found
+
+
+@pytest.mark.parametrize("lazy", [False, True], ids=["page-server", "lazy"])
+def test_the_dump_starts_before_the_freeze_and_nothing_happens_without_the_word(hosts, lazy):
+    """criu dump starts when its shell does and waits in its pre-dump action script: a dump that cannot
+    start fails there, before any freeze, and a shell closed before "go" leaves the tree running, no criu."""
+    from migrations_app import criu
+
+    lab1, _ = hosts
+    images = f"{lab1.work_dir}/predump-{uuid.uuid4().hex[:8]}"
+    pid = None
+    with ssh.Connection(lab1) as conn:
+        try:
+            conn.run(["mkdir", "-p", images])
+            pid = lab.start_process(conn, "while :; do sleep 0.1; done", "x")
+            extra = ["--leave-stopped", "--lazy-pages", "--address", "127.0.0.1", "--port", "1"] if lazy else []
+            bad = criu.dump_argv(pid, images, extra=[*extra, "--no-such-option"])
+            with pytest.raises(criu.CriuError, match="could not start"):
+                criu.DumpSender(conn, images, bad, lazy=lazy)
+            assert _state(pid) in ("S", "R")
+            sender = criu.DumpSender(conn, images, criu.dump_argv(pid, images, extra=extra), lazy=lazy)
+            waiting = _criu_on(images)
+            assert waiting, "criu did not start before the word"
+            sender.close()
+            wait_for(lambda: not _criu_on(images), message="criu stayed after its shell was closed")
+            assert _state(pid) in ("S", "R")  # never frozen, never stopped
+            assert not os.path.exists(f"{images}/inventory.img")
+        finally:
+            if pid:
+                os.kill(pid, 9)
+            conn.run(["rm", "-rf", "--", images, f"{images}.hook", f"{images}.hook.go", f"{images}.hook.ready",
+                      f"{images}.ready"], check=False)  # fmt: skip
