@@ -566,6 +566,29 @@ def test_read_only_root_and_fixed_ip_on_a_new_network_arrive_as_they_were(hosts,
         assert c["Config"]["Labels"]["fid.label"] == "kept"
 
 
+@pytest.mark.parametrize("strategy", ["engine", "stop-and-copy"])
+def test_a_container_that_exits_on_its_own_before_its_checkpoint_is_not_run_again(hosts, containers, strategy):
+    lab1, lab2 = hosts
+    run_container, _, _ = containers
+    # It appends a line each time it starts: run again from its image, it would add a second.
+    name = run_container(["sh", "-c", "echo started >> /started; while [ ! -e /stop ]; do sleep 0.1; done; exit 3"])
+
+    def end_it(ctx):
+        # After the target is prepared and before the freeze, as a job that finishes then would.
+        _exec(lab1, name, ["touch", "/stop"])
+        with Engine(lab1) as engine:
+            wait_for(lambda: not engine.inspect(name)["State"]["Running"], message="the container did not exit")
+
+    run = execute(create_run(lab1, lab2, CONTAINER, name, strategy=strategy), after_phase={"prepare target": end_it})
+    assert run.status == FAILED
+    assert "exited on its own (exit status 3)" in run.error, run.error
+    with Engine(lab1) as engine:
+        state = engine.inspect(name)["State"]
+        assert not state["Running"] and state["ExitCode"] == 3, state
+    with Engine(lab2) as engine:
+        assert not engine.exists(name), "the target's prepared container stayed"
+
+
 def test_a_container_gone_while_it_is_read_is_said_so_without_a_traceback(hosts):
     # A real PID that no longer exists on lab-1: what pre-flight meets when a
     # container stops on its own between its inspect and this read.

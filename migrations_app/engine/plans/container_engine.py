@@ -497,6 +497,35 @@ def _disarm_target(ctx: Context, may_run: bool) -> str:
         return f"container {short} stays on {target} until its engine answers (its checkpoint is gone: {e})"
 
 
+def exited_on_its_own(state: dict) -> bool:
+    """Whether a stopped container ended by itself, not by a checkpoint of ours.
+
+    CRIU ends a checkpointed container's tasks with SIGKILL (Docker records
+    137); any other exit status is the workload's own, which starting it
+    again from its image would run a second time.
+    """
+    return state.get("ExitCode") != 137 and not state.get("OOMKilled")
+
+
+def _leave_ended(ctx: Context, src: Engine, state: dict, leftovers: str | None = None) -> Measured:
+    """A container that exited before its checkpoint: left as it ended, nothing kept on the target."""
+    s = ctx.state
+    c = s.container
+    _restore_restart_policy(src, ctx)
+    ctx.run.result_workload = ""
+    if leftovers is None:
+        leftovers = _disarm_target(ctx, may_run=False) if s.target_id else ""
+    ctx.resumed_on_source(leftovers)
+    note = f"; {leftovers}" if leftovers else ""
+    return Measured(
+        detail=f"container {c['Id'][:12]} left stopped on {ctx.source.name}{note}",
+        failed=(
+            f"{ctx.source.name}: the container exited on its own (exit status {state.get('ExitCode')}) before "
+            f"its checkpoint: nothing was moved, and it stays stopped on {ctx.source.name} as it ended"
+        ),
+    )
+
+
 def rollback(ctx: Context):
     """Bring the container back on the source; restartable from the stored state alone."""
     s = ctx.state
@@ -514,7 +543,10 @@ def rollback(ctx: Context):
         # Its checkpoint, when the checkpoint call's answer was lost but
         # Docker finished it all the same.
         checkpointed = s.checkpointed or s.checkpoint in src.checkpoints(c["Id"])
-        if not src.inspect(c["Id"])["State"]["Running"]:
+        now = src.inspect(c["Id"])["State"]
+        if not now["Running"]:
+            if not checkpointed and exited_on_its_own(now):
+                return _leave_ended(ctx, src, now)
             if not checkpointed:
                 # Its state is gone (the checkpoint failed after CRIU stopped
                 # it); running it afresh beats running nothing.

@@ -605,7 +605,8 @@ def rollback(ctx: Context):
     c = s.container
     leftovers = disarm_target(ctx)
     with Engine(ctx.source, timeout=ctx.call_timeout()) as src:
-        running = src.inspect(c["Id"])["State"]["Running"]
+        now = src.inspect(c["Id"])["State"]
+        running = now["Running"]
         if not running and s.src_base:
             # An earlier rollback may have died between moving them and the start.
             _reclaim_images(ctx, src.conn)
@@ -614,6 +615,10 @@ def rollback(ctx: Context):
         )
         how = "still running"
         if not running:
+            if not has_images and engine_plan.exited_on_its_own(now):
+                if s.src_base:
+                    remove_dir(src.conn, s.src_base)
+                return engine_plan._leave_ended(ctx, src, now, leftovers)
             if not has_images:
                 # Its state is gone; running it afresh beats running nothing.
                 src.start(c["Id"])
