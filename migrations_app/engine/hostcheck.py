@@ -84,7 +84,9 @@ def pid_alive(conn, pid) -> str | None:
 def unsafe_to_resume(ctx, error) -> MigrationError:
     return MigrationError(
         f"{ctx.target.name}: cannot make sure the restored copy is gone ({error}); not resuming on "
-        f"{ctx.source.name}, to avoid two copies. Check {ctx.target.name}; the images stay on {ctx.source.name}"
+        f"{ctx.source.name}, to avoid two copies. Check {ctx.target.name}; the images stay on {ctx.source.name}. "
+        f'Once {ctx.target.name} answers, `manage.py recover --run {ctx.run.code}` (the run page\'s "Recover now") '
+        f"keeps the copy found running there or brings the workload back on {ctx.source.name}"
     )
 
 
