@@ -329,8 +329,15 @@ def refusals(
     for s in tree.listening():
         if s.proto.startswith("tcp") and s.local[1] == tree.ssh_port:
             why.append(f"the tree listens on the host's SSH port {tree.ssh_port} ({s.describe()}): an SSH server")
-    # One line per cause is enough to act on.
-    return list(dict.fromkeys(why))
+    # One line per cause is enough to act on; PID 2's tree (every kernel
+    # thread) gave one per thread, a message of 70 lines.
+    why = list(dict.fromkeys(why))
+    if len(why) > REFUSALS_SHOWN:
+        why = [*why[:REFUSALS_SHOWN], f"and {len(why) - REFUSALS_SHOWN} more like these"]
+    return why
+
+
+REFUSALS_SHOWN = 5
 
 
 def local_identity() -> tuple[str, str]:
