@@ -86,7 +86,7 @@ def unsafe_to_resume(ctx, error) -> MigrationError:
         f"{ctx.target.name}: cannot make sure the restored copy is gone ({error}); not resuming on "
         f"{ctx.source.name}, to avoid two copies. Check {ctx.target.name}; the images stay on {ctx.source.name}. "
         f'Once {ctx.target.name} answers, `manage.py recover --run {ctx.run.code}` (the run page\'s "Recover now") '
-        f"keeps the copy found running there or brings the workload back on {ctx.source.name}"
+        f"keeps a whole copy found running there or brings the workload back on {ctx.source.name}"
     )
 
 
