@@ -591,6 +591,25 @@ def test_a_container_that_exits_on_its_own_before_its_checkpoint_is_not_run_agai
         assert not engine.exists(name), "the target's prepared container stayed"
 
 
+@pytest.mark.parametrize("strategy", ["engine", "page-server"])
+def test_a_paused_container_is_refused_and_stays_paused(hosts, containers, strategy):
+    lab1, lab2 = hosts
+    run_container, _, _ = containers
+    name = run_container(["sh", "-c", lab.COUNTER_SCRIPT])
+    with Engine(lab1) as engine:
+        engine.api.pause(name)
+
+    run = execute(create_run(lab1, lab2, CONTAINER, name, strategy=strategy))
+    assert run.status == FAILED
+    assert f"container {name!r} is paused; unpause it first" in run.error, run.error
+    assert "checkpoint" not in _phase_names(run)
+    with Engine(lab1) as engine:
+        assert engine.inspect(name)["State"]["Paused"], "the operator's pause was undone"
+        engine.api.unpause(name)  # the fixture's removal needs it running or stopped
+    with Engine(lab2) as engine:
+        assert not engine.exists(name)
+
+
 def test_a_container_gone_while_it_is_read_is_said_so_without_a_traceback(hosts):
     # A real PID that no longer exists on lab-1: what pre-flight meets when a
     # container stops on its own between its inspect and this read.

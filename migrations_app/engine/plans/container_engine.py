@@ -140,6 +140,13 @@ def preflight_source(ctx: Context):
         raise MigrationError(f"{ctx.source.name}: container {ctx.run.workload!r} is not running")
     # By its full id: the same container named another way is the same.
     lifecycle.claim_workload(ctx.run, c["Id"])
+    if c["State"].get("Paused"):
+        # Paused by its operator: the checkpoint records no pause, so the copy
+        # would run on the target, and a rollback's unpause would wake it here.
+        raise MigrationError(
+            f"{ctx.source.name}: container {ctx.run.workload!r} is paused; unpause it first (docker unpause): "
+            "moved or checkpointed, it would run again"
+        )
     _refuse_second_checkpoint(ctx, c, info)
     facts = container_checks.check_source(ctx, c)
     top = ctx.src.call("docker top", ctx.src.api.top, c["Id"], ps_args="-eo user,pid")
