@@ -322,3 +322,20 @@ def test_not_resuming_on_the_source_says_how_to_finish(hosts, monkeypatch):
     message = str(hostcheck.unsafe_to_resume(ctx, "b: cannot reach 10.0.0.2:22"))
     assert "not resuming on a, to avoid two copies" in message, message
     assert f"`manage.py recover --run {run.code}`" in message, message
+
+
+def test_a_failed_rollback_says_how_to_finish_the_run(hosts, monkeypatch):
+    # On the lab: the source's sshd killed during a runc checkpoint left the
+    # container stopped there and the rollback unable to reach it; a stand-in
+    # plan makes the same two failures here, as only the message is checked.
+    calls = Calls()
+    install(monkeypatch, calls, steps=(
+        Step("freeze", "source", calls.fn("freeze"), freezes=True),
+        Step("restore", "target", calls.fn("restore", fail="b: connection lost"), resumes=True),
+    ), rollback_fails="a: cannot reach 10.0.0.1:22")  # fmt: skip
+    run = engine.create_run(hosts[0], hosts[1], CONTAINER, "web")
+    engine.execute(run)
+    run.refresh_from_db()
+    assert run.status == FAILED
+    assert "rollback failed: a: cannot reach 10.0.0.1:22" in run.error, run.error
+    assert f"`manage.py recover --run {run.code}`" in run.error, run.error

@@ -460,6 +460,13 @@ def _recover(ctx: Context, failure, on_phase):
         phase = timer.finish(None, PHASE_FAILED, _describe(e))
         run.status = FAILED
         run.error = f"{message}; rollback failed: {_describe(e)}"
+        if "recover --run" not in run.error:
+            # Workers' sweeps and plain `recover` leave such a run to a person
+            # (the workload may be stopped on the source meanwhile): say how.
+            run.error += (
+                f'. Once that is fixed, `manage.py recover --run {run.code}` (the run page\'s "Recover now") '
+                "finishes it from where it stopped"
+            )
         log.error("run %s: %s", run.code, run.error)
     else:
         phase = timer.finish(measured)
