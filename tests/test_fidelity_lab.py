@@ -610,6 +610,19 @@ def test_a_paused_container_is_refused_and_stays_paused(hosts, containers, strat
         assert not engine.exists(name)
 
 
+def test_a_rm_container_is_refused_before_docker_s_checkpoint_removes_it(hosts, containers):
+    lab1, lab2 = hosts
+    run_container, _, _ = containers
+    name = run_container(["sh", "-c", lab.COUNTER_SCRIPT], host_config={"auto_remove": True})
+
+    run = execute(create_run(lab1, lab2, CONTAINER, name, strategy=ENGINE))
+    assert run.status == FAILED
+    assert "was started with --rm" in run.error, run.error
+    assert "checkpoint" not in _phase_names(run)
+    with Engine(lab1) as engine:
+        assert engine.inspect(name)["State"]["Running"]
+
+
 def test_a_container_gone_while_it_is_read_is_said_so_without_a_traceback(hosts):
     # A real PID that no longer exists on lab-1: what pre-flight meets when a
     # container stops on its own between its inspect and this read.

@@ -170,6 +170,23 @@ def preflight_source(ctx: Context):
     )
 
 
+def refuse_auto_remove(ctx: Context) -> None:
+    """Refuse a --rm container that the checkpoint would stop: Docker removes it then, with its writable layer."""
+    c = ctx.state.container
+    if c["HostConfig"].get("AutoRemove"):
+        raise MigrationError(
+            f"{ctx.source.name}: container {c['Name'].lstrip('/')} was started with --rm: Docker removes it, "
+            "writable layer and all, when its checkpoint stops it, so a failure after the checkpoint could not "
+            "bring it back; start it without --rm to move it"
+        )
+
+
+def preflight_moving_source(ctx: Context):
+    measured = preflight_source(ctx)
+    refuse_auto_remove(ctx)
+    return measured
+
+
 def preflight_target(ctx: Context):
     ctx.dst = ctx.dst or connect(ctx.target, CONTAINER)
     probe, info = _engine_ready(ctx.dst)
@@ -686,7 +703,7 @@ PLAN = Plan(
     summary="Docker's own checkpoint and restore calls; the checkpoint and writable layer streamed host to host.",
     state=ContainerState,
     steps=(
-        Step("pre-flight", "source", preflight_source),
+        Step("pre-flight", "source", preflight_moving_source),
         Step("pre-flight", "target", preflight_target),
         Step("ship image", "both", ship_image, when=image_missing, workload_bytes=False),
         Step("prepare target", "target", prepare_target),
