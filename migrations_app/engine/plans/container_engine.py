@@ -170,14 +170,14 @@ def preflight_source(ctx: Context):
     )
 
 
-def refuse_auto_remove(ctx: Context) -> None:
+def refuse_auto_remove(ctx: Context, instead: str = "start it without --rm to move it") -> None:
     """Refuse a --rm container that the checkpoint would stop: Docker removes it then, with its writable layer."""
     c = ctx.state.container
     if c["HostConfig"].get("AutoRemove"):
         raise MigrationError(
             f"{ctx.source.name}: container {c['Name'].lstrip('/')} was started with --rm: Docker removes it, "
             "writable layer and all, when its checkpoint stops it, so a failure after the checkpoint could not "
-            "bring it back; start it without --rm to move it"
+            f"bring it back; {instead}"
         )
 
 

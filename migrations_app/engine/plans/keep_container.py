@@ -79,7 +79,7 @@ def checkpoint_preflight(ctx: Context):
     _refuse_what_stays_behind(ctx)
     s = ctx.state
     if not s.leave_running:
-        ce.refuse_auto_remove(ctx)
+        ce.refuse_auto_remove(ctx, "take the checkpoint with --leave-running")
     keep.name_free(s.keep_name)
     s.kept = keep.kept_dir(ctx.source, s.keep_name)
     if ctx.src.conn.run(["test", "-e", s.kept], check=False).rc == 0:
