@@ -676,3 +676,49 @@ def test_a_container_with_a_terminal_is_cloned_on_the_runc_path(runc_hosts, clon
     # Its new terminal carries its output on from the checkpoint.
     assert 0 < copied[0] <= at + 1
     assert_consecutive(copied)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_controller_killed_after_the_keep_step_recovers_from_the_images(runc_hosts, counter_container):
+    """A stopping runc checkpoint recorded, then the controller killed before the run
+    was marked done: the recovery rolls back. The container must come back from the
+    images the checkpoint recorded, not start afresh, and no record may outlive its
+    files (before: the record stayed, its directory was removed, the counter restarted)."""
+    import subprocess
+    import sys
+
+    from migrations_app.engine import keep
+    from migrations_app.engine.runner import TEST_PAUSE_ENV
+    from migrations_app.models import ROLLED_BACK, Stage
+    from tests.test_faults_lab import BASE_DIR, _env, kill_when_paused, recover_all
+
+    lab1, _ = runc_hosts
+    name = counter_container
+    cp_name = f"{name}-cp"
+    keep_dir = keep.kept_dir(lab1, cp_name)
+    with Engine(lab1) as engine:
+        cid = engine.inspect(name)["Id"]
+    env = dict(_env(), **{TEST_PAUSE_ENV: "keep=120"})
+    proc = subprocess.Popen(
+        [sys.executable, "manage.py", "checkpoint", "--host", "lab-1", "--container", name, "--name", cp_name],
+        cwd=BASE_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    kill_when_paused(proc, "keep")
+    run = MigrationRun.objects.get(operation=CHECKPOINT, workload=name)
+    assert run.strategy == "checkpoint-runc" and run.stage == Stage.FROZEN and run.checkpoint_id
+    with Engine(lab1) as engine:
+        assert not engine.inspect(name)["State"]["Running"]
+        before = values(engine.logs(name))
+    recover_all()
+    run.refresh_from_db()
+    assert run.status == ROLLED_BACK, run.error
+    with Engine(lab1) as engine:
+        assert engine.inspect(name)["Id"] == cid and engine.inspect(name)["State"]["Running"]
+        after = logged(engine, name, len(before) + 2)
+    # Restored from the images: the log goes on from where the checkpoint stopped it.
+    assert len(before) >= 2 and after[: len(before)] == before, (before[-3:], after[: len(before) + 3])
+    assert_consecutive(after)
+    # Rolled back whole: no record without its files, no files without a record.
+    assert not Checkpoint.objects.filter(name=cp_name).exists()
+    assert not files_exist(lab1, keep_dir)
+    assert not files_exist(lab1, f"{keep_dir}.part")

@@ -213,6 +213,19 @@ def record(ctx, path: str, size: int, **fields) -> Checkpoint:
     return cp
 
 
+def unrecord(ctx) -> None:
+    """Forget the checkpoint the run recorded: its rollback takes the files back.
+
+    The record is written inside the keep step; a run that failed (or whose
+    controller died) before the step was marked done rolls back, and a
+    record left then would name a directory the rollback removes.
+    """
+    run = ctx.run
+    if run.checkpoint_id:
+        Checkpoint.objects.filter(pk=run.checkpoint_id).delete()  # the run's link goes with it (SET_NULL)
+        run.checkpoint = None
+
+
 def in_use(checkpoint: Checkpoint) -> bool:
     return checkpoint.runs.unfinished().exists()
 

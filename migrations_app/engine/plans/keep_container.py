@@ -139,6 +139,7 @@ def checkpoint_cleanup(ctx: Context):
 def checkpoint_rollback(ctx: Context):
     s = ctx.state
     if s.kept:
+        keep.unrecord(ctx)  # recorded, then the run failed before it was marked done: the files go
         with ssh.Connection(ctx.source) as conn:
             conn.run(["rm", "-rf", "--", s.kept, f"{s.kept}.part"], check=False)
     return ce.rollback(ctx)

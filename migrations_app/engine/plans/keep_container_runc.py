@@ -166,7 +166,10 @@ true
 
 def checkpoint_rollback(ctx: Context):
     s = ctx.state
-    if s.kept and not ctx.run.checkpoint_id:
+    if s.kept:
+        # Recorded but not marked done (the controller killed after the
+        # record): the kept images are still what the container comes back from.
+        keep.unrecord(ctx)
         with ssh.Connection(ctx.source) as conn:
             conn.sh(RECLAIM_SCRIPT, s.kept, s.src_base)
     # The runc plan's rollback restores a stopped container from src_base/images.
