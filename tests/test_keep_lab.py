@@ -722,3 +722,44 @@ def test_controller_killed_after_the_keep_step_recovers_from_the_images(runc_hos
     assert not Checkpoint.objects.filter(name=cp_name).exists()
     assert not files_exist(lab1, keep_dir)
     assert not files_exist(lab1, f"{keep_dir}.part")
+
+
+def test_freeze_limit_cutting_a_stopping_runc_checkpoint_off_waits_for_it(runc_hosts, clones):
+    """The freeze limit closes the checkpoint's SSH session while runc still
+    checkpoints into the kept directory: runc and CRIU go on there. The rollback
+    must wait for them, then bring the container back with the same memory,
+    rather than find it still running and remove the images under CRIU."""
+    import uuid
+
+    from migrations_app.engine import execute, keep
+    from migrations_app.engine.plans import container_runc as cr
+    from migrations_app.models import ROLLED_BACK
+
+    lab1, lab2 = runc_hosts
+    name = f"memhog-{uuid.uuid4().hex[:8]}"
+    clones.append(name)
+    with Engine(lab1) as engine:
+        lab.run_memhog_container(engine, name, 1024)  # a dump that outlasts the rollback's first look
+        wait_for(lambda: len(lab.counter_values(engine.logs(name))) >= 5, 60, "memhog did not start")
+        checksum = lab.memhog_container_checksum(engine, name)
+    run = keep.create_checkpoint_run(lab1, CONTAINER, name, f"{name}-cp")
+    assert run.strategy == "checkpoint-runc"
+    run.freeze_limit = 0.5
+    run.save(update_fields=["freeze_limit"])
+    run = execute(run)
+    assert run.status == ROLLED_BACK, run.error
+    assert run.error.startswith("checkpoint did not end within the freeze limit"), run.error
+    with Engine(lab1) as engine:
+        cid = engine.inspect(name)["Id"]
+        # Rolled back once runc was done, not while CRIU still held it frozen.
+        assert engine.conn.sh(cr.CHECKPOINT_BUSY_SCRIPT, cid, check=False).rc == 1, "runc still checkpoints it"
+        wait_for(lambda: engine.inspect(name)["State"]["Running"], 30, "the container is not running")
+        # The same memory: restored from the checkpoint, or never stopped.
+        assert lab.memhog_container_checksum(engine, name) == checksum
+        count = len(lab.counter_values(engine.logs(name)))
+        wait_for(lambda: len(lab.counter_values(engine.logs(name))) > count + 3, 30, "the counter stopped")
+        assert_consecutive(lab.counter_values(engine.logs(name)))
+        assert engine.inspect(name)["State"]["Running"]
+    assert not Checkpoint.objects.exists()
+    kept = keep.kept_dir(lab1, f"{name}-cp")
+    assert not files_exist(lab1, kept) and not files_exist(lab1, f"{kept}.part")

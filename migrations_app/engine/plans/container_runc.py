@@ -598,6 +598,38 @@ def _reclaim_images(ctx: Context, conn) -> None:
               f"{ctx.state.src_base}/images", name], check=False)  # fmt: skip
 
 
+# Exits 0 while a runc checkpoint of container $1 runs (CRIU is its child).
+# Processes found from two listings, not one command per process.
+CHECKPOINT_BUSY_SCRIPT = r"""
+for p in $(ls -l /proc/[0-9]*/exe 2>/dev/null | sed -n 's#.*/proc/\([0-9]*\)/exe -> .*runc$#\1#p'); do
+    case $(tr '\0' ' ' < "/proc/$p/cmdline" 2>/dev/null) in *" checkpoint "*" $1 "*) exit 0 ;; esac
+done
+exit 1
+"""
+
+
+def await_checkpoint(ctx: Context, src: Engine, timeout: float) -> None:
+    """Wait until no runc checkpoint of the source container runs, and Docker has seen how it ended.
+
+    A checkpoint whose SSH session was cut (the freeze limit, a dropped
+    connection, a dead controller) goes on in runc and CRIU. Looked at
+    midway, the container still runs, then stops a moment later once its
+    dump is done, with images a rollback would have removed by then.
+    """
+    s = ctx.state
+    cid = s.container["Id"]
+    deadline = time.monotonic() + timeout
+    while src.conn.sh(CHECKPOINT_BUSY_SCRIPT, cid, check=False).rc == 0:
+        if time.monotonic() > deadline:
+            raise MigrationError(f"{ctx.source.name}: container {cid[:12]} is still being checkpointed by runc")
+        time.sleep(0.2)
+    if s.runc_root and not runc.is_running(src.conn, runc.RuncState(s.runc_binary, s.runc_root), cid):
+        # runc ended it after the dump: the shim's exit reaches Docker a moment later.
+        exit_deadline = time.monotonic() + EXIT_WAIT
+        while src.inspect(cid)["State"]["Running"] and time.monotonic() < exit_deadline:
+            time.sleep(0.1)
+
+
 def rollback(ctx: Context):
     """Bring the container back on the source; restartable from the stored state alone."""
     close_transfer(ctx)
@@ -605,6 +637,7 @@ def rollback(ctx: Context):
     c = s.container
     leftovers = disarm_target(ctx)
     with Engine(ctx.source, timeout=ctx.call_timeout()) as src:
+        await_checkpoint(ctx, src, ctx.call_timeout())
         now = src.inspect(c["Id"])["State"]
         running = now["Running"]
         if not running and s.src_base:
