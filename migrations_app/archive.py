@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import tarfile
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -150,6 +151,17 @@ def verify(path: str | Path) -> dict:
             member = tar.next()
             if member is None or member.name != PAYLOAD or not member.isreg():
                 raise ArchiveError(f"the archive holds no {PAYLOAD}")
+            # The sizes are the sender's word (the manifest's checksum is no
+            # signature): checked before the payload is spooled, so a small
+            # archive of zeros cannot fill the controller's disk.
+            if member.size != expected.get("size"):
+                raise ArchiveError("the payload's size is not the manifest's: the archive was changed or damaged")
+            free = shutil.disk_usage(tempfile.gettempdir()).free
+            if member.size + CHUNK > free:
+                raise ArchiveError(
+                    f"the payload unpacks to {member.size} B, more than the {free} B free on the controller "
+                    f"({tempfile.gettempdir()}) to check it"
+                )
             with tempfile.TemporaryFile() as spool:
                 for chunk in _chunks(tar.extractfile(member)):
                     digest.update(chunk)

@@ -146,3 +146,36 @@ def test_not_an_archive(tmp_path):
     path.write_bytes(b"hello, not zstd")
     with pytest.raises(archive.ArchiveError, match="cannot read|damaged"):
         archive.read_manifest(path)
+
+
+def test_a_payload_larger_than_the_controller_can_spool_is_refused_before_reading_it(tmp_path):
+    """The manifest's checksum is no signature: a sender can declare any size. A payload
+    bigger than the controller's free space is refused before anything is spooled (a
+    small archive of zeros would fill the disk); this one is short of what it declares,
+    which a reader going on would only notice at its end."""
+    path, _, _ = write(tmp_path)
+    huge = 1 << 50
+    raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb")).read()
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+        manifest = json.loads(tar.extractfile("manifest.json").read())
+        data = tar.extractfile("payload.tar").read()
+    manifest["payload"]["size"] = huge
+    archive._seal(manifest)
+    content = json.dumps(manifest).encode()
+    info = tarfile.TarInfo("manifest.json")
+    info.size = len(content)
+    header = tarfile.TarInfo("payload.tar")
+    header.size = huge
+    stream = info.tobuf(format=tarfile.PAX_FORMAT) + content + bytes(-len(content) % tarfile.BLOCKSIZE)
+    stream += header.tobuf(format=tarfile.PAX_FORMAT) + data
+    path.write_bytes(zstandard.ZstdCompressor().compress(stream))
+    assert archive.read_manifest(path)["payload"]["size"] == huge  # the manifest itself checks out
+    with pytest.raises(archive.ArchiveError, match="more than the .* B free on the controller"):
+        archive.verify(path)
+
+
+def test_a_payload_whose_size_is_not_the_manifests_is_refused_before_reading_it(tmp_path):
+    path, _, _ = write(tmp_path)
+    rewrite(path, change_payload=lambda d: d + bytes(tarfile.RECORDSIZE))
+    with pytest.raises(archive.ArchiveError, match="size is not the manifest's"):
+        archive.verify(path)
