@@ -763,3 +763,43 @@ def test_freeze_limit_cutting_a_stopping_runc_checkpoint_off_waits_for_it(runc_h
     assert not Checkpoint.objects.exists()
     kept = keep.kept_dir(lab1, f"{name}-cp")
     assert not files_exist(lab1, kept) and not files_exist(lab1, f"{kept}.part")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_controller_killed_after_keeping_a_stopped_process_recovers_it(hosts, counter_process):
+    """The process twin of the container case: a stopping dump kept and recorded, the
+    CLI killed before the run was marked done. The recovery must restore the tree
+    from those images (before: it found none where it looked, and nothing ran)."""
+    import subprocess
+    import sys
+
+    from migrations_app.engine import keep
+    from migrations_app.engine.hostcheck import pid_alive
+    from migrations_app.engine.runner import TEST_PAUSE_ENV
+    from migrations_app.models import ROLLED_BACK, Stage
+    from tests.test_faults_lab import BASE_DIR, _env, kill_when_paused, recover_all
+
+    lab1, _ = hosts
+    pid, path = counter_process["pid"], counter_process["path"]
+    cp_name = f"pid{pid}-cp"
+    env = dict(_env(), **{TEST_PAUSE_ENV: "keep=120"})
+    proc = subprocess.Popen(
+        [sys.executable, "manage.py", "checkpoint", "--host", "lab-1", "--pid", str(pid), "--name", cp_name],
+        cwd=BASE_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    kill_when_paused(proc, "keep")
+    run = MigrationRun.objects.get(operation=CHECKPOINT, kind=PROCESS)
+    assert run.stage == Stage.FROZEN and run.checkpoint_id
+    before = values(path.read_text())
+    recover_all()
+    run.refresh_from_db()
+    assert run.status == ROLLED_BACK, run.error
+    new_pid = int(run.result_workload)
+    counter_process["pid"] = new_pid  # the fixture kills it
+    with ssh.Connection(lab1) as conn:
+        assert pid_alive(conn, new_pid)
+    after = wait_for(lambda: (v := values(path.read_text())) and len(v) >= len(before) + 2 and v, 30, "no count")
+    assert after[: len(before)] == before
+    assert_consecutive(after)
+    assert not Checkpoint.objects.filter(name=cp_name).exists()
+    assert not files_exist(lab1, keep.kept_dir(lab1, cp_name))

@@ -94,7 +94,20 @@ def checkpoint_rollback(ctx: Context):
             conn.run(["rm", "-rf", "--", s.src_images], check=False)
         ctx.run.result_workload = str(s.pid)
         return Measured(detail=f"PID {s.pid} still running on {ctx.source.name}")
+    if s.kept:
+        # Kept and recorded, then the controller died before the run was
+        # marked done: the images go back where the rollback restores from.
+        keep.unrecord(ctx)
+        with ssh.Connection(ctx.source) as conn:
+            conn.sh(RECLAIM_SCRIPT, s.kept, s.src_images)
     return pc.rollback(ctx)
+
+
+# $1 the kept directory, $2 the run's images directory.
+RECLAIM_SCRIPT = r"""
+if [ -d "$1/checkpoint" ] && [ ! -e "$2" ]; then mv -T -- "$1/checkpoint" "$2" && rmdir -- "$1"; fi
+true
+"""
 
 
 def _original_runs_fresh(ctx: Context) -> bool:
