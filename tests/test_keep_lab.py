@@ -724,9 +724,11 @@ def test_controller_killed_after_the_keep_step_recovers_from_the_images(runc_hos
     assert not files_exist(lab1, f"{keep_dir}.part")
 
 
-def test_freeze_limit_cutting_a_stopping_runc_checkpoint_off_waits_for_it(runc_hosts, clones):
+@pytest.mark.parametrize("leave_running", [False, True])
+def test_freeze_limit_cutting_a_runc_checkpoint_off_waits_for_it(runc_hosts, clones, leave_running):
     """The freeze limit closes the checkpoint's SSH session while runc still
-    checkpoints into the kept directory: runc and CRIU go on there. The rollback
+    checkpoints into the kept directory (stopping the container or leaving it
+    running): runc and CRIU go on there. The rollback
     must wait for them, then bring the container back with the same memory,
     rather than find it still running and remove the images under CRIU."""
     import uuid
@@ -742,7 +744,7 @@ def test_freeze_limit_cutting_a_stopping_runc_checkpoint_off_waits_for_it(runc_h
         lab.run_memhog_container(engine, name, 1024)  # a dump that outlasts the rollback's first look
         wait_for(lambda: len(lab.counter_values(engine.logs(name))) >= 5, 60, "memhog did not start")
         checksum = lab.memhog_container_checksum(engine, name)
-    run = keep.create_checkpoint_run(lab1, CONTAINER, name, f"{name}-cp")
+    run = keep.create_checkpoint_run(lab1, CONTAINER, name, f"{name}-cp", leave_running=leave_running)
     assert run.strategy == "checkpoint-runc"
     run.freeze_limit = 0.5
     run.save(update_fields=["freeze_limit"])
@@ -753,6 +755,11 @@ def test_freeze_limit_cutting_a_stopping_runc_checkpoint_off_waits_for_it(runc_h
         cid = engine.inspect(name)["Id"]
         # Rolled back once runc was done, not while CRIU still held it frozen.
         assert engine.conn.sh(cr.CHECKPOINT_BUSY_SCRIPT, cid, check=False).rc == 1, "runc still checkpoints it"
+        state = runc.runc_state(engine.conn, cid)
+        assert runc.is_running(engine.conn, state, cid)
+        # Not left frozen by CRIU's freezer either: runc says "paused" for that.
+        status = json.loads(engine.conn.run([state.binary, "--root", state.root, "state", cid]).stdout)["status"]
+        assert status == "running", status
         wait_for(lambda: engine.inspect(name)["State"]["Running"], 30, "the container is not running")
         # The same memory: restored from the checkpoint, or never stopped.
         assert lab.memhog_container_checksum(engine, name) == checksum
