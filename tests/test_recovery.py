@@ -13,7 +13,7 @@ import threading
 
 import pytest
 
-from migrations_app import engine
+from migrations_app import engine, ssh
 from migrations_app.engine import Measured, Plan, Step, hostcheck, plans, recovery
 from migrations_app.models import (
     CONTAINER,
@@ -332,10 +332,29 @@ def test_a_failed_rollback_says_how_to_finish_the_run(hosts, monkeypatch):
     install(monkeypatch, calls, steps=(
         Step("freeze", "source", calls.fn("freeze"), freezes=True),
         Step("restore", "target", calls.fn("restore", fail="b: connection lost"), resumes=True),
-    ), rollback_fails="a: cannot reach 10.0.0.1:22")  # fmt: skip
+    ))  # fmt: skip
+
+    def unreachable(ctx):
+        raise ssh.SSHError("a: cannot reach 10.0.0.1:22")
+
+    plan = plans.PLANS[(CONTAINER, ENGINE)]
+    monkeypatch.setitem(plans.PLANS, (CONTAINER, ENGINE), dataclasses.replace(plan, rollback=unreachable))
     run = engine.create_run(hosts[0], hosts[1], CONTAINER, "web")
     engine.execute(run)
     run.refresh_from_db()
     assert run.status == FAILED
     assert "rollback failed: a: cannot reach 10.0.0.1:22" in run.error, run.error
     assert f"`manage.py recover --run {run.code}`" in run.error, run.error
+
+
+def test_a_rollback_that_finds_the_workload_ended_offers_no_retry(hosts, monkeypatch):
+    calls = Calls()
+    install(monkeypatch, calls, steps=(
+        Step("freeze", "source", calls.fn("freeze"), freezes=True),
+        Step("restore", "target", calls.fn("restore", fail="b: restored process 7 is not running"), resumes=True),
+    ), rollback_fails="a: process 7 is gone; nothing to resume")  # fmt: skip
+    run = engine.create_run(hosts[0], hosts[1], CONTAINER, "web")
+    engine.execute(run)
+    run.refresh_from_db()
+    assert run.status == FAILED
+    assert "recover --run" not in run.error, run.error

@@ -460,9 +460,11 @@ def _recover(ctx: Context, failure, on_phase):
         phase = timer.finish(None, PHASE_FAILED, _describe(e))
         run.status = FAILED
         run.error = f"{message}; rollback failed: {_describe(e)}"
-        if "recover --run" not in run.error:
+        unreachable = isinstance(e, ssh.SSHError) or isinstance(e, EngineError) and not e.answered
+        if unreachable and "recover --run" not in run.error:
             # Workers' sweeps and plain `recover` leave such a run to a person
-            # (the workload may be stopped on the source meanwhile): say how.
+            # (the workload may be stopped on the source meanwhile): say how,
+            # once the host answers again.
             run.error += (
                 f'. Once that is fixed, `manage.py recover --run {run.code}` (the run page\'s "Recover now") '
                 "finishes it from where it stopped"
