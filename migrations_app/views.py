@@ -518,10 +518,17 @@ def checkpoint_export(request, name):
 def run_archive(request, code):
     """The archive of a finished web export, sent from the controller's disk."""
     run = _get_run(code)
+    gone = Http404("this run has no archive to download (not a finished export, or removed after 24 hours)")
     path = _export_file(run)
     if path is None:
-        raise Http404("this run has no archive to download (not a finished export, or removed after 24 hours)")
-    return FileResponse(open(path, "rb"), as_attachment=True, filename=path.name, content_type="application/zstd")
+        raise gone
+    try:
+        # Another request's purge may remove it between the check and here;
+        # once open, a purge no longer cuts the download short.
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise gone from None
+    return FileResponse(f, as_attachment=True, filename=path.name, content_type="application/zstd")
 
 
 @require_POST
