@@ -623,6 +623,32 @@ def test_a_rm_container_is_refused_before_docker_s_checkpoint_removes_it(hosts, 
         assert engine.inspect(name)["State"]["Running"]
 
 
+def _ended(pid):
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.parametrize("strategy", ["page-server", "lazy"])
+def test_a_process_that_ends_before_its_dump_leaves_no_tmpfs_on_the_target(hosts, started, strategy):
+    lab1, lab2 = hosts
+    start, _ = started
+    pid = start(["sleep", "600"])
+    phase = "page server" if strategy == "page-server" else "prepare"
+
+    def end_it(ctx):
+        # It ends on its own between the target's set-up and the freeze.
+        os.kill(pid, 9)
+        wait_for(lambda: _ended(pid), message="the process did not end")
+
+    run = execute(create_run(lab1, lab2, PROCESS, pid, strategy=strategy), after_phase={phase: end_it})
+    assert run.status == FAILED, run.error
+    assert f"process {pid} is gone" in run.error, run.error
+    mounted = [line for line in open("/proc/self/mounts") if str(run.code) in line]
+    assert not mounted, mounted
+
+
 def test_a_container_gone_while_it_is_read_is_said_so_without_a_traceback(hosts):
     # A real PID that no longer exists on lab-1: what pre-flight meets when a
     # container stops on its own between its inspect and this read.

@@ -238,7 +238,16 @@ def rollback(ctx: Context):
     with ssh.Connection(ctx.source) as src:
         if not s.dumped:
             stop_dump(src, s.src_images, min(DUMP_GRACE_SECONDS, ctx.call_timeout()))
-        wake_source(ctx, src, leftovers)
+        try:
+            wake_source(ctx, src, leftovers)
+        except MigrationError:
+            # Gone (it ended during its dump) or not running again: nothing
+            # to hand the target either, whose tmpfs and page server would
+            # stay mounted there with no recovery to remove them.
+            src.run(["rm", "-rf", "--", s.src_images, src_tls_dir(s)], check=False)
+            if s.dst_images and not may_run:
+                _clear_target_of(ctx, may_run=False)
+            raise
         src.run(["rm", "-rf", "--", s.src_images, src_tls_dir(s)], check=False)
     if s.dst_images and not may_run:
         leftovers = _clear_target_of(ctx, may_run=False)
