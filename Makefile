@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 BIND ?= 127.0.0.1:8000
 # pytest-xdist workers for `make test`, each with a lab and database of its
 # own (criuweb/settings_test.py). The lab tests mostly wait on SSH, CRIU and
-# Docker, so more workers than cores pay (docs/lab.md has the figures).
+# Docker, so three workers on two cores halve the time (docs/benchmarks.md).
 # TEST_WORKERS=0 runs everything in one process.
 TEST_WORKERS ?= 3
 
