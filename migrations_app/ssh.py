@@ -308,6 +308,15 @@ def open_client(host, timeout=None):
     except (OSError, EOFError) as e:
         client.close()
         raise SSHError(f"{host.name}: cannot reach {host.address}:{host.ssh_port}: {e}") from e
+    # Paramiko starts a key exchange itself after 512 MiB sent or received
+    # (Packetizer.REKEY_BYTES). Started by the client in the middle of a
+    # long stream it can time out, "Key-exchange timed out waiting for key
+    # negotiation" (paramiko#822; seen here moving a 512 MiB container,
+    # rolled back). Re-keying is left to the server: sshd starts it by its
+    # RekeyLimit (by default after an amount set by the cipher), and
+    # paramiko answers that without the race.
+    packetizer = client.get_transport().packetizer
+    packetizer.REKEY_BYTES = packetizer.REKEY_PACKETS = 2**40
     return client
 
 

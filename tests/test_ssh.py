@@ -83,3 +83,20 @@ def test_a_stalled_stream_fails_instead_of_hanging(hosts):
             ssh.stream(src, dst)
         src.close()
         dst.close()
+
+
+@pytest.mark.lab
+def test_a_stream_past_paramikos_rekey_limit_goes_through(hosts):
+    """Paramiko starts a key exchange after 512 MiB each way; started by the
+    client in the middle of a stream, it can time out ("Key-exchange timed
+    out waiting for key negotiation", paramiko#822; seen here moving a
+    512 MiB container). Our connections leave re-keying to sshd, which
+    handles it in stride."""
+    size = 3 * 2**29 + 12345  # past the limit three times, each way
+    with ssh.Connection(hosts[0]) as a, ssh.Connection(hosts[1]) as b:
+        for conn in (a, b):
+            assert conn.client.get_transport().packetizer.REKEY_BYTES >= 2**40
+        src = a.open_command(["head", "-c", str(size), "/dev/zero"])
+        dst = b.open_command(["wc", "-c"])
+        total, src_rc, dst_rc, _, _ = ssh.stream(src, dst, lambda n: None)
+        assert (total, src_rc, dst_rc) == (size, 0, 0)
