@@ -538,31 +538,8 @@ def baseline(w: Workload, name: str, seq: int) -> Result:
             conn.run(["rm", "-rf", "--", images], check=False)
             time.sleep(0.3)  # a few counter values after the restore, for the outage's end
         dump_ms, restore_ms = dump_ns / 1e6, restore_ns / 1e6
-        Phase.objects.create(
-            run=run,
-            seq=0,
-            name="dump",
-            host=host.name,
-            status="ok",
-            started=started,
-            ended=started + timezone.timedelta(milliseconds=dump_ms),
-            duration_ms=dump_ms,
-            bytes=nbytes,
-            criu_stats=dump_stats,
-            detail=f"to the tmpfs {images}",
-        )
-        Phase.objects.create(
-            run=run,
-            seq=1,
-            name="restore",
-            host=host.name,
-            status="ok",
-            started=restored,
-            ended=restored + timezone.timedelta(milliseconds=restore_ms),
-            duration_ms=restore_ms,
-            criu_stats=restore_stats,
-            detail=f"PID {pid}",
-        )
+        _phase(run, 0, "dump", host, started, dump_ms, f"to the tmpfs {images}", bytes=nbytes, criu_stats=dump_stats)
+        _phase(run, 1, "restore", host, restored, restore_ms, f"PID {pid}", criu_stats=restore_stats)
         run.status, run.downtime_ms, run.total_bytes = SUCCEEDED, dump_ms + restore_ms, nbytes
         run.result_workload = str(pid)
     except BaseException as e:

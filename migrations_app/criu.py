@@ -1056,6 +1056,18 @@ class DumpSender:
 
 CHUNK_SMALL = 4096
 UNPACKED = "criuweb-unpacked"
+# Both receivers unpack the images sent on stdin into $d and refuse anything
+# but regular files and directories (as streams.UNPACK_IMAGES).
+_UNPACK_INTO_D = r"""
+tar --numeric-owner --xattrs --xattrs-include='*' --same-owner --exclude=./holder.pid \
+    --exclude=./holder.pid.tmp -xpf - -C "$d"
+odd=$(find "$d" ! -type f ! -type d -print -quit)
+if [ -n "$odd" ]; then
+    echo "refusing the images: $odd is not a regular file or directory" >&2
+    exit 3
+fi
+"""
+
 # Starts the restore in "$@" at once, its namespace holder (Python, whose
 # start-up takes a few hundred ms on a loaded host) waiting on fd 3 for a
 # "g" through the fifo $2; unpacks the images sent on stdin into $1,
@@ -1064,7 +1076,8 @@ UNPACKED = "criuweb-unpacked"
 # only once the run's stage says the target may run a copy, lets the
 # holder restore. Without "go" (EOF, a closed channel) nothing is restored:
 # the holder is killed, and it also gives up by itself once this shell is gone.
-RECEIVE_SCRIPT = r"""
+RECEIVE_SCRIPT = (
+    r"""
 set -e
 d=$1; go=$2; shift 2
 rm -f "$go"
@@ -1073,14 +1086,9 @@ mkfifo -m 600 "$go"
 "$@" 3<>"$go" &
 holder=$!
 trap 'kill -KILL "$holder" 2>/dev/null; rm -f "$go"' EXIT
-tar --numeric-owner --xattrs --xattrs-include='*' --same-owner --exclude=./holder.pid \
-    --exclude=./holder.pid.tmp -xpf - -C "$d"
-odd=$(find "$d" ! -type f ! -type d -print -quit)
-if [ -n "$odd" ]; then
-    echo "refusing the images: $odd is not a regular file or directory" >&2
-    exit 3
-fi
-echo criuweb-unpacked
+"""
+    + _UNPACK_INTO_D.lstrip("\n")
+    + r"""echo criuweb-unpacked
 read -r word
 [ "$word" = go ] || exit 4
 printf g >"$go"
@@ -1088,7 +1096,7 @@ trap - EXIT
 rm -f "$go"
 set +e
 wait "$holder"
-"""
+""")
 
 
 class RestoreReceiver:
@@ -1165,7 +1173,8 @@ class RestoreReceiver:
 # on "go" the restore in "$@" runs, and "exit <status>" follows when
 # lazy-pages has moved every page. Without "go", lazy-pages is killed.
 # $3: a path for the status fifo, made before the freeze with the other.
-RECEIVE_LAZY_SCRIPT = r"""
+RECEIVE_LAZY_SCRIPT = (
+    r"""
 set -e
 d=$1; go=$2; lazy=$3; fifo=$4; shift 4
 rm -f "$go" "$fifo"
@@ -1174,14 +1183,9 @@ mkfifo -m 600 "$go" "$fifo"
 holder=$!
 lpid=
 trap 'kill -KILL "$holder" $lpid 2>/dev/null; rm -f "$go" "$fifo"' EXIT
-tar --numeric-owner --xattrs --xattrs-include='*' --same-owner --exclude=./holder.pid \
-    --exclude=./holder.pid.tmp -xpf - -C "$d"
-odd=$(find "$d" ! -type f ! -type d -print -quit)
-if [ -n "$odd" ]; then
-    echo "refusing the images: $odd is not a regular file or directory" >&2
-    exit 3
-fi
-# $lazy is shlex-quoted by the controller: eval only splits it back into words.
+"""
+    + _UNPACK_INTO_D.lstrip("\n")
+    + r"""# $lazy is shlex-quoted by the controller: eval only splits it back into words.
 eval "$lazy" 9>"$fifo" </dev/null >/dev/null 2>&1 &
 lpid=$!
 ready=$(od -An -tx1 -N1 <"$fifo")
@@ -1196,4 +1200,4 @@ rm -f "$go" "$fifo"
 wait "$holder"
 wait "$lpid"
 echo "exit $?"
-"""
+""")

@@ -25,7 +25,7 @@ from migrations_app.models import (
     TrustedPair,
 )
 from tests.support import wait_for
-from tests.test_fidelity_lab import _connects, _echo, _free_port, containers  # noqa: F401 (a fixture)
+from tests.test_fidelity_lab import _assert_reset_then_served_on_lab2, _connects, _echo, _free_port, containers  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.lab
 
@@ -515,15 +515,7 @@ def test_established_tcp_closed_and_the_client_told(hosts, containers, strategy)
     run = migrate(lab1, lab2, name, strategy)
     assert run.status == SUCCEEDED, run.error
     assert "established TCP connections will be closed" in run.phases.first().detail
-    try:
-        client.sendall(b"after\n")
-        answer = client.recv(100)
-    except OSError as e:
-        answer = e
-    assert answer == b"" or isinstance(answer, ConnectionResetError | BrokenPipeError), answer
-    client.close()
-    with socket.create_connection((lab.HOSTS[1].address, port), timeout=10) as again:
-        assert _echo(again) == b"ping\n"
+    _assert_reset_then_served_on_lab2(client, port)
 
 
 @pytest.mark.parametrize("hostile", ["ours", "other-owner", "symlink"])

@@ -53,6 +53,19 @@ while True:
 """
 
 
+def _assert_reset_then_served_on_lab2(client, port):
+    """The client's connection was closed by the move; the server answers anew on lab-2."""
+    try:
+        client.sendall(b"after\n")
+        answer = client.recv(100)
+    except OSError as e:
+        answer = e
+    assert answer == b"" or isinstance(answer, ConnectionResetError | BrokenPipeError), answer
+    client.close()
+    with socket.create_connection((lab.HOSTS[1].address, port), timeout=10) as again:
+        assert _echo(again) == b"ping\n"
+
+
 def _free_port():
     # Any port works in the lab namespaces; a random one keeps parallel
     # sessions and reruns apart.
@@ -453,15 +466,7 @@ def test_container_established_tcp_closed_and_the_client_told(hosts, containers)
     run = execute(create_run(lab1, lab2, CONTAINER, name))
     assert run.status == SUCCEEDED, run.error
     assert "established TCP connections will be closed" in run.phases.first().detail
-    try:
-        client.sendall(b"after\n")
-        answer = client.recv(100)
-    except OSError as e:
-        answer = e
-    assert answer == b"" or isinstance(answer, ConnectionResetError | BrokenPipeError), answer
-    client.close()
-    with socket.create_connection((lab.HOSTS[1].address, port), timeout=10) as again:
-        assert _echo(again) == b"ping\n"
+    _assert_reset_then_served_on_lab2(client, port)
 
 
 def test_named_volume_moves_with_its_data(hosts, containers):

@@ -97,16 +97,7 @@ def recoverable(run: MigrationRun) -> bool:
 def recover_all(report: Callable[[MigrationRun], None] | None = None) -> list[MigrationRun]:
     """Recover every interrupted run and clear every run's leftovers; return the runs handled."""
     mark_gone()
-    done = []
-    for run in pending_recovery():
-        if run.status == INTERRUPTED and not lifecycle.worker_gone(run):
-            continue  # another process is recovering it
-        result = recover(run)
-        if result is not None:
-            done.append(result)
-            if report:
-                report(result)
-    return done
+    return _recover_each(pending_recovery(), report)
 
 
 def take_over(report: Callable[[MigrationRun], None] | None = None) -> list[MigrationRun]:
@@ -117,10 +108,14 @@ def take_over(report: Callable[[MigrationRun], None] | None = None) -> list[Migr
     unreachable is not retried every few seconds).
     """
     mark_gone()
-    done = []
     interrupted = MigrationRun.objects.filter(status=INTERRUPTED).exclude(stage=Stage.DONE)
-    for run in interrupted.select_related("source", "target").order_by("created"):
-        if not lifecycle.worker_gone(run):
+    return _recover_each(interrupted.select_related("source", "target").order_by("created"), report)
+
+
+def _recover_each(runs, report: Callable[[MigrationRun], None] | None) -> list[MigrationRun]:
+    done = []
+    for run in runs:
+        if run.status == INTERRUPTED and not lifecycle.worker_gone(run):
             continue  # another process is recovering it
         result = recover(run)
         if result is not None:

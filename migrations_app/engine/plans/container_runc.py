@@ -115,13 +115,18 @@ def preflight_source(ctx: Context):
     return measured
 
 
-def preflight_target(ctx: Context):
-    measured = engine_plan.preflight_target(ctx)
-    s = ctx.state
+def require_runtime(ctx: Context) -> None:
+    """MigrationError unless the target's engine has criuweb's runtime, ready to restore."""
     try:
         runc.runtime_ready(ctx.dst.conn, ctx.dst.info())
     except runc.RuncError as e:
         raise MigrationError(str(e)) from e
+
+
+def preflight_target(ctx: Context):
+    measured = engine_plan.preflight_target(ctx)
+    s = ctx.state
+    require_runtime(ctx)
     s.dst_base = _base_dir(ctx, ctx.dst.conn, s.rss + SPACE_MARGIN, "target")
     measured.detail += f"; images to {s.dst_base}"
     return measured

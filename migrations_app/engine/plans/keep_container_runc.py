@@ -217,10 +217,7 @@ def _same_host(ctx: Context) -> bool:
 def restore_preflight_target(ctx: Context):
     measured = kc.restore_preflight_target(ctx)
     s = ctx.state
-    try:
-        runc.runtime_ready(ctx.dst.conn, ctx.dst.info())
-    except runc.RuncError as e:
-        raise MigrationError(str(e)) from e
+    cr.require_runtime(ctx)
     # On the checkpoint's host CRIU restores from the kept images themselves
     # (it only reads them); elsewhere from a copy streamed there.
     need = 0 if _same_host(ctx) else s.rss + SPACE_MARGIN
