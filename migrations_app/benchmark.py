@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import shlex
 import statistics
+import subprocess
 import threading
 import time
 import uuid
@@ -30,7 +31,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from . import criu, engine, lab, runc, ssh
-from .docker_engine import Engine
+from .docker_engine import Engine, redate_checkpoint_argv
 from .engine import observe, plans
 from .models import CONTAINER, PROCESS, SUCCEEDED, Host, MigrationRun, Phase, Stage, TrustedPair
 
@@ -672,12 +673,9 @@ def docker_local(w: Workload, name: str, seq: int) -> Result:
         at, t = timezone.now(), time.perf_counter()
         lab._docker(labhost, "checkpoint", "create", w.ref, cp, timeout=1200)
         checkpoint_ms = (time.perf_counter() - t) * 1000
-        # Docker (before 25) hands the checkpoint back to containerd as a tar
-        # whose digest can equal the blob containerd kept from the checkpoint,
-        # and the start fails with "content ... already exists"
-        # (moby/moby#42900; the plans do the same). A new mtime makes it differ.
-        descriptors = labhost.data_root / "containers" / cid / "checkpoints" / cp / "descriptors.json"
-        os.utime(descriptors)
+        # containerd may still hold this very checkpoint (moby/moby#42900; the plans do the same).
+        cp_dir = labhost.data_root / "containers" / cid / "checkpoints" / cp
+        subprocess.run(redate_checkpoint_argv(str(cp_dir)), check=True)
         at2, t = timezone.now(), time.perf_counter()
         lab._docker(labhost, "start", "--checkpoint", cp, w.ref, timeout=1200)
         restore_ms = (time.perf_counter() - t) * 1000

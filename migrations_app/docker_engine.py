@@ -32,6 +32,23 @@ HOST_CONFIG_FIELDS = [
 ]
 
 
+def redate_checkpoint_argv(checkpoint_dir: str) -> list[str]:
+    """A command that makes the tar Docker builds of a checkpoint differ from the one containerd kept.
+
+    Docker (before 25) hands a checkpoint back to containerd as a tar whose
+    digest can equal the blob containerd made when it took the checkpoint;
+    until containerd collects that blob the restore fails with "commit
+    failed: content ... already exists" (moby/moby#42900). Go's tar writer
+    rounds mtimes to the second, so a touch within the checkpoint's own
+    second changes nothing (seen in CI): the file is dated one whole second
+    before its own time instead, which differs after rounding.
+    """
+    path = f"{checkpoint_dir}/descriptors.json"
+    # A checkpoint without the file is left as it is, as `touch -c` would.
+    script = '[ -e "$1" ] || exit 0; t=$(stat -c %Y "$1") && touch -c -d "@$((t - 1))" "$1"'
+    return ["sh", "-c", script, "sh", path]
+
+
 class EngineError(Exception):
     """A Docker engine call failed; the message names the host and the step.
 

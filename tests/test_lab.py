@@ -4,6 +4,7 @@ import os
 import pwd
 import re
 import signal
+import subprocess
 import uuid
 from io import StringIO
 from pathlib import Path
@@ -15,7 +16,7 @@ from django.test import override_settings
 
 from criuweb.settings_test import claim_lab_id
 from migrations_app import lab, ssh
-from migrations_app.docker_engine import Engine
+from migrations_app.docker_engine import Engine, redate_checkpoint_argv
 from tests.support import wait_for
 
 pytestmark = pytest.mark.lab
@@ -167,11 +168,11 @@ def test_lab_engines_checkpoint_a_container_with_a_listening_socket(hosts):
             engine.checkpoint(name, "cp1")
             assert not engine.inspect(name)["State"]["Running"]
             # The restore on the engine that made the checkpoint can meet
-            # containerd's blob of it: "content ... already exists"
-            # (moby/moby#42900). A new mtime makes the tar differ, as the
-            # plans and the benchmark do.
+            # containerd's blob of it (moby/moby#42900), as the plans and
+            # the benchmark do.
             cid = engine.inspect(name)["Id"]
-            os.utime(lab.HOSTS[0].data_root / "containers" / cid / "checkpoints" / "cp1" / "descriptors.json")
+            cp_dir = lab.HOSTS[0].data_root / "containers" / cid / "checkpoints" / "cp1"
+            subprocess.run(redate_checkpoint_argv(str(cp_dir)), check=True)
             engine.start(name, checkpoint="cp1")
             assert engine.inspect(name)["State"]["Running"]
             assert "hello-from-httpd" in fetch(engine)
@@ -213,3 +214,20 @@ def test_lab_down_removes_every_host_whatever_n_built_it(lab_up, db):
             assert not Host.objects.filter(name__in=["lab-1", "lab-2", "lab-3"]).exists()
     finally:
         lock.close()
+
+
+def test_redating_a_checkpoint_changes_its_mtime_at_tar_resolution(tmp_path):
+    """Go's tar writer rounds mtimes to the second: a touch within the
+    checkpoint's own second left Docker's tar identical to containerd's blob
+    (moby/moby#42900, a CI failure), so the new date must differ after rounding."""
+    descriptors = tmp_path / "descriptors.json"
+    descriptors.write_text("[]")
+    os.utime(descriptors, (1_700_000_000.7, 1_700_000_000.7))
+    subprocess.run(redate_checkpoint_argv(str(tmp_path)), check=True)
+    first = descriptors.stat().st_mtime
+    assert round(first) not in (1_700_000_000, 1_700_000_001)
+    subprocess.run(redate_checkpoint_argv(str(tmp_path)), check=True)
+    assert round(descriptors.stat().st_mtime) != round(first)
+    # Like `touch -c`: a checkpoint without the file is left alone, and that is no error.
+    subprocess.run(redate_checkpoint_argv(str(tmp_path / "absent")), check=True)
+    assert not (tmp_path / "absent").exists()

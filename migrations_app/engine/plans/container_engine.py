@@ -17,7 +17,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from ... import criu, ssh, validation
-from ...docker_engine import Engine, EngineError, NotFoundError
+from ...docker_engine import Engine, EngineError, NotFoundError, redate_checkpoint_argv
 from ...models import (
     CHECKPOINT,
     CLONE,
@@ -582,13 +582,9 @@ def rollback(ctx: Context):
                     f"{ctx.source.name}: the container stopped without a checkpoint: its state is lost; "
                     f"started it again from its image"
                 )
-            # Docker (before 25) hands the checkpoint to containerd as a tar
-            # whose digest equals the blob containerd made when it took the
-            # checkpoint; until containerd collects that blob the restore
-            # fails with "commit failed: content ... already exists"
-            # (moby/moby#42900). A new mtime makes the tar differ.
+            # containerd may still hold this very checkpoint (moby/moby#42900).
             cp_dir = f"{s.src_root}/containers/{c['Id']}/checkpoints/{s.checkpoint}"
-            src.conn.run(["touch", "-c", f"{cp_dir}/descriptors.json"])
+            src.conn.run(redate_checkpoint_argv(cp_dir))
             src.start(c["Id"], checkpoint=s.checkpoint, timeout=ctx.call_timeout())
             ctx.resumed_at = time.perf_counter()
         ctx.run.result_workload = c["Id"][:12]

@@ -12,12 +12,11 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ... import criu, ssh
-from ...docker_engine import Engine, EngineError
+from ...docker_engine import Engine, EngineError, redate_checkpoint_argv
 from ...models import CHECKPOINT, CLONE, CONTAINER, RESTORE
 from .. import keep
 from ..errors import MigrationError
@@ -224,12 +223,9 @@ def restore_preflight_target(ctx: Context):
 
 def stage(ctx: Context):
     # The images may be the very bytes containerd still holds from the
-    # checkpoint (same engine, not yet collected): Docker before 25 then
-    # refuses the restore with "content ... already exists" (moby/moby#42900).
-    # A new mtime makes the tar it builds differ.
+    # checkpoint (same engine, not yet collected): moby/moby#42900.
     s = ctx.state
-    path = f"{s.dst_root}/containers/{s.target_id}/checkpoints/{s.checkpoint}/descriptors.json"
-    ctx.dst.conn.run(["touch", "-c", "-d", f"@{time.time():.6f}", path])
+    ctx.dst.conn.run(redate_checkpoint_argv(f"{s.dst_root}/containers/{s.target_id}/checkpoints/{s.checkpoint}"))
     return Measured(detail="checkpoint staged")
 
 
