@@ -7,6 +7,7 @@ each copy counts on by itself from the checkpointed value.
 
 import json
 import os
+import re
 from io import StringIO
 
 import docker
@@ -810,3 +811,67 @@ def test_controller_killed_after_keeping_a_stopped_process_recovers_it(hosts, co
     assert_consecutive(after)
     assert not Checkpoint.objects.filter(name=cp_name).exists()
     assert not files_exist(lab1, keep.kept_dir(lab1, cp_name))
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("path", ["runc", "docker"])
+def test_two_in_place_restores_at_once_leave_one_copy(hosts, counter_container, path):
+    """Two in-place restores of two checkpoints of one container, started at once
+    (two users, two API calls): one restores it, the other is refused with a
+    message. Before: each saw the stopped original in its pre-flight, both
+    restored a copy under a temporary name, and both ran."""
+    import subprocess
+    import sys
+
+    from migrations_app.models import FAILED
+    from tests.test_faults_lab import BASE_DIR, _env
+
+    lab1, _ = probe(hosts) if path == "runc" else hosts
+    name = counter_container
+    first = cli("checkpoint", "--host", "lab-1", "--container", name, "--name", f"{name}-a", "--leave-running")
+    assert first["status"] == SUCCEEDED, first["error"]
+    if path == "docker":
+        # containerd#8401 makes a second Docker-API checkpoint of the container
+        # wait 10 minutes: the second checkpoint is a copy of the first, kept
+        # and recorded under its own name.
+        import uuid
+
+        from migrations_app.engine import keep
+
+        cp_b = Checkpoint.objects.get(name=f"{name}-a")
+        source = cp_b.path
+        cp_b.pk, cp_b.code, cp_b.name = None, uuid.uuid4(), f"{name}-b"
+        cp_b.path = keep.kept_dir(lab1, cp_b.name)
+        with ssh.Connection(lab1) as conn:
+            conn.run(["cp", "-a", "--", source, cp_b.path])
+        cp_b.save()
+        with Engine(lab1) as engine:
+            engine.call("docker stop", engine.api.stop, name)
+    else:
+        second = cli("checkpoint", "--host", "lab-1", "--container", name, "--name", f"{name}-b")
+        assert second["status"] == SUCCEEDED, second["error"]
+    with Engine(lab1) as engine:
+        assert not engine.inspect(name)["State"]["Running"]
+    # A host that takes two runs at once (with the default of one, the second
+    # waits in the queue, then finds the restored copy in its pre-flight).
+    lab1.max_source_runs = 2
+    lab1.save(update_fields=["max_source_runs"])
+
+    argv = [sys.executable, "manage.py", "restore", "--json", "--checkpoint"]
+    out = {"cwd": BASE_DIR, "env": _env(), "stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    procs = [subprocess.Popen([*argv, f"{name}-{which}"], **out) for which in "ab"]
+    outcomes = [p.communicate(timeout=300) for p in procs]
+    with Engine(lab1) as engine:
+        mine = [c for c in engine.containers() if c["name"] == name or c["name"].startswith(f"{name}-cw")]
+        running = [c for c in mine if engine.inspect(c["id"])["State"]["Running"]]
+        assert len(running) == 1 and len(mine) == 1, (mine, outcomes)
+        after = logged(engine, name)
+    assert_consecutive(after)
+    runs = MigrationRun.objects.filter(operation=RESTORE).order_by("created")
+    assert sorted(r.status for r in runs) == sorted([SUCCEEDED, FAILED]), [(r.status, r.error) for r in runs]
+    refused = runs.get(status=FAILED)
+    # Refused in its pre-flight: while the other runs, or (on a busy machine) once it has replaced the original.
+    busy = rf"lab-1: container {name} is being restored or checkpointed by another run"
+    assert re.search(rf"{busy}|lab-1: a container named .{name}. already exists", refused.error), refused.error
+    # Refused before anything was made there.
+    assert [p.name for p in refused.phases.all()] == ["pre-flight", "pre-flight"]

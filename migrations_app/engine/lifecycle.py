@@ -107,19 +107,20 @@ def _same_workload(kind, workload, other):
     return other.workload_id == workload
 
 
-def claim_workload(run, workload_id):
+def claim_workload(run, workload_id, busy: str = ""):
     """Record what a run's workload resolved to; MigrationError when another active run has it.
 
     The partial unique constraint one_active_run_per_workload_id makes this
     hold between two controllers too: of two runs naming one container two
     ways, the second to get here is refused before anything is frozen.
+    busy: the refusal's message, for a run whose workload is not what it names.
     """
     try:
         with transaction.atomic():
             MigrationRun.objects.filter(pk=run.pk).update(workload_id=workload_id)
     except IntegrityError:
         raise MigrationError(
-            f"{run.workload} on {run.source.name} is already being migrated (by another run, by another name)"
+            busy or f"{run.workload} on {run.source.name} is already being migrated (by another run, by another name)"
         ) from None
     run.workload_id = workload_id
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from ... import criu, ssh
 from ...docker_engine import Engine, EngineError, redate_checkpoint_argv
 from ...models import CHECKPOINT, CLONE, CONTAINER, RESTORE
-from .. import keep
+from .. import keep, lifecycle
 from ..errors import MigrationError
 from ..hostcheck import SPACE_MARGIN, check_space, connect, unsafe_to_resume
 from ..plan import Measured, Plan, Step
@@ -212,6 +212,15 @@ def restore_preflight_target(ctx: Context):
                 f"{ctx.target.name}: container {s.final_name!r} is running; stop it to restore it in place, "
                 f"or restore the checkpoint under another name"
             )
+        # Two in-place restores of it at once (two of its checkpoints, two
+        # users, a host that takes two runs) would each restore a copy and
+        # replace it: two copies running. The original is claimed as this
+        # run's workload, as a checkpoint or migration of it claims it too.
+        lifecycle.claim_workload(
+            ctx.run, other["Id"],
+            busy=f"{ctx.target.name}: container {s.final_name} is being restored or checkpointed by another run; "
+            "wait for that run to end",
+        )  # fmt: skip
         # Replaced only once the restored copy runs: until then the stopped
         # original stays as it was.
         s.replace_id = other["Id"]
