@@ -875,3 +875,42 @@ def test_two_in_place_restores_at_once_leave_one_copy(hosts, counter_container, 
     assert re.search(rf"{busy}|lab-1: a container named .{name}. already exists", refused.error), refused.error
     # Refused before anything was made there.
     assert [p.name for p in refused.phases.all()] == ["pre-flight", "pre-flight"]
+
+
+@pytest.mark.parametrize("path", ["runc", "docker"])
+def test_a_stopping_checkpoint_is_not_cut_off_while_its_layer_is_copied(hosts, counter_container, path):
+    """Once a stopping checkpoint has stopped the container, copying its writable
+    layer is no downtime: the freeze limit must not cut the copy off and roll a
+    safely checkpointed container back. Before: with a 3 GiB layer and a 3 s
+    limit, the checkpoint took 0.2 s and the keep step was cut off at 3 s."""
+    import time
+
+    from migrations_app.engine import execute, keep
+
+    lab1, _ = probe(hosts) if path == "runc" else hosts
+    name = counter_container
+    run = keep.create_checkpoint_run(lab1, CONTAINER, name, f"{name}-cp")
+    run.freeze_limit = 5  # room for the checkpoint itself on a busy machine
+    run.save(update_fields=["freeze_limit"])
+
+    def outlast_the_limit(ctx):
+        # Stands for a layer whose copy outlasts the limit (GiBs, as in the
+        # docstring): waiting here outlasts it on any machine, a copy of a
+        # given size only on some.
+        time.sleep(max(0.0, ctx.watchdog.deadline - time.monotonic()) + 1)
+
+    run = execute(run, after_phase={"checkpoint": outlast_the_limit})
+    assert run.status == SUCCEEDED, run.error
+    assert [p.name for p in run.phases.all()] == ["pre-flight", "checkpoint", "keep", "cleanup"]
+    cp = Checkpoint.objects.get(name=f"{name}-cp")
+    assert files_exist(lab1, f"{cp.path}/checkpoint") and files_exist(lab1, f"{cp.path}/diff")
+    with Engine(lab1) as engine:
+        last = values(engine.logs(name))[-1]
+        assert not engine.inspect(name)["State"]["Running"]
+    # Still a good checkpoint: the counter goes on from it.
+    restored = cli("restore", "--checkpoint", cp.name)
+    assert restored["status"] == SUCCEEDED, restored["error"]
+    with Engine(lab1) as engine:
+        after = logged(engine, name)
+    assert after[0] == last + 1, (last, after[:5])
+    assert_consecutive(after)

@@ -31,6 +31,10 @@ class Step:
     run: Callable[[Context], Measured | None]
     freezes: bool = False  # the workload stops at the start of this phase
     resumes: bool = False  # ... and runs again on the target at its end
+    # ... or stays stopped for good at its end (a checkpoint that stops it):
+    # what follows (copying its writable layer) is no downtime, so the freeze
+    # limit ends here, though a failure still brings the workload back.
+    stops: bool = False
     when: Callable[[Context], bool] | None = None  # when false for a run, the phase is not needed
     commits: bool = False  # once it succeeds the workload runs verified on the target
     workload_bytes: bool = True  # its bytes are the workload's (not e.g. its image)

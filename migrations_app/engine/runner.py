@@ -359,7 +359,7 @@ def _run_steps(ctx: Context, steps: tuple[Step, ...], after_phase, on_phase):
             _test_pause(step.name)
             if ctx.watchdog is not None and ctx.watchdog.fired:
                 raise FreezeLimitError("its connections were closed")
-            if step.resumes and ctx.watchdog is not None:
+            if (step.resumes or step.stops) and ctx.watchdog is not None:
                 ctx.watchdog.stop()
             if step.commits:
                 ctx.set_stage(Stage.VERIFIED)  # before any bookkeeping that could fail

@@ -156,7 +156,7 @@ CHECKPOINT_PLAN = Plan(
         Step("pre-flight", "source", checkpoint_preflight),
         Step("prepare source", "source", ce.prepare_source, when=stopping_with_restart_policy),
         Step("checkpoint", "source", ce.checkpoint, freezes=True, resumes=True, when=leaving_running),
-        Step("checkpoint", "source", ce.checkpoint, freezes=True, when=stopping),
+        Step("checkpoint", "source", ce.checkpoint, freezes=True, stops=True, when=stopping),
         Step("keep", "source", keep_checkpoint, commits=True),
         Step("cleanup", "source", checkpoint_cleanup),
     ),

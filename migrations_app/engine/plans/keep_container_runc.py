@@ -198,7 +198,7 @@ CHECKPOINT_PLAN = Plan(
         Step("pre-flight", "source", checkpoint_preflight),
         Step("prepare source", "source", ce.prepare_source, when=kc.stopping_with_restart_policy),
         Step("checkpoint", "source", _checkpoint, freezes=True, resumes=True, when=kc.leaving_running),
-        Step("checkpoint", "source", _checkpoint, freezes=True, when=kc.stopping),
+        Step("checkpoint", "source", _checkpoint, freezes=True, stops=True, when=kc.stopping),
         Step("keep", "source", keep_checkpoint, commits=True),
         Step("cleanup", "source", checkpoint_cleanup),
     ),

@@ -125,7 +125,7 @@ CHECKPOINT_PLAN = Plan(
     steps=(
         Step("pre-flight", "source", checkpoint_preflight),
         Step("dump", "source", pc.dump, freezes=True, resumes=True, when=leaving_running),
-        Step("dump", "source", pc.dump, freezes=True, when=stopping),
+        Step("dump", "source", pc.dump, freezes=True, stops=True, when=stopping),
         Step("keep", "source", keep_images, commits=True),
         Step("cleanup", "source", checkpoint_cleanup),
     ),
