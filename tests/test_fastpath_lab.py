@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from migrations_app import lab, runc
-from migrations_app.docker_engine import Engine
+from migrations_app.docker_engine import Engine, EngineError
 from migrations_app.engine import create_run, execute
 from migrations_app.engine.plans import container_runc
 from migrations_app.models import (
@@ -616,6 +616,34 @@ def test_a_stale_restored_marker_does_not_skip_a_plain_start(hosts):
             assert not stale.exists()
         finally:
             stale.unlink(missing_ok=True)
+            engine.remove(cid)
+
+
+def test_a_marker_whose_images_are_gone_is_refused_and_leaves_no_restoring_marker(hosts):
+    """A marker naming images that are gone (a rollback removes them on purpose,
+    so that a start the engine queued fails): that start is refused with a
+    message, the marker ends as `.failed` as after a failed restore (before: a
+    `.restoring` stayed behind), and the next start is a plain one that runs
+    the container's own process."""
+    lab1, _ = hosts
+    name = f"gone-{uuid.uuid4().hex[:8]}"
+    with Engine(lab1) as engine:
+        cid = engine.api.create_container(
+            lab.IMAGE, ["sh", "-c", "echo hello; sleep 60"], name=name,
+            host_config=engine.api.create_host_config(runtime=runc.RUNTIME_NAME),
+        )["Id"]  # fmt: skip
+        mark = Path(runc.marker_path(cid))
+        try:
+            runc.mark_for_restore(engine.conn, cid, f"/nonexistent-{name}/images", f"/nonexistent-{name}/work")
+            with pytest.raises(EngineError, match=f"criuweb-runtime: no CRIU images in /nonexistent-{name}/images"):
+                engine.start(cid)
+            assert not engine.inspect(cid)["State"]["Running"]
+            left = sorted(p.name.removeprefix(cid) for p in mark.parent.glob(f"{cid}*"))
+            assert left == [".failed"], left
+            engine.start(cid)
+            wait_for(lambda: "hello" in engine.logs(name), message="the container's process never started")
+        finally:
+            runc.clear_marks(engine.conn, cid)
             engine.remove(cid)
 
 
