@@ -809,9 +809,16 @@ WAITING = b"criuweb-waiting\n"
 # stream's bytes and their order do not change, only when they leave. Each
 # duplicate is closed at once, so CRIU's own close still ends the
 # connection. Anything that fails here only leaves the 200 ms in place.
+# The PID may also be a `runc checkpoint`'s: its criu (swrk) is found among
+# its children, and a criu that ends without that socket is looked for
+# again (runc first starts one only to ask its version: go-criu's
+# GetCriuVersion in libcontainer's checkCriuVersion). With
+# CRIUWEB_UNCORKED set, the path it names gets the line "uncorked" once the
+# cork is off, so a run can say that it was.
 UNCORK = r"""
 import ctypes, ipaddress, os, socket, sys, time
 peer = (ipaddress.ip_address(sys.argv[1]), int(sys.argv[2]))
+mark = os.environ.pop("CRIUWEB_UNCORKED", "")
 r, w = os.pipe()
 shell = os.fork()
 if shell == 0:
@@ -854,22 +861,15 @@ def is_peer(s):
     except (OSError, ValueError):
         return False
 
-def uncork(pid, deadline):
-    criu = None
-    while criu is None:
-        if time.monotonic() > deadline or not os.path.exists("/proc/%d" % pid):
-            return
-        criu = criu_under(pid)
-        if criu is None:
-            time.sleep(0.001)
-    pidfd = os.pidfd_open(criu)
+# Uncorks criu's socket to the peer; False if criu ended before it had one.
+def watch(criu, pidfd, deadline):
     sk, seen = None, set()
     while time.monotonic() < deadline:
         if sk is None:
             try:
                 fds = os.listdir("/proc/%d/fd" % criu)
             except OSError:
-                return
+                return False
             for name in fds:
                 try:
                     link = os.readlink("/proc/%d/fd/%s" % (criu, name))
@@ -889,19 +889,40 @@ def uncork(pid, deadline):
             # CRIU corks once, right after connecting (and its TLS handshake).
             try:
                 if os.readlink("/proc/%d/fd/%d" % (criu, sk[0])) != sk[1]:
-                    return
+                    return True
             except OSError:
-                return
+                return True
             s = grab(pidfd, sk[0])
             if s is None:
-                return
+                return True
             try:
                 if s.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK):
                     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
-                    return
+                    if mark:
+                        with open(mark, "w") as f:
+                            f.write("uncorked\n")
+                    return True
             finally:
                 s.close()
         time.sleep(0.001)
+    return True
+
+def uncork(pid, deadline):
+    while time.monotonic() < deadline and os.path.exists("/proc/%d" % pid):
+        criu = criu_under(pid)
+        if criu is None:
+            time.sleep(0.001)
+            continue
+        try:
+            pidfd = os.pidfd_open(criu)
+        except OSError:
+            time.sleep(0.001)
+            continue
+        try:
+            if watch(criu, pidfd, deadline):
+                return
+        finally:
+            os.close(pidfd)
 
 said = os.read(r, 32).split()
 if said and said[0].isdigit():

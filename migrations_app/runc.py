@@ -175,6 +175,45 @@ def run_waiting_checkpoint(conn: ssh.Connection, chan, work: str, timeout: float
     )
 
 
+# A page-server checkpoint set up before the freeze, as
+# WAITING_CHECKPOINT_SCRIPT, for a container paused by then: on "go" runc
+# checkpoints it with --leave-running (CRIU finds the cgroup frozen and
+# leaves it so) and its CRIU sends the pages to the page server at $6
+# (ADDR:PORT), then the shell prints "checkpoint <status>" and ends. It runs
+# under criu.UNCORK, to which it says runc's PID on fd 5: CRIU's socket to
+# the page server is corked for good (criu/page-xfer.c), and its goodbye
+# would wait 200 ms in the kernel with the container frozen. $1 runc, $2
+# root, $3 images dir, $4 work dir, $5 container id, $6 ADDR:PORT.
+PAGE_SERVER_CHECKPOINT_SCRIPT = r"""
+runc=$1 root=$2 images=$3 work=$4 id=$5 ps=$6
+umask 077  # the images hold the container's memory
+rm -rf "$images" "$work" && mkdir -p "$images" "$work" || exit 90
+read -r go || exit 4
+[ "$go" = go ] || exit 4
+"$runc" --root "$root" checkpoint --image-path "$images" --work-path "$work" --leave-running --page-server "$ps" \
+    "$id" </dev/null >"$work/runc.out" 2>&1 5>&- &
+c=$!
+echo "$c" >&5
+exec 5>&-
+wait "$c"
+echo "checkpoint $?"
+"""
+
+# Where UNCORK says that it took the cork off (criu.UNCORK, CRIUWEB_UNCORKED), in the work dir.
+UNCORKED_FILE = "uncorked"
+
+
+def open_page_server_checkpoint(conn: ssh.Connection, state: RuncState, container_id: str, images: str, work: str,
+                                address: str, port: int):  # fmt: skip
+    """Start a PAGE_SERVER_CHECKPOINT_SCRIPT shell under criu.UNCORK; its channel, for run_waiting_checkpoint."""
+    host = f"[{address}]" if ":" in address else address
+    return conn.open_command(
+        ["env", f"CRIUWEB_UNCORKED={work}/{UNCORKED_FILE}", "python3", "-c", criu.UNCORK, address, str(port),
+         "sh", "-c", PAGE_SERVER_CHECKPOINT_SCRIPT, "sh", state.binary, state.root, images, work, container_id,
+         f"{host}:{port}"]
+    )  # fmt: skip
+
+
 def is_running(conn: ssh.Connection, state: RuncState, container_id: str) -> bool:
     """Whether runc has the container running (after a failed checkpoint, CRIU resumes it)."""
     r = conn.run([state.binary, "--root", state.root, "state", container_id], check=False)

@@ -227,3 +227,47 @@ def test_uncork_takes_the_cork_off_the_dump_socket_to_the_page_server_only(tmp_p
     # UNCORK hands its own stdio to the shell: the dump's output comes through.
     assert out.stdout.split() == ["0", "1"], out
     assert out.returncode == 0, out
+
+
+# Stands in for `runc checkpoint`: like runc (go-criu's version query, then
+# the dump), it starts a criu that ends without connecting anywhere, then
+# the one that connects to the page server. argv[1]: the fake criu, then
+# CORKED_CLIENT's arguments.
+FAKE_RUNC = r"""
+import subprocess, sys
+subprocess.run([sys.argv[1], "-c", "import time; time.sleep(0.3)"], check=True)
+subprocess.run([sys.argv[1], *sys.argv[2:]], check=True)
+"""
+
+
+def test_uncork_finds_the_dump_criu_of_a_runc_checkpoint(tmp_path):
+    """Under runc, the first criu is a version query: UNCORK waits for the one that dumps, and says it uncorked.
+
+    Real sockets and real processes, a copy of Python named criu standing in
+    for CRIU (a real runc checkpoint is the fast-path lab tests' job).
+    """
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    listeners = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]
+    ps_port, other_port = (s.getsockname()[1] for s in listeners)
+    fake = tmp_path / "criu"
+    shutil.copy(sys.executable, fake)
+    mark = tmp_path / "uncorked"
+    # What runc.PAGE_SERVER_CHECKPOINT_SCRIPT does with fd 5: say runc's PID there.
+    shell = '"$@" & pid=$!; echo "$pid" >&5; exec 5>&-; wait "$pid"'
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", criu.UNCORK, "127.0.0.1", str(ps_port), "sh", "-c", shell, "sh",
+             sys.executable, "-c", FAKE_RUNC, str(fake), "-c", CORKED_CLIENT, "127.0.0.1", str(ps_port),
+             str(other_port)],
+            capture_output=True, text=True, timeout=60, env={**os.environ, "CRIUWEB_UNCORKED": str(mark)},
+        )  # fmt: skip
+    finally:
+        for s in listeners:
+            s.close()
+    assert out.stdout.split() == ["0", "1"], out
+    assert out.returncode == 0, out
+    assert mark.read_text() == "uncorked\n"

@@ -148,6 +148,12 @@ def test_there_and_back(hosts, workload, strategy):
             assert run.phases.get(name="page pull").bytes > 0
         else:
             assert run.phases.get(name="checkpoint").criu_stats["frozen_time"] > 0
+        if strategy == PAGE_SERVER:
+            checkpoint = run.phases.get(name="checkpoint")
+            # The pages went in the checkpoint, counted once its statistics were read.
+            assert checkpoint.bytes == checkpoint.criu_stats["pages_written"] * 4096 > 0
+            # UNCORK found runc's CRIU and took the cork off its socket to the page server.
+            assert "cork taken off" in checkpoint.detail, checkpoint.detail
         restore = run.phases.get(name="restore")
         assert restore.criu_stats["restore_time"] > 0
         assert "Restore finished successfully" in restore.log
@@ -368,6 +374,9 @@ def test_untrusted_pair_gets_crius_tls_through_the_containers_config(hosts, work
     assert run.status == SUCCEEDED, run.error
     assert run.tls is True
     assert "TLS handshake completed" in run.phases.get(name=TLS_LOG_PHASE[strategy]).log
+    if strategy == PAGE_SERVER:
+        # CRIU corks after its handshake; UNCORK lifts it over TLS too.
+        assert "cork taken off" in run.phases.get(name="checkpoint").detail
     with Engine(lab2) as engine:
         logged = wait_for(
             lambda: values(engine.logs(name))[-1] > values(engine.logs(name))[0] + 8 and engine.logs(name)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from ... import criu, runc, ssh
 from ...docker_engine import Engine, EngineError, NotFoundError
-from ...models import CONTAINER, LAZY, PHASE_OK, STOP_AND_COPY, MigrationRun, Stage, TrustedPair
+from ...models import CONTAINER, LAZY, PAGE_SERVER, PHASE_OK, STOP_AND_COPY, MigrationRun, Stage, TrustedPair
 from .. import container_checks, streams, tls
 from ..errors import MigrationError
 from ..hostcheck import SPACE_MARGIN, check_space, settle, unsafe_to_resume
@@ -39,6 +39,7 @@ from .container_engine import ContainerState
 if TYPE_CHECKING:
     from ..runner import Context
 
+PAGE_SIZE = 4096
 # tmpfs first: images written to memory, not disk, on both hosts.
 TMPFS_DIR = "/dev/shm/criuweb"
 # How long Docker may take to see the checkpointed container exit; its
@@ -195,7 +196,7 @@ def open_transfer(ctx: Context, lazy: bool = False, checkpoint: bool = False) ->
 
 def close_transfer(ctx: Context) -> None:
     """End the waiting transfer commands, if any: at their EOF they do nothing."""
-    for name in ("transfer_src", "transfer_dst"):
+    for name in ("transfer_src", "transfer_dst", "ps_checkpoint"):
         chan = getattr(ctx, name, None)
         if chan is not None:
             chan.close()
@@ -332,14 +333,26 @@ def _restore_failure(ctx: Context, conn, error, work: str) -> Exception:
 
 
 def record_dump(ctx: Context) -> None:
-    """CRIU's dump statistics and log onto the checkpoint phase, unless it has them."""
+    """CRIU's dump statistics and log onto the checkpoint phase, unless it has them.
+
+    With page-server streaming, also the bytes the dump streamed, and
+    whether UNCORK took the cork off its socket (runc.UNCORKED_FILE).
+    """
     s = ctx.state
     phase = ctx.run.phases.filter(name="checkpoint", status=PHASE_OK).first()
     if phase is None or phase.criu_stats:
         return
-    phase.criu_stats = criu.read_stats(ctx.src.conn, f"{s.src_base}/work/stats-dump")
-    phase.log = (ctx.src.conn.read_file(f"{s.src_base}/work/dump.log", check=False) or "")[-1_000_000:]
-    phase.save(update_fields=["criu_stats", "log"])
+    conn, work = ctx.src.conn, f"{s.src_base}/work"
+    phase.criu_stats = criu.read_stats(conn, f"{work}/stats-dump")
+    phase.log = (conn.read_file(f"{work}/dump.log", check=False) or "")[-1_000_000:]
+    fields = ["criu_stats", "log"]
+    if ctx.plan.strategy == PAGE_SERVER:
+        phase.bytes = phase.criu_stats.get("pages_written", 0) * PAGE_SIZE
+        ctx.run.total_bytes += phase.bytes  # stored with the restore phase
+        if (conn.read_file(f"{work}/{runc.UNCORKED_FILE}", check=False) or "").strip() == "uncorked":
+            phase.detail += "; cork taken off CRIU's socket to the page server"
+        fields += ["bytes", "detail"]
+    phase.save(update_fields=fields)
 
 
 def restore(ctx: Context):

@@ -39,8 +39,6 @@ from .container_runc import RuncContainerState
 if TYPE_CHECKING:
     from ..runner import Context
 
-PAGE_SIZE = 4096
-
 
 @dataclass
 class RuncPageServerState(RuncContainerState):
@@ -68,7 +66,7 @@ def preflight_target(ctx: Context):
 
 
 def start_page_server(ctx: Context):
-    """Started before the freeze, so its start-up is no downtime."""
+    """Started before the freeze, with the checkpoint's shell, so that neither start-up is downtime."""
     s = ctx.state
     images = f"{s.dst_base}/images"
     ctx.dst.conn.run(["mkdir", "-p", "--", images])
@@ -78,22 +76,43 @@ def start_page_server(ctx: Context):
     ctx.page_server = server
     s.port, s.page_server_pid = server.port, server.pid
     ctx.save_state()
+    # The freeze then opens no SSH session and starts no shell or Python on
+    # the source: "go" on this channel checkpoints.
+    state = runc.RuncState(s.runc_binary, s.runc_root)
+    ctx.ps_checkpoint = runc.open_page_server_checkpoint(
+        ctx.src.conn, state, s.container["Id"], f"{s.src_base}/images", f"{s.src_base}/work", s.address, s.port
+    )
     how = "CRIU's TLS" if s.tls else "no TLS: trusted network"
-    return Measured(detail=f"listening on {s.address}:{s.port} (PID {server.pid}), {how}")
+    return Measured(
+        detail=f"listening on {s.address}:{s.port} (PID {server.pid}), {how}; the checkpoint waiting for the freeze"
+    )
 
 
 def checkpoint(ctx: Context):
     s = ctx.state
     cid = s.container["Id"]
+    waiting = getattr(ctx, "ps_checkpoint", None)
+    ctx.ps_checkpoint = None
+    t0 = time.perf_counter()
     state = container_runc.pause_source(ctx)
-    extra = ["--leave-running", "--page-server", f"{s.address}:{s.port}"]
+    t1 = time.perf_counter()
     try:
-        runc.checkpoint(ctx.src.conn, state, cid, f"{s.src_base}/images", f"{s.src_base}/work", extra)
+        if waiting is not None:
+            runc.run_waiting_checkpoint(ctx.src.conn, waiting, f"{s.src_base}/work")
+        else:
+            # A run resumed by a recovery: no shell waits; one SSH command.
+            extra = ["--leave-running", "--page-server", f"{s.address}:{s.port}"]
+            runc.checkpoint(ctx.src.conn, state, cid, f"{s.src_base}/images", f"{s.src_base}/work", extra)
     except runc.RuncError as e:
         server_log = ctx.page_server.log_tail()
         excerpt = e.log_excerpt + (f"\n--- {ctx.target.name}: page-server.log ---\n{server_log}" if server_log else "")
         raise criu.CriuError(str(e), excerpt) from e
+    finally:
+        if waiting is not None:
+            waiting.close()
+    t2 = time.perf_counter()
     rc = ctx.page_server.wait()
+    t3 = time.perf_counter()
     s.page_server_pid = None
     if rc != 0:
         raise criu.CriuError(
@@ -102,12 +121,13 @@ def checkpoint(ctx: Context):
             ctx.page_server.log_tail(),
         )
     s.checkpointed = True
-    stats = criu.read_stats(ctx.src.conn, f"{s.src_base}/work/stats-dump")
+    # CRIU's statistics (the bytes streamed) and log are read after the
+    # restore (container_runc.record_dump): each read is an SSH round trip
+    # that would fall in the downtime here.
+    how = "in the shell started before the freeze" if waiting is not None else "over one SSH command"
     return Measured(
-        bytes=stats.get("pages_written", 0) * PAGE_SIZE,
-        criu_stats=stats,
-        log=ctx.src.conn.read_file(f"{s.src_base}/work/dump.log", check=False) or "",
-        detail=f"source paused; pages streamed to {s.address}:{s.port}",
+        detail=f"source paused ({(t1 - t0) * 1000:.0f} ms); pages streamed to {s.address}:{s.port} by runc "
+        f"checkpoint {how} ({(t2 - t1) * 1000:.0f} ms); the page server's exit seen {(t3 - t2) * 1000:.0f} ms later"
     )
 
 
@@ -133,6 +153,9 @@ def rollback(ctx: Context):
             pass  # a page server alone runs nothing; the target copy is what matters
     leftovers = container_runc.disarm_target(ctx)
     with Engine(ctx.source, timeout=ctx.call_timeout()) as src:
+        # A checkpoint whose channel was cut (the freeze limit) goes on in
+        # runc: unpaused midway, the container would run while CRIU dumps it.
+        container_runc.await_checkpoint(ctx, src, ctx.call_timeout())
         found = src.inspect(c["Id"])["State"]
         if found.get("Paused"):
             src.call("docker unpause", src.api.unpause, c["Id"])
