@@ -396,6 +396,37 @@ def test_freeze_limit_cutting_a_checkpoint_off_waits_for_it(hosts):
                     engine.remove(name)
 
 
+def test_freeze_limit_cutting_a_page_server_checkpoint_off_waits_for_it(hosts):
+    """The page-server checkpoint, run by the shell started before the freeze,
+    is cut off by the freeze limit while runc dumps the paused container: the
+    run rolls back to the container running on the source, not paused, its
+    memory unchanged."""
+    lab1, lab2 = hosts
+    lab.trust_pair()
+    name = f"memhog-{uuid.uuid4().hex[:8]}"
+    with Engine(lab1) as engine:
+        lab.run_memhog_container(engine, name, 512)
+        wait_for(lambda: len(lab.counter_values(engine.logs(name))) >= 5, 60, "memhog did not start")
+        checksum = lab.memhog_container_checksum(engine, name)
+    try:
+        run = execute(create_run(lab1, lab2, CONTAINER, name, freeze_limit=1, strategy="page-server"))
+        assert run.status == ROLLED_BACK, run.error
+        assert run.error.startswith("checkpoint did not end within the freeze limit of 1 s"), run.error
+        assert running_copies(hosts, name) == ["lab-1"]
+        with Engine(lab1) as engine:
+            assert not engine.inspect(name)["State"]["Paused"]
+            # Running for real: the counter goes on, the memory unchanged.
+            count = len(lab.counter_values(engine.logs(name)))
+            wait_for(lambda: len(lab.counter_values(engine.logs(name))) > count + 5, 30, "the counter stopped")
+            assert_consecutive(lab.counter_values(engine.logs(name)))
+            assert lab.memhog_container_checksum(engine, name) == checksum
+    finally:
+        for host in hosts:
+            with Engine(host) as engine:
+                if engine.exists(name):
+                    engine.remove(name)
+
+
 def test_freeze_limit_cutting_a_dump_off_waits_for_it(hosts):
     lab1, lab2 = hosts
     tag = uuid.uuid4().hex[:8]

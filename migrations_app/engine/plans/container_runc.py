@@ -492,12 +492,15 @@ def drop_criu_config(ctx: Context, conn=None) -> None:
 
 
 def pause_source(ctx: Context) -> runc.RuncState:
-    """The freeze: the source paused (the cgroup freezer), recorded at once, so that a rollback unpauses it."""
+    """The freeze: the source paused (the cgroup freezer)."""
     s = ctx.state
     close_tcp(ctx)
     ctx.src.call("docker pause", ctx.src.api.pause, s.container["Id"])
+    # Not stored on its own (a disk sync inside the freeze): the stage,
+    # frozen since before this call, already sends a recovery to the
+    # rollback, and the rollbacks ask Docker whether the source is paused.
+    # The state goes with the phase's end.
     s.paused = True
-    ctx.save_state()
     return runc.RuncState(s.runc_binary, s.runc_root)
 
 

@@ -154,7 +154,7 @@ def rollback(ctx: Context):
     leftovers = container_runc.disarm_target(ctx)
     with Engine(ctx.source, timeout=ctx.call_timeout()) as src:
         # A checkpoint whose channel was cut (the freeze limit) goes on in
-        # runc: unpaused midway, the container would run while CRIU dumps it.
+        # runc: waited for before the unpause, as the stop-and-copy rollback does.
         container_runc.await_checkpoint(ctx, src, ctx.call_timeout())
         found = src.inspect(c["Id"])["State"]
         if found.get("Paused"):
