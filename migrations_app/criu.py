@@ -485,6 +485,28 @@ tr '\0' '\n' < "/proc/$p/cmdline" 2>/dev/null | grep -qxF "$f" && echo "$p"
 true
 """
 
+# For each images dir given, the PID namespace of the holder restoring from
+# it (checked as HOLDER_PID does), or an empty line when none runs.
+HOLDER_NAMESPACES = r"""
+for d in "$@"; do
+    f="$d/holder.pid" p=
+    if [ -f "$f" ] && [ ! -L "$f" ]; then p=$(head -c 20 "$f" | tr -dc 0-9); fi
+    if [ -n "$p" ] && [ "$p" -gt 1 ] && tr '\0' '\n' < "/proc/$p/cmdline" 2>/dev/null | grep -qxF "$f"; then
+        readlink "/proc/$p/ns/pid" || echo
+    else
+        echo
+    fi
+done
+"""
+
+
+def holder_namespaces(conn, images_dirs: list[str]) -> list[str]:
+    """The PID namespace ("pid:[N]") of the holder restoring from each images dir; "" where none runs."""
+    dirs = [d.rstrip("/") for d in images_dirs]
+    out = conn.sh(HOLDER_NAMESPACES, *dirs).stdout.split("\n")
+    return [(out[i].strip() if i < len(out) else "") for i in range(len(dirs))]
+
+
 # Stop a restore from images dir $1, whether it has not started, is running
 # or has finished: the directory moves away first (a restore not yet begun
 # then finds no images and no place for its PID file), then its holder (PID

@@ -125,6 +125,29 @@ def claim_workload(run, workload_id, busy: str = ""):
     run.workload_id = workload_id
 
 
+def restoring_here(run: MigrationRun) -> list[MigrationRun]:
+    """Other runs of this kind whose copy may be running on this run's source, still undecided.
+
+    Their stage is "restoring" (running, interrupted, or failed and waiting
+    for `recover --run`): each may yet remove that copy and bring its
+    workload back on its own source. A run that took the copy away meanwhile
+    would leave two copies once the other rolls back.
+    """
+    return list(
+        MigrationRun.objects.filter(target=run.source, kind=run.kind, stage=Stage.RESTORING)
+        .exclude(pk=run.pk)
+        .select_related("source")
+    )
+
+
+def refuse_arriving(run: MigrationRun, other: MigrationRun, what: str) -> None:
+    """Refuse a run whose workload is the copy another run is still restoring on its source."""
+    raise MigrationError(
+        f"{run.source.name}: {what} is the copy that run {other.code} is still restoring there from "
+        f"{other.source.name}; that run may yet roll it back: move it once that run has ended"
+    )
+
+
 def holds_workload(run: MigrationRun) -> bool:
     """Whether an unfinished run still has its workload: queued, or its worker at work on it."""
     if run.status == PENDING and not run.worker:

@@ -138,6 +138,9 @@ def preflight_source(ctx: Context):
     c = ctx.src.inspect(ref)
     if not c["State"]["Running"]:
         raise MigrationError(f"{ctx.source.name}: container {ctx.run.workload!r} is not running")
+    for other in lifecycle.restoring_here(ctx.run):
+        if (other.state or {}).get("target_id") == c["Id"]:
+            lifecycle.refuse_arriving(ctx.run, other, f"container {ctx.run.workload!r}")
     # By its full id: the same container named another way is the same.
     lifecycle.claim_workload(ctx.run, c["Id"])
     if c["State"].get("Paused"):

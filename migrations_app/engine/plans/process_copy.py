@@ -71,6 +71,8 @@ def preflight_source(ctx: Context):
     why = tree.refusals(found, ctx.source.name, tree.controller_pids(found), own_namespaces=mode == "ns")
     if why:
         raise MigrationError(f"{ctx.source.name}: PID {pid} cannot be moved: {'; '.join(why)}")
+    if mode == "ns":
+        _refuse_a_copy_still_restoring(ctx, pid, found)
     lifecycle.claim_workload(ctx.run, str(pid))
     s = ctx.state
     connected = found.connected()
@@ -95,6 +97,17 @@ def preflight_source(ctx: Context):
         detail=f"CRIU {probe['version']}, PID {pid} ({comm}) {where}, {len(found.procs)} process(es), "
         f"~{rss // 1024} KiB resident; sockets: {found.summary()}{tcp}"
     )
+
+
+def _refuse_a_copy_still_restoring(ctx: Context, pid: int, found: tree.Tree) -> None:
+    """Refuse a tree that another run restored here and may still roll back (its holder's namespace)."""
+    others = [o for o in lifecycle.restoring_here(ctx.run) if (o.state or {}).get("dst_images")]
+    if not others:
+        return
+    namespaces = criu.holder_namespaces(ctx.src, [o.state["dst_images"] for o in others])
+    for other, ns in zip(others, namespaces, strict=True):
+        if ns and ns == found.root_ns.get("pid"):
+            lifecycle.refuse_arriving(ctx.run, other, f"PID {pid}")
 
 
 def preflight_target(ctx: Context):
