@@ -191,18 +191,24 @@ def payload_chunks(path: str | Path, manifest: dict) -> Iterator[bytes]:
     Raises ArchiveError after the last chunk when it does not match (the file
     changed since verify()); the receiver must then discard what it got.
     """
-    reader, tar = _open(path)
-    with reader:
-        _manifest_from(tar)
-        member = tar.next()
-        if member is None or member.name != PAYLOAD:
-            raise ArchiveError(f"the archive holds no {PAYLOAD}")
-        digest = hashlib.sha256()
-        for chunk in _chunks(tar.extractfile(member)):
-            digest.update(chunk)
-            yield chunk
-        if digest.hexdigest() != manifest["payload"]["sha256"]:
-            raise ArchiveError("the payload changed since it was verified")
+    try:
+        reader, tar = _open(path)
+        with reader:
+            _manifest_from(tar)
+            member = tar.next()
+            if member is None or member.name != PAYLOAD:
+                raise ArchiveError(f"the archive holds no {PAYLOAD}")
+            digest = hashlib.sha256()
+            for chunk in _chunks(tar.extractfile(member)):
+                digest.update(chunk)
+                yield chunk
+    except ArchiveError:
+        raise
+    except _errors() as e:
+        # Cut short or damaged since verify() read it whole.
+        raise ArchiveError(f"the archive is damaged or truncated: {e}") from None
+    if digest.hexdigest() != manifest["payload"]["sha256"]:
+        raise ArchiveError("the payload changed since it was verified")
 
 
 def _chunks(f: IO[bytes]) -> Iterator[bytes]:

@@ -914,3 +914,100 @@ def test_a_stopping_checkpoint_is_not_cut_off_while_its_layer_is_copied(hosts, c
         after = logged(engine, name)
     assert after[0] == last + 1, (last, after[:5])
     assert_consecutive(after)
+
+
+def _exported_process_checkpoint(counter_process, tmp_path):
+    """An archive of a leave-running checkpoint of the counter process."""
+    pid = str(counter_process["pid"])
+    made = cli("checkpoint", "--host", "lab-1", "--pid", pid, "--leave-running", "--name", f"p{pid}-ex")
+    assert made["status"] == SUCCEEDED, made["error"]
+    out = tmp_path / "cp.tar.zst"
+    exported = cli("export", "--checkpoint", made["checkpoint"], "--output", str(out))
+    assert exported["status"] == SUCCEEDED, exported["error"]
+    return out
+
+
+@pytest.mark.parametrize("change", ["changed", "truncated"])
+def test_an_archive_changed_after_its_check_is_refused_and_leaves_nothing(hosts, counter_process, tmp_path, change):
+    """The archive is replaced between its check and the transfer (same manifest,
+    other payload bytes; or cut short): the bytes sent are not the ones checked.
+    Refused with a message, nothing kept or recorded, and nothing left on the
+    host: the host unpacks aside, the controller waits for its tar to end
+    before removing that, and the kept directory is named only once the
+    controller found the bytes it sent to be the checked ones. (Before, the
+    host named it before the controller's check, and the cut-short one ended
+    with the decompressor's own words, logged as a crash.)"""
+    import io
+    import tarfile
+
+    import zstandard
+
+    from migrations_app.engine import execute, keep
+    from migrations_app.models import FAILED
+
+    _, lab2 = hosts
+    out = _exported_process_checkpoint(counter_process, tmp_path)
+    raw = zstandard.ZstdDecompressor().stream_reader(open(out, "rb")).read()
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    # One byte of the payload's last file changed: a tar that still unpacks.
+    (manifest, mdata), (payload, pdata) = members
+    inner = tarfile.open(fileobj=io.BytesIO(pdata))
+    last = [m for m in inner.getmembers() if m.isreg() and m.size][-1]
+    pdata = pdata[: last.offset_data] + bytes([pdata[last.offset_data] ^ 0xFF]) + pdata[last.offset_data + 1 :]
+    changed = io.BytesIO()
+    with tarfile.open(fileobj=changed, mode="w") as tar:
+        tar.addfile(manifest, io.BytesIO(mdata))
+        tar.addfile(payload, io.BytesIO(pdata))
+    tampered = zstandard.ZstdCompressor(write_checksum=True).compress(changed.getvalue())
+    if change == "truncated":
+        tampered = out.read_bytes()[: len(tampered) * 2 // 3]
+
+    with ssh.Connection(lab2) as conn:
+        conn.run(["mkdir", "-p", f"{lab2.work_dir}/checkpoints"])  # made by the pre-flight's space check
+    before = host_listing(lab2)
+    run = keep.create_import_run(lab2, str(out), name="swapped")
+
+    def swap(ctx):
+        out.write_bytes(tampered)
+
+    run = execute(run, after_phase={"verify archive": swap})
+    expected = "the payload changed since it was verified" if change == "changed" else "is damaged or truncated"
+    assert run.status == FAILED, run.error
+    assert run.error.startswith(f"controller: cp.tar.zst: the {'archive' if change == 'truncated' else 'payload'}")
+    assert expected in run.error and run.error.endswith("nothing was kept on lab-2"), run.error
+    assert host_listing(lab2) == before
+    assert not Checkpoint.objects.filter(name="swapped").exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_import_whose_controller_died_after_the_transfer_leaves_nothing(hosts, counter_process, tmp_path):
+    """The CLI killed right after the checkpoint reached the host, before it was
+    recorded: the recovery removes what the host unpacked. Before: the recovery's
+    abort had no connection to the host and removed nothing, leaving a kept
+    directory no record names (disk used that no page shows)."""
+    import subprocess
+    import sys
+
+    from migrations_app.engine import keep
+    from migrations_app.engine.runner import TEST_PAUSE_ENV
+    from migrations_app.models import FAILED, IMPORT
+    from tests.test_faults_lab import BASE_DIR, _env, kill_when_paused, recover_all
+
+    _, lab2 = hosts
+    out = _exported_process_checkpoint(counter_process, tmp_path)
+    with ssh.Connection(lab2) as conn:
+        conn.run(["mkdir", "-p", f"{lab2.work_dir}/checkpoints"])  # made by the pre-flight's space check
+    before = host_listing(lab2)
+    env = dict(_env(), **{TEST_PAUSE_ENV: "transfer=120"})
+    proc = subprocess.Popen(
+        [sys.executable, "manage.py", "import", "--host", "lab-2", "--input", str(out), "--name", "died"],
+        cwd=BASE_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    kill_when_paused(proc, "transfer")
+    recover_all()
+    run = MigrationRun.objects.get(operation=IMPORT)
+    assert run.status == FAILED, run.error
+    assert not Checkpoint.objects.filter(name="died").exists()
+    assert host_listing(lab2) == before
+    assert not files_exist(lab2, keep.kept_dir(lab2, "died"))

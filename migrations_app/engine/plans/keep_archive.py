@@ -149,47 +149,82 @@ def _free_name(name: str | None, host) -> str:
     return keep.default_name(base)
 
 
-# $1: the kept directory. Unpacked beside it and renamed only when whole;
-# refused and removed if CRIU's images hold anything but files and
+# Holds the run's code in the directory it unpacked, until it is recorded:
+# an abort (or a recovery's) removes a kept directory only when it is its
+# own and unrecorded (another import may have taken the name meanwhile).
+OWNER = ".criuweb-import"
+
+# $1: the run's own directory beside the kept one, $2: the run's code.
+# Unpacked and checked there only: the controller learns whether the bytes
+# it sent are the ones it checked (the archive may have changed since) at
+# their end, and names the kept directory itself after that (PLACE_KEPT).
+# Refused and removed if CRIU's images hold anything but files and
 # directories (the controller checked already; the host does not trust it).
 UNPACK_KEPT = r"""
 set -e
-rm -rf -- "$1.part"
-mkdir -p -- "$1.part"
-tar --numeric-owner --xattrs --xattrs-include='*' --same-owner -xpf - -C "$1.part"
-odd=$(find "$1.part/checkpoint" ! -type f ! -type d -print -quit)
-if [ -n "$odd" ]; then echo "refusing the checkpoint: $odd is not a regular file" >&2; rm -rf -- "$1.part"; exit 3; fi
-mv -T -- "$1.part" "$1"  # -T: never into a directory made meanwhile
-du -sb -- "$1" | cut -f1
+rm -rf -- "$1"
+mkdir -p -- "$1"
+tar --numeric-owner --xattrs --xattrs-include='*' --same-owner -xpf - -C "$1"
+odd=$(find "$1/checkpoint" ! -type f ! -type d -print -quit)
+if [ -n "$odd" ]; then echo "refusing the checkpoint: $odd is not a regular file" >&2; rm -rf -- "$1"; exit 3; fi
+printf '%s' "$2" >"$1/.criuweb-import"
 """
+
+# $1 the run's directory, $2 the kept one. Prints its size.
+PLACE_KEPT = r"""
+set -e
+mv -T -- "$1" "$2"  # -T: never into a directory made meanwhile
+du -sb --exclude=.criuweb-import -- "$2" | cut -f1
+"""
+
+# $1 the run's directory, $2 the kept one, $3 the run's code, $4 "recorded"
+# or "": the kept directory goes only when this run made it and recorded nothing.
+ABORT_SCRIPT = r"""
+rm -rf -- "$1"
+if [ -z "$4" ] && [ "$(cat -- "$2/.criuweb-import" 2>/dev/null)" = "$3" ]; then rm -rf -- "$2"; fi
+if [ -n "$4" ]; then rm -f -- "$2/.criuweb-import"; fi
+true
+"""
+
+
+def _unpack_dir(ctx: Context) -> str:
+    """The run's own directory beside the kept one: two imports of one name never share it."""
+    return f"{ctx.state.kept}.{ctx.run.code.hex[:12]}.part"
 
 
 def import_transfer(ctx: Context):
     s = ctx.state
-    chan = ctx.dst.open_command(["sh", "-c", UNPACK_KEPT, "sh", s.kept])
+    part = _unpack_dir(ctx)
+    chan = ctx.dst.open_command(["sh", "-c", UNPACK_KEPT, "sh", part, ctx.run.code.hex])
     sent = 0
     try:
         for chunk in archive.payload_chunks(s.archive, s.manifest):
             chan.sendall(chunk)
             sent += len(chunk)
     except (archive.ArchiveError, OSError) as e:
+        # The host's tar may still be unpacking what it got: removed once it is done.
+        chan.shutdown_write()
+        chan.status_event.wait(ctx.call_timeout())
         chan.close()
-        ctx.dst.run(["rm", "-rf", "--", f"{s.kept}.part"], check=False)
+        ctx.dst.run(["rm", "-rf", "--", part], check=False)
+        if isinstance(e, archive.ArchiveError):
+            raise MigrationError(
+                f"controller: {os.path.basename(s.archive)}: {e}; nothing was kept on {ctx.target.name}"
+            ) from None
         raise MigrationError(f"{ctx.target.name}: sending the checkpoint failed: {e}") from None
     chan.shutdown_write()
-    out = chan.makefile().read().decode().strip()
     rc = chan.recv_exit_status()
     err = chan.makefile_stderr().read().decode(errors="replace").strip()
     chan.close()
     if rc != 0:
         raise MigrationError(f"{ctx.target.name}: unpacking the checkpoint failed: {err[-300:] or rc}")
-    return Measured(bytes=sent, detail=f"{int(out or 0)} B in {s.kept}")
+    return Measured(bytes=sent, detail=f"unpacked in {part}")
 
 
 def import_keep(ctx: Context):
     s = ctx.state
     d = s.manifest["checkpoint"]
-    size = ctx.dst.run(["du", "-sb", "--", s.kept]).stdout.split()[0]
+    size = ctx.dst.sh(PLACE_KEPT, _unpack_dir(ctx), s.kept).stdout.split()[0]
     cp = keep.record(
         ctx, s.kept, int(size), workload=d.get("workload", ""), workload_id=d.get("workload_id", ""),
         leave_running=bool(d.get("leave_running")), criu_stats=d.get("criu_stats") or {},
@@ -198,7 +233,8 @@ def import_keep(ctx: Context):
         image=d.get("image") or "", criu_version=d.get("criu_version", ""), kernel=d.get("kernel", ""),
         imported=True,
     )  # fmt: skip
-    return Measured(detail=f"kept as {cp.name}")
+    ctx.dst.run(["rm", "-f", "--", f"{s.kept}/{OWNER}"], check=False)  # recorded: an abort leaves it alone
+    return Measured(detail=f"kept as {cp.name} in {s.kept}")
 
 
 def import_cleanup(ctx: Context):
@@ -213,10 +249,15 @@ def _remove_upload(ctx: Context):
 
 def import_abort(ctx: Context):
     s = ctx.state
-    if ctx.dst is not None and s.kept:
-        ctx.dst.run(["rm", "-rf", "--", f"{s.kept}.part"], check=False)
-        if not ctx.run.checkpoint_id:
-            ctx.dst.run(["rm", "-rf", "--", s.kept], check=False)
+    if s.kept:
+        recorded = "recorded" if ctx.run.checkpoint_id else ""
+        args = (ABORT_SCRIPT, _unpack_dir(ctx), s.kept, ctx.run.code.hex, recorded)
+        if ctx.dst is not None:
+            ctx.dst.sh(*args)
+        else:
+            # A recovery after the controller died: no connection of its own yet.
+            with ssh.Connection(ctx.target) as conn:
+                conn.sh(*args)
     _remove_upload(ctx)
 
 
