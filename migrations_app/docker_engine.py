@@ -148,7 +148,14 @@ class Engine:
             raise NotFoundError(f"{self.name}: {step}: not found ({_explain(e)})", answered=True) from e
         except docker.errors.APIError as e:
             raise EngineError(f"{self.name}: {step} failed: {_explain(e)}", answered=True) from e
-        except (docker.errors.DockerException, requests.RequestException, OSError, ssh.SSHError) as e:
+        except (docker.errors.DockerException, requests.RequestException, ssh.SSHError, *ssh.TRANSPORT_ERRORS) as e:
+            lost = ssh.connection_lost(e)
+            if lost is None and self.conn.lost():
+                # docker-py words it its own way ("Connection aborted.", an
+                # SSHException, EOFError): say which host went, and keep those words for the log.
+                lost = self.conn.lost_error(f"calling its Docker engine: {step}", detail=f"{e.__class__.__name__}: {e}")
+            if lost is not None:
+                raise EngineError(str(lost)) from lost
             raise EngineError(f"{self.name}: {step} failed: {e}") from e
 
     # -- facts ---------------------------------------------------------------

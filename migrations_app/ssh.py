@@ -38,6 +38,53 @@ class SSHError(Exception):
     """An SSH connection or remote command failed; the message names the host."""
 
 
+class ConnectionLost(SSHError):
+    """The SSH connection to a host broke while something ran over it (its sshd died, the network went).
+
+    The message is for people: the host and what was under way. What paramiko
+    or the socket said is kept in `detail`, for the run's log: "Socket is
+    closed" or "EOFError" tell a reader nothing about which host went.
+    """
+
+    def __init__(self, host: str, what: str = "", detail: str = ""):
+        self.host = host
+        self.what = what
+        self.detail = detail
+        super().__init__(f"{host}: the SSH connection was lost" + (f" ({what})" if what else ""))
+
+
+# What paramiko and the socket under it raise when a connection goes away
+# mid-call: paramiko's own errors, EOFError from its packetizer, and
+# OSError("Socket is closed") from a channel whose transport is gone.
+TRANSPORT_ERRORS = (paramiko.SSHException, EOFError, OSError)
+
+
+def connection_lost(error: BaseException | None) -> ConnectionLost | None:
+    """The ConnectionLost behind error, if a lost SSH connection is its cause.
+
+    Follows explicit causes (`raise ... from`) only: an error raised while
+    handling a lost connection, for a reason of its own, is not one.
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, ConnectionLost):
+            return error
+        seen.add(id(error))
+        error = error.__cause__
+    return None
+
+
+def channel_lost(chan) -> bool:
+    """True when the channel's SSH connection is gone (not merely the command on it ended)."""
+    transport = chan.get_transport()
+    return transport is None or not transport.is_active()
+
+
+def _said(error: BaseException) -> str:
+    """What an exception said, with its type: the detail for the log."""
+    return f"{error.__class__.__name__}: {error}" if str(error) else error.__class__.__name__
+
+
 @dataclass
 class Result:
     argv: list
@@ -194,6 +241,20 @@ class Connection:
             self.client.close()
             self.client = None
 
+    def lost(self) -> bool:
+        """True when this connection was made and its transport has gone away since."""
+        client = self.client
+        if client is None:
+            return False
+        transport = client.get_transport()
+        return transport is None or not transport.is_active()
+
+    def lost_error(self, what: str, error: BaseException | None = None, detail: str = "") -> ConnectionLost:
+        """The ConnectionLost for this host, logged with what paramiko said."""
+        detail = detail or (_said(error) if error is not None else "")
+        log.warning("%s: SSH connection lost (%s): %s", self.name, what, detail)
+        return ConnectionLost(self.name, what, detail)
+
     def interrupt(self):
         """Close the connection under whatever call is blocked on it, from another thread.
 
@@ -217,7 +278,8 @@ class Connection:
     def _exec(self, argv, timeout, input):
         """(exit status, stdout bytes, stderr bytes) of argv on the host."""
         command = shlex.join(str(a) for a in argv)
-        chan = self._session(timeout)
+        what = f"while `{_label(argv)}` ran"
+        chan = self._session(timeout, what)
         try:
             chan.exec_command(command)
             if input is not None:
@@ -225,14 +287,17 @@ class Connection:
                 chan.shutdown_write()
             stdout, stderr = _drain(chan, timeout, command, self.name)
             rc = chan.recv_exit_status()
-            transport = chan.get_transport()
-            if rc == -1 and (transport is None or not transport.is_active()):
-                # No status because the connection went away (or was
-                # interrupted): the command's outcome is unknown, not a failure.
-                raise SSHError(f"{self.name}: SSH connection lost during `{_short(command)}`")
-            return rc, stdout, stderr
+        except TRANSPORT_ERRORS as e:
+            if self.lost() or channel_lost(chan):
+                raise self.lost_error(what, e) from e
+            raise
         finally:
             chan.close()
+        if rc == -1 and channel_lost(chan):
+            # No status because the connection went away (or was
+            # interrupted): the command's outcome is unknown, not a failure.
+            raise self.lost_error(what, detail="the channel closed without an exit status")
+        return rc, stdout, stderr
 
     def sh(self, script, *args, **kwargs):
         """Run a constant sh script with positional arguments, never interpolated."""
@@ -254,15 +319,23 @@ class Connection:
         transfer must fail (and roll back) rather than keep a frozen
         workload frozen for ever.
         """
-        chan = self._session(idle_timeout or stream_idle_timeout())
-        chan.exec_command(shlex.join(str(a) for a in argv))
+        command = shlex.join(str(a) for a in argv)
+        what = f"starting `{_label(argv)}`"
+        chan = self._session(idle_timeout or stream_idle_timeout(), what)
+        try:
+            chan.exec_command(command)
+        except TRANSPORT_ERRORS as e:
+            chan.close()
+            if self.lost() or channel_lost(chan):
+                raise self.lost_error(what, e) from e
+            raise
         return chan
 
-    def _session(self, timeout):
+    def _session(self, timeout, what):
         try:
             chan = self.client.get_transport().open_session(timeout=10)
-        except (paramiko.SSHException, AttributeError, OSError) as e:
-            raise SSHError(f"{self.name}: SSH connection lost: {e}") from e
+        except (paramiko.SSHException, AttributeError, EOFError, OSError) as e:
+            raise self.lost_error(what, e) from e
         if timeout:
             chan.settimeout(timeout)
         return chan
@@ -307,7 +380,9 @@ def open_client(host, timeout=None):
         raise SSHError(f"{host.name}: SSH to {host.user}@{host.address}:{host.ssh_port} failed: {e}") from e
     except (OSError, EOFError) as e:
         client.close()
-        raise SSHError(f"{host.name}: cannot reach {host.address}:{host.ssh_port}: {e}") from e
+        log.info("%s: connecting to %s:%s: %s", host.name, host.address, host.ssh_port, _said(e))
+        why = _why_unreachable(e)
+        raise SSHError(f"{host.name}: cannot reach {host.address}:{host.ssh_port} over SSH ({why})") from e
     # Paramiko starts a key exchange itself after 512 MiB sent or received
     # (Packetizer.REKEY_BYTES). Started by the client in the middle of a
     # long stream it can time out, "Key-exchange timed out waiting for key
@@ -318,6 +393,24 @@ def open_client(host, timeout=None):
     packetizer = client.get_transport().packetizer
     packetizer.REKEY_BYTES = packetizer.REKEY_PACKETS = 2**40
     return client
+
+
+def _why_unreachable(error: BaseException) -> str:
+    """A connect failure in a few words: the socket's own reason, not paramiko's wrapping of it.
+
+    paramiko raises NoValidConnectionsError ("[Errno None] Unable to connect
+    to port 22 on ...") holding each address's real error.
+    """
+    if isinstance(error, paramiko.ssh_exception.NoValidConnectionsError) and error.errors:
+        error = next(iter(error.errors.values()))
+    if isinstance(error, TimeoutError):
+        return "no answer in time"
+    if isinstance(error, EOFError):
+        return "the server closed the connection"
+    if isinstance(error, OSError) and error.strerror:
+        # "Connection refused": nothing listens there (is sshd running?).
+        return error.strerror[:1].lower() + error.strerror[1:]
+    return str(error) or error.__class__.__name__
 
 
 def _drain(chan, timeout, command, name):
@@ -393,9 +486,10 @@ def stream(src_chan, dst_chan, on_progress=None, keep_dst=False, limit=None):
         # The target closed its end (its command died): its exit status and
         # stderr say why, better than "Socket is closed". The source, now
         # unread, would block for ever: close it.
+        # -1 when no status came (a lost connection): the caller tells that
+        # apart with channel_lost(), rather than read a made-up 255.
         src_chan.close()
-        dst_rc = _exit_status(dst_chan)
-        return total, -1, dst_rc if dst_rc != -1 else 255, "", _errs_after(threads, errs, "dst")
+        return total, -1, _exit_status(dst_chan), "", _errs_after(threads, errs, "dst")
     # After the last byte the target may still be unpacking (a large layer).
     if limit is not None:
         src_rc = 0 if total == limit else -1
@@ -418,6 +512,14 @@ def _exit_status(chan, timeout=None):
     if not chan.status_event.wait(timeout or stream_idle_timeout()):
         return -1
     return chan.recv_exit_status()
+
+
+def _label(argv) -> str:
+    """A command's first words, to name it in a message (a shell script's body would drown it)."""
+    words = [str(a) for a in argv]
+    if words[:2] == ["sh", "-c"]:
+        return "sh -c ..."
+    return _short(shlex.join(words[:3]) + (" ..." if len(words) > 3 else ""), 60)
 
 
 def _short(command, limit=160):

@@ -39,7 +39,7 @@ from ..models import (
 from . import lifecycle, plans
 from .hostcheck import connect
 from .plan import Measured
-from .runner import STEP_ERRORS, Context, _describe, _PhaseTimer
+from .runner import STEP_ERRORS, Context, _describe, _detail, _PhaseTimer
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +177,9 @@ def _recover_claimed(run: MigrationRun, previous_status: str) -> MigrationRun:
         if not isinstance(e, STEP_ERRORS):
             log.exception("run %s: recovery failed", run.code)
         status = FAILED
-        message = f"{cause}. Recovery failed: {_describe(e)}. {_salvage(ctx, stage)}".strip()
-        timer.finish(None, PHASE_FAILED, _describe(e))
+        said = _describe(e, ctx, "the recovery")
+        message = f"{cause}. Recovery failed: {said}. {_salvage(ctx, stage)}".strip()
+        timer.finish(None, PHASE_FAILED, said, log=_detail(e, ctx))
     finally:
         ctx.close()
     if stage in LEFTOVER_STAGES and previous_status in (SUCCEEDED, ROLLED_BACK, FAILED):

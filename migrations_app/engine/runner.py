@@ -237,7 +237,7 @@ class _PhaseTimer:
         self.phase = Phase.objects.create(run=run, seq=seq, name=name, host=host, started=timezone.now())
         self.t0 = time.perf_counter()
 
-    def finish(self, measured, status=PHASE_OK, error="", log_excerpt=""):
+    def finish(self, measured, status=PHASE_OK, error="", log_excerpt="", log=""):
         p = self.phase
         p.log_excerpt = log_excerpt
         p.duration_ms = (time.perf_counter() - self.t0) * 1000
@@ -250,12 +250,53 @@ class _PhaseTimer:
             p.log = measured.log[-1_000_000:]
         if error:
             p.detail = error
+        if log:
+            p.log = log
         p.save()
         return p
 
 
-def _describe(error):
+def _describe(error: BaseException, ctx: Context | None = None, during: str = "") -> str:
+    """The run's message for an error: the one place exceptions become what a person reads.
+
+    A lost SSH connection reads "<host>: the SSH connection was lost during
+    <phase> (<what ran>)", whatever paramiko, docker-py or a stream said
+    about it ("Socket is closed", "EOFError", "exit status 255"): those
+    words go to the run's log (_detail).
+    """
+    lost = _lost_connection(error, ctx)
+    if lost is not None:
+        return (
+            f"{lost.host}: the SSH connection was lost"
+            + (f" during {during}" if during else "")
+            + (f" ({lost.what})" if lost.what else "")
+        )
     return str(error) or error.__class__.__name__
+
+
+def _detail(error: BaseException, ctx: Context | None = None) -> str:
+    """What _describe left out of the message, for the run's log ("" when it left out nothing)."""
+    lost = _lost_connection(error, ctx)
+    if lost is None:
+        return ""
+    said = str(error) or error.__class__.__name__
+    return "\n".join(dict.fromkeys(x for x in (f"{error.__class__.__name__}: {said}", lost.detail) if x))
+
+
+def _lost_connection(error: BaseException, ctx: Context | None) -> ssh.ConnectionLost | None:
+    """The lost SSH connection behind error, if that is what it comes from."""
+    if isinstance(error, FreezeLimitError) or not isinstance(error, Exception):
+        # The watchdog closed the connections itself; an interrupt is the person's.
+        return None
+    lost = ssh.connection_lost(error)
+    if lost is None and ctx is not None:
+        # Errors raised straight from a channel of the run's own connections
+        # name no host ("Socket is closed", a stream's missing exit status):
+        # the connection that is gone does.
+        for host, conn in ((ctx.source, ctx.src_ssh), (ctx.target, ctx.dst_ssh)):
+            if conn is not None and conn.lost():
+                return ssh.ConnectionLost(host.name, "", str(error) or error.__class__.__name__)
+    return lost
 
 
 def execute(run, after_phase=None, on_phase=None, on_progress=None):
@@ -397,6 +438,8 @@ def _run_steps(ctx: Context, steps: tuple[Step, ...], after_phase, on_phase):
                     f"(the workload stayed frozen that long; its connections were closed): "
                     f"{str(e) or 'no answer'}"
                 )
+            elif _lost_connection(e, ctx) is not None:
+                log.warning("run %s: phase %s: %s", run.code, step.name, _detail(e, ctx))
             elif not isinstance(e, STEP_ERRORS):
                 log.exception("run %s: phase %s", run.code, step.name)
             _fail_phase(ctx, e, on_phase)
@@ -421,7 +464,10 @@ def _fail_phase(ctx: Context, error, on_phase):
     if timer is None or timer.phase.status != PHASE_RUNNING:
         return
     try:
-        phase = timer.finish(None, PHASE_FAILED, _describe(error), getattr(error, "log_excerpt", ""))
+        during = timer.phase.name
+        phase = timer.finish(
+            None, PHASE_FAILED, _describe(error, ctx, during), getattr(error, "log_excerpt", ""), _detail(error, ctx)
+        )
     except Exception:  # the database itself may be what failed
         log.exception("run %s: could not record the failed phase", ctx.run.code)
         return
@@ -436,7 +482,8 @@ def _recover(ctx: Context, failure, on_phase):
     ctx.recovering = True
     if ctx.watchdog is not None:
         ctx.watchdog.stop()
-    message = _describe(failure)
+    failed = ctx.current_timer.phase.name if ctx.current_timer is not None else ""
+    message = _describe(failure, ctx, failed)
     _fail_phase(ctx, failure, on_phase)
     if ctx.committed:
         # The workload runs verified on the target; what failed was cleanup.
@@ -457,9 +504,9 @@ def _recover(ctx: Context, failure, on_phase):
     try:
         measured = ctx.plan.rollback(ctx)
     except Exception as e:
-        phase = timer.finish(None, PHASE_FAILED, _describe(e))
+        phase = timer.finish(None, PHASE_FAILED, _describe(e, during="the rollback"), log=_detail(e))
         run.status = FAILED
-        run.error = f"{message}; rollback failed: {_describe(e)}"
+        run.error = f"{message}; rollback failed: {_describe(e, during='the rollback')}"
         unreachable = isinstance(e, ssh.SSHError) or isinstance(e, EngineError) and not e.answered
         if unreachable and "recover --run" not in run.error:
             # Workers' sweeps and plain `recover` leave such a run to a person

@@ -46,6 +46,13 @@ def pipe(ctx: Context, src, dst, what: str, keep_dst: bool = False, limit: int |
             src.close()
         if not keep_dst:
             dst.close()
+    # A lost connection first: the other side then fails only for want of
+    # its peer (tar reads a truncated stream, or has no reader).
+    sides = ((dst_rc, dst, dst_err, ctx.target, "writing"), (src_rc, src, src_err, ctx.source, "reading"))
+    for rc, chan, err, host, doing in sides:
+        if rc != 0 and ssh.channel_lost(chan):
+            lost = ssh.ConnectionLost(host.name, f"{doing} {what}", f"exit status {rc}; stderr: {err.strip()[-300:]}")
+            raise MigrationError(str(lost)) from lost
     # The target first: when it dies, the source fails only for lack of a reader.
     if dst_rc != 0:
         why = dst_err.strip()[-300:] or ("no exit status" if dst_rc == -1 else f"exit status {dst_rc}")
