@@ -288,7 +288,8 @@ class Connection:
             stdout, stderr = _drain(chan, timeout, command, self.name)
             rc = chan.recv_exit_status()
         except TRANSPORT_ERRORS as e:
-            if self.lost() or channel_lost(chan):
+            if isinstance(e, EOFError) or self.lost() or channel_lost(chan):
+                # EOFError: paramiko's packetizer found the socket closed.
                 raise self.lost_error(what, e) from e
             raise
         finally:
@@ -326,7 +327,7 @@ class Connection:
             chan.exec_command(command)
         except TRANSPORT_ERRORS as e:
             chan.close()
-            if self.lost() or channel_lost(chan):
+            if isinstance(e, EOFError) or self.lost() or channel_lost(chan):
                 raise self.lost_error(what, e) from e
             raise
         return chan
@@ -334,6 +335,9 @@ class Connection:
     def _session(self, timeout, what):
         try:
             chan = self.client.get_transport().open_session(timeout=10)
+        except paramiko.ChannelException as e:
+            # The server refused a channel (MaxSessions): the connection itself is fine.
+            raise SSHError(f"{self.name}: the SSH server refused a session ({e}) {what}") from e
         except (paramiko.SSHException, AttributeError, EOFError, OSError) as e:
             raise self.lost_error(what, e) from e
         if timeout:
@@ -482,7 +486,12 @@ def stream(src_chan, dst_chan, on_progress=None, keep_dst=False, limit=None):
             dst_chan.shutdown_write()
     except TimeoutError as e:
         raise SSHError(f"the transfer stalled after {total} bytes (no data for {src_chan.gettimeout()} s)") from e
-    except OSError:
+    except (OSError, EOFError, paramiko.SSHException) as e:
+        if isinstance(e, (EOFError, paramiko.SSHException)):
+            # paramiko's packetizer found the socket gone: close the transport
+            # now, so that channel_lost() says so without waiting for paramiko's
+            # own thread to notice.
+            _drop(dst_chan)
         # The target closed its end (its command died): its exit status and
         # stderr say why, better than "Socket is closed". The source, now
         # unread, would block for ever: close it.
@@ -499,6 +508,12 @@ def stream(src_chan, dst_chan, on_progress=None, keep_dst=False, limit=None):
     for t in threads:
         t.join(5)
     return total, src_rc, dst_rc, errs["src"].decode(errors="replace"), errs["dst"].decode(errors="replace")
+
+
+def _drop(chan) -> None:
+    transport = chan.get_transport()
+    if transport is not None:
+        transport.close()
 
 
 def _errs_after(threads, errs, key):
