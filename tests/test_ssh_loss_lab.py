@@ -152,7 +152,14 @@ def test_sshd_killed_during_a_process_move(hosts, counter_process, strategy, poi
     assert where == ("lab-2" if run.status == SUCCEEDED else "lab-1"), (where, run.status, run.error)
     count = len(values(path.read_text()))
     wait_for(lambda: len(values(path.read_text())) >= count + 2, 20, "the counter stopped")
-    assert_consecutive(values(path.read_text()))
+    seen = values(path.read_text())
+    if run.status == SUCCEEDED or not run.phases.filter(name="restore", status="ok").exists():
+        assert_consecutive(seen)
+    else:
+        # Rolled back after a restore: the copy ran on lab-2 until the
+        # rollback removed it, and the source goes on from the freeze
+        # (docs/safety.md, Rollback), so values it wrote come again. None is skipped.
+        assert all(b <= a + 1 for a, b in zip(seen, seen[1:])), f"values skipped: {seen}"
 
 
 CONTAINER_CASES = [
