@@ -494,7 +494,7 @@ def _recover(ctx: Context, failure, on_phase):
         try:
             ctx.plan.abort(ctx)
         except Exception as e:
-            message += f" (cleaning up the target also failed: {e}; a recovery retries it)"
+            message += f" (cleaning up the target also failed: {_describe(e)}; a recovery retries it)"
             ctx.set_stage(Stage.LEFTOVERS)
         run.status = FAILED
         run.error = message
