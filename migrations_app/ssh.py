@@ -7,6 +7,7 @@ value ever reaches the remote shell unquoted.
 import base64
 import hashlib
 import io
+import itertools
 import logging
 import os
 import shlex
@@ -532,6 +533,9 @@ def _exit_status(chan, timeout=None):
 def _label(argv) -> str:
     """A command's first words, to name it in a message (a shell script's body would drown it)."""
     words = [str(a) for a in argv]
+    if words[:1] == ["env"]:
+        # `env VAR=... program`: the program is the name.
+        words = list(itertools.dropwhile(lambda w: w == "env" or "=" in w, words)) or words
     if words[:2] == ["sh", "-c"]:
         return "sh -c ..."
     return _short(shlex.join(words[:3]) + (" ..." if len(words) > 3 else ""), 60)
