@@ -1011,3 +1011,41 @@ def test_an_import_whose_controller_died_after_the_transfer_leaves_nothing(hosts
     assert not Checkpoint.objects.filter(name="died").exists()
     assert host_listing(lab2) == before
     assert not files_exist(lab2, keep.kept_dir(lab2, "died"))
+
+
+def test_restore_when_the_original_is_gone_or_its_name_taken(runc_hosts, counter_container):
+    """The original removed since its checkpoint: restored under its name (the
+    checkpoint holds its configuration; it outlives the container). Its name
+    then held by another container, running or stopped: refused in the
+    pre-flight with a message, that container untouched, nothing made."""
+    lab1, _ = runc_hosts
+    name = counter_container
+    made = cli("checkpoint", "--host", "lab-1", "--container", name, "--name", f"{name}-cp")
+    assert made["status"] == SUCCEEDED, made["error"]
+    with Engine(lab1) as engine:
+        last = values(engine.logs(name))[-1]
+        engine.remove(name)
+    restored = cli("restore", "--checkpoint", f"{name}-cp")
+    assert restored["status"] == SUCCEEDED, restored["error"]
+    with Engine(lab1) as engine:
+        after = logged(engine, name)
+        assert after[0] == last + 1, (last, after[:5])
+        assert_consecutive(after)
+        # Another container takes the name: running, then stopped.
+        engine.remove(name)
+        engine.run_container(lab.IMAGE, ["sh", "-c", lab.COUNTER_SCRIPT], name)
+        other = engine.inspect(name)
+    for running in (True, False):
+        if not running:
+            with Engine(lab1) as engine:
+                engine.call("docker stop", engine.api.stop, name)
+                other = engine.inspect(name)
+        before = host_listing(lab1)
+        taken = f"restore failed at pre-flight .lab-1.: lab-1: a container named '{name}' already exists there"
+        with pytest.raises(CommandError, match=taken):
+            cli("restore", "--checkpoint", f"{name}-cp")
+        assert host_listing(lab1) == before
+        with Engine(lab1) as engine:
+            now = engine.inspect(name)
+            assert now["Id"] == other["Id"] and now["State"]["Running"] == running
+            assert now["State"]["Pid"] == other["State"]["Pid"]
