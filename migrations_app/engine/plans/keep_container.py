@@ -36,6 +36,7 @@ class KeepContainerState(ce.ContainerState):
     kernel: str = ""
     final_name: str = ""  # the restored container's name when the run ends
     replace_id: str = ""  # restore in place: the stopped original, removed once the restore runs
+    layer_bytes: int = 0  # checkpoint: the writable layer's size at pre-flight
 
 
 def leaving_running(ctx: Context) -> bool:
@@ -83,10 +84,25 @@ def checkpoint_preflight(ctx: Context):
     s.kept = keep.kept_dir(ctx.source, s.keep_name)
     if ctx.src.conn.run(["test", "-e", s.kept], check=False).rc == 0:
         raise MigrationError(f"{ctx.source.name}: {s.kept} already exists")
-    check_space(ctx.src.conn, s.kept.rsplit("/", 1)[0], s.rss + SPACE_MARGIN, "the kept checkpoint")
+    # The writable layer is copied too, after the checkpoint: counted in the room
+    # needed, and in the time its copy may take.
+    upper = s.container["GraphDriver"]["Data"]["UpperDir"]
+    s.layer_bytes = int(ctx.src.conn.sh('du -sb -- "$1" | cut -f1', upper).stdout)
+    need = s.rss + s.layer_bytes + SPACE_MARGIN
+    check_space(ctx.src.conn, s.kept.rsplit("/", 1)[0], need, "the kept checkpoint and writable layer")
     s.criu_version, s.kernel = keep.host_facts(ctx.src.conn)
     ctx.dst = None  # one host: the target is the source
     return measured
+
+
+# A speed a busy disk still copies at: with the layer's size, how long the
+# keep step's copy may take beyond the usual limit of a remote command
+# (a multi-GiB layer outlasts that limit, and the copy would be cut off).
+LAYER_COPY_FLOOR = 20 * 2**20  # bytes per second
+
+
+def keep_timeout(ctx: Context) -> float:
+    return 120 + ctx.state.layer_bytes / LAYER_COPY_FLOOR
 
 
 def stopping_with_restart_policy(ctx: Context) -> bool:
@@ -111,7 +127,8 @@ def keep_checkpoint(ctx: Context):
     s = ctx.state
     c = s.container
     docker_dir = f"{s.src_root}/containers/{c['Id']}/checkpoints/{s.checkpoint}"
-    size = int(ctx.src.conn.sh(KEEP_SCRIPT, docker_dir, c["GraphDriver"]["Data"]["UpperDir"], s.kept).stdout)
+    upper = c["GraphDriver"]["Data"]["UpperDir"]
+    size = int(ctx.src.conn.sh(KEEP_SCRIPT, docker_dir, upper, s.kept, timeout=keep_timeout(ctx)).stdout)
     # Docker's checkpoint call keeps no statistics (containerd removes CRIU's
     # work directory); when a runtime left them with the images, they count.
     stats = criu.read_stats(ctx.src.conn, f"{s.kept}/{keep.IMAGES}/stats-dump")

@@ -52,6 +52,7 @@ class KeepRuncState(cr.RuncContainerState):
     final_name: str = ""
     replace_id: str = ""
     images: str = ""  # restore: the images directory the wrapper restores from
+    layer_bytes: int = 0  # checkpoint: the writable layer's size at pre-flight
 
 
 def _runc_state(ctx: Context) -> None:
@@ -135,7 +136,8 @@ def keep_checkpoint(ctx: Context):
     cr.record_dump(ctx)
     phase = ctx.run.phases.filter(name="checkpoint").order_by("-seq").first()
     stats = phase.criu_stats if phase else {}
-    size = int(ctx.src.conn.sh(KEEP_SCRIPT, s.src_base, c["GraphDriver"]["Data"]["UpperDir"], s.kept).stdout)
+    upper = c["GraphDriver"]["Data"]["UpperDir"]
+    size = int(ctx.src.conn.sh(KEEP_SCRIPT, s.src_base, upper, s.kept, timeout=kc.keep_timeout(ctx)).stdout)
     freeze = stats["frozen_time"] / 1000 if stats.get("frozen_time") else ctx.run.downtime_ms
     cp = keep.record(
         ctx, s.kept, size, workload=ctx.run.workload, workload_id=c["Id"], leave_running=s.leave_running,
