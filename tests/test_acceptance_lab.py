@@ -16,12 +16,26 @@ pytestmark = pytest.mark.lab
 
 
 def _kill_tree(pid):
-    # A restored tree lives under a namespace holder: kill both.
+    # A restored tree lives under a namespace holder: kill it, its
+    # descendants and its holder, found by PID from this one.
     try:
         ppid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
     except (OSError, ValueError):
         return
-    for p in (pid, ppid):
+    todo, tree = [pid], []
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        try:
+            todo += _children(p)
+        except OSError:
+            pass
+    try:
+        # Only a namespace holder (its argv ends with criu's restore), never whatever adopted an orphan.
+        holder = [ppid] if "criu\0restore" in open(f"/proc/{ppid}/cmdline").read() else []
+    except OSError:
+        holder = []
+    for p in [*holder, *tree]:
         if p > 1:
             try:
                 os.kill(p, 9)
@@ -133,3 +147,125 @@ def test_a_container_still_being_restored_is_not_moved_on(hosts):
             with Engine(host) as engine:
                 if engine.exists(name):
                     engine.remove(name)
+
+
+# -- what CRIU refuses only once the tree is frozen -----------------------------------
+
+GHOST = r"""
+import os, sys, time
+with open(sys.argv[1], "wb") as f:
+    f.write(os.urandom(int(sys.argv[2])))
+held = open(sys.argv[1], "rb")
+os.unlink(sys.argv[1])
+while True:
+    time.sleep(1)
+"""
+
+
+def _children(pid):
+    return [int(c) for c in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+
+
+def _refused_at_pre_flight(run, *expected):
+    assert run.status == FAILED, run.error
+    for text in expected:
+        assert text in run.error, run.error
+    # Refused before anything was frozen, and no traceback for a message.
+    assert [p.name for p in run.phases.all()] == ["pre-flight"], [p.name for p in run.phases.all()]
+    assert "Traceback" not in run.error
+
+
+def test_a_process_holding_a_file_lock_is_refused_before_the_freeze(hosts, started, tmp_path):
+    # CRIU failed the dump with "Some file locks are hold by dumping tasks!"
+    # after it had frozen the tree.
+    lab1, lab2 = hosts
+    start, _ = started
+    log, lock = tmp_path / "counter.log", tmp_path / "lockfile"
+    pid = start(["flock", str(lock), "sh", "-c", lab.PROCESS_COUNTER_SCRIPT, "sh", str(log)])
+    wait_for(lambda: log.exists() and log.read_text().count("\n") >= 2, message="the counter did not start")
+
+    run = execute(create_run(lab1, lab2, PROCESS, pid))
+    _refused_at_pre_flight(run, f"a file lock on {lock} (FLOCK", "release the lock")
+    assert os.path.exists(f"/proc/{pid}")
+
+
+# A terminal of its own: the child runs the counter on the pty's slave end,
+# the parent reads its master end, as a terminal emulator, tmux or sshd does.
+ON_A_TERMINAL = r"""
+import os, pty, select, sys, time
+pid, master = pty.fork()
+if pid == 0:
+    i = 0
+    while True:
+        with open(sys.argv[1], "a") as f:
+            f.write("%d\n" % i)
+        print(i, flush=True)
+        i += 1
+        time.sleep(0.2)
+while True:
+    if select.select([master], [], [], 1)[0]:
+        os.read(master, 1000)
+"""
+
+
+def test_a_process_on_a_terminal_held_outside_its_tree_is_refused_before_the_freeze(hosts, started, tmp_path):
+    # A program started in a terminal (tmux, an SSH session, script(1)):
+    # CRIU failed the dump with "tty: Found slave peer index 0 without
+    # correspond master peer" after it had frozen the tree. The tree that
+    # holds the terminal's master moves, and goes on.
+    lab1, lab2 = hosts
+    start, pids = started
+    log = tmp_path / "counter.log"
+    holder = start(["python3", "-c", ON_A_TERMINAL, str(log)])
+    wait_for(lambda: log.exists() and log.read_text().count("\n") >= 2, message="the counter did not start")
+    (child,) = _children(holder)
+
+    run = execute(create_run(lab1, lab2, PROCESS, child))
+    _refused_at_pre_flight(run, "the terminal /dev/pts/", "outside the tree")
+    assert os.path.exists(f"/proc/{child}")
+
+    run = execute(create_run(lab1, lab2, PROCESS, holder))
+    assert run.status == SUCCEEDED, run.error
+    pids.append(int(run.result_workload))
+    before = len(_values(log))
+    wait_for(lambda: len(_values(log)) > before + 2, message="the counter stopped after the move")
+    values = _values(log)
+    assert values == list(range(len(values))), "a value was lost or written twice"
+
+
+def test_a_process_holding_a_big_deleted_file_is_refused_before_the_freeze(hosts, started, tmp_path):
+    # CRIU carries a deleted, still open file in its images up to 1 MiB;
+    # over that the dump failed ("Can't dump ghost file ... increase limit")
+    # with the tree frozen. Under the limit it moves.
+    lab1, lab2 = hosts
+    start, pids = started
+    big = start(["python3", "-c", GHOST, str(tmp_path / "big"), str(3 << 20)])
+    small = start(["python3", "-c", GHOST, str(tmp_path / "small"), "4096"])
+    wait_for(lambda: not (tmp_path / "big").exists() and not (tmp_path / "small").exists(), message="not deleted")
+
+    run = execute(create_run(lab1, lab2, PROCESS, big))
+    _refused_at_pre_flight(run, f"holds {tmp_path / 'big'}, deleted since it was opened, of 3.0 MiB")
+    assert os.path.exists(f"/proc/{big}")
+
+    run = execute(create_run(lab1, lab2, PROCESS, small))
+    assert run.status == SUCCEEDED, run.error
+    pids.append(int(run.result_workload))
+
+
+def test_a_container_holding_a_big_deleted_file_is_refused_before_the_freeze(hosts):
+    # Docker's checkpoint failed with the ghost file error, the container
+    # frozen and then restored on the source by the rollback.
+    lab1, lab2 = hosts
+    name = f"acc-{uuid.uuid4().hex[:8]}"
+    keep = "dd if=/dev/urandom of=/g bs=1M count=3 2>/dev/null; exec 3</g; rm /g; " + lab.COUNTER_SCRIPT
+    with Engine(lab1) as engine:
+        engine.run_container(lab.IMAGE, ["sh", "-c", keep], name)
+        wait_for(lambda: len(engine.logs(name).split()) >= 2, message="counter did not start")
+    try:
+        run = execute(create_run(lab1, lab2, CONTAINER, name))
+        _refused_at_pre_flight(run, "/g, deleted since it was opened, of 3.0 MiB")
+        with Engine(lab1) as engine:
+            assert engine.inspect(name)["State"]["Running"]
+    finally:
+        with Engine(lab1) as engine:
+            engine.remove(name)

@@ -52,6 +52,12 @@ def addr(hexaddr, v6):
         return str(ipaddress.IPv6Address(raw)), int(port, 16)
     return ".".join(str(b) for b in raw[::-1]), int(port, 16)
 
+def ghost(target):
+    # A deleted file CRIU carries in its images; shared memory (memfd,
+    # System V, /dev/zero) shows as deleted too and is dumped otherwise.
+    return (target.startswith("/") and target.endswith(" (deleted)")
+            and not target.startswith(("/memfd:", "/SYSV", "/dev/zero ")))
+
 procs, todo, seen = [], [root], set()
 while todo:
     pid = todo.pop()
@@ -76,12 +82,28 @@ while todo:
     except OSError:
         fds = []
     paths = set()
+    # What CRIU refuses only once the tree is frozen: file locks, deleted
+    # files over its ghost limit, a terminal whose master is elsewhere.
+    locks, ghosts, ptys, ptmx = [], {}, set(), set()
     for fd in fds:
         target = link("/proc/%d/fd/%s" % (pid, fd))
         if target.startswith("socket:["):
             socks.append(int(target[8:-1]))
         elif target.startswith("/") and not target.endswith(" (deleted)"):
             paths.add(target)
+        if ghost(target):
+            try:
+                ghosts[target[:-10]] = os.stat("/proc/%d/fd/%s" % (pid, fd)).st_size
+            except OSError:
+                pass
+        if target.startswith("/dev/pts/") and target[9:].isdigit():
+            ptys.add(int(target[9:]))
+        for line in (read("/proc/%d/fdinfo/%s" % (pid, fd)) or "").splitlines():
+            f = line.split()
+            if f[:1] == ["lock:"] and len(f) >= 5:
+                locks.append({"path": target, "kind": " ".join(f[2:5])})
+            elif f[:1] == ["tty-index:"] and len(f) == 2 and f[1].isdigit():
+                ptmx.add(int(f[1]))
     for name in ("cwd", "exe"):
         target = link("/proc/%d/%s" % (pid, name))
         if target.startswith("/") and not target.endswith(" (deleted)"):
@@ -90,6 +112,11 @@ while todo:
         f = line.split(None, 5)
         if len(f) == 6 and f[5].startswith("/") and not f[5].endswith(" (deleted)"):
             paths.add(f[5])
+        elif len(f) == 6 and ghost(f[5]) and f[5][:-10] not in ghosts:
+            try:
+                ghosts[f[5][:-10]] = os.stat("/proc/%d/map_files/%s" % (pid, f[0])).st_size
+            except OSError:
+                pass
     ns = {n: link("/proc/%d/ns/%s" % (pid, n)) for n in ("pid", "net", "mnt", "user")}
     if "" in ns.values():
         # A zombie, or a process that ended while we read it (a shell
@@ -104,6 +131,7 @@ while todo:
         "ns": ns,
         "sockets": socks,
         "paths": sorted(paths),
+        "locks": locks, "ghosts": ghosts, "ptys": sorted(ptys), "ptmx": sorted(ptmx),
     })
     try:
         tasks = os.listdir("/proc/%d/task" % pid)
@@ -266,6 +294,11 @@ def _exe_name(proc: dict) -> str:
 # capability(7) numbers.
 CAP_SYS_RESOURCE = 24
 
+# The most of a deleted file CRIU copies into its images by default
+# (DEFAULT_GHOST_LIMIT in criu/include/cr_options.h); over it the dump fails
+# "Can't dump ghost file ... increase limit", with the tree already frozen.
+GHOST_LIMIT = 1 << 20
+
 
 def refusals(
     tree: Tree,
@@ -273,6 +306,7 @@ def refusals(
     controller_pids: set[int] | None = None,
     host_daemons: bool = True,
     own_namespaces: bool = False,
+    terminals: bool = True,
 ) -> list[str]:
     """Why CRIU must not be pointed at this tree; empty when nothing forbids it.
 
@@ -284,6 +318,8 @@ def refusals(
     container, or a tree criuweb restored under its holder); otherwise a
     tree outside the host's mount namespace is refused, as CRIU would dump
     it against the host's mounts.
+    terminals: refuse a terminal whose master is outside the tree; off for
+    a container, whose console the runtime hands over.
     """
     why = []
     if not own_namespaces and tree.root_ns.get("mnt") != tree.session_ns.get("mnt"):
@@ -320,6 +356,7 @@ def refusals(
             if p["ns"][ns] != tree.root_ns[ns]:
                 why.append(f"{what} is in a {ns} namespace of its own, nested in the tree: CRIU cannot dump that")
                 break
+    why += _unmovable_files(tree, terminals)
     for u in tree.external_unix:
         peer = "an unnamed socket" if u["peer_name"] in ("", "*") else u["peer_name"]
         why.append(
@@ -338,6 +375,50 @@ def refusals(
 
 
 REFUSALS_SHOWN = 5
+
+
+def _pids(pids: list[str], verb: str) -> str:
+    """'PID 1 (sh) holds' or 'PIDs 1 (sh), 2 (sleep) hold': the subject of a refusal, with its verb."""
+    if len(pids) == 1:
+        return f"PID {pids[0]} {verb}"
+    plural = "have" if verb == "has" else verb.removesuffix("s")
+    return f"PIDs {', '.join(pids[:4])}{' ...' if len(pids) > 4 else ''} {plural}"
+
+
+def _unmovable_files(tree: Tree, terminals: bool) -> list[str]:
+    """What the tree holds open that CRIU would refuse only once it is frozen: one line per file or terminal."""
+    locks: dict[tuple[str, str], list[str]] = {}
+    ghosts: dict[str, tuple[int, list[str]]] = {}
+    ptys: dict[int, list[str]] = {}
+    masters = {i for p in tree.procs for i in p.get("ptmx", [])}
+    for p in tree.procs:
+        who = f"{p['pid']} ({p['comm']})"
+        for lock in p.get("locks", []):
+            locks.setdefault((lock["path"], lock["kind"]), []).append(who)
+        for path, size in p.get("ghosts", {}).items():
+            if size > GHOST_LIMIT:
+                ghosts.setdefault(path, (size, []))[1].append(who)
+        for index in p.get("ptys", []) if terminals else []:
+            if index not in masters:
+                ptys.setdefault(index, []).append(who)
+    why = [
+        f"{_pids(pids, 'holds')} a file lock on {path} ({kind}): CRIU moves no file locks unless told to, and would "
+        "refuse them once the tree is frozen; release the lock or stop the program first"
+        for (path, kind), pids in locks.items()
+    ]
+    why += [
+        f"{_pids(pids, 'holds')} {path}, deleted since it was opened, of {size / 2**20:.1f} MiB: CRIU carries a "
+        f"deleted file in its images only up to {GHOST_LIMIT // 2**20} MiB, and would refuse this one once the "
+        "tree is frozen"
+        for path, (size, pids) in ghosts.items()
+    ]
+    why += [
+        f"{_pids(pids, 'has')} the terminal /dev/pts/{index} open, whose other end (a terminal window, tmux, screen "
+        "or sshd) is outside the tree: CRIU cannot dump half of a terminal; start it without one "
+        "(setsid CMD </dev/null >LOG 2>&1), or move the tree that holds the terminal"
+        for index, pids in ptys.items()
+    ]
+    return why
 
 
 def local_identity() -> tuple[str, str]:
