@@ -13,7 +13,7 @@ import pytest
 
 from migrations_app import criu
 from migrations_app.engine.plans.container_engine import UNPACK_CONTAINER
-from migrations_app.engine.streams import UNPACK_IMAGES
+from migrations_app.engine.streams import UNPACK_IMAGES, last_lines
 
 
 def tar_of(*members):
@@ -109,3 +109,23 @@ def test_holder_does_not_write_its_pid_file_through_a_link(tmp_path):
     assert "File exists" in r.stderr or "Too many levels" in r.stderr
     assert victim.read_text() == "untouched"
     assert not pidfile.exists()
+
+
+def test_a_full_disk_is_said_in_whole_lines(tmp_path):
+    # A transfer onto a target whose disk filled up: tar says so once per
+    # file, and the run's error, cut at 300 characters, began "t on device".
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "criuweb-test-small", str(small)], check=True)
+    try:
+        (small / "run").mkdir()
+        stream = tar_of(*[(f"pages-{i}.img", "file", b"x" * 40_000) for i in range(12)])
+        result = unpack(UNPACK_IMAGES, stream, str(small / "run"))
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+    assert result.returncode != 0
+    said = last_lines(result.stderr.decode())
+    assert len(result.stderr.decode().strip()) > 300, "too little output to cut"
+    assert "No space left on device" in said
+    assert all(line.startswith("tar: ") for line in said.splitlines()), said
+    assert len(said) <= 300

@@ -55,12 +55,26 @@ def pipe(ctx: Context, src, dst, what: str, keep_dst: bool = False, limit: int |
             raise MigrationError(str(lost)) from lost
     # The target first: when it dies, the source fails only for lack of a reader.
     if dst_rc != 0:
-        why = dst_err.strip()[-300:] or ("no exit status" if dst_rc == -1 else f"exit status {dst_rc}")
+        why = last_lines(dst_err) or ("no exit status" if dst_rc == -1 else f"exit status {dst_rc}")
         raise MigrationError(f"{ctx.target.name}: writing {what} failed: {why}")
     if src_rc != 0:
-        why = src_err.strip()[-300:] or ("no exit status" if src_rc == -1 else f"exit status {src_rc}")
+        why = last_lines(src_err) or ("no exit status" if src_rc == -1 else f"exit status {src_rc}")
         raise MigrationError(f"{ctx.source.name}: reading {what} failed: {why}")
     return total
+
+
+def last_lines(text: str, limit: int = 300) -> str:
+    """The whole last lines of a command's error output that fit in limit characters.
+
+    A tar that met a full disk says so once per file: cut at a character
+    count, the message began mid-word ("t on device").
+    """
+    kept: list[str] = []
+    for line in reversed([x.strip() for x in text.strip().splitlines() if x.strip()]):
+        if kept and sum(len(k) + 1 for k in kept) + len(line) > limit:
+            break
+        kept.insert(0, line if kept or len(line) <= limit else line[-limit:])
+    return "\n".join(kept)
 
 
 # Unpacks CRIU images ($1: the directory) and refuses anything but regular
