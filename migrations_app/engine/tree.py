@@ -403,7 +403,7 @@ def _unmovable_files(tree: Tree, terminals: bool) -> list[str]:
                 ptys.setdefault(index, []).append(who)
     why = [
         f"{_pids(pids, 'holds')} a file lock on {path} ({kind}): CRIU moves no file locks unless told to, and would "
-        "refuse them once the tree is frozen; release the lock or stop the program first"
+        "refuse them once the tree is frozen (release the lock or stop the program first)"
         for (path, kind), pids in locks.items()
     ]
     why += [
@@ -414,7 +414,7 @@ def _unmovable_files(tree: Tree, terminals: bool) -> list[str]:
     ]
     why += [
         f"{_pids(pids, 'has')} the terminal /dev/pts/{index} open, whose other end (a terminal window, tmux, screen "
-        "or sshd) is outside the tree: CRIU cannot dump half of a terminal; start it without one "
+        "or sshd) is outside the tree: CRIU cannot dump half of a terminal: start it without one "
         "(setsid CMD </dev/null >LOG 2>&1), or move the tree that holds the terminal"
         for index, pids in ptys.items()
     ]
