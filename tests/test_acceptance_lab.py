@@ -59,6 +59,31 @@ def started(hosts):
         _kill_tree(pid)
 
 
+@pytest.fixture
+def containers(hosts):
+    """Start a counter container on lab-1 with run(**create_host_config kwargs); removed from both hosts."""
+    made = []
+
+    def run(entrypoint=None, **host_config):
+        name = f"acc-{uuid.uuid4().hex[:8]}"
+        with Engine(hosts[0]) as engine:
+            cid = engine.api.create_container(
+                lab.IMAGE, ["-c", lab.COUNTER_SCRIPT], name=name, entrypoint=["sh"],
+                host_config=engine.api.create_host_config(**host_config),
+            )["Id"]  # fmt: skip
+            made.append(name)
+            engine.api.start(cid)
+            wait_for(lambda: len(engine.logs(name).split()) >= 2, message="counter did not start")
+        return name
+
+    yield run
+    for host in hosts:
+        with Engine(host) as engine:
+            for name in made:
+                if engine.exists(name):
+                    engine.remove(name)
+
+
 def _counter_process(start, tmp_path):
     log = tmp_path / f"counter-{uuid.uuid4().hex[:8]}.log"
     pid = start(["sh", "-c", lab.PROCESS_COUNTER_SCRIPT, "sh", str(log)])
@@ -269,3 +294,68 @@ def test_a_container_holding_a_big_deleted_file_is_refused_before_the_freeze(hos
     finally:
         with Engine(lab1) as engine:
             engine.remove(name)
+
+
+# -- containers: what CRIU cannot restore, and a hardened one that it can -------------
+
+
+def _allow_privileged(hosts):
+    for host in hosts:
+        host.allow_privileged = True
+        host.save()
+
+
+def _running(host, name):
+    with Engine(host) as engine:
+        return engine.exists(name) and engine.inspect(name)["State"]["Running"]
+
+
+def test_a_container_with_docker_s_init_is_refused_before_the_freeze(hosts, containers):
+    # --init: Docker mounts its docker-init into the container, on Debian's
+    # docker.io a link to tini-static. CRIU failed the restore on the target
+    # ("mnt-v2: Can't remount ... with MS_PRIVATE") and the rollback's too:
+    # the container was left stopped on both hosts, its memory lost.
+    lab1, lab2 = hosts
+    name = containers(init=True)
+    run = execute(create_run(lab1, lab2, CONTAINER, name))
+    _refused_at_pre_flight(run, "it runs Docker's init (--init), which Docker mounts from ", "a symbolic link to ")
+    assert _running(lab1, name)
+
+
+def test_a_bind_mount_of_a_symbolic_link_is_refused_before_the_freeze(hosts, containers, tmp_path):
+    # The same failure as --init's, for any bind mount whose source is a
+    # link; the file it points to moves (the lab's hosts share their disk).
+    lab1, lab2 = hosts
+    _allow_privileged(hosts)
+    (tmp_path / "real").write_text("shared\n")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    linked = containers(binds=[f"{tmp_path / 'link'}:/x:ro"])
+    plain = containers(binds=[f"{tmp_path / 'real'}:/x:ro"])
+
+    run = execute(create_run(lab1, lab2, CONTAINER, linked, shared_storage=True))
+    _refused_at_pre_flight(run, f"bind mount {tmp_path / 'link'} -> /x is a symbolic link to {tmp_path / 'real'}")
+    assert _running(lab1, linked)
+
+    run = execute(create_run(lab1, lab2, CONTAINER, plain, shared_storage=True))
+    assert run.status == SUCCEEDED, run.error
+    assert _running(lab2, plain)
+
+
+def test_a_container_that_adds_back_a_default_capability_moves(hosts, containers):
+    # --cap-drop ALL --cap-add NET_BIND_SERVICE, the usual hardening, has
+    # fewer capabilities than Docker's default, yet was refused as
+    # privileged ("it adds capabilities") unless an admin allowed
+    # privileged workloads on both hosts. A capability beyond the default
+    # set still is refused.
+    lab1, lab2 = hosts
+    hardened = containers(cap_drop=["ALL"], cap_add=["NET_BIND_SERVICE", "CHOWN"])
+    run = execute(create_run(lab1, lab2, CONTAINER, hardened))
+    assert run.status == SUCCEEDED, run.error
+    assert _running(lab2, hardened)
+    # The verification compared the effective capabilities the kernel shows.
+    assert "configuration as on the source" in run.phases.get(name="verify").detail
+
+    powerful = containers(cap_drop=["ALL"], cap_add=["CHOWN", "SYS_PTRACE"])
+    run = execute(create_run(lab1, lab2, CONTAINER, powerful))
+    _refused_at_pre_flight(run, "it adds capabilities SYS_PTRACE:")
+    assert "CHOWN" not in run.error

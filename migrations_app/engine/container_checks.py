@@ -30,6 +30,14 @@ if TYPE_CHECKING:
 BUILTIN_NETWORKS = ("bridge", "none", "default")
 
 
+# What Docker gives every container (moby's oci/defaults.go): adding one of
+# these back after --cap-drop ALL, the usual hardening, grants nothing more.
+DOCKER_DEFAULT_CAPABILITIES = frozenset({
+    "CHOWN", "DAC_OVERRIDE", "FSETID", "FOWNER", "MKNOD", "NET_RAW", "SETGID", "SETUID", "SETFCAP", "SETPCAP",
+    "NET_BIND_SERVICE", "SYS_CHROOT", "KILL", "AUDIT_WRITE",
+})  # fmt: skip
+
+
 def privilege(c: dict) -> list[str]:
     """What in a container's configuration carries its host's power with it."""
     hc = c["HostConfig"]
@@ -40,8 +48,9 @@ def privilege(c: dict) -> list[str]:
     for mode in ("NetworkMode", "PidMode", "IpcMode", "UTSMode", "UsernsMode"):
         if hc.get(mode) == "host":
             found.append(f"{mode} is host")
-    if hc.get("CapAdd"):
-        found.append(f"it adds capabilities {', '.join(hc['CapAdd'])}")
+    added = [c for c in hc.get("CapAdd") or [] if c.upper().removeprefix("CAP_") not in DOCKER_DEFAULT_CAPABILITIES]
+    if added:
+        found.append(f"it adds capabilities {', '.join(added)}")
     if hc.get("Devices"):
         found.append(f"it has host devices {', '.join(d.get('PathOnHost', '?') for d in hc['Devices'])}")
     if hc.get("SecurityOpt"):
@@ -58,6 +67,50 @@ def _is_plain_local(volume: dict | None) -> bool:
         return False
     options = volume.get("Options") or {}
     return not (options.get("device") or options.get("type"))
+
+
+# Of the paths given, those that are symbolic links, each with what it points to.
+LINKS_SCRIPT = r"""
+for p in "$@"; do
+    [ -L "$p" ] && printf '%s\t%s\n' "$p" "$(readlink -f -- "$p")"
+done
+true
+"""
+
+
+def _linked_mounts(ctx: Context, c: dict, binds: list[dict]) -> list[str]:
+    """Bind mounts whose source is a symbolic link, Docker's init (--init) included.
+
+    CRIU 4.2.1 mounts such a source's link itself and fails the restore
+    ("mnt-v2: Can't remount ... with MS_PRIVATE"), on the target and back on
+    the source alike: the rollback could not bring the container back.
+    Debian's docker.io makes docker-init a link to tini-static.
+    """
+    init = ""
+    if c["HostConfig"].get("Init"):
+        binary = ctx.src.info().get("InitBinary") or "docker-init"
+        found = ctx.src.conn.sh('command -v "$1" || true', binary).stdout.strip()
+        # Where dockerd found it is unknown: refuse rather than guess.
+        init = found or binary
+    paths = [b["source"] for b in binds] + ([init] if init else [])
+    if not paths:
+        return []
+    out = ctx.src.conn.sh(LINKS_SCRIPT, *paths).stdout
+    links = dict(line.split("\t", 1) for line in out.splitlines() if "\t" in line)
+    why = []
+    if init and (init in links or not init.startswith("/")):
+        why.append(
+            f"it runs Docker's init (--init), which Docker mounts from {init}"
+            + (f", a symbolic link to {links[init]}" if init in links else ", not found")
+            + ": CRIU cannot restore that mount, neither on the target nor back here (start it without --init)"
+        )
+    why += [
+        f"bind mount {b['source']} -> {b['destination']} is a symbolic link to {links[b['source']]}: CRIU cannot "
+        "restore such a mount, neither on the target nor back here (bind the path it points to)"
+        for b in binds
+        if b["source"] in links
+    ]
+    return why
 
 
 def check_source(ctx: Context, c: dict) -> dict:
@@ -113,6 +166,7 @@ def check_source(ctx: Context, c: dict) -> dict:
                     )
         else:
             why.append(f"{kind} mount -> {dest} is not supported")
+    why += _linked_mounts(ctx, c, facts["binds"])
 
     # Networks, and the fixed addresses on them.
     for name, ep in (c["NetworkSettings"].get("Networks") or {}).items():
