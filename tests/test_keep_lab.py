@@ -833,7 +833,8 @@ def test_two_in_place_restores_at_once_leave_one_copy(hosts, counter_container, 
     if path == "docker":
         # containerd#8401 makes a second Docker-API checkpoint of the container
         # wait 10 minutes: the second checkpoint is a copy of the first, kept
-        # and recorded under its own name.
+        # and recorded under its own name, with a file CRIU does not read so
+        # that containerd does not take it for the first (moby/moby#42900).
         import uuid
 
         from migrations_app.engine import keep
@@ -844,6 +845,7 @@ def test_two_in_place_restores_at_once_leave_one_copy(hosts, counter_container, 
         cp_b.path = keep.kept_dir(lab1, cp_b.name)
         with ssh.Connection(lab1) as conn:
             conn.run(["cp", "-a", "--", source, cp_b.path])
+            conn.sh('echo "a copy of $1" >"$2/checkpoint/copied-from"', source, cp_b.path)
         cp_b.save()
         with Engine(lab1) as engine:
             engine.call("docker stop", engine.api.stop, name)
