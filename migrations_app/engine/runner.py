@@ -283,6 +283,14 @@ def _detail(error: BaseException, ctx: Context | None = None) -> str:
     return "\n".join(dict.fromkeys(x for x in (f"{error.__class__.__name__}: {said}", lost.detail) if x))
 
 
+def _cut_off(error: BaseException) -> str:
+    """What a call the watchdog cut off was doing: its connection was lost because the watchdog closed it."""
+    lost = ssh.connection_lost(error)
+    if lost is not None:
+        return f"{lost.host}: {lost.what or 'no answer'}"
+    return str(error) or "no answer"
+
+
 def _lost_connection(error: BaseException, ctx: Context | None) -> ssh.ConnectionLost | None:
     """The lost SSH connection behind error, if that is what it comes from."""
     if isinstance(error, FreezeLimitError) or not isinstance(error, Exception):
@@ -436,7 +444,7 @@ def _run_steps(ctx: Context, steps: tuple[Step, ...], after_phase, on_phase):
                 e = FreezeLimitError(
                     f"{step.name} did not end within the freeze limit of {ctx.watchdog.limit:g} s "
                     f"(the workload stayed frozen that long; its connections were closed): "
-                    f"{str(e) or 'no answer'}"
+                    f"{_cut_off(e)}"
                 )
             elif _lost_connection(e, ctx) is not None:
                 log.warning("run %s: phase %s: %s", run.code, step.name, _detail(e, ctx))
