@@ -341,7 +341,7 @@ def test_a_bind_mount_of_a_symbolic_link_is_refused_before_the_freeze(hosts, con
     assert _running(lab2, plain)
 
 
-def test_a_container_that_adds_back_a_default_capability_moves(hosts, containers):
+def test_a_hardened_container_is_no_privileged_one(hosts, containers):
     # --cap-drop ALL --cap-add NET_BIND_SERVICE, the usual hardening, has
     # fewer capabilities than Docker's default, yet was refused as
     # privileged ("it adds capabilities") unless an admin allowed
@@ -354,6 +354,14 @@ def test_a_container_that_adds_back_a_default_capability_moves(hosts, containers
     assert _running(lab2, hardened)
     # The verification compared the effective capabilities the kernel shows.
     assert "configuration as on the source" in run.phases.get(name="verify").detail
+
+    # no-new-privileges only takes power away too; the kernel's flag comes back with the task.
+    locked = containers(security_opt=["no-new-privileges"])
+    run = execute(create_run(lab1, lab2, CONTAINER, locked))
+    assert run.status == SUCCEEDED, run.error
+    with Engine(lab2) as engine:
+        exec_id = engine.api.exec_create(locked, ["grep", "NoNewPrivs", "/proc/1/status"])["Id"]
+        assert engine.api.exec_start(exec_id).decode().split() == ["NoNewPrivs:", "1"]
 
     powerful = containers(cap_drop=["ALL"], cap_add=["CHOWN", "SYS_PTRACE"])
     run = execute(create_run(lab1, lab2, CONTAINER, powerful))

@@ -38,6 +38,10 @@ DOCKER_DEFAULT_CAPABILITIES = frozenset({
 })  # fmt: skip
 
 
+# How Docker spells --security-opt no-new-privileges in a container's inspect.
+NO_NEW_PRIVILEGES = frozenset({"no-new-privileges", "no-new-privileges:true", "no-new-privileges=true"})
+
+
 def privilege(c: dict) -> list[str]:
     """What in a container's configuration carries its host's power with it."""
     hc = c["HostConfig"]
@@ -53,8 +57,10 @@ def privilege(c: dict) -> list[str]:
         found.append(f"it adds capabilities {', '.join(added)}")
     if hc.get("Devices"):
         found.append(f"it has host devices {', '.join(d.get('PathOnHost', '?') for d in hc['Devices'])}")
-    if hc.get("SecurityOpt"):
-        found.append(f"it changes security options {', '.join(hc['SecurityOpt'])}")
+    # no-new-privileges only takes power away (CRIU restores the flag with the task).
+    options = [o for o in hc.get("SecurityOpt") or [] if o not in NO_NEW_PRIVILEGES]
+    if options:
+        found.append(f"it changes security options {', '.join(options)}")
     binds = [m for m in c.get("Mounts") or [] if m.get("Type") == "bind"]
     if binds:
         found.append(f"it mounts host paths {', '.join(m['Source'] for m in binds)}")
