@@ -279,8 +279,8 @@ def _detail(error: BaseException, ctx: Context | None = None) -> str:
     lost = _lost_connection(error, ctx)
     if lost is None:
         return ""
-    said = str(error) or error.__class__.__name__
-    return "\n".join(dict.fromkeys(x for x in (f"{error.__class__.__name__}: {said}", lost.detail) if x))
+    said = f"{error.__class__.__name__}: {error}".rstrip(": ")
+    return "\n".join(dict.fromkeys(x for x in (said, lost.detail) if x))
 
 
 def _cut_off(error: BaseException) -> str:
@@ -303,7 +303,7 @@ def _lost_connection(error: BaseException, ctx: Context | None) -> ssh.Connectio
         # the connection that is gone does.
         for host, conn in ((ctx.source, ctx.src_ssh), (ctx.target, ctx.dst_ssh)):
             if conn is not None and conn.lost():
-                return ssh.ConnectionLost(host.name, "", str(error) or error.__class__.__name__)
+                return ssh.ConnectionLost(host.name, "", f"{error.__class__.__name__}: {error}".rstrip(": "))
     return lost
 
 
