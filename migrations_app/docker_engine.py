@@ -208,6 +208,20 @@ class Engine:
     def has_image(self, image_id):
         return self.image_id(image_id) is not None
 
+    def image_tags(self, image_id):
+        """The repo:tag names an image has here (none for an untagged one)."""
+        found = self._find("image", self.api.inspect_image, image_id)
+        return [t for t in (found or {}).get("RepoTags") or [] if t != "<none>:<none>"]
+
+    def tag_image(self, image_id, name):
+        """Give an image a repo:tag name (as `docker tag`)."""
+        repository, _, tag = name.rpartition(":")
+        self.call(f"tag image {name!r}", self.api.tag, image_id, repository, tag)
+
+    def untag_image(self, name):
+        """Remove a repo:tag name (as `docker rmi NAME`): the image goes with its last name, unless in use."""
+        self.call(f"untag image {name!r}", self.api.remove_image, name)
+
     # -- actions -------------------------------------------------------------
 
     def create_like(self, source, name, image, labels=None, runtime=None):
@@ -268,12 +282,18 @@ class Engine:
         rows = self.call("list containers", self.api.containers, all=True, filters={"volume": name})
         return [c["Id"] for c in rows]
 
+    def network_users(self, network_id):
+        """Ids of the containers (running or not) on a network (by its id: Docker matches names exactly, ids
+        by prefix)."""
+        rows = self.call("list containers", self.api.containers, all=True, filters={"network": network_id})
+        return [c["Id"] for c in rows]
+
     def network(self, name):
         """A network's inspect data, or None."""
         return self._find("network", self.api.inspect_network, name)
 
-    def create_network_like(self, source):
-        """A network like the source host's: driver, subnets, options, labels."""
+    def create_network_like(self, source, labels=None):
+        """A network like the source host's: driver, subnets, options, labels (and these labels)."""
         ipam = source.get("IPAM") or {}
         config = {
             "Name": source["Name"],
@@ -281,7 +301,7 @@ class Engine:
             "IPAM": {"Driver": ipam.get("Driver") or "default", "Config": ipam.get("Config") or [],
                      "Options": ipam.get("Options") or {}},
             "Options": source.get("Options") or {},
-            "Labels": source.get("Labels") or {},
+            "Labels": {**(source.get("Labels") or {}), **(labels or {})},
             "Internal": bool(source.get("Internal")),
             "Attachable": bool(source.get("Attachable")),
             "EnableIPv6": bool(source.get("EnableIPv6")),
@@ -412,16 +432,24 @@ class Engine:
 def _endpoints(source):
     """The source container's networks as create/connect endpoint configs.
 
-    Only what the user chose: fixed addresses (IPAMConfig), aliases (but the
-    container-id alias Docker adds itself), links and driver options.
+    Only what the user chose: fixed addresses (IPAMConfig), aliases, links
+    and driver options.
     """
-    short = source["Id"][:12]
+    # On a user-defined network Docker lists two names of its own among the
+    # aliases: the container's short id and its hostname (Docker < 26 stores
+    # them there; later engines keep them in DNSNames and add them back to
+    # Aliases for API < 1.45: moby api/server/router/container/inspect.go).
+    # Passed on as aliases, the source's short id (the hostname of a container
+    # run without --hostname) would become a name the user never gave, one
+    # more on each move. The target's engine adds its own, and the hostname,
+    # which the new container keeps.
+    own = {source["Id"][:12], source["Config"].get("Hostname") or ""}
     endpoints = {}
     for net, ep in (source["NetworkSettings"].get("Networks") or {}).items():
         config = {}
         if ep.get("IPAMConfig"):
             config["IPAMConfig"] = {k: v for k, v in ep["IPAMConfig"].items() if v}
-        aliases = [a for a in ep.get("Aliases") or [] if a != short]
+        aliases = list(dict.fromkeys(a for a in ep.get("Aliases") or [] if a not in own))
         if aliases:
             config["Aliases"] = aliases
         for key in ("Links", "DriverOpts"):

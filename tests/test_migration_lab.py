@@ -3,6 +3,7 @@
 import os
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from django.conf import settings
@@ -11,7 +12,7 @@ from migrations_app import lab, ssh
 from migrations_app.docker_engine import Engine
 from migrations_app.engine import create_run, execute
 from migrations_app.engine.plans.container_engine import RUN_LABEL
-from migrations_app.models import CONTAINER, PROCESS, ROLLED_BACK, SUCCEEDED
+from migrations_app.models import CONTAINER, ENGINE, PROCESS, ROLLED_BACK, STOP_AND_COPY, SUCCEEDED
 from tests.support import wait_for
 
 pytestmark = pytest.mark.lab
@@ -54,8 +55,8 @@ def _kill_tree(pid):
                 pass
 
 
-def migrate(source, target, kind, workload, **kwargs):
-    run = create_run(source, target, kind, workload)
+def migrate(source, target, kind, workload, strategy=None, **kwargs):
+    run = create_run(source, target, kind, workload, **({"strategy": strategy} if strategy else {}))
     return execute(run, **kwargs)
 
 
@@ -239,10 +240,12 @@ def test_preflight_failure_leaves_workload_alone(hosts, counter_container):
         assert engine.inspect(counter_container)["State"]["Running"]
 
 
-def test_image_missing_on_target_is_shipped(hosts):
+@pytest.mark.parametrize("strategy", [ENGINE, STOP_AND_COPY])
+def test_image_missing_on_target_is_shipped_with_its_tags(hosts, strategy):
     lab1, lab2 = hosts
     name = f"shipped-{uuid.uuid4().hex[:8]}"
     tag = f"criuweb/only-on-lab-1:{name}"
+    other_tag = f"criuweb/only-on-lab-1-too:{name}"
     with Engine(lab1) as engine:
         # An image that exists on lab-1 alone: a container's filesystem committed.
         seed = engine.api.create_container(lab.IMAGE, ["sh", "-c", "echo seeded > /seed.txt"])["Id"]
@@ -250,19 +253,33 @@ def test_image_missing_on_target_is_shipped(hosts):
         engine.api.wait(seed)
         repo, version = tag.split(":")
         image_id = engine.api.commit(seed, repository=repo, tag=version)["Id"]
+        engine.api.tag(image_id, *other_tag.split(":"))
         engine.remove(seed)
         engine.run_container(tag, ["sh", "-c", lab.COUNTER_SCRIPT], name)
+    taken_tag = f"criuweb/taken-on-lab-2:{name}"
+    with Engine(lab1) as engine:
+        engine.api.tag(image_id, *taken_tag.split(":"))
+    with Engine(lab2) as engine:
+        # The same name means another image on lab-2: the move must not take it from that one.
+        engine.api.tag(lab.IMAGE, *taken_tag.split(":"))
+        theirs = engine.image_id(taken_tag)
     try:
         with Engine(lab2) as engine:
             assert not engine.has_image(image_id)
-        run = migrate(lab1, lab2, CONTAINER, name)
+        run = migrate(lab1, lab2, CONTAINER, name, strategy=strategy)
         assert run.status == SUCCEEDED, run.error
         ship = run.phases.get(name="ship image")
         assert ship.bytes > 1_000_000  # the busybox layer travelled
         assert ship.host == "lab-1 -> lab-2"
+        assert f"{taken_tag} left naming another image on lab-2" in ship.detail, ship.detail
         with Engine(lab2) as engine:
             assert engine.has_image(image_id)
             assert engine.inspect(name)["State"]["Running"]
+            # Named as the user ran it, not by a bare id: `docker ps` shows the tag.
+            assert engine.inspect(name)["Config"]["Image"] == tag
+            assert [c["image"] for c in engine.containers() if c["name"] == name] == [tag]
+            assert sorted(engine.api.inspect_image(image_id)["RepoTags"]) == sorted([tag, other_tag])
+            assert engine.image_id(taken_tag) == theirs != image_id
     finally:
         for host in hosts:
             with Engine(host) as engine:
@@ -270,6 +287,111 @@ def test_image_missing_on_target_is_shipped(hosts):
                     engine.remove(name)
                 if engine.has_image(image_id):
                     engine.api.remove_image(image_id, force=True)
+                if engine.image_id(taken_tag):
+                    engine.api.remove_image(taken_tag)
+
+
+def _lose_target_pages(ctx):
+    # A real CRIU failure on the target: the checkpoint's memory pages are gone
+    # (the lab hosts share this machine's filesystem).
+    s = ctx.state
+    if getattr(s, "dst_base", ""):  # the runc path's images
+        where = Path(s.dst_base) / "images"
+    else:
+        where = Path(s.dst_root) / "containers" / s.target_id / "checkpoints" / s.checkpoint
+    pages = list(where.glob("pages-*.img"))
+    assert pages, f"no pages in {where}"
+    for page in pages:
+        page.unlink()
+
+
+@pytest.mark.parametrize("strategy", [ENGINE, STOP_AND_COPY])
+def test_a_rolled_back_move_takes_back_the_image_tags_it_gave(hosts, strategy):
+    lab1, lab2 = hosts
+    name = f"unshipped-{uuid.uuid4().hex[:8]}"
+    tag = f"criuweb/only-on-lab-1:{name}"
+    with Engine(lab1) as engine:
+        seed = engine.api.create_container(lab.IMAGE, ["sh", "-c", "echo seeded > /seed.txt"])["Id"]
+        engine.api.start(seed)
+        engine.api.wait(seed)
+        image_id = engine.api.commit(seed, *tag.split(":"))["Id"]
+        engine.remove(seed)
+        engine.run_container(tag, ["sh", "-c", lab.COUNTER_SCRIPT], name)
+    try:
+        run = migrate(lab1, lab2, CONTAINER, name, strategy=strategy, after_phase={"transfer": _lose_target_pages})
+        assert run.status == ROLLED_BACK, run.error
+        assert f"tagged {tag}" in run.phases.get(name="ship image").detail
+        with Engine(lab1) as engine:
+            assert engine.inspect(name)["State"]["Running"]
+        with Engine(lab2) as engine:
+            assert not engine.exists(name)
+            # Its tag taken back, the image this run brought went with it: nothing uses it there.
+            assert engine.image_id(tag) is None
+            assert not engine.has_image(image_id)
+    finally:
+        for host in hosts:
+            with Engine(host) as engine:
+                if engine.exists(name):
+                    engine.remove(name)
+                if engine.has_image(image_id):
+                    engine.api.remove_image(image_id, force=True)
+
+
+def _aliases(c, net):
+    """The aliases a container has on a network, without the two Docker adds itself."""
+    # Docker 20.10 (the lab's engines) lists the container's short id and its
+    # hostname among them; Docker >= 26 does so only for API < 1.45.
+    derived = {c["Id"][:12], c["Config"]["Hostname"]}
+    return sorted(a for a in c["NetworkSettings"]["Networks"][net].get("Aliases") or [] if a not in derived)
+
+
+@pytest.mark.parametrize("strategy", [ENGINE, STOP_AND_COPY])
+def test_user_network_there_and_back_keeps_aliases_and_leaves_no_network_it_made(hosts, strategy):
+    lab1, lab2 = hosts
+    name = f"aliased-{uuid.uuid4().hex[:8]}"
+    net = f"usernet-{uuid.uuid4().hex[:6]}"
+    with Engine(lab1) as engine:
+        engine.api.create_network(net, driver="bridge")
+        endpoint = engine.api.create_networking_config(
+            {net: engine.api.create_endpoint_config(aliases=["db", "db.local"])}
+        )
+        cid = engine.api.create_container(
+            lab.IMAGE, ["sh", "-c", lab.COUNTER_SCRIPT], name=name,
+            host_config=engine.api.create_host_config(network_mode=net), networking_config=endpoint,
+        )["Id"]  # fmt: skip
+        engine.api.start(cid)
+        assert _aliases(engine.inspect(name), net) == ["db", "db.local"]
+    prepared = {}
+
+    def aliases_given(ctx):
+        # Created, not yet started: what it lists is what criuweb asked for,
+        # before the engine adds its own names on start.
+        prepared["aliases"] = ctx.dst.inspect(ctx.state.target_id)["NetworkSettings"]["Networks"][net]["Aliases"]
+
+    try:
+        for source, target in ((lab1, lab2), (lab2, lab1), (lab1, lab2)):
+            run = migrate(
+                source, target, CONTAINER, name, strategy=strategy, after_phase={"prepare target": aliases_given}
+            )
+            assert run.status == SUCCEEDED, run.error
+            # Before the fix, the second move asked for the first container's id as an alias of its own.
+            assert sorted(prepared["aliases"]) == ["db", "db.local"], (source.name, target.name)
+            with Engine(target) as engine:
+                assert _aliases(engine.inspect(name), net) == ["db", "db.local"], (source.name, target.name)
+            with Engine(source) as engine:
+                # lab-1's network is the user's: kept, as Docker keeps it when a container leaves.
+                # lab-2's was made by the move there and nothing else uses it: gone with the container.
+                assert (engine.network(net) is not None) == (source == lab1), source.name
+        # A third move: lab-2's network is made again.
+        with Engine(lab2) as engine:
+            assert engine.network(net) is not None
+    finally:
+        for host in hosts:
+            with Engine(host) as engine:
+                if engine.exists(name):
+                    engine.remove(name)
+                if engine.network(net):
+                    engine.remove_network(net)
 
 
 def _kill_sshd(host_name):

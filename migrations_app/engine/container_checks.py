@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 # Networks every engine has; a container on one of them finds it anywhere.
 BUILTIN_NETWORKS = ("bridge", "none", "default")
 
+# Marks what criuweb created on a target (a container, a network), with the run's id.
+RUN_LABEL = "io.criuweb.run"
+
 
 # What Docker gives every container (moby's oci/defaults.go): adding one of
 # these back after --cap-drop ALL, the usual hardening, grants nothing more.
@@ -337,7 +340,8 @@ def create_networks(ctx: Context, names: list[str]) -> list[str]:
     made = []
     for name in names:
         src_net = ctx.src.network(name)
-        ctx.dst.create_network_like(src_net)
+        # Labelled ours, so that it goes with the last container we move away (remove_source_networks).
+        ctx.dst.create_network_like(src_net, labels={RUN_LABEL: str(ctx.run.code)})
         made.append(name)
     return made
 
@@ -354,8 +358,20 @@ def create_volumes(ctx: Context, facts: dict) -> list[dict]:
     return made
 
 
-def remove_created(engine, networks: list[str], volumes: list[dict]) -> None:
-    """Undo create_networks/create_volumes on the target (abort, rollback); best effort."""
+def remove_created(engine, state) -> None:
+    """Undo what a run made on the target before its container ran there (abort, rollback); best effort.
+
+    state: the plan's ContainerState: its created networks, volumes, and the tags it gave a shipped image.
+    """
+    networks, volumes = state.created_networks, state.volumes
+    for name in state.shipped_tags:
+        # Only while it still names the image we shipped; its last tag gone, Docker removes the image
+        # unless a container uses it.
+        try:
+            if engine.image_id(name) == state.container.get("Image"):
+                engine.untag_image(name)
+        except EngineError:
+            pass
     for v in volumes:
         if v.get("created"):
             try:
@@ -634,6 +650,32 @@ def remove_source_volumes(engine, volumes: list[dict]) -> str:
             continue
         engine.remove_volume(v["name"])
         notes.append(f"volume {v['name']} removed from {engine.name}")
+    return "".join(f"; {n}" for n in notes)
+
+
+def remove_source_networks(engine, networks) -> str:
+    """After a move without --keep-source: the source's networks that criuweb itself made, once unused.
+
+    A network the user made stays, as Docker keeps it when a container
+    leaves. One that a move here created (labelled RUN_LABEL) the user never
+    asked for: it goes with the last container, running or stopped, on it.
+    """
+    notes = []
+    for name in networks:
+        if name in BUILTIN_NETWORKS:
+            continue
+        network = engine.network(name)
+        if network is None or RUN_LABEL not in (network.get("Labels") or {}):
+            continue
+        if engine.network_users(network["Id"]):
+            continue
+        try:
+            engine.remove_network(name)
+        except EngineError as e:
+            # Joined by a container meanwhile (Docker refuses then): it is in use, so it stays.
+            notes.append(f"network {name} kept on {engine.name}: {e}")
+            continue
+        notes.append(f"network {name} (created by criuweb) removed from {engine.name}")
     return "".join(f"; {n}" for n in notes)
 
 

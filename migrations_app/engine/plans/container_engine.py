@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from ..runner import Context
 
 # Marks a container criuweb created on a target, with the run's id.
-RUN_LABEL = "io.criuweb.run"
+RUN_LABEL = container_checks.RUN_LABEL
 
 
 @dataclass
@@ -57,6 +57,7 @@ class ContainerState:
     facts: dict = field(default_factory=dict)  # container_checks.check_source()
     networks_to_create: list = field(default_factory=list)
     created_networks: list = field(default_factory=list)  # on the target, by this run
+    shipped_tags: list = field(default_factory=list)  # given there to the image this run shipped
     volumes: list = field(default_factory=list)  # named local volumes, with their target mountpoints
     tmp_added: bool = False
     leave_running: bool = False  # checkpoint without stopping the source (a clone, a kept checkpoint)
@@ -238,7 +239,32 @@ def ship_image(ctx: Context):
     ctx.dst.load_image(chunks())
     if not ctx.dst.has_image(image):
         raise MigrationError(f"{ctx.target.name}: image {image[:19]} still missing after docker load")
-    return Measured(bytes=total[0], detail=f"image {image[:19]} copied")
+    return Measured(bytes=total[0], detail=f"image {image[:19]} copied{_tag_as_on_source(ctx, image)}")
+
+
+def _tag_as_on_source(ctx: Context, image: str) -> str:
+    """Give the shipped image its source tags; returns what was done, for the phase's detail.
+
+    Saved by id, the image arrives untagged, and the container made from it
+    would show a bare id where the user ran "repo:tag". Saved by name,
+    docker load would move a tag the target's engine already gives another
+    image; that tag stays where it is (the container is then made by id).
+    """
+    s = ctx.state
+    kept = []
+    for name in ctx.src.image_tags(image):
+        there = ctx.dst.image_id(name)
+        if there is None:
+            ctx.dst.tag_image(image, name)
+            # Stored as made: an abort or rollback takes the tags back.
+            s.shipped_tags.append(name)
+            ctx.save_state()
+        elif there != image:
+            kept.append(name)
+    notes = [f"; tagged {', '.join(s.shipped_tags)}"] if s.shipped_tags else []
+    if kept:
+        notes.append(f"; {', '.join(kept)} left naming another image on {ctx.target.name}")
+    return "".join(notes)
 
 
 def prepare_target(ctx: Context, runtime: str | None = None):
@@ -454,6 +480,7 @@ def cleanup(ctx: Context):
             pass  # a recovery finishing this cleanup after a crash
         detail = f"source container {c['Id'][:12]} removed"
         detail += container_checks.remove_source_volumes(ctx.src, s.volumes)
+        detail += container_checks.remove_source_networks(ctx.src, s.facts.get("networks") or {})
     _delete_checkpoint(ctx.dst, s.target_id, s.checkpoint)
     return Measured(detail=detail)
 
@@ -511,8 +538,8 @@ def _disarm_target(ctx: Context, may_run: bool) -> str:
     try:
         with Engine(ctx.target, timeout=TARGET_ENGINE_TIMEOUT) as dst:
             dst.remove(s.target_id, timeout=TARGET_ENGINE_TIMEOUT)
-            # The networks and volumes this run made there, volume data and all.
-            container_checks.remove_created(dst, s.created_networks, s.volumes)
+            # The networks, volumes and image tags this run made there, volume data and all.
+            container_checks.remove_created(dst, s)
         return ""
     except NotFoundError:
         return ""
@@ -673,7 +700,7 @@ def adopt(ctx: Context) -> bool:
 def abort(ctx: Context):
     """Remove what the run made while the container runs on the source; restartable after a crash."""
     s = ctx.state
-    if s.target_id or s.created_networks or s.volumes:
+    if s.target_id or s.created_networks or s.volumes or s.shipped_tags:
         dst = ctx.dst if ctx.dst is not None else Engine(ctx.target, timeout=TARGET_ENGINE_TIMEOUT).__enter__()
         try:
             if s.target_id:
@@ -682,7 +709,7 @@ def abort(ctx: Context):
                     dst.remove(s.target_id, timeout=TARGET_ENGINE_TIMEOUT)
                 except NotFoundError:
                     pass
-            container_checks.remove_created(dst, s.created_networks, s.volumes)
+            container_checks.remove_created(dst, s)
         finally:
             if dst is not ctx.dst:
                 dst.close()

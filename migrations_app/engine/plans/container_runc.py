@@ -400,6 +400,7 @@ def cleanup(ctx: Context):
             pass  # a recovery finishing this cleanup after a crash
         detail = f"source container {c['Id'][:12]} removed"
         detail += container_checks.remove_source_volumes(ctx.src, s.volumes)
+        detail += container_checks.remove_source_networks(ctx.src, s.facts.get("networks") or {})
     drop_criu_config(ctx)
     remove_dir(ctx.src.conn, s.src_base)
     remove_dir(ctx.dst.conn, s.dst_base)
@@ -567,8 +568,8 @@ def disarm_target(ctx: Context) -> str:
             except NotFoundError:
                 pass
             runc.clear_marks(dst.conn, s.target_id)
-            # The networks and volumes this run made there, volume data and all.
-            container_checks.remove_created(dst, s.created_networks, s.volumes)
+            # The networks, volumes and image tags this run made there, volume data and all.
+            container_checks.remove_created(dst, s)
         return ""
     except (EngineError, ssh.SSHError) as e:
         if ctx.target_may_run and engine_plan._container_may_run(ctx.target, s.target_id):
