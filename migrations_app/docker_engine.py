@@ -282,10 +282,12 @@ class Engine:
         rows = self.call("list containers", self.api.containers, all=True, filters={"volume": name})
         return [c["Id"] for c in rows]
 
-    def network_users(self, network_id):
-        """Ids of the containers (running or not) on a network (by its id: Docker matches names exactly, ids
-        by prefix)."""
-        rows = self.call("list containers", self.api.containers, all=True, filters={"network": network_id})
+    def network_users(self, network):
+        """Ids of the containers (running, stopped or only created) on a network (its inspect data)."""
+        # By name and by id: Docker matches a created container's network by
+        # name only (its endpoint id comes at start), and by id the others too.
+        wanted = [network["Name"], network["Id"]]
+        rows = self.call("list containers", self.api.containers, all=True, filters={"network": wanted})
         return [c["Id"] for c in rows]
 
     def network(self, name):

@@ -382,9 +382,24 @@ def test_user_network_there_and_back_keeps_aliases_and_leaves_no_network_it_made
                 # lab-1's network is the user's: kept, as Docker keeps it when a container leaves.
                 # lab-2's was made by the move there and nothing else uses it: gone with the container.
                 assert (engine.network(net) is not None) == (source == lab1), source.name
-        # A third move: lab-2's network is made again.
+        # A third move: lab-2's network is made again. Another container on
+        # it there, only created, keeps it when ours leaves.
         with Engine(lab2) as engine:
             assert engine.network(net) is not None
+            peer = engine.api.create_container(
+                lab.IMAGE, ["true"], host_config=engine.api.create_host_config(network_mode=net)
+            )["Id"]
+        try:
+            run = migrate(lab2, lab1, CONTAINER, name, strategy=strategy)
+            assert run.status == SUCCEEDED, run.error
+            assert f"network {net} (created by criuweb) kept on lab-2: containers {peer[:12]} use it" in (
+                run.phases.get(name="cleanup").detail
+            )
+            with Engine(lab2) as engine:
+                assert engine.network(net) is not None
+        finally:
+            with Engine(lab2) as engine:
+                engine.remove(peer)
     finally:
         for host in hosts:
             with Engine(host) as engine:

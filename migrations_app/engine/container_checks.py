@@ -658,7 +658,7 @@ def remove_source_networks(engine, networks) -> str:
 
     A network the user made stays, as Docker keeps it when a container
     leaves. One that a move here created (labelled RUN_LABEL) the user never
-    asked for: it goes with the last container, running or stopped, on it.
+    asked for: it goes with the last container (running, stopped or only created) on it.
     """
     notes = []
     for name in networks:
@@ -667,7 +667,10 @@ def remove_source_networks(engine, networks) -> str:
         network = engine.network(name)
         if network is None or RUN_LABEL not in (network.get("Labels") or {}):
             continue
-        if engine.network_users(network["Id"]):
+        users = engine.network_users(network)
+        if users:
+            others = ", ".join(u[:12] for u in users)
+            notes.append(f"network {name} (created by criuweb) kept on {engine.name}: containers {others} use it")
             continue
         try:
             engine.remove_network(name)
