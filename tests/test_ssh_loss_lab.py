@@ -127,6 +127,7 @@ PROCESS_CASES = [
     ("page-server", "mid-transfer", "lab-2"),
     ("page-server", "page server", "lab-1"),
     ("page-server", "restore", "lab-2"),
+    ("lazy", "restore", "lab-1"),
 ]
 
 
@@ -168,6 +169,7 @@ CONTAINER_CASES = [
     ("stop-and-copy", "transfer", "lab-2"),
     ("page-server", "checkpoint", "lab-2"),
     ("page-server", "prepare target", "lab-1"),
+    ("lazy", "transfer", "lab-2"),
     ("engine", "prepare target", "lab-1"),
     ("engine", "transfer", "lab-2"),
 ]
@@ -177,7 +179,7 @@ CONTAINER_CASES = [
 def test_sshd_killed_during_a_container_move(hosts, counter_container, strategy, point, side):
     lab1, lab2 = hosts
     name = counter_container
-    if strategy == "page-server":
+    if strategy in ("page-server", "lazy"):
         lab.trust_pair()  # the lab's pair streams without TLS, as a trusted network does
     h = lab_host(side)
     killed, how = kill_at(h, point)
