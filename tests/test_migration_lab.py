@@ -12,7 +12,7 @@ from migrations_app import lab, ssh
 from migrations_app.docker_engine import Engine
 from migrations_app.engine import create_run, execute
 from migrations_app.engine.plans.container_engine import RUN_LABEL
-from migrations_app.models import CONTAINER, ENGINE, PROCESS, ROLLED_BACK, STOP_AND_COPY, SUCCEEDED
+from migrations_app.models import CONTAINER, ENGINE, LAZY, PAGE_SERVER, PROCESS, ROLLED_BACK, STOP_AND_COPY, SUCCEEDED
 from tests.support import wait_for
 
 pytestmark = pytest.mark.lab
@@ -345,9 +345,10 @@ def _aliases(c, net):
     return sorted(a for a in c["NetworkSettings"]["Networks"][net].get("Aliases") or [] if a not in derived)
 
 
-@pytest.mark.parametrize("strategy", [ENGINE, STOP_AND_COPY])
+@pytest.mark.parametrize("strategy", [ENGINE, STOP_AND_COPY, PAGE_SERVER, LAZY])
 def test_user_network_there_and_back_keeps_aliases_and_leaves_no_network_it_made(hosts, strategy):
     lab1, lab2 = hosts
+    lab.trust_pair()  # the streaming strategies' pages go over plain TCP only between trusted hosts
     name = f"aliased-{uuid.uuid4().hex[:8]}"
     net = f"usernet-{uuid.uuid4().hex[:6]}"
     with Engine(lab1) as engine:
