@@ -273,6 +273,10 @@ refuse() { echo "refusing the stream: $1" >&2; rm -rf -- "$stage"; exit 3; }
 umask 077
 rm -rf -- "$stage"
 mkdir -p "$stage"
+# Before the stream: this shell starts before the freeze, and from the
+# stream on every process it starts is downtime.
+mkdir -p "${mark%/*}"
+chmod 700 "${mark%/*}"
 tar --numeric-owner --xattrs --xattrs-include='*' --same-owner -xpf - -C "$stage"
 for d in images diff; do
     { [ -L "$stage/$d" ] || [ ! -d "$stage/$d" ]; } && refuse "$d is not a directory"
@@ -296,11 +300,11 @@ fi
 if [ -d "$images" ]; then cp -a "$stage/images/." "$images/"; else mv "$stage/images" "$images"; fi
 if rmdir "$upper" 2>/dev/null; then mv "$stage/diff" "$upper"; else cp -a "$stage/diff/." "$upper/"; fi
 [ -z "$logname" ] || mv -f "$stage/$logname" "$log"
-rm -rf -- "$stage"
-mkdir -p "${mark%/*}"
-chmod 700 "${mark%/*}"
 printf '%s' "$text" >"$mark.new"
 mv -f "$mark.new" "$mark"
+# What is left of the stage (the copied images' duplicates) goes after the
+# answer, not inside the freeze; the run's cleanup removes its directory anyway.
+rm -rf -- "$stage" </dev/null >/dev/null 2>&1 &
 """
 
 
