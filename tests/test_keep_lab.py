@@ -1051,3 +1051,45 @@ def test_restore_when_the_original_is_gone_or_its_name_taken(runc_hosts, counter
             now = engine.inspect(name)
             assert now["Id"] == other["Id"] and now["State"]["Running"] == running
             assert now["State"]["Pid"] == other["State"]["Pid"]
+
+
+def test_a_process_restored_in_place_is_not_restored_twice(hosts, counter_process):
+    """A stopped process restored in place runs again under a new PID (its own PID
+    namespace). Restoring it again, from the same checkpoint or from one of its
+    restored copy, while that copy runs would make two: refused, the copy
+    untouched. Before: the second restore ran a second copy, both counting
+    into one file. Once the copy is gone, the checkpoint restores again."""
+    from migrations_app.engine.hostcheck import pid_alive
+
+    lab1, _ = hosts
+    pid = str(counter_process["pid"])
+    made = cli("checkpoint", "--host", "lab-1", "--pid", pid, "--name", f"p{pid}-a")
+    assert made["status"] == SUCCEEDED, made["error"]
+    copies = []
+    try:
+        first = cli("restore", "--checkpoint", f"p{pid}-a")
+        assert first["status"] == SUCCEEDED, first["error"]
+        copy = first["result_workload"]
+        copies.append(int(copy))
+        again = cli("checkpoint", "--host", "lab-1", "--pid", copy, "--name", f"p{pid}-b", "--leave-running")
+        assert again["status"] == SUCCEEDED, again["error"]
+        with ssh.Connection(lab1) as conn:
+            start = pid_alive(conn, copy)
+        refusals = {
+            f"p{pid}-a": rf"lab-1: the process restored from checkpoint p{pid}-a by run \w+ still runs there as PID {copy};",
+            f"p{pid}-b": f"lab-1: the checkpointed process {copy} still runs there;",  # the copy is its original
+        }
+        for name, refusal in refusals.items():
+            with pytest.raises(CommandError, match=refusal):
+                cli("restore", "--checkpoint", name)
+        with ssh.Connection(lab1) as conn:
+            assert pid_alive(conn, copy) == start
+        assert MigrationRun.objects.filter(operation=RESTORE, status=SUCCEEDED).count() == 1
+        _kill_tree(int(copy))
+        wait_for(lambda: not os.path.exists(f"/proc/{copy}"), 15, "the copy did not end")
+        third = cli("restore", "--checkpoint", f"p{pid}-a")
+        assert third["status"] == SUCCEEDED, third["error"]
+        copies.append(int(third["result_workload"]))
+    finally:
+        for p in copies:
+            _kill_tree(p)

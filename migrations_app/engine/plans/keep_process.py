@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ... import criu, ssh
-from ...models import CHECKPOINT, CLONE, PROCESS, RESTORE
-from .. import keep
+from ...models import CHECKPOINT, CLONE, PROCESS, RESTORE, SUCCEEDED, Checkpoint, MigrationRun
+from .. import keep, lifecycle
 from ..errors import MigrationError
 from ..hostcheck import connect, pid_alive, unsafe_to_resume
 from ..plan import Measured, Plan, Step
@@ -156,14 +156,61 @@ def restore_preflight_target(ctx: Context):
     ctx.dst = connect(ctx.target, PROCESS)
     facts = keep.check_compatible(ctx.dst, cp.criu_version, cp.kernel, f"checkpoint {cp.name}")
     pid, _, start = cp.workload_id.partition(":")
-    if ctx.run.operation == RESTORE and ctx.target == cp.host and pid.isdigit() and pid_alive(ctx.dst, pid) == start:
-        raise MigrationError(
-            f"{ctx.target.name}: the checkpointed process {pid} still runs there; stop it to restore in place, "
-            "or clone the checkpoint"
-        )
+    if ctx.run.operation == RESTORE and ctx.target == cp.host:
+        if pid.isdigit() and pid_alive(ctx.dst, pid) == start:
+            raise MigrationError(
+                f"{ctx.target.name}: the checkpointed process {pid} still runs there; stop it to restore in place, "
+                "or clone the checkpoint"
+            )
+        _refuse_a_running_copy(ctx, cp)
     measured = pc.preflight_target(ctx)
     measured.detail = f"{facts}, {measured.detail}"
     return measured
+
+
+def _restores_of(cp: Checkpoint) -> list[MigrationRun]:
+    """Runs that restored the checkpoint's process on its host, from it or any checkpoint of the
+    same lineage (checkpoints of the process, of its restored copies, of theirs), newest first."""
+    ids, found = {cp.workload_id}, {}
+    while True:
+        runs = MigrationRun.objects.filter(
+            operation=RESTORE, kind=PROCESS, status=SUCCEEDED, target=cp.host,
+            checkpoint__host=cp.host, checkpoint__workload_id__in=ids,
+        ).exclude(pk__in=found).exclude(result_workload="")  # fmt: skip
+        new = {r.pk: r for r in runs}
+        if not new:
+            return sorted(found.values(), key=lambda r: r.created, reverse=True)
+        found.update(new)
+        for r in new.values():
+            lineage = f"{r.result_workload}:"
+            kept = Checkpoint.objects.filter(host=cp.host, kind=PROCESS, workload_id__startswith=lineage)
+            ids.update(kept.values_list("workload_id", flat=True))
+
+
+def _refuse_a_running_copy(ctx: Context, cp: Checkpoint) -> None:
+    """A copy an earlier in-place restore made of this process still runs: a second would be two copies.
+
+    Unlike the original, a restored copy has a new PID (its own PID
+    namespace); it is found through the runs that restored it. Two such
+    restores at once are kept apart by claiming the process's identity.
+    """
+    comm = (cp.config or {}).get("comm")
+    for run in _restores_of(cp):
+        pid = run.result_workload
+        if not pid.isdigit() or not pid_alive(ctx.dst, pid):
+            continue
+        if comm and ctx.dst.run(["cat", f"/proc/{pid}/comm"], check=False).stdout.strip() != comm:
+            continue  # its PID was reused
+        raise MigrationError(
+            f"{ctx.target.name}: the process restored from checkpoint {run.checkpoint.name} by run "
+            f"{str(run.code)[:8]} still runs there as PID {pid}; stop it to restore in place, or clone the checkpoint"
+        )
+    if cp.workload_id:
+        lifecycle.claim_workload(
+            ctx.run, cp.workload_id,
+            busy=f"{ctx.target.name}: the process of checkpoint {cp.name} is being restored by another run; "
+            "wait for that run to end",
+        )  # fmt: skip
 
 
 def _kill_copy(ctx: Context) -> None:
