@@ -358,3 +358,29 @@ def test_a_rollback_that_finds_the_workload_ended_offers_no_retry(hosts, monkeyp
     run.refresh_from_db()
     assert run.status == FAILED
     assert "recover --run" not in run.error, run.error
+
+
+@pytest.mark.parametrize(
+    "status, then",
+    [
+        (RUNNING, "move it once that run has ended"),
+        (FAILED, "finish that run first (manage.py recover --run "),
+    ],
+)
+def test_a_copy_still_restoring_is_found_and_the_refusal_says_what_to_do(hosts, status, then):
+    # Runs whose copy may run on host b, undecided: one at work, and one
+    # whose rollback failed (it waits for a person's `recover --run`).
+    a, b = hosts
+    first = MigrationRun.objects.create(
+        source=a, target=b, kind=CONTAINER, workload="web", status=status, stage=Stage.RESTORING,
+        state={"target_id": "f" * 64},
+    )  # fmt: skip
+    MigrationRun.objects.create(
+        source=a, target=b, kind=CONTAINER, workload="other", status=SUCCEEDED, stage=Stage.DONE
+    )
+    second = MigrationRun.objects.create(source=b, target=a, kind=CONTAINER, workload="web", status=RUNNING)
+    assert engine.lifecycle.restoring_here(second) == [first]
+    with pytest.raises(engine.MigrationError) as e:
+        engine.lifecycle.refuse_arriving(second, first, "container 'web'")
+    assert f"b: container 'web' is the copy that run {first.code} is still restoring there from a" in str(e.value)
+    assert then in str(e.value)

@@ -142,9 +142,14 @@ def restoring_here(run: MigrationRun) -> list[MigrationRun]:
 
 def refuse_arriving(run: MigrationRun, other: MigrationRun, what: str) -> None:
     """Refuse a run whose workload is the copy another run is still restoring on its source."""
+    if other.status in (PENDING, RUNNING, INTERRUPTED):
+        then = "move it once that run has ended"
+    else:
+        # Its rollback could not finish: a person's recovery decides which copy stays.
+        then = f"finish that run first (manage.py recover --run {other.code})"
     raise MigrationError(
         f"{run.source.name}: {what} is the copy that run {other.code} is still restoring there from "
-        f"{other.source.name}; that run may yet roll it back: move it once that run has ended"
+        f"{other.source.name}; that run may yet roll it back: {then}"
     )
 
 
