@@ -367,3 +367,20 @@ def test_a_hardened_container_is_no_privileged_one(hosts, containers):
     run = execute(create_run(lab1, lab2, CONTAINER, powerful))
     _refused_at_pre_flight(run, "it adds capabilities SYS_PTRACE:")
     assert "CHOWN" not in run.error
+
+
+def test_docker_logs_keep_their_past_after_an_engine_move(hosts, containers):
+    # The runc strategies carried the container's json log; Docker's own
+    # path (the default strategy) did not: `docker logs` on the target began
+    # at the move, and the lines from before went with the source container.
+    lab1, lab2 = hosts
+    name = containers()
+    with Engine(lab1) as engine:
+        wait_for(lambda: len(engine.logs(name).split()) >= 5, message="too few lines yet")
+    run = execute(create_run(lab1, lab2, CONTAINER, name))
+    assert run.status == SUCCEEDED, run.error
+    with Engine(lab2) as engine:
+        wait_for(lambda: len(engine.logs(name).split()) >= 8, message="the counter stopped")
+        values = [int(v) for v in engine.logs(name).split()]
+    assert values == list(range(len(values))), values
+    assert "and log" in run.phases.get(name="transfer").detail

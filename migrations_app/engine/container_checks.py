@@ -476,6 +476,10 @@ while [ $# -ge 2 ]; do
 done
 mv "$stage/$cp" "$cps/"
 if rmdir "$upper" 2>/dev/null; then mv "$stage/diff" "$upper"; else cp -a "$stage/diff/." "$upper/"; fi
+# The source's log (named in CW_LOG by the controller, when it sent one) into its place.
+if [ -n "${CW_LOG:-}" ] && [ -f "$stage/$CW_LOG" ] && [ ! -L "$stage/$CW_LOG" ]; then
+    mv -- "$stage/$CW_LOG" "$CW_LOG_DST"
+fi
 rm -rf "$stage"
 """
 

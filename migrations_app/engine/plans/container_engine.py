@@ -40,6 +40,9 @@ if TYPE_CHECKING:
 
 # Marks a container criuweb created on a target, with the run's id.
 RUN_LABEL = container_checks.RUN_LABEL
+# Seconds Docker may take, once the checkpoint stopped the container, to
+# say so (and so to have drained its output into its log).
+EXIT_WAIT = 10.0
 
 
 @dataclass
@@ -65,6 +68,8 @@ class ContainerState:
     # the source container (a kept checkpoint's directory).
     src_checkpoints: str = ""
     src_upper: str = ""
+    log_path: str = ""  # the source's json log, carried to dst_log when it has one
+    dst_log: str = ""
 
 
 def _engine_ready(engine):
@@ -293,6 +298,30 @@ def prepare_target(ctx: Context, runtime: str | None = None):
     return Measured(detail=f"container {cid[:12]} created{extra}")
 
 
+def prepare_moving_target(ctx: Context):
+    """prepare_target, and the container's log made ready to follow it: `docker logs` keeps its past."""
+    measured = prepare_target(ctx)
+    s = ctx.state
+    c = s.container
+    if (c["HostConfig"].get("LogConfig") or {}).get("Type") == "json-file" and c.get("LogPath"):
+        s.log_path = c["LogPath"]
+        # Docker names a json log after the container, in its directory, and
+        # appends to one it finds there when it starts the container.
+        s.dst_log = f"{s.dst_root}/containers/{s.target_id}/{s.target_id}-json.log"
+        # Docker drains the container's output into its log only after the
+        # checkpoint stopped it; registered now, the wait is no downtime.
+        ctx.exit_wait = ctx.src.exit_waiter(c["Id"], EXIT_WAIT)
+        measured.detail += "; its log follows it"
+    return measured
+
+
+def close_exit_wait(ctx: Context) -> None:
+    exit_wait = getattr(ctx, "exit_wait", None)
+    if exit_wait is not None:
+        exit_wait.close()
+        ctx.exit_wait = None
+
+
 def has_restart_policy(ctx: Context):
     policy = (ctx.state.container["HostConfig"].get("RestartPolicy") or {}).get("Name") or "no"
     return policy != "no"
@@ -354,6 +383,10 @@ odd=$(find "$1/$3" ! -type f ! -type d -print -quit)
 if [ -n "$odd" ]; then echo "refusing the checkpoint: $odd is not a regular file" >&2; rm -rf -- "$1"; exit 3; fi
 mv "$1/$3" "$2/"
 if rmdir "$4" 2>/dev/null; then mv "$1/diff" "$4"; else cp -a "$1/diff/." "$4/"; fi
+# The source's log (named in CW_LOG by the controller, when it sent one) into its place.
+if [ -n "${CW_LOG:-}" ] && [ -f "$1/$CW_LOG" ] && [ ! -L "$1/$CW_LOG" ]; then
+    mv -- "$1/$CW_LOG" "$CW_LOG_DST"
+fi
 rm -rf "$1"
 """
 
@@ -362,29 +395,39 @@ def transfer(ctx: Context):
     s = ctx.state
     c = s.container
     src_upper = s.src_upper or c["GraphDriver"]["Data"]["UpperDir"]
-    # One stream, two directories (and the named volumes' data): every SSH
-    # command here is downtime.
+    # The log, once Docker has written its last line (a file still written
+    # would fail tar); without the wait (a run a recovery resumed), or with
+    # no answer from Docker, the move goes on without it.
+    exited = getattr(ctx, "exit_wait", None)
+    ctx.exit_wait = None
+    log, env = [], []
+    if s.log_path and exited is not None and exited.wait():
+        log_dir, log_name = s.log_path.rsplit("/", 1)
+        log, env = ["-C", log_dir, log_name], ["env", f"CW_LOG={log_name}", f"CW_LOG_DST={s.dst_log}"]
+    # One stream, two directories (and the named volumes' data, the log):
+    # every SSH command here is downtime.
     src = ctx.src_ssh.open_command(
         streams.TAR_CREATE
         + [s.src_checkpoints or f"{s.src_root}/containers/{c['Id']}/checkpoints", s.checkpoint]
         + ["-C", src_upper.rsplit("/", 1)[0], src_upper.rsplit("/", 1)[1]]
         + container_checks.volume_tar_args(s.volumes)
+        + log
     )
     dst_containers = f"{s.dst_root}/containers/{s.target_id}"
     stage = f"{dst_containers}/criuweb-{s.checkpoint}"
     if s.volumes:
         pairs = [x for v in s.volumes for x in (v["name"], v["target_mountpoint"])]
         dst = ctx.dst_ssh.open_command(
-            ["sh", "-c", container_checks.UNPACK_WITH_VOLUMES, "sh", stage, f"{dst_containers}/checkpoints",
+            [*env, "sh", "-c", container_checks.UNPACK_WITH_VOLUMES, "sh", stage, f"{dst_containers}/checkpoints",
              s.checkpoint, s.target_upper, f"{dst_containers}/criuweb-volume-bytes", *pairs]
         )  # fmt: skip
     else:
         dst = ctx.dst_ssh.open_command(
-            ["sh", "-c", UNPACK_CONTAINER, "sh", stage, f"{dst_containers}/checkpoints", s.checkpoint,
+            [*env, "sh", "-c", UNPACK_CONTAINER, "sh", stage, f"{dst_containers}/checkpoints", s.checkpoint,
              s.target_upper]
         )  # fmt: skip
     n = streams.pipe(ctx, src, dst, "the checkpoint and writable layer")
-    what = "checkpoint and writable layer"
+    what = "checkpoint and writable layer" + (" and log" if log else "")
     if s.volumes:
         what += f", volumes {', '.join(v['name'] for v in s.volumes)}"
     return Measured(bytes=n, detail=what)
@@ -582,6 +625,7 @@ def _leave_ended(ctx: Context, src: Engine, state: dict, leftovers: str | None =
 
 def rollback(ctx: Context):
     """Bring the container back on the source; restartable from the stored state alone."""
+    close_exit_wait(ctx)
     s = ctx.state
     c = s.container
     # A restore call was sent (its answer lost): the target copy is made
@@ -699,6 +743,7 @@ def adopt(ctx: Context) -> bool:
 
 def abort(ctx: Context):
     """Remove what the run made while the container runs on the source; restartable after a crash."""
+    close_exit_wait(ctx)
     s = ctx.state
     if s.target_id or s.created_networks or s.volumes or s.shipped_tags:
         dst = ctx.dst if ctx.dst is not None else Engine(ctx.target, timeout=TARGET_ENGINE_TIMEOUT).__enter__()
@@ -732,7 +777,7 @@ PLAN = Plan(
         Step("pre-flight", "source", preflight_moving_source),
         Step("pre-flight", "target", preflight_target),
         Step("ship image", "both", ship_image, when=image_missing, workload_bytes=False),
-        Step("prepare target", "target", prepare_target),
+        Step("prepare target", "target", prepare_moving_target),
         Step("prepare source", "source", prepare_source, when=has_restart_policy),
         Step("checkpoint", "source", checkpoint, freezes=True),
         Step("transfer", "both", transfer),
