@@ -1093,3 +1093,53 @@ def test_a_process_restored_in_place_is_not_restored_twice(hosts, counter_proces
     finally:
         for p in copies:
             _kill_tree(p)
+
+
+def test_a_network_criuweb_made_stays_while_a_checkpoint_kept_there_needs_it(runc_hosts, clones):
+    """A move there made the network; the container, checkpointed there, then
+    moves away. Before the fix the move's cleanup removed that network (no
+    container used it): the kept checkpoint's restore on its own host was
+    then refused, "network ... (driver None) does not exist", and its fixed
+    subnet was gone with it."""
+    from migrations_app.engine import create_run, execute, keep
+
+    lab1, lab2 = runc_hosts
+    lab.trust_pair()
+    name = f"netkept-{os.getpid()}"
+    net = f"usernet-{os.getpid()}"
+    clones += [name, f"{name}-back"]
+    with Engine(lab1) as engine:
+        engine.api.create_network(net, driver="bridge")
+        cid = engine.api.create_container(
+            lab.IMAGE, ["sh", "-c", lab.COUNTER_SCRIPT], name=name,
+            host_config=engine.api.create_host_config(network_mode=net),
+        )["Id"]  # fmt: skip
+        engine.api.start(cid)
+        logged(engine, name)
+    cp = None
+    try:
+        there = execute(create_run(lab1, lab2, CONTAINER, name, strategy="stop-and-copy"))
+        assert there.status == SUCCEEDED, there.error
+        made = cli("checkpoint", "--host", "lab-2", "--container", name, "--leave-running", "--name", f"{name}-cp")
+        assert made["status"] == SUCCEEDED, made["error"]
+        cp = Checkpoint.objects.get(name=f"{name}-cp")
+        back = execute(create_run(lab2, lab1, CONTAINER, name, strategy="stop-and-copy"))
+        assert back.status == SUCCEEDED, back.error
+        restored = cli("restore", "--checkpoint", cp.name, "--as", f"{name}-back")
+        assert restored["status"] == SUCCEEDED, restored["error"]
+        with Engine(lab2) as engine:
+            assert_consecutive(logged(engine, f"{name}-back"))
+            assert net in engine.inspect(f"{name}-back")["NetworkSettings"]["Networks"]
+        assert f"network {net} (created by criuweb) kept on lab-2: checkpoint {cp.name} needs it" in (
+            back.phases.get(name="cleanup").detail
+        )
+    finally:
+        if cp is not None:
+            keep.delete(cp)
+        for host in (lab1, lab2):
+            with Engine(host) as engine:
+                for n in clones:
+                    if engine.exists(n):
+                        engine.remove(n)
+                if engine.network(net):
+                    engine.remove_network(net)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from .. import criu, ssh
 from ..docker_engine import EngineError
-from ..models import ENGINE, TCP_ESTABLISHED
+from ..models import CONTAINER, ENGINE, FINISHED, TCP_ESTABLISHED, Checkpoint, MigrationRun
 from . import tree
 from .errors import MigrationError
 
@@ -657,12 +657,13 @@ def remove_source_volumes(engine, volumes: list[dict]) -> str:
     return "".join(f"; {n}" for n in notes)
 
 
-def remove_source_networks(engine, networks) -> str:
+def remove_source_networks(engine, networks, host) -> str:
     """After a move without --keep-source: the source's networks that criuweb itself made, once unused.
 
     A network the user made stays, as Docker keeps it when a container
     leaves. One that a move here created (labelled RUN_LABEL) the user never
-    asked for: it goes with the last container (running, stopped or only created) on it.
+    asked for: it goes with the last container (running, stopped or only created) on it,
+    unless a checkpoint kept on this host or a run still coming here names it.
     """
     notes = []
     for name in networks:
@@ -670,6 +671,10 @@ def remove_source_networks(engine, networks) -> str:
             continue
         network = engine.network(name)
         if network is None or RUN_LABEL not in (network.get("Labels") or {}):
+            continue
+        needed = _network_needed(host, name)
+        if needed:
+            notes.append(f"network {name} (created by criuweb) kept on {engine.name}: {needed} needs it")
             continue
         users = engine.network_users(network)
         if users:
@@ -684,6 +689,24 @@ def remove_source_networks(engine, networks) -> str:
             continue
         notes.append(f"network {name} (created by criuweb) removed from {engine.name}")
     return "".join(f"; {n}" for n in notes)
+
+
+def _network_needed(host, name: str) -> str:
+    """What, besides a container, still needs a network on host: "" when nothing does.
+
+    A kept checkpoint restores onto its host only with its networks there
+    (check_target copies a missing one from the source, which for an
+    in-place restore is this host). A run coming here past its pre-flight
+    found the network there and will not make it again.
+    """
+    for cp in Checkpoint.objects.filter(host=host, kind=CONTAINER).only("name", "facts"):
+        if name in ((cp.facts or {}).get("networks") or {}):
+            return f"checkpoint {cp.name}"
+    coming = MigrationRun.objects.filter(target=host, kind=CONTAINER).exclude(status__in=FINISHED)
+    for run in coming.only("code", "state"):
+        if name in (((run.state or {}).get("facts") or {}).get("networks") or {}):
+            return f"run {run.code}"
+    return ""
 
 
 # -- CRIU's restore log ------------------------------------------------------------

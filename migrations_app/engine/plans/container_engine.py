@@ -523,7 +523,7 @@ def cleanup(ctx: Context):
             pass  # a recovery finishing this cleanup after a crash
         detail = f"source container {c['Id'][:12]} removed"
         detail += container_checks.remove_source_volumes(ctx.src, s.volumes)
-        detail += container_checks.remove_source_networks(ctx.src, s.facts.get("networks") or {})
+        detail += container_checks.remove_source_networks(ctx.src, s.facts.get("networks") or {}, ctx.source)
     _delete_checkpoint(ctx.dst, s.target_id, s.checkpoint)
     return Measured(detail=detail)
 

@@ -404,7 +404,7 @@ def cleanup(ctx: Context):
             pass  # a recovery finishing this cleanup after a crash
         detail = f"source container {c['Id'][:12]} removed"
         detail += container_checks.remove_source_volumes(ctx.src, s.volumes)
-        detail += container_checks.remove_source_networks(ctx.src, s.facts.get("networks") or {})
+        detail += container_checks.remove_source_networks(ctx.src, s.facts.get("networks") or {}, ctx.source)
     drop_criu_config(ctx)
     remove_dir(ctx.src.conn, s.src_base)
     remove_dir(ctx.dst.conn, s.dst_base)
