@@ -474,31 +474,46 @@ def stream(src_chan, dst_chan, on_progress=None, keep_dst=False, limit=None):
         threads.append(threading.Thread(target=collect, args=(dst_chan, "dst"), daemon=True))
     for t in threads:
         t.start()
+    # Which channel the call that failed was on: src.recv() sends too (the
+    # SSH window adjust), so its connection breaking raises there as well.
+    side = src_chan
     try:
         while limit is None or total < limit:
+            side = src_chan
             data = src_chan.recv(CHUNK if limit is None else min(CHUNK, limit - total))
             if not data:
                 break
+            side = dst_chan
             dst_chan.sendall(data)
             total += len(data)
             if on_progress:
                 on_progress(total)
+        side = dst_chan
         if not keep_dst:
             dst_chan.shutdown_write()
     except TimeoutError as e:
         raise SSHError(f"the transfer stalled after {total} bytes (no data for {src_chan.gettimeout()} s)") from e
     except (OSError, EOFError, paramiko.SSHException) as e:
         if isinstance(e, (EOFError, paramiko.SSHException)):
-            # paramiko's packetizer found the socket gone: close the transport
-            # now, so that channel_lost() says so without waiting for paramiko's
-            # own thread to notice.
-            _drop(dst_chan)
+            # paramiko's packetizer found that channel's socket gone: close
+            # its transport now (that one only: the other host's connection
+            # is fine, and a rollback needs it), so that channel_lost() says
+            # so without waiting for paramiko's own thread to notice.
+            _drop(side)
+        # -1 when no status came (a lost connection): the caller tells that
+        # apart with channel_lost(), rather than read a made-up 255.
+        if side is src_chan:
+            # The source's connection broke: the target's command gets the end
+            # of its input and says what it made of a stream cut short.
+            if not keep_dst:
+                _quietly(dst_chan.shutdown_write)
+            _quietly(src_chan.close)
+            dst_rc = 0 if keep_dst else _exit_status(dst_chan)
+            return total, -1, dst_rc, "", _errs_after(threads, errs, "dst")
         # The target closed its end (its command died): its exit status and
         # stderr say why, better than "Socket is closed". The source, now
         # unread, would block for ever: close it.
-        # -1 when no status came (a lost connection): the caller tells that
-        # apart with channel_lost(), rather than read a made-up 255.
-        src_chan.close()
+        _quietly(src_chan.close)
         return total, -1, _exit_status(dst_chan), "", _errs_after(threads, errs, "dst")
     # After the last byte the target may still be unpacking (a large layer).
     if limit is not None:
@@ -515,6 +530,14 @@ def _drop(chan) -> None:
     transport = chan.get_transport()
     if transport is not None:
         transport.close()
+
+
+def _quietly(call) -> None:
+    """A channel call whose failure changes nothing: closing one on a broken connection raises EOFError."""
+    try:
+        call()
+    except (OSError, EOFError, paramiko.SSHException):
+        pass
 
 
 def _errs_after(threads, errs, key):

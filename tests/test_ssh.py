@@ -1,3 +1,6 @@
+import socket
+import threading
+
 import pytest
 
 from migrations_app import ssh
@@ -100,3 +103,31 @@ def test_a_stream_past_paramikos_rekey_limit_goes_through(hosts):
         dst = b.open_command(["wc", "-c"])
         total, src_rc, dst_rc, _, _ = ssh.stream(src, dst, lambda n: None)
         assert (total, src_rc, dst_rc) == (size, 0, 0)
+
+
+@pytest.mark.lab
+def test_a_stream_whose_source_connection_breaks_blames_the_source_and_spares_the_target(hosts):
+    """The source's connection breaks mid-stream so that paramiko's window
+    adjust, sent from inside src.recv(), fails: EOFError from the source's
+    transport. Before the fix stream() closed the target's transport for it:
+    the target, healthy, read as the lost connection, and the run's target
+    connection was gone for its rollback."""
+    with ssh.Connection(hosts[0]) as a, ssh.Connection(hosts[1]) as b:
+        src = a.open_command(["head", "-c", "2000000000", "/dev/zero"])
+        dst = b.open_command(["wc", "-c"])
+        broken = threading.Event()
+
+        def progress(n):
+            if n > 5_000_000 and not broken.is_set():
+                broken.set()
+                # Our side of the source's socket shut for writing (a real
+                # socket failure): the next packet paramiko sends on it, the
+                # window adjust inside src.recv(), fails with EPIPE.
+                a.client.get_transport().sock.shutdown(socket.SHUT_WR)
+
+        total, src_rc, dst_rc, _, _ = ssh.stream(src, dst, progress)
+        assert broken.is_set() and total < 2_000_000_000
+        assert src_rc != 0 and ssh.channel_lost(src)
+        assert not ssh.channel_lost(dst)
+        assert not b.lost()
+        assert b.run(["true"]).rc == 0
