@@ -54,9 +54,10 @@ def addr(hexaddr, v6):
 
 def ghost(target):
     # A deleted file CRIU carries in its images; shared memory (memfd,
-    # System V, /dev/zero) shows as deleted too and is dumped otherwise.
+    # System V, /dev/zero) and anonymous huge pages (MAP_HUGETLB, 2 MiB and
+    # up) show as deleted too and are dumped as memory.
     return (target.startswith("/") and target.endswith(" (deleted)")
-            and not target.startswith(("/memfd:", "/SYSV", "/dev/zero ")))
+            and not target.startswith(("/memfd:", "/SYSV", "/dev/zero ", "/anon_hugepage ")))
 
 procs, todo, seen = [], [root], set()
 while todo:
