@@ -258,6 +258,32 @@ def test_a_process_on_a_terminal_held_outside_its_tree_is_refused_before_the_fre
     assert values == list(range(len(values))), "a value was lost or written twice"
 
 
+def test_a_process_of_a_pipeline_is_refused_before_the_freeze_and_the_pipeline_moves(hosts, started, tmp_path):
+    # The reader of `counter | reader` does not lead its session (the
+    # pipeline's shell does): CRIU failed the dump with "The root process
+    # ... is not a session leader" after the freeze. The whole pipeline,
+    # children and the pipe between them, moves.
+    lab1, lab2 = hosts
+    start, pids = started
+    log = tmp_path / "counter.log"
+    script = f"i=0; while :; do echo $i; i=$((i+1)); sleep 0.2; done | while read l; do echo $l >> {log}; done"
+    root = start(["sh", "-c", script])
+    wait_for(lambda: log.exists() and log.read_text().count("\n") >= 2, message="the pipeline did not start")
+    reader = _children(root)[-1]
+
+    run = execute(create_run(lab1, lab2, PROCESS, reader))
+    _refused_at_pre_flight(run, f"PID {reader} does not lead its session: PID {root}, outside the tree")
+    assert os.path.exists(f"/proc/{reader}")
+
+    run = execute(create_run(lab1, lab2, PROCESS, root))
+    assert run.status == SUCCEEDED, run.error
+    pids.append(int(run.result_workload))
+    before = len(_values(log))
+    wait_for(lambda: len(_values(log)) > before + 2, message="the pipeline stopped after the move")
+    values = _values(log)
+    assert values == list(range(len(values))), "a value was lost or written twice"
+
+
 def test_a_process_holding_a_big_deleted_file_is_refused_before_the_freeze(hosts, started, tmp_path):
     # CRIU carries a deleted, still open file in its images up to 1 MiB;
     # over that the dump failed ("Can't dump ghost file ... increase limit")

@@ -187,7 +187,9 @@ def check_source(ctx: Context, c: dict) -> dict:
     # The processes and sockets, read in the container's own namespaces.
     found = tree.read_tree(ctx.src.conn, c["State"]["Pid"], source.ssh_port)
     # A console (-t) has its master in Docker's shim: the runtime hands the restored copy a new one.
-    why += tree.refusals(found, source.name, host_daemons=False, own_namespaces=True, terminals=False)
+    why += tree.refusals(
+        found, source.name, host_daemons=False, own_namespaces=True, terminals=False, whole_session=False
+    )
     kept_ips = {n["fixed_ip"] for n in facts["networks"].values() if n["fixed_ip"]}
     for s in found.listening():
         ip = s.local[0]

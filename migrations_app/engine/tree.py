@@ -126,7 +126,7 @@ while todo:
         # as such; there is nothing else in it to check.
         continue
     procs.append({
-        "pid": pid, "ppid": int(rest[1]), "state": rest[0], "flags": int(rest[6]), "comm": comm,
+        "pid": pid, "ppid": int(rest[1]), "sid": int(rest[3]), "state": rest[0], "flags": int(rest[6]), "comm": comm,
         "exe": link("/proc/%d/exe" % pid), "cmdline": cmdline[:300],
         "uids": ids.get("uid", []), "gids": ids.get("gid", []), "capeff": ids.get("capeff", ""),
         "ns": ns,
@@ -308,6 +308,7 @@ def refusals(
     host_daemons: bool = True,
     own_namespaces: bool = False,
     terminals: bool = True,
+    whole_session: bool = True,
 ) -> list[str]:
     """Why CRIU must not be pointed at this tree; empty when nothing forbids it.
 
@@ -321,8 +322,19 @@ def refusals(
     it against the host's mounts.
     terminals: refuse a terminal whose master is outside the tree; off for
     a container, whose console the runtime hands over.
+    whole_session: refuse a root that does not lead its session (CRIU's
+    dump does, after the freeze, unless told it is a shell job); off for a
+    container, whose runtime starts it.
     """
     why = []
+    root = tree.procs[0]
+    if whole_session and root.get("sid", root["pid"]) not in (root["pid"], 0):
+        # criu/pstree.c dump_pstree(): "The root process ... is not a session leader".
+        why.append(
+            f"PID {root['pid']} does not lead its session: PID {root['sid']}, outside the tree (the shell or "
+            f"pipeline that started it), does, and CRIU dumps only a whole session: move PID {root['sid']}'s "
+            "tree, or start the program in a session of its own (setsid)"
+        )
     if not own_namespaces and tree.root_ns.get("mnt") != tree.session_ns.get("mnt"):
         why.append(
             f"PID {tree.procs[0]['pid']} lives in a mount namespace of its own (unshare -m?): CRIU cannot dump "
