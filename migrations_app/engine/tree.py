@@ -54,10 +54,10 @@ def addr(hexaddr, v6):
 
 def ghost(target):
     # A deleted file CRIU carries in its images; shared memory (memfd,
-    # System V, /dev/zero) and anonymous huge pages (MAP_HUGETLB, 2 MiB and
-    # up) show as deleted too and are dumped as memory.
+    # System V, /dev/zero), anonymous huge pages (MAP_HUGETLB, 2 MiB and up)
+    # and AIO rings show as deleted too: CRIU dumps those itself.
     return (target.startswith("/") and target.endswith(" (deleted)")
-            and not target.startswith(("/memfd:", "/SYSV", "/dev/zero ", "/anon_hugepage ")))
+            and not target.startswith(("/memfd:", "/SYSV", "/dev/zero ", "/anon_hugepage ", "/[aio] ")))
 
 procs, todo, seen = [], [root], set()
 while todo:
