@@ -464,3 +464,55 @@ def test_restart_policy_never_makes_a_second_copy(hosts):
             with Engine(host) as engine:
                 if engine.exists(name):
                     engine.remove(name)
+
+
+def test_a_network_the_run_made_stays_when_it_aborts_if_another_container_joined_it(hosts):
+    """The run made the network on the target; another container (another
+    run's, only created) was put on it before this run failed. Docker lets a
+    network go while a container on it is only created; before the fix the
+    abort removed it, and that container could not start."""
+    lab1, lab2 = hosts
+    name = f"netabort-{uuid.uuid4().hex[:8]}"
+    net = f"usernet-{uuid.uuid4().hex[:6]}"
+    peer = {}
+    with Engine(lab1) as engine:
+        engine.api.create_network(net, driver="bridge")
+        cid = engine.api.create_container(
+            lab.IMAGE, ["sh", "-c", lab.COUNTER_SCRIPT], name=name,
+            host_config=engine.api.create_host_config(network_mode=net),
+        )["Id"]  # fmt: skip
+        engine.api.start(cid)
+
+    def join_then_fail(ctx):
+        assert ctx.state.created_networks == [net]
+        if joined:
+            peer["id"] = ctx.dst.api.create_container(
+                lab.IMAGE, ["sleep", "60"], host_config=ctx.dst.api.create_host_config(network_mode=net)
+            )["Id"]
+        # A failure before the freeze, from outside the plan: what fails it does not matter here, its abort does.
+        raise RuntimeError("failed on purpose after prepare target")
+
+    try:
+        # Alone on it, the network goes with the abort.
+        joined = False
+        run = migrate(lab1, lab2, CONTAINER, name, strategy=ENGINE, after_phase={"prepare target": join_then_fail})
+        assert run.status != SUCCEEDED and "failed on purpose" in run.error, run.error
+        with Engine(lab2) as engine:
+            assert engine.network(net) is None
+        joined = True
+        run = migrate(lab1, lab2, CONTAINER, name, strategy=ENGINE, after_phase={"prepare target": join_then_fail})
+        assert run.status != SUCCEEDED and "failed on purpose" in run.error, run.error
+        with Engine(lab1) as engine:
+            assert engine.inspect(name)["State"]["Running"]
+        with Engine(lab2) as engine:
+            assert engine.network(net) is not None
+            engine.api.start(peer["id"])
+            assert engine.inspect(peer["id"])["State"]["Running"]
+    finally:
+        for host in hosts:
+            with Engine(host) as engine:
+                for c in (name, peer.get("id")):
+                    if c and engine.exists(c):
+                        engine.remove(c)
+                if engine.network(net):
+                    engine.remove_network(net)

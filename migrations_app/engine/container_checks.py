@@ -382,7 +382,11 @@ def remove_created(engine, state) -> None:
                 pass  # in use by another container meanwhile: not ours to remove then
     for name in networks:
         try:
-            engine.remove_network(name)
+            # Docker lets a network go while a container on it is only
+            # created (another run's, about to start there): that one keeps it.
+            network = engine.network(name)
+            if network is not None and not engine.network_users(network):
+                engine.remove_network(name)
         except EngineError:
             pass
 
