@@ -87,6 +87,33 @@ true
 """
 
 
+# Where dockerd looks for its init, in its order (moby daemon/config
+# config_linux.go lookupBinPath, 20.10 to 28): a path as configured, else
+# these libexec directories (FHS 3.0 and 2.3), then PATH. Distributions that
+# keep docker-init in /usr/libexec/docker have it in no user's PATH: a
+# `command -v` alone refused every --init container there.
+INIT_DIRS = ("/usr/local/libexec/docker", "/usr/libexec/docker", "/usr/local/lib/docker", "/usr/lib/docker")
+# Newer dockerd (moby 26+) also tries these for a docker-* name, after INIT_DIRS.
+INIT_PREFIXED_DIRS = ("/usr/local/libexec", "/usr/libexec")
+
+# $1: the init binary as dockerd names it; the rest: the directories to try
+# before PATH. Prints the path found, nothing when there is none. PATH is the
+# SSH user's, which is as close to dockerd's as a remote shell gets.
+LOOKUP_INIT_SCRIPT = r"""
+b=$1; shift
+case $b in /*) echo "$b"; exit 0 ;; esac
+for d in "$@"; do
+    [ -f "$d/$b" ] && [ -x "$d/$b" ] && { echo "$d/$b"; exit 0; }
+done
+command -v -- "$b" || true
+"""
+
+
+def init_dirs(binary: str) -> tuple[str, ...]:
+    """The directories dockerd tries for binary before PATH."""
+    return INIT_DIRS + (INIT_PREFIXED_DIRS if binary.startswith("docker-") else ())
+
+
 def _linked_mounts(ctx: Context, c: dict, binds: list[dict]) -> list[str]:
     """Bind mounts whose source is a symbolic link, Docker's init (--init) included.
 
@@ -97,8 +124,9 @@ def _linked_mounts(ctx: Context, c: dict, binds: list[dict]) -> list[str]:
     """
     init = ""
     if c["HostConfig"].get("Init"):
+        # InitBinary is dockerd's init-path setting (a name or a path), "docker-init" by default.
         binary = ctx.src.info().get("InitBinary") or "docker-init"
-        found = ctx.src.conn.sh('command -v "$1" || true', binary).stdout.strip()
+        found = ctx.src.conn.sh(LOOKUP_INIT_SCRIPT, binary, *init_dirs(binary)).stdout.strip()
         # Where dockerd found it is unknown: refuse rather than guess.
         init = found or binary
     paths = [b["source"] for b in binds] + ([init] if init else [])
