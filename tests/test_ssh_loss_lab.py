@@ -237,3 +237,45 @@ def test_the_cli_and_the_run_page_name_the_lost_connection(hosts, counter_proces
     run = finish(run, h)
     pids = wait_for(lambda: counter_pids(path), 20, "no counter runs after the recovery")
     assert len(pids) == 1 and lab.host_of_pid(pids[0]) == "lab-1", run.error
+
+
+def test_a_step_s_own_error_is_kept_while_another_connection_is_lost(hosts, tmp_path):
+    """lab-1's sshd killed while a restore on lab-2 fails for a reason of
+    its own (a real CRIU restore of an empty directory). Before the fix
+    the run's message said only that lab-1's connection was lost; CRIU's
+    error went to the log. What lab-1's dead connection itself raises
+    (paramiko's words) still reads as the lost connection."""
+    from types import SimpleNamespace
+
+    import paramiko
+
+    from migrations_app import criu, ssh
+    from migrations_app.engine.runner import _describe, _detail
+
+    lab1, lab2 = hosts
+    images = tmp_path / "images"
+    images.mkdir()  # the lab's hosts share this machine's disk
+    with ssh.Connection(lab1) as src, ssh.Connection(lab2) as dst:
+        src.run(["true"])
+        with pytest.raises(criu.CriuError) as refused:
+            criu.restore(dst, str(images))
+        assert refused.value.definitive, refused.value
+        try:
+            kill_sshd(lab_host("lab-1"))
+            wait_for(src.lost, 15, "lab-1's connection did not notice its sshd died")
+            with pytest.raises(paramiko.SSHException) as raw:
+                src.client.get_transport().open_session()
+            # _describe reads only these four of the run's Context.
+            ctx = SimpleNamespace(source=lab1, target=lab2, src_ssh=src, dst_ssh=dst)
+            said = _describe(refused.value, ctx, "restore")
+            assert said == f"{refused.value}; and the SSH connection to lab-1 was lost during restore", said
+            assert said.startswith("lab-2: criu restore failed: "), said
+            assert _detail(refused.value, ctx) == ""
+            lost = _describe(raw.value, ctx, "restore")
+            assert lost == "lab-1: the SSH connection was lost during restore", lost
+            assert str(raw.value) in _detail(raw.value, ctx)
+            # Without a lost connection the step's error reads as it is.
+            whole = SimpleNamespace(source=lab1, target=lab2, src_ssh=None, dst_ssh=dst)
+            assert _describe(refused.value, whole) == str(refused.value)
+        finally:
+            restart_sshd(lab_host("lab-1"))

@@ -262,7 +262,9 @@ def _describe(error: BaseException, ctx: Context | None = None, during: str = ""
     A lost SSH connection reads "<host>: the SSH connection was lost during
     <phase> (<what ran>)", whatever paramiko, docker-py or a stream said
     about it ("Socket is closed", "EOFError", "exit status 255"): those
-    words go to the run's log (_detail).
+    words go to the run's log (_detail). An error with a cause of its own
+    (CRIU's, Docker's) that arrives while one of the run's connections is
+    gone keeps its words first, the lost connection after them.
     """
     lost = _lost_connection(error, ctx)
     if lost is not None:
@@ -271,7 +273,11 @@ def _describe(error: BaseException, ctx: Context | None = None, during: str = ""
             + (f" during {during}" if during else "")
             + (f" ({lost.what})" if lost.what else "")
         )
-    return str(error) or error.__class__.__name__
+    own = str(error) or error.__class__.__name__
+    gone = _gone_connection(error, ctx)
+    if gone is not None:
+        return f"{own}; and the SSH connection to {gone} was lost" + (f" during {during}" if during else "")
+    return own
 
 
 def _detail(error: BaseException, ctx: Context | None = None) -> str:
@@ -291,19 +297,61 @@ def _cut_off(error: BaseException) -> str:
     return str(error) or "no answer"
 
 
+# Words a message carries when what failed was the channel under it, not the
+# command: paramiko's and docker-py's, and the ones criuweb writes for a
+# command that ended without an exit status.
+_LOSS_WORDS = (
+    "Socket is closed", "SSH session not active", "EOFError", "Connection aborted",
+    "no exit status", "channel lost", "exit status 255",
+)  # fmt: skip
+
+
+def _only_says_lost(error: BaseException) -> bool:
+    """Whether error tells nothing but that a channel went away (so a gone connection is its cause).
+
+    CRIU's or runc's failure with an exit status, or dockerd's answer (an
+    EngineError that was answered, an HTTP error with a response), has a
+    cause of its own.
+    """
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, EngineError) and not e.answered:
+            return True
+        if isinstance(e, ssh.TRANSPORT_ERRORS) and getattr(e, "response", None) is None:
+            return True
+        if any(w in str(e) for w in _LOSS_WORDS):
+            return True
+        e = e.__cause__  # as ssh.connection_lost: an error raised while handling one may be its own
+    return False
+
+
+def _gone_connection(error: BaseException, ctx: Context | None) -> str | None:
+    """The host of one of the run's connections that is gone, if any (None without a ctx, or on an interrupt)."""
+    if ctx is None or isinstance(error, FreezeLimitError) or not isinstance(error, Exception):
+        return None
+    for host, conn in ((ctx.source, ctx.src_ssh), (ctx.target, ctx.dst_ssh)):
+        if conn is not None and conn.lost():
+            return host.name
+    return None
+
+
 def _lost_connection(error: BaseException, ctx: Context | None) -> ssh.ConnectionLost | None:
     """The lost SSH connection behind error, if that is what it comes from."""
     if isinstance(error, FreezeLimitError) or not isinstance(error, Exception):
         # The watchdog closed the connections itself; an interrupt is the person's.
         return None
     lost = ssh.connection_lost(error)
-    if lost is None and ctx is not None:
+    if lost is None and _only_says_lost(error):
         # Errors raised straight from a channel of the run's own connections
         # name no host ("Socket is closed", a stream's missing exit status):
-        # the connection that is gone does.
-        for host, conn in ((ctx.source, ctx.src_ssh), (ctx.target, ctx.dst_ssh)):
-            if conn is not None and conn.lost():
-                return ssh.ConnectionLost(host.name, "", f"{error.__class__.__name__}: {error}".rstrip(": "))
+        # the connection that is gone does. Only those: a restore CRIU
+        # refused on one host while the other's connection went keeps its
+        # own words (_describe), or its real cause would reach only the log.
+        host = _gone_connection(error, ctx)
+        if host is not None:
+            return ssh.ConnectionLost(host, "", f"{error.__class__.__name__}: {error}".rstrip(": "))
     return lost
 
 
