@@ -9,7 +9,7 @@ import pytest
 from migrations_app import lab, ssh
 from migrations_app.docker_engine import Engine
 from migrations_app.engine import create_run, execute
-from migrations_app.models import CONTAINER, FAILED, PROCESS, SUCCEEDED
+from migrations_app.models import CONTAINER, FAILED, PROCESS, ROLLED_BACK, SUCCEEDED
 from tests.support import wait_for
 
 pytestmark = pytest.mark.lab
@@ -524,3 +524,92 @@ def test_a_process_with_a_large_aio_ring_moves(hosts, started, tmp_path, aio_roo
     wait_for(lambda: len(_values(log)) > before + 3, message="the counter stopped after the move")
     values = _values(log)
     assert values == list(range(len(values))), "a value was lost or written twice"
+
+
+# -- the whole restored tree is verified, not its root alone -------------------------
+
+# The root waits on two children: the counter loop, and a long sleep that
+# the test kills on the target right after the restore.
+TREE_WITH_A_CHILD = (
+    'sh -c "i=0; while :; do echo \\$i >> \\"$1\\"; i=\\$((i+1)); sleep 0.2; done" sh "$1" & sleep 100000 & wait'
+)
+
+
+def _one_copy(run, log):
+    """The processes writing the counter: all of them in the tree the run reports, which runs."""
+    copies = wait_for(lambda: (c := _running_copies(log)) and c, message="no copy runs")
+    tree, todo = set(), [int(run.result_workload)]
+    while todo:
+        p = todo.pop()
+        tree.add(p)
+        try:
+            todo += _children(p)
+        except OSError:
+            pass
+    assert set(copies) <= tree, (copies, tree)
+    return copies
+
+
+def _comm(pid):
+    try:
+        return open(f"/proc/{pid}/comm").read().strip()
+    except OSError:
+        return ""
+
+
+def test_a_child_that_dies_after_the_restore_fails_the_move_and_one_copy_runs(hosts, started, tmp_path):
+    # Verification watched the restored root alone: a tree whose child died
+    # right after the restore was reported moved, and that child was lost.
+    lab1, lab2 = hosts
+    start, pids = started
+    log = tmp_path / "counter.log"
+    root = start(["sh", "-c", TREE_WITH_A_CHILD, "sh", str(log)])
+    wait_for(lambda: log.exists() and log.read_text().count("\n") >= 2, message="the counter did not start")
+    killed = {}
+
+    def kill_the_sleep(ctx):
+        pids.append(ctx.state.target_pid)
+        (sleeper,) = [p for p in _children(ctx.state.target_pid) if _comm(p) == "sleep"]
+        os.kill(sleeper, 9)
+        killed["pid"] = sleeper
+
+    run = execute(create_run(lab1, lab2, PROCESS, root), after_phase={"restore": kill_the_sleep})
+    pids.append(int(run.result_workload or 0))
+    assert "pid" in killed
+    assert run.status == ROLLED_BACK, run.error
+    assert "process(es) of its tree died after the restore" in run.error, run.error
+    assert "(sleep)" in run.error, run.error
+    assert "Traceback" not in run.error
+    # Rolled back: the copy on the source writes on, alone, nothing lost.
+    # The lab's hosts share this file, so what the target's copy wrote
+    # before it was killed is written again by the source's copy, which
+    # goes on from the dump; on two machines the target's file is apart.
+    copies = _one_copy(run, log)
+    before = len(_values(log))
+    wait_for(lambda: len(_values(log)) > before + 2, message="the counter stopped after the rollback")
+    values = _values(log)
+    assert set(values) == set(range(max(values) + 1)), "a value was lost"
+    tail = values[before - 1 :]
+    assert tail == list(range(tail[0], tail[0] + len(tail))), "two copies write"
+    assert copies == _running_copies(log)
+
+
+def test_a_tree_under_script_moves_or_is_refused_and_one_copy_runs(hosts, started, tmp_path):
+    # script(1) running a command was reported moved while its command died
+    # right after the restore (exit 143).
+    lab1, lab2 = hosts
+    start, pids = started
+    log = tmp_path / "counter.log"
+    loop = f'sh -c "i=0; while :; do echo \\$i >> {log}; i=\\$((i+1)); sleep 0.05; done"'
+    root = start(["script", "-qfc", loop, "/dev/null"])
+    wait_for(lambda: log.exists() and log.read_text().count("\n") >= 2, message="the counter did not start")
+
+    run = execute(create_run(lab1, lab2, PROCESS, root))
+    pids.append(int(run.result_workload or 0))
+    print(run.status, run.error)
+    copies = _one_copy(run, log)
+    before = len(_values(log))
+    wait_for(lambda: len(_values(log)) > before + 2, message="the counter stopped")
+    values = _values(log)
+    assert values == list(range(len(values))), "a value was lost or written twice"
+    assert copies == _running_copies(log)

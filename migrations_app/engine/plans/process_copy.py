@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from ... import criu, ssh, validation
 from ...models import PROCESS, STOP_AND_COPY, TCP_CLOSE, TCP_ESTABLISHED, Stage
-from .. import lifecycle, streams, tree
+from .. import lifecycle, restored_tree, streams, tree
 from ..errors import MigrationError
 from ..hostcheck import SPACE_MARGIN, check_space, connect, criu_ready, pid_alive, settle, unsafe_to_resume
 from ..plan import Measured, Plan, Step
@@ -203,8 +203,17 @@ def verify(ctx: Context):
     pid = ctx.state.target_pid
     if not settle(lambda: pid_alive(ctx.dst, pid)):
         raise MigrationError(f"{ctx.target.name}: restored process {pid} is not running")
+    # The settle time has passed: a process of the tree that died by now
+    # (the root living on) would be lost with the source's copy.
+    images = ctx.state.dst_images
+    lost = restored_tree.check(ctx.dst, images, criu.holder_pidfile(images), pid)
+    if lost:
+        raise MigrationError(
+            f"{ctx.target.name}: the restored root {pid} runs, but {len(lost)} process(es) of its tree died "
+            f"after the restore: {restored_tree.describe(lost)} (PIDs as dumped)"
+        )
     ctx.run.result_workload = str(pid)
-    return Measured(detail=f"PID {pid} running")
+    return Measured(detail=f"PID {pid} running, its whole tree with it")
 
 
 # CRIU keeps the network locked on the source after dumping established
