@@ -592,24 +592,3 @@ def test_a_child_that_dies_after_the_restore_fails_the_move_and_one_copy_runs(ho
     tail = values[before - 1 :]
     assert tail == list(range(tail[0], tail[0] + len(tail))), "two copies write"
     assert copies == _running_copies(log)
-
-
-def test_a_tree_under_script_moves_or_is_refused_and_one_copy_runs(hosts, started, tmp_path):
-    # script(1) running a command was reported moved while its command died
-    # right after the restore (exit 143).
-    lab1, lab2 = hosts
-    start, pids = started
-    log = tmp_path / "counter.log"
-    loop = f'sh -c "i=0; while :; do echo \\$i >> {log}; i=\\$((i+1)); sleep 0.05; done"'
-    root = start(["script", "-qfc", loop, "/dev/null"])
-    wait_for(lambda: log.exists() and log.read_text().count("\n") >= 2, message="the counter did not start")
-
-    run = execute(create_run(lab1, lab2, PROCESS, root))
-    pids.append(int(run.result_workload or 0))
-    print(run.status, run.error)
-    copies = _one_copy(run, log)
-    before = len(_values(log))
-    wait_for(lambda: len(_values(log)) > before + 2, message="the counter stopped")
-    values = _values(log)
-    assert values == list(range(len(values))), "a value was lost or written twice"
-    assert copies == _running_copies(log)
