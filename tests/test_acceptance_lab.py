@@ -592,3 +592,23 @@ def test_a_child_that_dies_after_the_restore_fails_the_move_and_one_copy_runs(ho
     tail = values[before - 1 :]
     assert tail == list(range(tail[0], tail[0] + len(tail))), "two copies write"
     assert copies == _running_copies(log)
+
+
+def test_a_tree_under_script_is_refused_before_the_freeze(hosts, started, tmp_path):
+    # script(1) running a command was reported moved while its command died
+    # right after the restore (exit 143): the restored script kills it at
+    # once, and does the same when restored back on the source, so such a
+    # tree cannot move. A tree holding a terminal without script moves (see
+    # the test of a terminal held outside its tree above).
+    lab1, lab2 = hosts
+    start, _ = started
+    log = tmp_path / "counter.log"
+    loop = f'sh -c "i=0; while :; do echo \\$i >> {log}; i=\\$((i+1)); sleep 0.05; done"'
+    root = start(["script", "-qfc", loop, "/dev/null"])
+    wait_for(lambda: log.exists() and log.read_text().count("\n") >= 2, message="the counter did not start")
+
+    run = execute(create_run(lab1, lab2, PROCESS, root))
+    _refused_at_pre_flight(run, f"PID {root} (script) runs a terminal for its command", "script(1)")
+    before = len(_values(log))
+    wait_for(lambda: len(_values(log)) > before + 2, message="the counter stopped after the refusal")
+    assert os.path.exists(f"/proc/{root}")

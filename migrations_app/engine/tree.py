@@ -86,8 +86,10 @@ while todo:
     # What CRIU refuses only once the tree is frozen: file locks, deleted
     # files over its ghost limit, a terminal whose master is elsewhere.
     locks, ghosts, ptys, ptmx = [], {}, set(), set()
+    signalfd = False
     for fd in fds:
         target = link("/proc/%d/fd/%s" % (pid, fd))
+        signalfd = signalfd or target == "anon_inode:[signalfd]"
         if target.startswith("socket:["):
             socks.append(int(target[8:-1]))
         elif target.startswith("/") and not target.endswith(" (deleted)"):
@@ -132,7 +134,7 @@ while todo:
         "ns": ns,
         "sockets": socks,
         "paths": sorted(paths),
-        "locks": locks, "ghosts": ghosts, "ptys": sorted(ptys), "ptmx": sorted(ptmx),
+        "locks": locks, "ghosts": ghosts, "ptys": sorted(ptys), "ptmx": sorted(ptmx), "signalfd": signalfd,
     })
     try:
         tasks = os.listdir("/proc/%d/task" % pid)
@@ -414,7 +416,22 @@ def _unmovable_files(tree: Tree, terminals: bool) -> list[str]:
         for index in p.get("ptys", []) if terminals else []:
             if index not in masters:
                 ptys.setdefault(index, []).append(who)
-    why = [
+    # script(1) (util-linux's pty proxy, which su/runuser --pty share; only
+    # script was tried): a terminal's master for its command, and a
+    # signalfd for its signals.
+    # Restored by CRIU it kills its command at once (kill(child, SIGTERM),
+    # two seconds, SIGKILL: strace of the restored copy), on the target and
+    # on a rollback to the source alike, so the command would be lost.
+    proxies = [f"{p['pid']} ({p['comm']})" for p in tree.procs if p.get("ptmx") and p.get("signalfd")]
+    why = []
+    if proxies:
+        why.append(
+            f"{_pids(proxies, 'runs')} a terminal for its command and watches it through a signalfd, as script(1) "
+            "does: restored by CRIU it kills its command right away (SIGTERM, then SIGKILL), on the "
+            "target as on the source, so the command would be lost: start the command without it "
+            "(setsid CMD </dev/null >LOG 2>&1)"
+        )
+    why += [
         f"{_pids(pids, 'holds')} a file lock on {path} ({kind}): CRIU moves no file locks unless told to, and would "
         "refuse them once the tree is frozen (release the lock or stop the program first)"
         for (path, kind), pids in locks.items()
