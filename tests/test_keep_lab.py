@@ -1076,7 +1076,11 @@ def test_a_process_restored_in_place_is_not_restored_twice(hosts, counter_proces
         with ssh.Connection(lab1) as conn:
             start = pid_alive(conn, copy)
         refusals = {
-            f"p{pid}-a": rf"lab-1: the process restored from checkpoint p{pid}-a by run \w+ still runs there as PID {copy};",
+            f"p{pid}-a": (
+                rf"lab-1: the process restored from checkpoint p{pid}-a by run \w+ still runs there as PID {copy} "
+                rf"\(criuweb saw it named '[^']+', started [-\d]+ [:\d]+ UTC by lab-1's clock\); check that PID "
+                rf"{copy} is that copy \(`ps -o pid,lstart,args -p {copy}` on lab-1\) before stopping it"
+            ),
             f"p{pid}-b": f"lab-1: the checkpointed process {copy} still runs there;",  # the copy is its original
         }
         for name, refusal in refusals.items():
@@ -1091,6 +1095,63 @@ def test_a_process_restored_in_place_is_not_restored_twice(hosts, counter_proces
         assert third["status"] == SUCCEEDED, third["error"]
         copies.append(int(third["result_workload"]))
     finally:
+        for p in copies:
+            _kill_tree(p)
+
+
+def test_a_process_that_reused_a_restored_copy_s_pid_does_not_block_a_restore(hosts, counter_process):
+    """The copy an in-place restore made has ended; its PID now belongs to
+    an unrelated process of the same name. Before the fix the next restore
+    was refused ("still runs there as PID N; stop it"), sending the user to
+    stop a process that is not the copy. Also for a restore recorded before
+    criuweb kept the copy's start time: the unrelated process is younger
+    than that restore."""
+    import signal
+    import subprocess
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from migrations_app.engine.hostcheck import pid_alive
+
+    lab1, _ = hosts
+    pid = str(counter_process["pid"])
+    made = cli("checkpoint", "--host", "lab-1", "--pid", pid, "--name", f"p{pid}-r")
+    assert made["status"] == SUCCEEDED, made["error"]
+    comm = Checkpoint.objects.get(name=f"p{pid}-r").config["comm"]
+    # The lab's hosts share this machine's PID namespace: a process started
+    # here runs on lab-1 too, under the checkpointed process's name.
+    other = subprocess.Popen(["sh", "-c", "while :; do sleep 1; done"], start_new_session=True)
+    copies = []
+    try:
+        assert open(f"/proc/{other.pid}/comm").read().strip() == comm
+        for legacy in (False, True):
+            restored = cli("restore", "--checkpoint", f"p{pid}-r")
+            assert restored["status"] == SUCCEEDED, restored["error"]
+            copy = restored["result_workload"]
+            copies.append(int(copy))
+            run = MigrationRun.objects.get(operation=RESTORE, status=SUCCEEDED, result_workload=copy)
+            with ssh.Connection(lab1) as conn:
+                assert run.state["target_start"] == pid_alive(conn, copy)
+            _kill_tree(int(copy))
+            wait_for(lambda: not os.path.exists(f"/proc/{copy}"), 15, "the copy did not end")
+            # PID reuse, staged: the record is pointed at the unrelated
+            # process. The kernel hands PIDs out in turn; making it give one
+            # chosen PID means writing ns_last_pid, racing every other
+            # session's forks on this machine.
+            changed = {"result_workload": str(other.pid)}
+            if legacy:
+                # As a run from before the copy's start time was kept, an hour ago.
+                changed["state"] = {k: v for k, v in run.state.items() if k != "target_start"}
+                run.phases.filter(name="restore").update(ended=timezone.now() - timedelta(hours=1))
+            MigrationRun.objects.filter(pk=run.pk).update(**changed)
+        last = cli("restore", "--checkpoint", f"p{pid}-r")
+        assert last["status"] == SUCCEEDED, last["error"]
+        copies.append(int(last["result_workload"]))
+        assert other.poll() is None, "the unrelated process is left alone"
+    finally:
+        os.killpg(other.pid, signal.SIGKILL)
+        other.wait()
         for p in copies:
             _kill_tree(p)
 

@@ -8,8 +8,11 @@ holder: a clone's PIDs cannot collide with the original's.
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from django.utils import timezone
 
 from ... import criu, ssh
 from ...models import CHECKPOINT, CLONE, PROCESS, RESTORE, SUCCEEDED, Checkpoint, MigrationRun
@@ -187,6 +190,64 @@ def _restores_of(cp: Checkpoint) -> list[MigrationRun]:
             ids.update(kept.values_list("workload_id", flat=True))
 
 
+# Of the target host, in one round trip: its boot time (wall clock, s), its
+# uptime (s), its clock ticks per second, then the name of process $1.
+PROC_CLOCK_SCRIPT = r"""
+awk '/^btime / {print $2}' /proc/stat
+cut -d' ' -f1 /proc/uptime
+getconf CLK_TCK
+cat /proc/"$1"/comm
+"""
+
+# How much younger than the restore that made it a process may look and
+# still be taken for its copy: tick and /proc/uptime rounding, and the two
+# clocks' drift over the copy's life. A process that reused the PID started
+# after the restore ended, normally long after.
+AGE_SLACK_S = 2.0
+
+
+@dataclass
+class _Seen:
+    """A process as criuweb saw it on the target, for the message that names it."""
+
+    pid: str
+    comm: str
+    started: str  # wall clock of the target host, UTC
+    age_s: float  # by the target host's own clock
+
+
+def _seen(conn, pid: str, start_ticks: str) -> _Seen | None:
+    lines = conn.sh(PROC_CLOCK_SCRIPT, pid, check=False).stdout.split("\n", 3)
+    try:
+        btime, uptime, hz = int(lines[0]), float(lines[1]), int(lines[2])
+    except (IndexError, ValueError):
+        return None
+    since_boot = int(start_ticks) / hz
+    when = datetime.datetime.fromtimestamp(btime + since_boot, datetime.UTC)
+    comm = lines[3].rstrip("\n") if len(lines) > 3 else ""
+    return _Seen(pid, comm, f"{when:%Y-%m-%d %H:%M:%S} UTC", uptime - since_boot)
+
+
+def _is_the_copy(run: MigrationRun, seen: _Seen, start_ticks: str, comm: str | None, asked: datetime.datetime) -> bool:
+    """Whether the live process at the PID run restored is that run's copy, not one that reused the PID.
+
+    A run that recorded the copy's start time (target_start) compares it:
+    both read from the same host's /proc. For runs from before it did, the
+    process must bear the checkpoint's name and be at least as old as the
+    time since that run's restore ended: ages, each by one clock (the
+    host's uptime, criuweb's), so the two clocks' offset does not count.
+    """
+    recorded = (run.state or {}).get("target_start")
+    if recorded:
+        return recorded == start_ticks
+    if comm and seen.comm != comm:
+        return False
+    ended = run.phases.filter(name="restore").values_list("ended", flat=True).first() or run.finished
+    if ended is None:
+        return True  # nothing to compare: taken for the copy, the safe side
+    return seen.age_s + AGE_SLACK_S >= (asked - ended).total_seconds()
+
+
 def _refuse_a_running_copy(ctx: Context, cp: Checkpoint) -> None:
     """A copy an earlier in-place restore made of this process still runs: a second would be two copies.
 
@@ -197,13 +258,26 @@ def _refuse_a_running_copy(ctx: Context, cp: Checkpoint) -> None:
     comm = (cp.config or {}).get("comm")
     for run in _restores_of(cp):
         pid = run.result_workload
-        if not pid.isdigit() or not pid_alive(ctx.dst, pid):
+        # criuweb's clock read before the host's: a copy's age by the host
+        # can then only come out larger than the restore's by criuweb.
+        asked = timezone.now()
+        start = pid.isdigit() and pid_alive(ctx.dst, pid)
+        if not start:
             continue
-        if comm and ctx.dst.run(["cat", f"/proc/{pid}/comm"], check=False).stdout.strip() != comm:
+        seen = _seen(ctx.dst, pid, start)
+        if seen is None:
+            # The host's clock facts could not be read: compare what can be.
+            if (run.state or {}).get("target_start") not in (None, "", start):
+                continue
+            seen = _Seen(pid, comm or "?", "at an unknown time", 0.0)
+        elif not _is_the_copy(run, seen, start, comm, asked):
             continue  # its PID was reused
         raise MigrationError(
             f"{ctx.target.name}: the process restored from checkpoint {run.checkpoint.name} by run "
-            f"{str(run.code)[:8]} still runs there as PID {pid}; stop it to restore in place, or clone the checkpoint"
+            f"{str(run.code)[:8]} still runs there as PID {pid} (criuweb saw it named {seen.comm!r}, started "
+            f"{seen.started} by {ctx.target.name}'s clock); check that PID {pid} is that copy "
+            f"(`ps -o pid,lstart,args -p {pid}` on {ctx.target.name}) before stopping it to restore in place, "
+            "or clone the checkpoint"
         )
     if cp.workload_id:
         lifecycle.claim_workload(

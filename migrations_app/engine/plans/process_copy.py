@@ -36,6 +36,10 @@ class ProcessState:
     dst_images: str = ""
     dumped: bool = False
     target_pid: int | None = None
+    # The restored root's start time (clock ticks since boot, /proc/PID/stat),
+    # read on the target: with target_pid, which process the copy is, so a
+    # later check does not take a process that reused the PID for it.
+    target_start: str = ""
     # CRIU options the run's choices need, on dump and on every restore.
     criu_opts: list = field(default_factory=list)
     # Addresses the tree's sockets are bound to: listening ones, and the
@@ -201,7 +205,8 @@ def restore(ctx: Context, extra: tuple[str, ...] | list[str] = (), run=None):
 
 def verify(ctx: Context):
     pid = ctx.state.target_pid
-    if not settle(lambda: pid_alive(ctx.dst, pid)):
+    start = settle(lambda: pid_alive(ctx.dst, pid))
+    if not start:
         raise MigrationError(f"{ctx.target.name}: restored process {pid} is not running")
     # The settle time has passed: a process of the tree that died by now
     # (the root living on) would be lost with the source's copy.
@@ -212,6 +217,7 @@ def verify(ctx: Context):
             f"{ctx.target.name}: the restored root {pid} runs, but {len(lost)} process(es) of its tree died "
             f"after the restore: {restored_tree.describe(lost)} (PIDs as dumped)"
         )
+    ctx.state.target_start = start
     ctx.run.result_workload = str(pid)
     return Measured(detail=f"PID {pid} running, its whole tree with it")
 
