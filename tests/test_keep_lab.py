@@ -1124,7 +1124,9 @@ def test_a_process_that_reused_a_restored_copy_s_pid_does_not_block_a_restore(ho
     other = subprocess.Popen(["sh", "-c", "while :; do sleep 1; done"], start_new_session=True)
     copies = []
     try:
-        assert open(f"/proc/{other.pid}/comm").read().strip() == comm
+        # Read until its exec is done: a full run once read pytest's name there.
+        with open(f"/proc/{other.pid}/comm") as f:
+            wait_for(lambda: f.seek(0) == 0 and f.read().strip() == comm, 10, f"the process is not named {comm}")
         for legacy in (False, True):
             restored = cli("restore", "--checkpoint", f"p{pid}-r")
             assert restored["status"] == SUCCEEDED, restored["error"]
