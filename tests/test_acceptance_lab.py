@@ -260,20 +260,23 @@ def test_a_process_on_a_terminal_held_outside_its_tree_is_refused_before_the_fre
 
 def test_a_process_of_a_pipeline_is_refused_before_the_freeze_and_the_pipeline_moves(hosts, started, tmp_path):
     # The reader of `counter | reader` does not lead its session (the
-    # pipeline's shell does): CRIU failed the dump with "The root process
-    # ... is not a session leader" after the freeze. The whole pipeline,
-    # children and the pipe between them, moves.
+    # pipeline's shell does), and shares its pipe with the writer, outside
+    # its tree. CRIU failed the dump with "The root process ... is not a
+    # session leader" after the freeze; with --shell-job it dumps the
+    # reader, and the writer dies of SIGPIPE (seen by hand: the pipeline
+    # stopped, its restored reader alone). The whole pipeline, children and
+    # the pipe between them, moves.
     lab1, lab2 = hosts
     start, pids = started
     log = tmp_path / "counter.log"
     script = f"i=0; while :; do echo $i; i=$((i+1)); sleep 0.2; done | while read l; do echo $l >> {log}; done"
     root = start(["sh", "-c", script])
     wait_for(lambda: log.exists() and log.read_text().count("\n") >= 2, message="the pipeline did not start")
-    reader = _children(root)[-1]
+    writer, reader = _children(root)
 
     run = execute(create_run(lab1, lab2, PROCESS, reader))
-    _refused_at_pre_flight(run, f"PID {reader} does not lead its session: PID {root}, outside the tree")
-    assert os.path.exists(f"/proc/{reader}")
+    _refused_at_pre_flight(run, f"PID {reader} shares a pipe with PID {writer} (sh)", "outside the tree")
+    assert os.path.exists(f"/proc/{reader}") and os.path.exists(f"/proc/{writer}")
 
     run = execute(create_run(lab1, lab2, PROCESS, root))
     assert run.status == SUCCEEDED, run.error
@@ -282,6 +285,94 @@ def test_a_process_of_a_pipeline_is_refused_before_the_freeze_and_the_pipeline_m
     wait_for(lambda: len(_values(log)) > before + 2, message="the pipeline stopped after the move")
     values = _values(log)
     assert values == list(range(len(values))), "a value was lost or written twice"
+
+
+def _stat(pid):
+    """(ppid, session, controlling terminal) of a process."""
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return int(f[1]), int(f[3]), int(f[4])
+
+
+# A shell's background job, as `nohup ./server > log 2>&1 &` typed over SSH
+# leaves it once the terminal is gone: its shell leads its session. argv:
+# the counter script; the log comes in $LOG, so that only the job's own
+# command line names it.
+BACKGROUND_JOB = 'sh -c "$0" sh "$LOG" >/dev/null 2>&1 & wait'
+
+
+@pytest.mark.parametrize("strategy", ["stop-and-copy", "page-server", "lazy"])
+def test_a_background_job_of_a_shell_moves_as_a_shell_job(hosts, started, tmp_path, strategy):
+    # Pre-flight refused it ("does not lead its session"): CRIU dumps such
+    # a root only with --shell-job. It moves with it now, and on the target
+    # joins its namespace holder's session, which no SSH connection leads:
+    # the run's connections are closed when execute() returns, and it runs on.
+    lab1, lab2 = hosts
+    start, pids = started
+    log = tmp_path / "counter.log"
+    shell = start(["env", f"LOG={log}", "sh", "-c", BACKGROUND_JOB, lab.PROCESS_COUNTER_SCRIPT])
+    wait_for(lambda: log.exists() and log.read_text().count("\n") >= 2, message="the job did not start")
+    (job,) = _children(shell)
+    assert _stat(job)[1] == shell != job
+
+    run = execute(create_run(lab1, lab2, PROCESS, job, strategy=strategy))
+    assert run.status == SUCCEEDED, run.error
+    moved = int(run.result_workload)
+    pids.append(moved)
+    assert "a shell job" in run.phases.filter(name="pre-flight").first().detail
+    assert "a shell job" in run.phases.get(name="restore").detail
+
+    holder, session, tty = _stat(moved)
+    assert session == holder != moved and tty == 0, (holder, session, tty)
+    assert "holder.pid" in open(f"/proc/{holder}/cmdline").read()
+    assert _stat(holder)[1:] == (holder, 0), "the holder leads a session of its own, without a terminal"
+    copies = wait_for(lambda: (c := _running_copies(log)) and c, message="no copy runs")
+    assert copies == [moved], copies
+    before = len(_values(log))
+    wait_for(lambda: len(_values(log)) > before + 2, message="the job stopped after the move")
+    assert _running_copies(log) == [moved]
+
+    # Still a shell job there (its holder leads its session), dumped from
+    # inside the holder's namespaces: it moves back the same way.
+    back = execute(create_run(lab2, lab1, PROCESS, moved, strategy=strategy))
+    assert back.status == SUCCEEDED, back.error
+    pids.append(int(back.result_workload))
+    assert "a shell job" in back.phases.get(name="restore").detail
+    before = len(_values(log))
+    wait_for(lambda: len(_values(log)) > before + 2, message="the job stopped after the move back")
+    assert _running_copies(log) == [int(back.result_workload)]
+    values = _values(log)
+    assert values == list(range(len(values))), "a value was lost or written twice"
+
+
+# The background job of a shell on a terminal: the shell is a pty's child
+# (pty.fork: it leads a session with that terminal), the job shares both.
+JOB_ON_A_TERMINAL = r"""
+import os, pty, select, sys
+pid, master = pty.fork()
+if pid == 0:
+    os.execvp("sh", ["sh", "-c", 'sh -c "$0" sh "$1" & wait', sys.argv[1], sys.argv[2]])
+while True:
+    if select.select([master], [], [], 1)[0]:
+        os.read(master, 1000)
+"""
+
+
+def test_a_background_job_on_a_terminal_is_refused_before_the_freeze(hosts, started, tmp_path):
+    # With --shell-job CRIU needs the job's terminal on the target, which a
+    # terminal of the source cannot be: refused as before.
+    lab1, lab2 = hosts
+    start, _ = started
+    log = tmp_path / "counter.log"
+    holder = start(["python3", "-c", JOB_ON_A_TERMINAL, lab.PROCESS_COUNTER_SCRIPT, str(log)])
+    wait_for(lambda: log.exists() and log.read_text().count("\n") >= 2, message="the job did not start")
+    (shell,) = _children(holder)
+    (job,) = _children(shell)
+
+    run = execute(create_run(lab1, lab2, PROCESS, job))
+    _refused_at_pre_flight(
+        run, f"PID {job} does not lead its session: PID {shell}, outside the tree", "the tree has a terminal"
+    )
+    assert os.path.exists(f"/proc/{job}")
 
 
 def test_a_process_holding_a_big_deleted_file_is_refused_before_the_freeze(hosts, started, tmp_path):

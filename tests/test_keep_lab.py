@@ -1206,3 +1206,37 @@ def test_a_network_criuweb_made_stays_while_a_checkpoint_kept_there_needs_it(run
                         engine.remove(n)
                 if engine.network(net):
                     engine.remove_network(net)
+
+
+def test_a_background_job_of_a_shell_is_kept_and_restored_as_a_shell_job(hosts, tmp_path):
+    # Its shell leads its session: CRIU dumps it only with --shell-job, and
+    # a restore of its kept checkpoint needs it again (kept with the
+    # checkpoint's CRIU options).
+    from tests.test_acceptance_lab import BACKGROUND_JOB
+
+    log = tmp_path / "counter.log"
+    with ssh.Connection(hosts[0]) as conn:
+        argv = ["env", f"LOG={log}", "sh", "-c", BACKGROUND_JOB, lab.PROCESS_COUNTER_SCRIPT]
+        shell = int(conn.sh('setsid "$@" </dev/null >/dev/null 2>&1 & echo $!', *argv).stdout)
+    restored = []
+    try:
+        wait_for(lambda: log.exists() and len(values(log.read_text())) >= 2, message="the job did not start")
+        (job,) = (int(c) for c in open(f"/proc/{shell}/task/{shell}/children").read().split())
+        made = cli("checkpoint", "--host", "lab-1", "--pid", str(job))
+        assert made["status"] == SUCCEEDED, made["error"]
+        assert "--shell-job" in Checkpoint.objects.get(name=made["checkpoint"]).config["criu_opts"]
+        wait_for(lambda: not os.path.exists(f"/proc/{job}"), message="the stopping checkpoint left the job running")
+
+        run = cli("restore", "--checkpoint", made["checkpoint"])
+        assert run["status"] == SUCCEEDED, run["error"]
+        restored.append(int(run["result_workload"]))
+        counted = len(values(log.read_text()))
+        wait_for(lambda: len(values(log.read_text())) > counted + 1, message="the restored job does not count")
+        assert_consecutive(values(log.read_text()))
+    finally:
+        for pid in restored:
+            _kill_tree(pid)
+        try:
+            os.kill(shell, 9)
+        except OSError:
+            pass

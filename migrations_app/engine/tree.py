@@ -85,13 +85,15 @@ while todo:
     paths = set()
     # What CRIU refuses only once the tree is frozen: file locks, deleted
     # files over its ghost limit, a terminal whose master is elsewhere.
-    locks, ghosts, ptys, ptmx = [], {}, set(), set()
+    locks, ghosts, ptys, ptmx, ttys, pipes = [], {}, set(), set(), set(), set()
     signalfd = False
     for fd in fds:
         target = link("/proc/%d/fd/%s" % (pid, fd))
         signalfd = signalfd or target == "anon_inode:[signalfd]"
         if target.startswith("socket:["):
             socks.append(int(target[8:-1]))
+        elif target.startswith("pipe:["):
+            pipes.add(int(target[6:-1]))
         elif target.startswith("/") and not target.endswith(" (deleted)"):
             paths.add(target)
         if ghost(target):
@@ -101,6 +103,8 @@ while todo:
                 pass
         if target.startswith("/dev/pts/") and target[9:].isdigit():
             ptys.add(int(target[9:]))
+        if target.startswith(("/dev/pts/", "/dev/ptmx", "/dev/tty", "/dev/console")):
+            ttys.add(target)
         for line in (read("/proc/%d/fdinfo/%s" % (pid, fd)) or "").splitlines():
             f = line.split()
             if f[:1] == ["lock:"] and len(f) >= 5:
@@ -129,6 +133,7 @@ while todo:
         continue
     procs.append({
         "pid": pid, "ppid": int(rest[1]), "sid": int(rest[3]), "state": rest[0], "flags": int(rest[6]), "comm": comm,
+        "ctty": int(rest[4]), "ttys": sorted(ttys), "pipes": sorted(pipes),
         "exe": link("/proc/%d/exe" % pid), "cmdline": cmdline[:300],
         "uids": ids.get("uid", []), "gids": ids.get("gid", []), "capeff": ids.get("capeff", ""),
         "ns": ns,
@@ -187,6 +192,27 @@ for p in procs:
             external_unix.append({"pid": p["pid"], "inode": ino, "peer": peer,
                                   "peer_name": unix_names.get(peer, "*")})
 
+# Pipes the tree shares with a process outside it (a pipeline's other
+# member): CRIU dumps only the tree's end, and the restored copy's pipe has
+# no other end (a reader sees end of file, a writer SIGPIPE). Looked for
+# only when the root does not lead its session, as a pipeline's member does.
+external_pipes = []
+tree_pipes = {ino for p in procs for ino in p["pipes"]}
+if procs and procs[0]["sid"] != procs[0]["pid"] and tree_pipes:
+    for other in os.listdir("/proc"):
+        if not other.isdigit() or int(other) in seen or int(other) == os.getpid():
+            continue
+        try:
+            fds = os.listdir("/proc/%s/fd" % other)
+        except OSError:
+            continue
+        for fd in fds:
+            target = link("/proc/%s/fd/%s" % (other, fd))
+            if target.startswith("pipe:[") and int(target[6:-1]) in tree_pipes:
+                comm = (read("/proc/%s/comm" % other) or "").strip()
+                external_pipes.append({"inode": int(target[6:-1]), "peer": int(other), "peer_comm": comm})
+                break
+
 sockets = []
 for p in procs:
     for ino in p.pop("sockets"):
@@ -196,6 +222,7 @@ print(json.dumps({
     "procs": procs,
     "sockets": sockets,
     "external_unix": external_unix,
+    "external_pipes": external_pipes,
     "session_pid": os.getpid(),
     "session_ns": {n: link("/proc/self/ns/%s" % n) for n in ("pid", "net", "mnt")},
     "boot_id": (read("/proc/sys/kernel/random/boot_id") or "").strip(),
@@ -246,6 +273,8 @@ class Tree:
     root_ns: dict = field(default_factory=dict)
     # Unix sockets of the tree whose peer is outside it: {pid, inode, peer, peer_name}.
     external_unix: list[dict] = field(default_factory=list)
+    # Pipes of the tree a process outside it holds too: {inode, peer, peer_comm}.
+    external_pipes: list[dict] = field(default_factory=list)
 
     @property
     def pids(self) -> set[int]:
@@ -324,19 +353,13 @@ def refusals(
     it against the host's mounts.
     terminals: refuse a terminal whose master is outside the tree; off for
     a container, whose console the runtime hands over.
-    whole_session: refuse a root that does not lead its session (CRIU's
-    dump does, after the freeze, unless told it is a shell job); off for a
-    container, whose runtime starts it.
+    whole_session: refuse a root that does not lead its session when it
+    cannot move as a shell job (see shell_job()); off for a container,
+    whose runtime starts it.
     """
     why = []
-    root = tree.procs[0]
-    if whole_session and root.get("sid", root["pid"]) not in (root["pid"], 0):
-        # criu/pstree.c dump_pstree(): "The root process ... is not a session leader".
-        why.append(
-            f"PID {root['pid']} does not lead its session: PID {root['sid']}, outside the tree (the shell or "
-            f"pipeline that started it), does, and CRIU dumps only a whole session: move PID {root['sid']}'s "
-            "tree, or start the program in a session of its own (setsid)"
-        )
+    if whole_session and shell_job(tree):
+        why += _shell_job_refusals(tree)
     if not own_namespaces and tree.root_ns.get("mnt") != tree.session_ns.get("mnt"):
         why.append(
             f"PID {tree.procs[0]['pid']} lives in a mount namespace of its own (unshare -m?): CRIU cannot dump "
@@ -390,6 +413,50 @@ def refusals(
 
 
 REFUSALS_SHOWN = 5
+
+
+def shell_job(tree: Tree) -> bool:
+    """Whether the tree's root does not lead its session: CRIU dumps and restores it only with --shell-job.
+
+    A shell's background job (`server > log 2>&1 &`) is one: its shell
+    leads the session. Restored with --shell-job, the root joins the
+    restoring CRIU's session: the namespace holder's, a session of its own
+    without a terminal, which the SSH connection that started it does not
+    end.
+    """
+    root = tree.procs[0]
+    return root.get("sid", root["pid"]) not in (root["pid"], 0)
+
+
+def _shell_job_refusals(tree: Tree) -> list[str]:
+    """Why a root that does not lead its session cannot move as a shell job; empty when it can."""
+    root = tree.procs[0]
+    terminals = sorted(
+        {t for p in tree.procs for t in p.get("ttys", [])}
+        | {f"the controlling terminal of PID {p['pid']}" for p in tree.procs if p.get("ctty")}
+    )
+    if terminals:
+        # criu/pstree.c dump_pstree(): "The root process ... is not a session
+        # leader"; with --shell-job a terminal must exist on the target, and a
+        # terminal of the source's session cannot.
+        shown = ", ".join(terminals[:3]) + (" ..." if len(terminals) > 3 else "")
+        return [
+            f"PID {root['pid']} does not lead its session: PID {root['sid']}, outside the tree (the shell or "
+            f"pipeline that started it), does, and CRIU dumps only a whole session: move PID {root['sid']}'s "
+            f"tree, or start the program in a session of its own (setsid) (the tree has a terminal: {shown}, "
+            "which CRIU cannot take along as a shell job's)"
+        ]
+    peers: dict[int, str] = {}
+    for pipe in tree.external_pipes:
+        peers[pipe["peer"]] = pipe["peer_comm"]
+    if peers:
+        shown = ", ".join(f"{pid} ({comm})" for pid, comm in sorted(peers.items())[:4])
+        return [
+            f"PID {root['pid']} shares a pipe with PID {shown} outside the tree (a pipeline of the shell "
+            f"{root['sid']} that leads its session): CRIU would move only the tree's end, and the other end "
+            f"would be gone on the target: move PID {root['sid']}'s tree, the whole pipeline"
+        ]
+    return []
 
 
 def _pids(pids: list[str], verb: str) -> str:

@@ -88,6 +88,16 @@ def preflight_source(ctx: Context):
         # CRIU dumps them as closed; the source kernel ends them when the
         # dumped tree is killed, so each peer sees its connection end.
         s.criu_opts = ["--tcp-close"]
+    job = ""
+    if tree.shell_job(found):
+        # Pre-flight refused it unless nothing of it has a terminal. Given
+        # on every restore too (criu_opts): the restored root joins the
+        # namespace holder's session, which no SSH connection leads.
+        s.criu_opts.append("--shell-job")
+        job = (
+            f"; a shell job (PID {found.procs[0]['sid']}, outside the tree, leads its session): moved with "
+            "--shell-job, restored in a session of its own"
+        )
     s.listen_addrs = sorted({c.local[0] for c in found.listening()})
     s.paths = found.paths()
     rss = sum(int(kib) for kib in ctx.src.sh(TREE_RSS_SCRIPT, str(pid)).stdout.split()) * 1024
@@ -99,7 +109,7 @@ def preflight_source(ctx: Context):
     tcp = f"; {len(connected)} TCP connection(s), {ctx.run.tcp}" if connected else ""
     return Measured(
         detail=f"CRIU {probe['version']}, PID {pid} ({comm}) {where}, {len(found.procs)} process(es), "
-        f"~{rss // 1024} KiB resident; sockets: {found.summary()}{tcp}"
+        f"~{rss // 1024} KiB resident; sockets: {found.summary()}{tcp}{job}"
     )
 
 
@@ -199,7 +209,7 @@ def restore(ctx: Context, extra: tuple[str, ...] | list[str] = (), run=None):
     return Measured(
         criu_stats=criu.read_stats(ctx.dst, f"{images}/stats-restore"),
         log=ctx.dst.read_file(f"{images}/restore.log", check=False) or "",
-        detail=f"PID {pid}",
+        detail=f"PID {pid}" + (" (a shell job, in its namespace holder's session)" if "--shell-job" in options else ""),
     )
 
 
