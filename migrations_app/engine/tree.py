@@ -202,6 +202,10 @@ if procs and procs[0]["sid"] != procs[0]["pid"] and tree_pipes:
     for other in os.listdir("/proc"):
         if not other.isdigit() or int(other) in seen or int(other) == os.getpid():
             continue
+        # A child the tree started since it was walked (a loop's sleep) inherits its pipes: it is of the tree.
+        stat = read("/proc/%s/stat" % other)
+        if stat is None or int(stat.rsplit(")", 1)[1].split()[1]) in seen:
+            continue
         try:
             fds = os.listdir("/proc/%s/fd" % other)
         except OSError:
