@@ -1,11 +1,11 @@
-import json
-
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 from django.utils import timezone
 
 from migrations_app import benchmark, engine, lab, ssh
 from migrations_app.docker_engine import EngineError
 from migrations_app.models import KIND_CHOICES
+
+from . import _operations as op
 
 
 def _ints(text):
@@ -22,7 +22,7 @@ def _names(text):
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
-class Command(BaseCommand):
+class Command(op.JsonOutcome):
     help = (
         "Move memhog workloads of several sizes with every strategy, interleaved, on the lab, beside CRIU's own "
         "dump + restore on one host; check each run lost nothing; print downtime per size and strategy."
@@ -72,10 +72,12 @@ class Command(BaseCommand):
         try:
             results = benchmark.run_matrix(matrix, log)
         except (benchmark.BenchmarkError, engine.MigrationError, lab.LabError, ssh.SSHError, EngineError) as e:
+            if options["json"]:
+                self.write_json({"benchmark": matrix.name, "status": "failed", "error": str(e)})
             raise CommandError(f"benchmark {matrix.name} failed: {e}")
         rows = benchmark.summarize(results)
         if options["json"]:
-            self.stdout.write(json.dumps({"benchmark": matrix.name, "rows": [r.__dict__ for r in rows]}, indent=2))
+            self.write_json({"benchmark": matrix.name, "rows": [r.__dict__ for r in rows]})
         else:
             self.stdout.write(f"\nbenchmark {matrix.name}: every run checked (checksum, counter, one copy)\n")
             self.stdout.write(benchmark.table(rows))

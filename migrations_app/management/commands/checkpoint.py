@@ -1,12 +1,10 @@
-from django.core.management.base import BaseCommand
-
 from migrations_app.engine import keep
 from migrations_app.models import CONTAINER, PROCESS
 
 from . import _operations as op
 
 
-class Command(BaseCommand):
+class Command(op.JsonOutcome):
     help = "Take a kept checkpoint of a running container or process tree on its host."
 
     def add_arguments(self, parser):

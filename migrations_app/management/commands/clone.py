@@ -1,4 +1,4 @@
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
 from migrations_app.engine import keep
 from migrations_app.models import CLONE, CONTAINER, PROCESS
@@ -6,7 +6,7 @@ from migrations_app.models import CLONE, CONTAINER, PROCESS
 from . import _operations as op
 
 
-class Command(BaseCommand):
+class Command(op.JsonOutcome):
     help = (
         "Clone a workload as a new one, from a kept checkpoint or from a running workload through a "
         "leave-running checkpoint; the original is left as it was."

@@ -1,13 +1,13 @@
 import os
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
 from migrations_app.engine import keep
 
 from . import _operations as op
 
 
-class Command(BaseCommand):
+class Command(op.JsonOutcome):
     help = "Write a kept checkpoint into one zstd-compressed archive with its manifest."
 
     def add_arguments(self, parser):

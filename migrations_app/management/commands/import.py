@@ -1,13 +1,13 @@
 import os
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
 from migrations_app.engine import keep
 
 from . import _operations as op
 
 
-class Command(BaseCommand):
+class Command(op.JsonOutcome):
     help = 'Check an exported checkpoint archive and keep it on a host (printed as "checkpoint").'
 
     def add_arguments(self, parser):

@@ -1,12 +1,12 @@
-import json
-
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
 from migrations_app import lab, ssh
 from migrations_app.docker_engine import EngineError
 
+from . import _operations as op
 
-class Command(BaseCommand):
+
+class Command(op.JsonOutcome):
     help = "Bring the lab (lab-1 ... lab-N) up or down, or say what is running."
 
     def add_arguments(self, parser):
@@ -30,7 +30,7 @@ class Command(BaseCommand):
             elif action == "down":
                 lab.down(log=self.stdout.write)
             elif options["json"]:
-                self.stdout.write(json.dumps(lab.status(), indent=2))
+                self.write_json(lab.status())
             else:
                 for h in lab.status():
                     state = "up" if h["sshd"] and h["dockerd"] else "down"

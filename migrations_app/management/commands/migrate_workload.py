@@ -1,13 +1,13 @@
-import json
-
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
 from migrations_app import engine, progress, worker
 from migrations_app.engine import plans, recovery
-from migrations_app.models import CONTAINER, PROCESS, SUCCEEDED, TCP_CLOSE, TCP_ESTABLISHED, Host
+from migrations_app.models import CONTAINER, PROCESS, SUCCEEDED, TCP_CLOSE, TCP_ESTABLISHED
+
+from . import _operations as op
 
 
-class Command(BaseCommand):
+class Command(op.JsonOutcome):
     help = "Migrate a container or a process tree from one host to another, in the foreground."
 
     def add_arguments(self, parser):
@@ -56,7 +56,7 @@ class Command(BaseCommand):
 
     def handle(self, source, target, container, pid, keep_source, probe, strategy=None, **options):
         as_json = options["json"]
-        src, dst = _host(source), _host(target)
+        src, dst = op.host(source), op.host(target)
         # `is not None`: --container '' is an empty name, not "no container".
         kind, workload = (CONTAINER, container) if container is not None else (PROCESS, pid)
         fields = dict(
@@ -68,7 +68,10 @@ class Command(BaseCommand):
                 run = worker.submit(engine.create_run, src, dst, kind, workload, **fields)
             except engine.MigrationError as e:
                 raise CommandError(str(e))
-            self.stdout.write(json.dumps(run.to_dict(), indent=2) if as_json else f"queued run {run.code}")
+            if as_json:
+                self.write_json(run.to_dict())
+            else:
+                self.stdout.write(f"queued run {run.code}")
             self.stderr.write(worker.ENQUEUED_HINT)
             return
         # Runs an earlier CLI or server left behind go first: one of them
@@ -98,11 +101,15 @@ class Command(BaseCommand):
             # execute() has brought the workload back (or said where it is)
             # before letting the interrupt through: say that, not a traceback.
             run.refresh_from_db()
+            if as_json:
+                self.write_json(run.to_dict())
             raise CommandError(f"interrupted: run {run.code} ended {run.status}: {run.error or '-'}") from None
         except engine.MigrationError as e:
+            if as_json:
+                self.write_json(op.with_error(run, str(e)))
             raise CommandError(str(e))
         if as_json:
-            self.stdout.write(json.dumps(run.to_dict(), indent=2))
+            self.write_json(run.to_dict())
         else:
             downtime = f"{run.downtime_ms:.0f} ms" if run.downtime_ms is not None else "-"
             if run.observed_downtime_ms is not None:
@@ -115,11 +122,3 @@ class Command(BaseCommand):
             )
         if run.status != SUCCEEDED:
             raise CommandError(run.error or run.status)
-
-
-def _host(name):
-    try:
-        return Host.objects.get(name=name)
-    except Host.DoesNotExist:
-        known = ", ".join(Host.objects.values_list("name", flat=True)) or "none"
-        raise CommandError(f"no host named {name!r} (known: {known})")

@@ -1,13 +1,15 @@
 import json
 import uuid
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
 from migrations_app.engine import recovery
 from migrations_app.models import FAILED, MigrationRun
 
+from . import _operations as op
 
-class Command(BaseCommand):
+
+class Command(op.JsonOutcome):
     help = (
         "Finish every run whose worker died (a killed CLI, a crashed server) from what the database "
         "recorded, and remove what finished runs left on their hosts. Says where each workload runs now."
@@ -22,7 +24,9 @@ class Command(BaseCommand):
 
         def report(r):
             if as_json:
+                # One line per run (JSON lines), not write_json's indented object.
                 self.stdout.write(json.dumps({"id": str(r.code), "status": r.status, "message": r.error}))
+                self.json_written = True
             else:
                 self.stdout.write(
                     f"run {r.code} ({r.kind} {r.workload}, {r.source.name} -> {r.target.name}): {r.status}: {r.error}"

@@ -1,11 +1,9 @@
-from django.core.management.base import BaseCommand
-
 from migrations_app.engine import keep
 
 from . import _operations as op
 
 
-class Command(BaseCommand):
+class Command(op.JsonOutcome):
     help = "Restore a kept checkpoint: in place, onto another host (--host), or under a new name (--as)."
 
     def add_arguments(self, parser):
