@@ -210,6 +210,10 @@ LOGOUT_REDIRECT_URL = "login"
 # Where the lab keeps its namespaces' engines, keys and logs.
 LAB_ID = envint("CRIUWEB_LAB_ID", "0")
 LAB_ROOT = Path(os.environ.get("CRIUWEB_LAB_ROOT", f"/var/lib/criuweb-lab{LAB_ID or ''}"))
+# `manage.py lab up`/`down` hold the id's lock while they run and mark the lab
+# as made by hand, so that no test session claims its id and tears it down
+# (criuweb/lab_claims.py). False in the test settings, whose session holds the lock.
+LAB_HAND_MADE = True
 # Private keys for logging in to hosts are read only from these directories
 # (checked on the real path, so a symlink cannot lead out): the key directory,
 # and the lab's own, where `lab up` makes its client key.

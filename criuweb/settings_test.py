@@ -1,10 +1,11 @@
 """Settings for the test suite: its own lab beside the one `make run` serves."""
 
 import atexit
-import fcntl
 import os
 
 from django.core.exceptions import ImproperlyConfigured
+
+from . import lab_claims
 
 # Lab ids the test suite may take. Each one names a bridge `cwlab<id>`, veths
 # `cwv<id>-<n>` and namespaces `cw<id>-lab-<n>` (within Linux's 15 characters
@@ -29,19 +30,19 @@ def claim_lab_id():
     database. The lock dies with the process, so a killed session frees its id.
     """
     for lab_id in TEST_LAB_IDS:
-        path = f"/run/criuweb-testlab-{lab_id}.lock"
-        if not os.path.exists(path) and os.path.exists(f"/sys/class/net/cwlab{lab_id}"):
-            # A lab no test ever claimed: made by hand (CRIUWEB_LAB_ID=N manage.py
-            # lab up), not ours to take over. One a killed test session left is
-            # taken over and removed at the end, as before.
+        # A lab made by hand (CRIUWEB_LAB_ID=N manage.py lab up) holds no lock
+        # between commands: not ours to take over and tear down. Its marker
+        # says so; a lock file alone does not, since every id a session ever
+        # used keeps one. One a killed test session left (no marker) is taken
+        # over and removed at the end, as before.
+        if lab_claims.is_hand_made(lab_id):
             continue
-        lock = open(path, "w")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.close()
+        if not lab_claims.lock_path(lab_id).exists() and os.path.exists(f"/sys/class/net/cwlab{lab_id}"):
+            # A lab no test ever claimed: made by hand before labs left a marker.
             continue
-        return lab_id, lock
+        lock = lab_claims.try_lock(lab_id)
+        if lock is not None:
+            return lab_id, lock
     raise RuntimeError("all test lab ids 1-254 are in use")
 
 
@@ -52,6 +53,11 @@ if "CRIUWEB_LAB_ID" not in os.environ or os.environ.get(_OWNER_ENV, "") != _work
     os.environ[_OWNER_ENV] = _worker
 
 from .settings import *  # noqa: E402,F401,F403
+
+# The session holds its lab's lock itself (claim_lab_id): `manage.py lab`
+# run by a test or on the test settings neither takes it again (flock locks of
+# one process conflict too) nor marks the lab as made by hand.
+LAB_HAND_MADE = False
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 STORAGES = {

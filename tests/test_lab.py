@@ -5,6 +5,7 @@ import pwd
 import re
 import signal
 import subprocess
+import sys
 import uuid
 from io import StringIO
 from pathlib import Path
@@ -14,10 +15,11 @@ from django.conf import settings
 from django.core.management import call_command
 from django.test import override_settings
 
+from criuweb import lab_claims
 from criuweb.settings_test import claim_lab_id
 from migrations_app import lab, ssh
 from migrations_app.docker_engine import Engine, redate_checkpoint_argv
-from tests.support import wait_for
+from tests.support import BASE_DIR, process_env, wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -231,3 +233,68 @@ def test_redating_a_checkpoint_changes_its_mtime_at_tar_resolution(tmp_path):
     # Like `touch -c`: a checkpoint without the file is left alone, and that is no error.
     subprocess.run(redate_checkpoint_argv(str(tmp_path / "absent")), check=True)
     assert not (tmp_path / "absent").exists()
+
+
+def test_claim_skips_a_lab_made_by_hand():
+    """A lab made by hand on an id a test session once used (its lock file left
+    in /run) was taken over by the next session and torn down under its owner.
+    Its marker now keeps test sessions off it."""
+    first, lock = _claim_another_lab_id()
+    try:
+        lab_claims.mark_hand_made(first)
+        lock.close()  # as between two `manage.py lab` commands: no lock held
+        again, other = _claim_another_lab_id()
+        other.close()
+        assert again != first
+    finally:
+        lab_claims.unmark_hand_made(first)
+        lock.close()
+
+
+def test_a_hand_made_marker_from_an_earlier_boot_counts_for_nothing():
+    # /run outlives a reboot here; the labs do not.
+    lab_id, lock = _claim_another_lab_id()
+    try:
+        lab_claims.marker_path(lab_id).write_text("a-boot-long-ago\n")
+        assert not lab_claims.is_hand_made(lab_id)
+        lab_claims.mark_hand_made(lab_id)
+        assert lab_claims.is_hand_made(lab_id)
+    finally:
+        lab_claims.unmark_hand_made(lab_id)
+        lock.close()
+
+
+def _lab_by_hand(lab_id, action):
+    """`manage.py lab ACTION` as a person runs it: the ordinary settings, CRIUWEB_LAB_ID=lab_id."""
+    env = process_env(DJANGO_SETTINGS_MODULE="criuweb.settings", CRIUWEB_LAB_ID=lab_id)
+    return subprocess.run([sys.executable, "manage.py", "lab", action], cwd=BASE_DIR, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+def test_lab_by_hand_keeps_off_an_id_a_test_session_holds(db):
+    lab_id, lock = _claim_another_lab_id()
+    try:
+        lab_claims.mark_hand_made(lab_id)  # so that a down that went ahead would show
+        done = _lab_by_hand(lab_id, "down")
+        assert done.returncode != 0
+        assert f"lab {lab_id} is in use: another process holds /run/criuweb-testlab-{lab_id}.lock" in done.stderr
+        assert "Traceback" not in done.stderr, done.stderr
+        assert lab_claims.is_hand_made(lab_id)  # refused before it did anything
+    finally:
+        lab_claims.unmark_hand_made(lab_id)
+        lock.close()
+
+
+def test_lab_down_by_hand_removes_its_marker(lab_up, db):
+    """On an id with no lab (so nothing is torn down): down holds the lock while it
+    runs, then says the lab is no longer anyone's. lab_up: another lab stays on the
+    machine, so this down is not the last lab's (which removes the shared user)."""
+    lab_id, lock = _claim_another_lab_id()
+    try:
+        lab_claims.mark_hand_made(lab_id)  # before the lock goes: no test session takes the id meanwhile
+        lock.close()
+        done = _lab_by_hand(lab_id, "down")
+        assert done.returncode == 0, done.stderr
+        assert not lab_claims.marker_path(lab_id).exists()
+    finally:
+        lab_claims.unmark_hand_made(lab_id)

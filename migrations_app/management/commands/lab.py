@@ -1,5 +1,9 @@
+import contextlib
+
+from django.conf import settings
 from django.core.management.base import CommandError
 
+from criuweb import lab_claims
 from migrations_app import lab, ssh
 from migrations_app.docker_engine import EngineError
 
@@ -25,19 +29,33 @@ class Command(op.JsonOutcome):
         if options["hosts"] is not None and action != "up":
             raise CommandError("--hosts goes with `lab up`: status and down cover every host the lab has")
         try:
-            if action == "up":
-                lab.up(log=self.stdout.write, demo=demo, count=options["hosts"])
-            elif action == "down":
-                lab.down(log=self.stdout.write)
-            elif options["json"]:
-                self.write_json(lab.status())
-            else:
-                for h in lab.status():
-                    state = "up" if h["sshd"] and h["dockerd"] else "down"
-                    self.stdout.write(
-                        f"{h['name']}: {state} (sshd {'up' if h['sshd'] else 'down'}, "
-                        f"dockerd {'up' if h['dockerd'] else 'down'}) "
-                        f"ssh -i {h['key']} {h['user']}@{h['address']}"
-                    )
-        except (lab.LabError, EngineError, ssh.SSHError) as e:
+            if action == "status":
+                self._status(options["json"])
+                return
+            with self._hand_made():
+                if action == "up":
+                    lab_claims.mark_hand_made(settings.LAB_ID)  # first: a lab half up is still someone's
+                    lab.up(log=self.stdout.write, demo=demo, count=options["hosts"])
+                else:
+                    lab.down(log=self.stdout.write)
+                    lab_claims.unmark_hand_made(settings.LAB_ID)
+        except (lab.LabError, EngineError, ssh.SSHError, lab_claims.LabBusy) as e:
             raise CommandError(str(e))
+
+    def _hand_made(self):
+        # Lab 0 (`make run`) is no test id: no test session would claim it.
+        if not settings.LAB_HAND_MADE or settings.LAB_ID == 0:
+            return contextlib.nullcontext()
+        return lab_claims.held(settings.LAB_ID)
+
+    def _status(self, as_json):
+        if as_json:
+            self.write_json(lab.status())
+            return
+        for h in lab.status():
+            state = "up" if h["sshd"] and h["dockerd"] else "down"
+            self.stdout.write(
+                f"{h['name']}: {state} (sshd {'up' if h['sshd'] else 'down'}, "
+                f"dockerd {'up' if h['dockerd'] else 'down'}) "
+                f"ssh -i {h['key']} {h['user']}@{h['address']}"
+            )
