@@ -764,9 +764,13 @@ def _down_host(h: LabHost) -> None:
             _wait(lambda: not pid_running(pid), f"{h.name}: {pidfile} process {pid} did not stop", 30)
     # Processes started or restored inside the host's namespace.
     _kill_netns_processes(h)
-    # Engine leftovers (overlay mounts, netns files) can stay mounted.
+    # Engine leftovers (overlay mounts, netns files) can stay mounted, and so
+    # can a run's tmpfs under the work directory when a fault test cut the
+    # run off from its cleanup: rmtree cannot remove a mount point, and the
+    # lab's root stayed behind (seen: empty criuweb-run tmpfs mounts).
     _umount_below(h.data_root)
     _umount_below(h.run_dir)
+    _umount_below(h.root)
     if Path(f"/run/netns/{h.netns}").exists():
         sh("ip", "netns", "del", h.netns, check=False)
     sh("ip", "link", "del", h.veth, check=False)
