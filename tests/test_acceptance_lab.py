@@ -287,6 +287,31 @@ def test_a_process_of_a_pipeline_is_refused_before_the_freeze_and_the_pipeline_m
     assert values == list(range(len(values))), "a value was lost or written twice"
 
 
+def test_a_session_leader_piped_into_a_process_outside_its_tree_is_refused_before_the_freeze(hosts, tmp_path):
+    # `setsid server | cat`: the server leads its session, and its stdout is
+    # a pipe whose reader is outside the tree. CRIU dumps the server's end
+    # only; the restored copy's first write would kill it (SIGPIPE), and a
+    # rollback restores the same broken pipe on the source.
+    lab1, lab2 = hosts
+    log, pidfile = tmp_path / "counter.log", tmp_path / "pid"
+    script = 'echo $$ > "$0"; i=0; while :; do echo $i; echo $i >> "$1"; i=$((i+1)); sleep 0.1; done'
+    with ssh.Connection(lab1) as conn:
+        conn.sh('(setsid sh -c "$1" "$2" "$3" | cat >/dev/null) </dev/null >/dev/null 2>&1 &', script, str(pidfile), str(log))
+    wait_for(lambda: pidfile.exists() and len(_values(log)) >= 2, message="the piped counter did not start")
+    pid = int(pidfile.read_text())
+    try:
+        assert _stat(pid)[1] == pid, "the counter should lead its session"
+        run = execute(create_run(lab1, lab2, PROCESS, pid))
+        _refused_at_pre_flight(run, f"PID {pid}'s tree shares a pipe with PID", "(cat) outside it")
+        before = len(_values(log))
+        wait_for(lambda: len(_values(log)) > before + 2, message="the counter stopped after the refusal")
+        values = _values(log)
+        assert values == list(range(len(values))), "a value was lost or written twice"
+    finally:
+        # The reader, cat, ends with the writer (end of file).
+        _kill_tree(pid)
+
+
 def _stat(pid):
     """(ppid, session, controlling terminal) of a process."""
     f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()

@@ -199,11 +199,11 @@ for p in procs:
 
 # Pipes the tree shares with a process outside it (a pipeline's other
 # member): CRIU dumps only the tree's end, and the restored copy's pipe has
-# no other end (a reader sees end of file, a writer SIGPIPE). Looked for
-# only when the root does not lead its session, as a pipeline's member does.
+# no other end (a reader sees end of file, a writer SIGPIPE): a pipeline's
+# member, or a session leader piped into a logger (`setsid server | tee log`).
 external_pipes = []
 tree_pipes = {ino for p in procs for ino in p["pipes"]}
-if procs and procs[0]["sid"] != procs[0]["pid"] and tree_pipes:
+if procs and tree_pipes:
     for other in os.listdir("/proc"):
         if not other.isdigit() or int(other) in seen or int(other) == os.getpid():
             continue
@@ -369,6 +369,19 @@ def refusals(
     why = []
     if whole_session and shell_job(tree):
         why += _shell_job_refusals(tree)
+    elif whole_session and tree.external_pipes:
+        # A session leader whose pipe's other end is outside the tree
+        # (`setsid server | tee log`): after the dump the restored copy's
+        # first write gets SIGPIPE, and a rollback restores the same broken
+        # pipe on the source, so the workload would be lost on both hosts.
+        peers = {pipe["peer"]: pipe["peer_comm"] for pipe in tree.external_pipes}
+        shown = ", ".join(f"{pid} ({comm})" for pid, comm in sorted(peers.items())[:4])
+        why.append(
+            f"PID {tree.procs[0]['pid']}'s tree shares a pipe with PID {shown} outside it: CRIU would move only "
+            "the tree's end, and on the target the pipe would have no other end (a write kills the writer, a "
+            "read ends): start the program with its output in a file (CMD >LOG 2>&1), or move the tree that "
+            "holds both ends"
+        )
     if not own_namespaces and tree.root_ns.get("mnt") != tree.session_ns.get("mnt"):
         why.append(
             f"PID {tree.procs[0]['pid']} lives in a mount namespace of its own (unshare -m?): CRIU cannot dump "
