@@ -298,3 +298,12 @@ def test_lab_down_by_hand_removes_its_marker(lab_up, db):
         assert not lab_claims.marker_path(lab_id).exists()
     finally:
         lab_claims.unmark_hand_made(lab_id)
+
+
+def test_lab_up_in_a_test_session_leaves_no_hand_made_marker(hosts):
+    """`lab up` run by a test (the fleet tests do) wrote the hand-made marker
+    for the session's own id, which its teardown never removed: later
+    sessions skipped those ids until reboot (eight had leaked in one day)."""
+    lab_claims.unmark_hand_made(settings.LAB_ID)
+    call_command("lab", "up", stdout=StringIO())
+    assert not lab_claims.is_hand_made(settings.LAB_ID)

@@ -34,7 +34,12 @@ class Command(op.JsonOutcome):
                 return
             with self._hand_made():
                 if action == "up":
-                    lab_claims.mark_hand_made(settings.LAB_ID)  # first: a lab half up is still someone's
+                    if self._is_hand_made():
+                        # First: a lab half up is still someone's. Never from
+                        # a test session (fleet tests run `lab up`): its id's
+                        # marker would stay after the session's own teardown,
+                        # and later sessions would skip that id until reboot.
+                        lab_claims.mark_hand_made(settings.LAB_ID)
                     lab.up(log=self.stdout.write, demo=demo, count=options["hosts"])
                 else:
                     lab.down(log=self.stdout.write)
@@ -42,9 +47,13 @@ class Command(op.JsonOutcome):
         except (lab.LabError, EngineError, ssh.SSHError, lab_claims.LabBusy) as e:
             raise CommandError(str(e))
 
-    def _hand_made(self):
+    @staticmethod
+    def _is_hand_made() -> bool:
         # Lab 0 (`make run`) is no test id: no test session would claim it.
-        if not settings.LAB_HAND_MADE or settings.LAB_ID == 0:
+        return bool(settings.LAB_HAND_MADE) and settings.LAB_ID != 0
+
+    def _hand_made(self):
+        if not self._is_hand_made():
             return contextlib.nullcontext()
         return lab_claims.held(settings.LAB_ID)
 
